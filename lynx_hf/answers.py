@@ -1,0 +1,74 @@
+"""Answer extraction and checking: brace-matching `\\boxed{}` and a strict checker (math-verify, or exact letters).
+
+The reference code extracts `\\boxed{...}` with a regex that stops at the first `}` (so `\\boxed{\\frac{1}{2}}`
+becomes `\\frac{1`); here braces are matched.
+"""
+
+from __future__ import annotations
+
+import re
+
+_BOX = "\\boxed{"
+_LETTER = re.compile(r"^\(?([A-Ea-e])\)?[.:]?$")
+
+
+def close_box(text: str) -> str | None:
+    """The content of a `\\boxed{` whose opening brace was already consumed: `text` up to the matching `}`.
+
+    Returns None if the brace never closes (the answer was cut off).
+
+    Example:
+        >>> close_box("\\\\frac{1}{2}} and more")
+        '\\\\frac{1}{2}'
+    """
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            if depth == 0:
+                return text[:i].strip()
+            depth -= 1
+    return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` in `text`, braces matched; None if there is none or it is unclosed.
+
+    Example:
+        >>> extract_boxed("so \\\\boxed{1} then \\\\boxed{\\\\frac{a}{b}}.")
+        '\\\\frac{a}{b}'
+    """
+    start = text.rfind(_BOX)
+    if start < 0:
+        return None
+    return close_box(text[start + len(_BOX):])
+
+
+def is_choice_letter(answer: str) -> bool:
+    """True for a multiple-choice letter such as `B`, `(B)` or `b.`."""
+    return bool(_LETTER.match(answer.strip()))
+
+
+def answers_match(predicted: str | None, gold: str) -> bool:
+    """Strict check: multiple-choice letters match exactly (case-insensitive); anything else goes through math-verify.
+
+    Example:
+        >>> answers_match("\\\\frac{1}{2}", "0.5"), answers_match("(B)", "B"), answers_match(None, "3")
+        (True, True, False)
+    """
+    if predicted is None or not predicted.strip():
+        return False
+    if is_choice_letter(gold):
+        return is_choice_letter(predicted) and _LETTER.match(predicted.strip()).group(1).upper() == _LETTER.match(
+            gold.strip()
+        ).group(1).upper()
+    if predicted.strip() == gold.strip():
+        return True
+    from math_verify import parse, verify
+
+    gold_parsed = parse(f"${gold}$")
+    predicted_parsed = parse(f"${predicted}$")
+    if not gold_parsed or not predicted_parsed:
+        return False
+    return bool(verify(gold_parsed, predicted_parsed))

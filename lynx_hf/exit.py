@@ -1,0 +1,192 @@
+"""The forced exit: close the thinking block at a cue and let the model answer.
+
+One construction serves label collection, replay and inference, so that what the probe is calibrated on is what
+happens at run time. With `"drop_cue"` (the paper's) the prefix ends just before the cue word's first token and
+the exit text follows; with `"keep_cue"` (what an in-stream logits processor can do, since the cue was already
+sampled) the prefix keeps the cue-completing token.
+
+The answer pass reuses a KV cache of the full sequence instead of re-prefilling each prefix: cached positions at
+or after a row's cut are masked out and the exit tokens get the positions they would have had right after the cut,
+so every row decodes exactly as from `sequence[:cut] + exit_ids`, and rows with different cuts share one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+import inspect
+from typing import Literal
+import weakref
+
+import torch
+from transformers import DynamicCache
+
+from .answers import close_box
+from .errors import LynxConfigError
+
+DEFAULT_EXIT_TEXT = "\n</think>\n\nFinal Answer: \\boxed{"
+ExitConstruction = Literal["drop_cue", "keep_cue"]
+EXIT_CONSTRUCTIONS = ("drop_cue", "keep_cue")
+
+
+def exit_token_ids(tokenizer, exit_text: str = DEFAULT_EXIT_TEXT) -> list[int]:
+    """Token ids of the exit text, checked to decode back to it exactly.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> _, tok = organism.load()
+        >>> tok.decode(exit_token_ids(tok)) == DEFAULT_EXIT_TEXT
+        True
+    """
+    ids = tokenizer(exit_text, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.decode(ids)
+    if decoded != exit_text:
+        raise LynxConfigError(
+            f"The tokenizer does not round-trip the exit text {exit_text!r} (decodes to {decoded!r}); "
+            "choose an exit text this tokenizer can spell, e.g. one using its own end-of-thinking token."
+        )
+    return ids
+
+
+def exit_cut(position: int, start: int, construction: ExitConstruction = "drop_cue") -> int:
+    """Length of the prefix kept before the exit text, for a cue word spanning tokens `start..position`."""
+    if construction == "drop_cue":
+        return start
+    if construction == "keep_cue":
+        return position + 1
+    raise LynxConfigError(f"Unknown exit construction {construction!r}: use one of {EXIT_CONSTRUCTIONS}.")
+
+
+def exit_prefix(token_ids: Sequence[int], cut: int, exit_ids: Sequence[int]) -> list[int]:
+    """`token_ids[:cut] + exit_ids`: the input the model answers from after a forced exit."""
+    return list(token_ids[:cut]) + list(exit_ids)
+
+
+@dataclass
+class ExitAnswer:
+    """One forced exit's answer: the generated ids, their text, and the boxed content (None if never closed)."""
+
+    token_ids: list[int]
+    text: str
+    answer: str | None
+
+
+@torch.no_grad()
+def answer_after_exit(
+    model,
+    tokenizer,
+    sequences: torch.LongTensor,
+    cuts: Sequence[int] | torch.Tensor,
+    exit_ids: Sequence[int],
+    *,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values=None,
+    max_new_tokens: int = 16,
+) -> list[ExitAnswer]:
+    """Greedy-decode each row's answer from `sequences[b, :cuts[b]] + exit_ids`, reusing one KV cache.
+
+    `sequences` is `[B, T]` (left padding allowed, given by `attention_mask`). `past_key_values`, when given, must
+    cover the first `cache_len >= max(cuts)` positions of `sequences` (e.g. the cache `generate` returns);
+    otherwise one forward over `sequences[:, :max(cuts)]` builds it. Decoding stops per row at the box's closing
+    brace or EOS.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> model, tok = organism.load()
+        >>> ids = tok(organism.prompt(tok, "What is 2 + 3?"), return_tensors="pt").input_ids
+        >>> [a.answer is not None for a in answer_after_exit(model, tok, ids, [ids.shape[1]], exit_token_ids(tok))]
+        [True]
+    """
+    device = sequences.device
+    batch, length = sequences.shape
+    cuts = torch.as_tensor(cuts, dtype=torch.long, device=device).reshape(-1)
+    if cuts.numel() != batch:
+        raise ValueError(f"Got {cuts.numel()} cuts for {batch} sequences: give one cut per row.")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(sequences)
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if past_key_values is None:
+        cache_len = int(cuts.max())
+        past_key_values = DynamicCache(config=model.config)
+        model(
+            input_ids=sequences[:, :cache_len],
+            attention_mask=attention_mask[:, :cache_len],
+            position_ids=(attention_mask[:, :cache_len].cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            **cache_kwargs(model, past_key_values),
+        )
+    else:
+        cache_len = past_key_values.get_seq_length()
+        if cache_len < int(cuts.max()):
+            raise ValueError(f"The KV cache holds {cache_len} positions but a cut is at {int(cuts.max())}.")
+    keep = attention_mask[:, :cache_len] * (torch.arange(cache_len, device=device) < cuts[:, None])
+    mask = keep
+    next_position = keep.sum(-1)
+    step_ids = torch.as_tensor(list(exit_ids), dtype=torch.long, device=device).expand(batch, -1)
+    eos = _eos_ids(model, tokenizer)
+    depth = torch.zeros(batch, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    delta = brace_delta(tokenizer).to(device)
+    generated: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        width = step_ids.shape[1]
+        mask = torch.cat([mask, torch.ones(batch, width, dtype=mask.dtype, device=device)], dim=-1)
+        positions = next_position[:, None] + torch.arange(width, device=device)
+        logits = model(
+            input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+            **cache_kwargs(model, past_key_values),
+        ).logits[:, -1]
+        next_position = next_position + width
+        token = logits.argmax(-1)
+        token = torch.where(done, torch.full_like(token, eos[0] if eos else 0), token)
+        generated.append(token)
+        depth = depth + torch.where(done, torch.zeros_like(depth), delta[token])
+        done = done | (depth < 0) | torch.isin(token, torch.tensor(eos, device=device))
+        if bool(done.all()):
+            break
+        step_ids = token[:, None]
+    answers = []
+    for row in torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]:
+        ids = _truncate_at_close(row, delta, eos)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        answers.append(ExitAnswer(token_ids=ids, text=text, answer=close_box(text)))
+    return answers
+
+
+def cache_kwargs(model, cache) -> dict:
+    """`{"cache": cache}` for models whose forward takes `cache` (transformers >= 5.2x), else `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _truncate_at_close(row: list[int], delta: torch.Tensor, eos: list[int]) -> list[int]:
+    depth = 0
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[:i]
+        depth += int(delta[token])
+        if depth < 0:
+            return row[: i + 1]
+    return row
+
+
+_BRACE_DELTA_CACHE: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def brace_delta(tokenizer) -> torch.Tensor:
+    """Per token id, the number of `{` minus `}` in its text (computed once per tokenizer)."""
+    if tokenizer not in _BRACE_DELTA_CACHE:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        _BRACE_DELTA_CACHE[tokenizer] = torch.tensor(
+            [(p or "").count("{") - (p or "").count("}") for p in pieces], dtype=torch.long
+        )
+    return _BRACE_DELTA_CACHE[tokenizer]
