@@ -1,0 +1,140 @@
+"""`LynxConfig`: what a probe bundle needs to run on its base model, saved as `config.json`, and base-model fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import BaseModelMismatchError, CorruptedBundleError, LynxConfigError
+from .exit import DEFAULT_EXIT_TEXT, EXIT_CONSTRUCTIONS
+
+FORMAT_VERSION = 1
+DEFAULT_CUES = ("hmm", "wait", "alternatively")
+_CONFIG_KEYS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "vocab_size", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
+)
+
+
+@dataclass
+class LynxConfig:
+    """Everything about a probe bundle except its weights and calibration scores.
+
+    Example:
+        >>> config = LynxConfig(base_model="my/model", layers=[2, 4], hidden_size=128)
+        >>> LynxConfig.from_dict(config.to_dict()) == config
+        True
+    """
+
+    base_model: str
+    layers: list[int]
+    hidden_size: int
+    cues: list[str] = field(default_factory=lambda: list(DEFAULT_CUES))
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+    exit_text: str = DEFAULT_EXIT_TEXT
+    exit_construction: str = "drop_cue"
+    probe_hidden_sizes: list[int] = field(default_factory=lambda: [256, 64])
+    model_fingerprint: str = ""
+    tokenizer_fingerprint: str = ""
+    cue_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    exit_token_ids: list[int] = field(default_factory=list)
+    answer_max_new_tokens: int = 16
+    format_version: int = FORMAT_VERSION
+    library_name: str = "lynx-hf"
+
+    def __post_init__(self) -> None:
+        if self.exit_construction not in EXIT_CONSTRUCTIONS:
+            raise LynxConfigError(
+                f"exit_construction={self.exit_construction!r} is unknown: use one of {EXIT_CONSTRUCTIONS}."
+            )
+        if not self.layers:
+            raise LynxConfigError("A LynxConfig needs at least one layer index.")
+        if not self.cues:
+            raise LynxConfigError("A LynxConfig needs at least one cue word.")
+
+    @property
+    def feature_size(self) -> int:
+        """Size of the probe's input: the chosen layers' hidden states concatenated."""
+        return self.hidden_size * len(self.layers)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LynxConfig":
+        """Build from `to_dict()` output, with a clear error for a missing field or a newer format."""
+        if not isinstance(data, dict):
+            raise CorruptedBundleError("config.json is corrupted: expected a JSON object; re-save the bundle.")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise CorruptedBundleError(
+                f"config.json has format_version {version}, newer than this lynx-hf ({FORMAT_VERSION}): "
+                "upgrade lynx-hf (`pip install -U lynx-hf`)."
+            )
+        known = {f.name for f in fields(cls)}
+        missing = [name for name in ("base_model", "layers", "hidden_size") if name not in data]
+        if missing:
+            raise CorruptedBundleError(f"config.json is corrupted: missing field(s) {missing}; re-save the bundle.")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the base model's architecture settings (not its weights): catches a probe for another model.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> small = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=2, num_attention_heads=2))
+        >>> len(model_fingerprint(small))
+        16
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return _digest({key: getattr(config, key, None) for key in _CONFIG_KEYS})
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the tokenizer's vocabulary (tokens, ids and added tokens)."""
+    return _digest(sorted(tokenizer.get_vocab().items()))
+
+
+def model_hidden_size(model) -> int:
+    """The base model's hidden size."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.hidden_size)
+
+
+def check_base_model(config: LynxConfig, model, tokenizer, allow_mismatch: bool = False) -> list[str]:
+    """Raise `BaseModelMismatchError` if `model`/`tokenizer` are not the base the bundle was trained for.
+
+    A hidden-size mismatch always raises (the probe cannot read the features). A fingerprint mismatch raises unless
+    `allow_mismatch=True`, in which case the differences are returned so the caller can warn.
+    """
+    hidden = model_hidden_size(model)
+    if hidden != config.hidden_size:
+        raise BaseModelMismatchError(
+            f"Hidden-size mismatch: the probe reads hidden size {config.hidden_size} ({config.base_model}) but this "
+            f"model has {hidden}. Load the probe trained for this model, or train one with `lynx-hf collect/train`."
+        )
+    problems = []
+    if config.model_fingerprint and config.model_fingerprint != model_fingerprint(model):
+        problems.append("model architecture fingerprint differs")
+    if config.tokenizer_fingerprint and config.tokenizer_fingerprint != tokenizer_fingerprint(tokenizer):
+        problems.append("tokenizer vocabulary fingerprint differs")
+    if problems and not allow_mismatch:
+        raise BaseModelMismatchError(
+            f"This probe was trained for {config.base_model!r} but the model given looks different ("
+            + "; ".join(problems)
+            + "). Use the probe made for this model, or pass allow_base_model_mismatch=True to use it anyway "
+            "(its calibration guarantee then does not hold)."
+        )
+    return problems
