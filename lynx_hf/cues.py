@@ -1,0 +1,571 @@
+"""Reflection-cue detection in a generated token stream, for any Hugging Face tokenizer.
+
+LYNX decides whether to exit at *reflection cues*: words such as "Hmm", "Wait" or "Alternatively" that a
+reasoning model emits inside its thinking block. [`CueDetector`] finds them incrementally while `generate`
+runs, per batch row and on the model's device, in the style of transformers' `StopStringCriteria`: the
+vocabulary is turned into a padded table of characters once, and every step only gathers the new token's
+characters into a short per-row tail buffer and compares it with the cue words using tensor ops. Nothing is
+decoded inside the per-token loop.
+
+Matching rules (the specification; `tests/test_cues.py` checks each of them):
+
+- **Cues are words**, default `("hmm", "wait", "alternatively")`, matched case-insensitively ("Wait", "WAIT",
+  "wait"), with or without a leading space, and whether the tokenizer spells the word as one token or as several
+  (SmolLM2 spells " WAIT" as "ĠWA"+"IT" and " hmm" as "Ġh"+"mm"). Case folding is per character
+  (`str.lower` where it keeps one character).
+- **Word boundaries on both sides.** The character before the cue must not be a letter (`str.isalpha`): a space,
+  punctuation, a digit, a newline, or the start of the stream. So "await" never fires. The character after the
+  cue's last letter must not be a letter either, so "waiting" and "Hmmm" do not fire (extra letters make another
+  word; add "hmmm" as a cue if you want it).
+- **Right boundary one step late.** When the cue word ends inside a token ("Wait," or "wait."), the boundary is
+  known at once. When it ends exactly at the end of a token, only the *next* token tells whether the word goes on
+  ("wait" + "ing"). [`CueDetector.step`] reports such an event at once (so the caller can act on the cue's hidden
+  state as early as possible) and marks it in `state.pending`; the next `step` sets `state.retracted` where the new
+  token continues the word. `continues_word[token_id]` (the token's text starts with a letter) is that test,
+  precomputed, for callers that confirm themselves. The offline [`CueDetector.find_events`] applies the same rule;
+  an event at the very last token of a sequence is kept.
+- **Only inside the thinking block**: after `think_start` (default "<think>") and before `think_end` (default
+  "</think>"). Markers are matched as strings, so they may be single special tokens or several ordinary tokens. The
+  block may be opened by the prompt (R1-distill chat templates end the generation prompt with "<think>\\n") or by a
+  generated token. Every character of a cue must have been *generated* inside the block: prompt tokens never
+  produce events, the marker tokens themselves are never cues, and nothing fires after "</think>". (Only a cue
+  word that is itself part of a think-end marker spelled with several tokens, e.g. a cue "think" in
+  "</" + "think" + ">", can fire before the marker completes, as the marker is not known yet.)
+- **Positions.** An event's `position` is the index (in the full, left-padded sequence) of the token that holds
+  the cue word's last letter; `start` is the index of the token holding its first letter, because the forced exit
+  drops the whole cue word. If one token completes several cue words, the first one wins.
+
+Differences from the reference implementation (farukakgul/LYNX): it matches cue substrings in decoded text with no
+word-boundary check, so "await", "waiting" or "Hmmm" fire there, and it keeps matching after "</think>". Both are
+fixed here; event positions otherwise follow the reference (the token completing the cue word).
+
+Implementation notes. Each token's text is obtained once by decoding it behind a fixed prefix token (the trick
+`StopStringCriteria.clean_tokenizer_vocab` uses, here through `batch_decode`, which also works for word-level
+tokenizers and added tokens). Byte-level fragments of a multi-byte character decode to U+FFFD and count as
+non-letters. The tail buffer holds `max_token_chars + longest pattern + 1` characters, so a cue that ends anywhere
+inside the new token is still seen with its left neighbour. Tokens longer than `MAX_TOKEN_CHARS` keep their last
+`MAX_TOKEN_CHARS` characters (in real vocabularies these are runs of spaces or punctuation). Token ids at or beyond
+`len(tokenizer)` (models often pad their embedding matrix) are treated as empty strings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CUES: tuple[str, ...] = ("hmm", "wait", "alternatively")
+MAX_TOKEN_CHARS = 128
+
+__all__ = ["DEFAULT_CUES", "CueDetector", "CueEvent", "CueState"]
+
+
+@dataclass(frozen=True)
+class CueEvent:
+    """One reflection cue found in a sequence.
+
+    Attributes:
+        position: index in the full sequence of the token that completes the cue word (holds its last letter).
+        start: index of the token that holds the cue word's first letter (equal to `position` for one-token cues).
+        cue: canonical cue name, e.g. `"wait"`.
+
+    Example:
+        >>> CueEvent(position=12, start=11, cue="wait")
+        CueEvent(position=12, start=11, cue='wait')
+    """
+
+    position: int
+    start: int
+    cue: str
+
+
+@dataclass
+class CueState:
+    """Per-row detector state for one `generate` call; created by [`CueDetector.start`], advanced by `step`.
+
+    Attributes:
+        in_think: `[B]` bool, whether the row is inside the thinking block after the last consumed token.
+        chars: `[B, W]` long, the last `W` characters of the row (lower-cased code points, 0 where empty).
+        char_pos: `[B, W]` long, absolute position of the token each character came from (-1 where empty).
+        char_think: `[B, W]` bool, whether each character was generated inside the thinking block.
+        length: absolute position of the next token to be consumed (the prompt length at start).
+        pending: `[B]` bool, the event reported by the last `step` ended at the token's last character, so the
+            next token may still continue the word.
+        retracted: `[B]` bool, set by `step`: the event reported by the *previous* step is void because this
+            step's token continued the word ("wait" + "ing").
+
+    Example:
+        >>> import torch
+        >>> state = CueState(in_think=torch.zeros(1, dtype=torch.bool), chars=torch.zeros(1, 4, dtype=torch.long),
+        ...                  char_pos=torch.full((1, 4), -1), char_think=torch.zeros(1, 4, dtype=torch.bool), length=3)
+        >>> state.batch_size
+        1
+    """
+
+    in_think: torch.Tensor
+    chars: torch.Tensor
+    char_pos: torch.Tensor
+    char_think: torch.Tensor
+    length: int
+    pending: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    retracted: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.pending is None:
+            self.pending = torch.zeros_like(self.in_think)
+        if self.retracted is None:
+            self.retracted = torch.zeros_like(self.in_think)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows."""
+        return self.in_think.shape[0]
+
+
+def _fold(text: str) -> str:
+    """Lower-case character by character, keeping one character per character (so positions line up)."""
+    out = []
+    for ch in text:
+        low = ch.lower()
+        out.append(low if len(low) == 1 else ch)
+    return "".join(out)
+
+
+def _token_strings(tokenizer, vocab_size: int) -> list[str]:
+    """The text each token id stands for, decoded behind a fixed prefix so leading spaces survive."""
+    prefix = tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+    kwargs = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    prefix_text = tokenizer.decode(prefix, **kwargs) if prefix else ""
+    decoded = tokenizer.batch_decode([prefix + [i] for i in range(vocab_size)], **kwargs)
+    strings = []
+    for i, text in enumerate(decoded):
+        if text.startswith(prefix_text):
+            strings.append(text[len(prefix_text):])
+        else:
+            strings.append(tokenizer.decode([i], **kwargs))
+    return strings
+
+
+def _example_tokenizer():
+    """A tiny byte-level word tokenizer (one token per word) used by the docstring examples."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<think>", "</think>", "Hmm", ",", "Ġwait", "Ġawait", "Ġso", "Ġwa", "it", "ing", "Ċ"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+class CueDetector:
+    r"""Finds reflection cues ("Hmm", "Wait", "Alternatively", ...) in generated thinking, per row, on device.
+
+    The tokenizer's vocabulary is preprocessed once into a character table; [`CueDetector.step`] then consumes one
+    token per row per decoding step with a fixed number of tensor ops (no decoding, no Python loop over rows), and
+    [`CueDetector.find_events`] gives exactly the same events for a finished sequence. See the module docstring for
+    the matching rules (word boundaries, thinking block, positions).
+
+    Args:
+        tokenizer: any Hugging Face tokenizer of the model.
+        cues: cue words, matched case-insensitively as whole words; must start and end with a letter.
+        think_start: text that opens the thinking block, or `None` if generation starts inside it.
+        think_end: text that closes the thinking block, or `None` if it never closes.
+
+    Example:
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+        >>> from transformers import PreTrainedTokenizerFast
+        >>> words = ["[UNK]", "<think>", "</think>", "Hmm", ",", "Ġwait", "Ġawait", "Ġso", "Ġwa", "it", "ing"]
+        >>> backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+        >>> backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        >>> backend.decoder = decoders.ByteLevel()
+        >>> tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+        >>> det = CueDetector(tok)
+        >>> ids = tok.convert_tokens_to_ids(["<think>", "Hmm", ",", "Ġawait", "Ġwa", "it", "Ġso", "Ġwait", "ing"])
+        >>> det.find_events(ids, prompt_length=1)
+        [CueEvent(position=1, start=1, cue='hmm'), CueEvent(position=5, start=4, cue='wait')]
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        cues: Sequence[str] = DEFAULT_CUES,
+        think_start: str | None = "<think>",
+        think_end: str | None = "</think>",
+    ) -> None:
+        if isinstance(cues, str):
+            raise TypeError(f"cues must be a sequence of words, got the string {cues!r}; pass ({cues!r},) instead.")
+        canonical = []
+        for cue in cues:
+            word = _fold(str(cue).strip())
+            if not word or not (word[0].isalpha() and word[-1].isalpha()):
+                raise ValueError(
+                    f"Cue {cue!r} must be a word that starts and ends with a letter (word boundaries are checked "
+                    "around it); strip punctuation and spaces from it."
+                )
+            if word not in canonical:
+                canonical.append(word)
+        if not canonical:
+            raise ValueError("cues is empty; pass at least one cue word, e.g. DEFAULT_CUES.")
+        for name, marker in (("think_start", think_start), ("think_end", think_end)):
+            if marker is not None and not marker:
+                raise ValueError(f"{name} is an empty string; pass the marker text, or None to disable it.")
+
+        self.tokenizer = tokenizer
+        self.cues: tuple[str, ...] = tuple(canonical)
+        self.think_start = think_start
+        self.think_end = think_end
+        self._start_text = _fold(think_start) if think_start else None
+        self._end_text = _fold(think_end) if think_end else None
+
+        vocab_size = len(tokenizer)
+        vocab = tokenizer.get_vocab()
+        if vocab:
+            vocab_size = max(vocab_size, max(vocab.values()) + 1)
+        self.vocab_size = vocab_size
+        raw = _token_strings(tokenizer, vocab_size)
+        self._strings: list[str] = [_fold(s) for s in raw]
+
+        # Patterns: cues first, then the markers (matched without word boundaries).
+        patterns = list(self.cues)
+        self._open_index = self._close_index = -1
+        if self._start_text:
+            self._open_index = len(patterns)
+            patterns.append(self._start_text)
+        if self._end_text:
+            self._close_index = len(patterns)
+            patterns.append(self._end_text)
+        longest = max(len(p) for p in patterns)
+        width = max(1, min(MAX_TOKEN_CHARS, max(len(s) for s in self._strings)))
+        tails = [s[-width:] for s in self._strings]
+        # How far from a token's end can a pattern end inside it? Only those last slots are ever matched.
+        # (A cue end followed by a letter in the same token can never match, so it does not count.)
+        reach = 0
+        for s in tails:
+            for index, p in enumerate(patterns):
+                is_cue = index < len(self.cues)
+                ends = []
+                at = s.find(p)
+                while at >= 0:
+                    if not (is_cue and at > 0 and s[at - 1].isalpha()):
+                        ends.append(at + len(p) - 1)
+                    at = s.find(p, at + 1)
+                ends += [k - 1 for k in range(1, len(p)) if s.startswith(p[-k:])]
+                for end in ends:
+                    if not (is_cue and end + 1 < len(s) and s[end + 1].isalpha()):
+                        reach = max(reach, len(s) - 1 - end)
+        self.max_token_chars = width
+        self._match_slots = reach + 1
+        self.buffer_chars = self._match_slots + longest
+        self._longest = longest
+        window = longest + 2  # left neighbour + pattern + right neighbour
+
+        # Character table [V + 1, width], right-aligned; row V is the empty string (ids out of range).
+        flat: list[int] = []
+        for s in tails:
+            flat.extend([0] * (width - len(s)) + [ord(c) for c in s])
+        flat.extend([0] * width)
+        self._table = torch.tensor(flat, dtype=torch.long).view(vocab_size + 1, width)
+        self._lengths = torch.tensor([len(s) for s in tails] + [0], dtype=torch.long)
+        max_code = max([int(self._table.max())] + [ord(c) for p in patterns for c in p])
+        letters = torch.zeros(max_code + 1, dtype=torch.bool)
+        codes = {c for s in tails for c in s} | {c for p in patterns for c in p}
+        letters[torch.tensor([ord(c) for c in codes if c.isalpha()] or [0], dtype=torch.long)] = True
+        letters[0] = False
+        self._is_letter = letters
+        self.continues_word: torch.Tensor = torch.tensor([s[:1].isalpha() for s in raw], dtype=torch.bool)
+        self._continues_ext = torch.cat([self.continues_word, torch.zeros(1, dtype=torch.bool)])
+
+        # Pattern table [P, window], right-aligned before the right-neighbour slot.
+        pat = torch.zeros(len(patterns), window, dtype=torch.long)
+        mask = torch.zeros(len(patterns), window, dtype=torch.bool)
+        for p, text in enumerate(patterns):
+            pat[p, window - 1 - len(text): window - 1] = torch.tensor([ord(c) for c in text])
+            mask[p, window - 1 - len(text): window - 1] = True
+        self._patterns = pat
+        self._pattern_mask = mask
+        self._cue_lengths = torch.tensor([len(c) for c in self.cues], dtype=torch.long)
+        self._left_slot = window - 2 - self._cue_lengths  # window index of each cue's left neighbour
+
+        # Index tables that depend only on the new token's length n (so `step` does one lookup, no arange).
+        buf, slots = self.buffer_chars, self._match_slots
+        n = torch.arange(width + 1)[:, None]
+        virtual = torch.arange(buf)[None, :] + n  # new buffer = virtual slots n .. n + W - 1 of old ++ new chars
+        self._shift_index = virtual + (virtual >= buf) * (width - n)  # [width + 1, W] into cat(old, new row)
+        self._new_in_buffer = virtual >= buf  # [width + 1, W]
+        self._new_in_region = self._new_in_buffer[:, buf - slots:]  # [width + 1, M]
+        self._region = torch.arange(slots)
+        self.device = torch.device("cpu")
+
+    # ------------------------------------------------------------------ setup
+
+    def to(self, device: str | torch.device) -> CueDetector:
+        """Move the precomputed tables to `device` (in place) and return the detector.
+
+        Example:
+            >>> det = CueDetector(_example_tokenizer()).to("cpu")
+            >>> det.continues_word.device
+            device(type='cpu')
+        """
+        device = torch.device(device)
+        for name in ("_table", "_lengths", "_is_letter", "continues_word", "_continues_ext", "_patterns", "_pattern_mask",
+                     "_cue_lengths", "_left_slot", "_shift_index", "_new_in_buffer", "_new_in_region", "_region"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.device = device
+        return self
+
+    def missing_cues(self) -> list[str]:
+        """Cues this tokenizer cannot spell, so they could never be detected.
+
+        A cue is spelled if the token strings of `tokenizer.encode(" " + cue)` or of `tokenizer.encode(cue)` contain
+        the word (unknown tokens, byte fallbacks that lose letters, or normalisers that change the text all fail).
+
+        Example:
+            >>> CueDetector(_example_tokenizer(), cues=("wait", "alternatively")).missing_cues()
+            ['alternatively']
+        """
+        missing = []
+        for cue in self.cues:
+            spelled = False
+            for text in (" " + cue, cue, " " + cue.capitalize(), cue.capitalize()):
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                joined = "".join(self._strings[i] if 0 <= i < self.vocab_size else "" for i in ids)
+                if cue in joined:
+                    spelled = True
+                    break
+            if not spelled:
+                missing.append(cue)
+        return missing
+
+    def continues(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`continues_word[token_ids]`, treating ids at or beyond `len(tokenizer)` as empty strings (False).
+
+        Example:
+            >>> tok = _example_tokenizer()
+            >>> CueDetector(tok).continues(torch.tensor([tok.convert_tokens_to_ids("ing"), 10**6]))
+            tensor([ True, False])
+        """
+        inside = (token_ids >= 0) & (token_ids < self.vocab_size)
+        return self.continues_word[token_ids.clamp(0, self.vocab_size - 1)] & inside
+
+    # ------------------------------------------------------------------ online
+
+    def start(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CueState:
+        """Start a `generate` call: read the (left-padded) prompt once and return the per-row state.
+
+        Whether each row is already inside the thinking block is decided from the prompt text (the last marker
+        wins), so chat templates that end with "<think>\\n" work. The prompt's last characters seed the buffer
+        (as left context for word boundaries) but never count as cue characters. Generated tokens get absolute
+        positions from `prompt_ids.shape[1]` on.
+
+        Example:
+            >>> tok = _example_tokenizer()
+            >>> prompts = torch.tensor([tok.convert_tokens_to_ids(["Ġso", "<think>"]), tok.convert_tokens_to_ids(["Ġso", "Ġso"])])
+            >>> CueDetector(tok).start(prompts).in_think
+            tensor([ True, False])
+        """
+        if prompt_ids.dim() != 2:
+            raise ValueError(f"prompt_ids must be [batch, length], got shape {tuple(prompt_ids.shape)}; "
+                             "add a batch dimension with prompt_ids[None].")
+        batch, length = prompt_ids.shape
+        width = self.buffer_chars
+        rows = prompt_ids.tolist()
+        masks = attention_mask.bool().tolist() if attention_mask is not None else None
+        in_think = []
+        chars = torch.zeros(batch, width, dtype=torch.long)
+        char_pos = torch.full((batch, width), -1, dtype=torch.long)
+        for b, row in enumerate(rows):
+            pieces = []
+            for t, token in enumerate(row):
+                if masks is not None and not masks[b][t]:
+                    continue
+                pieces.append((t, self._strings[token] if 0 <= token < self.vocab_size else ""))
+            text = "".join(s for _, s in pieces)
+            if self._start_text is None:
+                opened = self._end_text is None or self._end_text not in text
+            else:
+                opened = text.rfind(self._start_text) >= 0 and (
+                    self._end_text is None or text.rfind(self._start_text) > text.rfind(self._end_text)
+                )
+            in_think.append(opened)
+            tail_codes: list[int] = []
+            tail_pos: list[int] = []
+            for t, s in reversed(pieces):
+                if len(tail_codes) >= width:
+                    break
+                tail_codes[:0] = [ord(c) for c in s]
+                tail_pos[:0] = [t] * len(s)
+            tail_codes, tail_pos = tail_codes[-width:], tail_pos[-width:]
+            if tail_codes:
+                chars[b, width - len(tail_codes):] = torch.tensor(tail_codes, dtype=torch.long)
+                char_pos[b, width - len(tail_pos):] = torch.tensor(tail_pos, dtype=torch.long)
+        # Unknown code points (not in the vocabulary) are irrelevant for matching; map them to 0 (a non-letter).
+        chars = torch.where(chars < self._is_letter.shape[0], chars, torch.zeros_like(chars))
+        return CueState(
+            in_think=torch.tensor(in_think, dtype=torch.bool, device=self.device),
+            chars=chars.to(self.device),
+            char_pos=char_pos.to(self.device),
+            char_think=torch.zeros(batch, width, dtype=torch.bool, device=self.device),
+            length=length,
+        )
+
+    def step(self, state: CueState, new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consume one new token per row (at absolute position `state.length`) and report cues it completes.
+
+        Updates `state` in place: the character buffer, `in_think` (the think-end marker closes, the think-start
+        marker opens), `pending` and `retracted` (see [`CueState`]), and `length`.
+
+        Returns:
+            `(cue_index, cue_start)`, both `[B]` long: the index into `self.cues` of the cue completed by this token
+            and the absolute position of the token holding its first letter, or -1 where no cue completed.
+
+        Example:
+            >>> tok = _example_tokenizer()
+            >>> det = CueDetector(tok)
+            >>> state = det.start(torch.tensor([tok.convert_tokens_to_ids(["<think>"])] * 2))
+            >>> det.step(state, torch.tensor(tok.convert_tokens_to_ids(["Hmm", "Ġwa"])))
+            (tensor([ 0, -1]), tensor([ 1, -1]))
+            >>> det.step(state, torch.tensor(tok.convert_tokens_to_ids([",", "it"])))
+            (tensor([-1,  1]), tensor([-1,  1]))
+            >>> state.pending  # row 1's "wait" ended at its token's end: the next token may still continue it
+            tensor([False,  True])
+        """
+        tokens = new_tokens.reshape(-1)
+        if tokens.shape[0] != state.batch_size:
+            raise ValueError(f"step got {tokens.shape[0]} tokens for a state of {state.batch_size} rows; pass "
+                             "exactly one new token per row (input_ids[:, -1]).")
+        buf, slots, longest, n_cues = self.buffer_chars, self._match_slots, self._longest, len(self.cues)
+        ids = torch.where((tokens >= 0) & (tokens < self.vocab_size), tokens, self.vocab_size)
+        n_new = self._lengths[ids]  # [B]
+        # The previous step's event is void if this token continues its word.
+        state.retracted = state.pending & self._continues_ext[ids]
+
+        # Shift the new token's characters in from the right.
+        shift = self._shift_index[n_new]  # [B, W]
+        new_slot = self._new_in_buffer[n_new]  # [B, W]
+        chars = torch.cat([state.chars, self._table[ids]], 1).gather(1, shift)
+        old = shift.clamp(max=buf - 1)
+        char_pos = torch.where(new_slot, state.length, state.char_pos.gather(1, old))
+        think = state.char_think.gather(1, old) & ~new_slot
+
+        # Windows [left neighbour, pattern..., right neighbour] ending at each of the last M slots.
+        padded = torch.nn.functional.pad(chars, (0, 1))
+        windows = padded[:, buf - slots - longest:].unfold(1, longest + 2, 1)  # [B, M, S]
+        match = ((windows[:, :, None, :] == self._patterns) | ~self._pattern_mask).all(-1)  # [B, M, P]
+        is_new = self._new_in_region[n_new]  # [B, M]
+
+        # Thinking state after each new character: the last marker completed so far wins.
+        code = torch.zeros_like(is_new, dtype=torch.long)
+        if self._open_index >= 0:
+            code = torch.where(match[:, :, self._open_index] & is_new, 1, code)
+        if self._close_index >= 0:
+            code = torch.where(match[:, :, self._close_index] & is_new, -1, code)
+        last = torch.where(code != 0, self._region, -1).cummax(1).values
+        status = torch.where(last >= 0, code.gather(1, last.clamp(min=0)) > 0, state.in_think[:, None])
+        region_think = torch.where(is_new, status, think[:, buf - slots:])
+        # New characters left of the region cannot end a marker, so they carry the previous state.
+        think = torch.cat([(think | (new_slot & state.in_think[:, None]))[:, : buf - slots], region_think], 1)
+        if self._close_index >= 0:
+            # The think-end marker's own characters are never cue characters.
+            closing = torch.nn.functional.pad(code == -1, (buf - slots, len(self._end_text) - 1))
+            think = think & ~closing.unfold(1, len(self._end_text), 1).any(-1)
+        state.in_think = status[:, -1]
+
+        # Cues: every character generated inside thinking, non-letters on both sides, ending in the new token.
+        think_windows = torch.nn.functional.pad(think, (0, 1))[:, buf - slots - longest:].unfold(1, longest + 2, 1)
+        cue_mask = self._pattern_mask[:n_cues]
+        inside = (think_windows[:, :, None, :] | ~cue_mask).all(-1)  # [B, M, C]
+        letters = self._is_letter[windows]  # [B, M, S]
+        hit = match[:, :, :n_cues] & inside & ~letters[:, :, self._left_slot] & ~letters[:, :, -1:] & is_new[:, :, None]
+
+        flat = hit.reshape(-1, slots * n_cues)
+        found = flat.any(1)
+        first = flat.to(torch.uint8).argmax(1)  # first hit: earliest end slot, then cue order
+        end_slot, cue = first // n_cues, first % n_cues
+        start_slot = buf - slots + end_slot - self._cue_lengths[cue] + 1
+        cue_start = char_pos.gather(1, start_slot[:, None]).squeeze(1)
+        state.pending = found & (end_slot == slots - 1)
+        state.chars, state.char_pos, state.char_think = chars, char_pos, think
+        state.length += 1
+        return torch.where(found, cue, -1), torch.where(found, cue_start, -1)
+
+    # ------------------------------------------------------------------ offline
+
+    def find_events(self, token_ids: Sequence[int] | torch.Tensor, prompt_length: int) -> list[CueEvent]:
+        """All cue events of one finished sequence (prompt + generation), exactly as the online loop finds them.
+
+        Runs [`CueDetector.start`] on the first `prompt_length` tokens and [`CueDetector.step`] on the rest, and
+        drops events whose word the next token continues; an event at the very last token is kept.
+
+        Example:
+            >>> tok = _example_tokenizer()
+            >>> ids = tok.convert_tokens_to_ids(["<think>", "Ċ", "Hmm", ",", "Ġwait", "</think>", "Ġwait"])
+            >>> CueDetector(tok).find_events(ids, prompt_length=2)
+            [CueEvent(position=2, start=2, cue='hmm'), CueEvent(position=4, start=4, cue='wait')]
+        """
+        return self.find_events_batch([token_ids], [prompt_length])[0]
+
+    def find_events_batch(
+        self, sequences: Sequence[Sequence[int] | torch.Tensor], prompt_lengths: Sequence[int]
+    ) -> list[list[CueEvent]]:
+        """[`CueDetector.find_events`] for several sequences at once (one batched `step` per position).
+
+        Rows are aligned at their prompt end (prompts left-padded, generations right-padded), and each row's
+        positions are reported in its own, unpadded sequence.
+
+        Example:
+            >>> tok = _example_tokenizer()
+            >>> a = tok.convert_tokens_to_ids(["<think>", "Ġwa", "it", "Ġso"])
+            >>> b = tok.convert_tokens_to_ids(["Ġso", "<think>", "Ġawait", "Ġwait", "ing"])
+            >>> CueDetector(tok).find_events_batch([a, b], [1, 1])
+            [[CueEvent(position=2, start=1, cue='wait')], []]
+        """
+        if len(sequences) != len(prompt_lengths):
+            raise ValueError(f"got {len(sequences)} sequences but {len(prompt_lengths)} prompt lengths; pass one "
+                             "prompt length per sequence.")
+        if not sequences:
+            return []
+        seqs = [s.reshape(-1).tolist() if isinstance(s, torch.Tensor) else list(s) for s in sequences]
+        for s, p in zip(seqs, prompt_lengths):
+            if not 0 <= p <= len(s):
+                raise ValueError(f"prompt_length {p} is outside a sequence of {len(s)} tokens.")
+        pad = max(prompt_lengths)
+        gen = max(len(s) - p for s, p in zip(seqs, prompt_lengths))
+        batch = len(seqs)
+        prompt = torch.zeros(batch, pad, dtype=torch.long)
+        mask = torch.zeros(batch, pad, dtype=torch.long)
+        generated = torch.full((batch, max(gen, 1)), self.vocab_size, dtype=torch.long)  # empty-string filler
+        for b, (s, p) in enumerate(zip(seqs, prompt_lengths)):
+            if p:
+                prompt[b, pad - p:] = torch.tensor(s[:p])
+                mask[b, pad - p:] = 1
+            if len(s) > p:
+                generated[b, : len(s) - p] = torch.tensor(s[p:])
+        state = self.start(prompt, mask)
+        generated = generated.to(self.device)
+        cues, starts, retracted = [], [], []
+        for t in range(gen):
+            cue, start = self.step(state, generated[:, t])
+            cues.append(cue)
+            starts.append(start)
+            retracted.append(state.retracted)
+        if not gen:
+            return [[] for _ in seqs]
+        cue_t = torch.stack(cues, 1).tolist()
+        start_t = torch.stack(starts, 1).tolist()
+        # Retraction at step t + 1 voids the event at step t.
+        void = torch.cat([torch.stack(retracted, 1)[:, 1:], torch.zeros(batch, 1, dtype=torch.bool,
+                                                                       device=self.device)], 1).tolist()
+        out: list[list[CueEvent]] = []
+        for b, (s, p) in enumerate(zip(seqs, prompt_lengths)):
+            shift = pad - p
+            events = []
+            for t in range(len(s) - p):
+                if cue_t[b][t] >= 0 and not (void[b][t] and t + 1 < len(s) - p):
+                    events.append(CueEvent(position=p + t, start=start_t[b][t] - shift, cue=self.cues[cue_t[b][t]]))
+            out.append(events)
+        return out
