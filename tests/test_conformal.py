@@ -1,0 +1,350 @@
+"""Specification of lynx_hf.conformal: exact finite-sample thresholds and a statistically tested guarantee."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from lynx_hf.conformal import Calibration, LynxCalibrationWarning, exits, first_exit
+
+INF = math.inf
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These tensors are tiny: intra-op threads only add spin-wait overhead (20x slower on a shared 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def one_event_per_question(safe_scores, unsafe_scores) -> Calibration:
+    scores = list(safe_scores) + list(unsafe_scores)
+    safe = [True] * len(safe_scores) + [False] * len(unsafe_scores)
+    return Calibration(scores=scores, safe=safe, question=list(range(len(scores))))
+
+
+def reference_quantile(values, confidence: float) -> float:
+    """Textbook split-conformal quantile, written independently of the library."""
+    values = sorted(values)
+    rank = math.ceil((len(values) + 1) * Fraction(str(confidence)))
+    return INF if rank > len(values) else values[rank - 1]
+
+
+# --- per-event rule: exact finite-sample correction ------------------------------------------------------------------
+
+def test_event_threshold_uses_n_plus_one_correction_on_hand_example():
+    # Dyadic scores, so 1 - p is exact and every quantile can be read off by hand.
+    cal = one_event_per_question([0.875, 0.75, 0.625, 0.5], [0.125, 0.25, 0.375, 0.5, 0.5625])
+    # c = 0.8: unsafe rank ceil(6 * 0.8) = 5 of 5 -> q_neg = 0.5625; safe rank ceil(5 * 0.8) = 4 of 4 -> q_pos = 0.5
+    # (1 - p <= 0.5 <=> p >= 0.5). Exit iff p >= 0.5 and p > 0.5625. Without the (n+1) correction the unsafe rank
+    # would be ceil(5 * 0.8) = 4 -> q_neg = 0.5 and the threshold would drop to just above 0.5.
+    assert cal.event_quantiles(0.8) == (0.5, 0.5625)
+    assert cal.threshold(0.8) == math.nextafter(0.5625, INF)
+    # c = 0.6: unsafe rank ceil(6 * 0.6) = 4 -> q_neg = 0.5; safe rank ceil(5 * 0.6) = 3 -> q_pos = 0.375, i.e. p >= 0.625.
+    assert cal.event_quantiles(0.6) == (0.375, 0.5)
+    assert cal.threshold(0.6) == 0.625
+    # The score 0.5625 of an unsafe calibration event is exactly at q_neg: it must not exit at c = 0.8.
+    assert not exits(torch.tensor([0.5625], dtype=torch.float64), cal.threshold(0.8)).item()
+
+
+def test_confidence_is_read_as_its_decimal_value():
+    # 20 * 0.55 == 11.000000000000002 in float arithmetic, which would round the rank up to 12; the exact rank is 11.
+    unsafe = [i / 32 for i in range(1, 20)]
+    cal = one_event_per_question([1.0], unsafe)
+    assert cal.event_quantiles(0.55)[1] == sorted(unsafe)[10]
+
+
+def test_event_threshold_is_inf_and_warns_when_too_few_unsafe_events():
+    cal = one_event_per_question([0.875, 0.75, 0.625, 0.5], [0.125, 0.25, 0.375, 0.5, 0.5625])
+    # c = 0.9 needs ceil((n + 1) * 0.9) <= n, i.e. n >= 9 unsafe events; there are 5.
+    with pytest.warns(LynxCalibrationWarning, match=r"5 unsafe events .* at least 9"):
+        assert cal.threshold(0.9) == INF
+    assert cal.threshold(0.5) < INF  # lower confidences are still certified
+    nine = one_event_per_question([0.9], [i / 16 for i in range(1, 10)])
+    eight = one_event_per_question([0.9], [i / 16 for i in range(1, 9)])
+    assert nine.threshold(0.9) < INF
+    with pytest.warns(LynxCalibrationWarning):
+        assert eight.threshold(0.9) == INF
+
+
+def test_event_rule_equals_prediction_set_exactly_safe():
+    rng = np.random.default_rng(7)
+    scores = np.concatenate([rng.uniform(size=300), rng.uniform(size=20) ** 8, 1 - rng.uniform(size=20) ** 8])
+    scores = np.concatenate([scores, scores.astype(np.float32).astype(np.float64)])
+    safe = rng.uniform(size=scores.size) < scores  # overlapping classes
+    cal = Calibration(scores=torch.from_numpy(scores), safe=torch.from_numpy(safe), question=torch.arange(scores.size))
+    probe_points = [scores, np.nextafter(scores, 2.0), np.nextafter(scores, -1.0), 1.0 - scores,
+                    rng.uniform(size=2000), np.array([0.0, 1.0, 5e-324, 1e-17, 1 - 1e-16])]
+    sweep64 = np.clip(np.concatenate(probe_points), 0.0, 1.0)
+    sweep32 = sweep64.astype(np.float32)
+    for c in (0.5, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99):
+        q_pos = reference_quantile((1.0 - scores[safe]).tolist(), c)
+        q_neg = reference_quantile(scores[~safe].tolist(), c)
+        assert cal.event_quantiles(c) == (q_pos, q_neg)
+        tau = cal.threshold(c)
+        for sweep in (sweep64, sweep32):
+            p = sweep.astype(np.float64)
+            in_set_exactly_safe = (1.0 - p <= q_pos) & (p > q_neg)
+            got = exits(torch.from_numpy(sweep), tau).numpy()
+            assert (got == in_set_exactly_safe).all(), (c, sweep.dtype)
+        assert in_set_exactly_safe.any()  # the sweep exercises both outcomes
+
+
+def test_exits_on_float32_and_bfloat16_matches_float64_comparison():
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(5000, generator=g, dtype=torch.float64)
+    for tau in (0.5, 0.7, 0.1 + 1e-12, math.nextafter(0.3, INF), float(np.float32(0.9)), 0.0, 1.0, INF):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            s = torch.cat([base.to(dtype), torch.tensor([tau if tau < INF else 1.0]).to(dtype)])
+            assert torch.equal(exits(s, tau), s.double() >= tau), (tau, dtype)
+
+
+# --- per-question rule: conformal risk control on the first exit -----------------------------------------------------
+
+HAND_QUESTIONS = [  # (score, safe) in trace order
+    [(0.3, False), (0.6, True)],  # harmed iff 0.3 is its first exit: tau <= 0.3
+    [(0.8, False)],  # harmed for tau <= 0.8
+    [(0.9, True), (0.95, False)],  # harmed for 0.9 < tau <= 0.95 (first exit skips 0.9, lands on unsafe 0.95)
+    [(0.2, True)],  # never harmed
+    [(0.7, False), (0.5, False)],  # harmed for tau <= 0.7; 0.5 is never a first exit on its own
+]
+
+
+def calibration_from_questions(questions) -> Calibration:
+    scores = [p for q in questions for p, _ in q]
+    safe = [s for q in questions for _, s in q]
+    question = [i for i, q in enumerate(questions) for _ in q]
+    return Calibration(scores=scores, safe=safe, question=question)
+
+
+def test_question_threshold_on_hand_example():
+    cal = calibration_from_questions(HAND_QUESTIONS)
+    # Envelope thresholds T_i (harmed for some tau' >= tau iff tau <= T_i): 0.3, 0.8, 0.95, -inf, 0.7; n = 5.
+    # Allowed harmed calibration questions: floor((n + 1) * delta) - 1.
+    assert cal.threshold(0.5, "question") == math.nextafter(0.7, INF)  # 6 * 0.5 = 3 -> 2 allowed: tau > 0.7
+    assert cal.threshold(0.66, "question") == math.nextafter(0.8, INF)  # 6 * 0.34 = 2.04 -> 1 allowed
+    assert cal.threshold(0.8, "question") == math.nextafter(0.95, INF)  # 6 * 0.2 = 1.2 -> 0 allowed
+    with pytest.warns(LynxCalibrationWarning, match=r"5 questions .* at least 9"):
+        assert cal.threshold(0.9, "question") == INF  # 6 * 0.1 < 1: not even tau = inf passes the bound
+    assert cal.threshold(0.1, "question") == 0.0  # 6 * 0.9 = 5.4 -> 4 allowed, all of them: exit at the first cue
+
+
+def brute_force_question_threshold(questions, confidence: float) -> float:
+    """CRC over every float that can matter, by direct evaluation of the first-exit loss and its envelope."""
+    scores = sorted({p for q in questions for p, _ in q})
+    grid = sorted({0.0, INF, *scores, *(math.nextafter(p, INF) for p in scores)})
+
+    def loss(q, tau):
+        for p, safe in q:
+            if p >= tau:
+                return 0 if safe else 1
+        return 0
+
+    n = len(questions)
+    delta = 1 - Fraction(str(confidence))
+    for k, tau in enumerate(grid):
+        envelope = sum(max(loss(q, t) for t in grid[k:]) for q in questions)
+        if Fraction(n, n + 1) * Fraction(envelope, n) + Fraction(1, n + 1) <= delta:
+            return tau
+    return INF
+
+
+def test_question_threshold_matches_brute_force_risk_control():
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        questions = []
+        for _ in range(int(rng.integers(3, 12))):
+            m = int(rng.integers(1, 5))
+            questions.append([(float(rng.integers(0, 12)) / 11, bool(rng.uniform() < 0.5)) for _ in range(m)])
+        cal = calibration_from_questions(questions)
+        for c in (0.5, 0.7, 0.8, 0.9):
+            with pytest.warns(LynxCalibrationWarning) if (len(questions) + 1) * (1 - c) < 1 - 1e-12 else _nothing():
+                got = cal.threshold(c, "question")
+            assert got == brute_force_question_threshold(questions, c), (questions, c)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_first_exit_returns_first_event_at_or_above_tau_per_question():
+    scores = torch.tensor([0.2, 0.8, 0.9, 0.1, 0.3, 0.5], dtype=torch.float64)
+    question = torch.tensor([4, 4, 4, 1, 1, 7])
+    assert first_exit(scores, question, 0.5).tolist() == [1, -1, 5]
+    assert first_exit(scores, question, 0.85).tolist() == [2, -1, -1]
+    assert first_exit(scores, question, INF).tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="contiguous"):
+        first_exit(scores, torch.tensor([0, 1, 0, 2, 2, 2]), 0.5)
+
+
+# --- the guarantee, tested statistically -----------------------------------------------------------------------------
+
+def synthetic_population(n_questions: int, rng: np.random.Generator):
+    """Questions of 1-8 cue events; a trace becomes safe from a random cue on (or never); scores ~ Beta by label."""
+    sizes = rng.integers(1, 9, size=n_questions)
+    question = np.repeat(np.arange(n_questions), sizes)
+    position = np.concatenate([np.arange(m) for m in sizes])
+    solved_at = np.where(rng.uniform(size=n_questions) < 0.25, 99, rng.integers(0, sizes + 1))
+    safe = position >= solved_at[question]
+    scores = np.where(safe, rng.beta(3, 2, size=safe.size), rng.beta(2, 3, size=safe.size))
+    scores = scores.astype(np.float32).astype(np.float64)  # probe scores are float32
+    return torch.from_numpy(scores), torch.from_numpy(safe), torch.from_numpy(question)
+
+
+def test_threshold_guarantees_premature_rate_over_random_splits():
+    rng = np.random.default_rng(2024)
+    n_questions, n_cal, n_splits = 1000, 40, 400  # a small calibration set makes the (n + 1) correction matter
+    scores, safe, question = synthetic_population(n_questions, rng)
+    deltas = (0.05, 0.1, 0.2)
+    realised = {(g, d): [] for g in ("event", "question") for d in deltas}
+    safe_exit_rate = []
+    for _ in range(n_splits):
+        is_cal_question = torch.zeros(n_questions, dtype=torch.bool)
+        is_cal_question[torch.from_numpy(rng.permutation(n_questions)[:n_cal])] = True
+        cal_mask = is_cal_question[question]
+        cal = Calibration(scores=scores[cal_mask], safe=safe[cal_mask], question=question[cal_mask])
+        t_scores, t_safe, t_question = scores[~cal_mask], safe[~cal_mask], question[~cal_mask]
+        for d in deltas:
+            tau = cal.threshold(1 - d, "event")
+            realised["event", d].append(exits(t_scores[~t_safe], tau).double().mean().item())
+            if d == 0.2:
+                safe_exit_rate.append(exits(t_scores[t_safe], tau).double().mean().item())
+            tau = cal.threshold(1 - d, "question")
+            first = first_exit(t_scores, t_question, tau)
+            harmed = (first >= 0) & ~t_safe[first.clamp_min(0)]
+            realised["question", d].append(harmed.double().mean().item())
+    summary = {}
+    for (g, d), rates in realised.items():
+        rates = np.array(rates)
+        mean, sem = rates.mean(), rates.std(ddof=1) / math.sqrt(len(rates))
+        summary[g, d] = (round(mean, 4), round(sem, 4))
+        assert mean <= d + 3 * sem, f"{g}-level premature rate {mean:.4f} exceeds delta={d} (+3 SE = {3 * sem:.4f})"
+        assert mean >= 0.5 * d, f"{g}-level guarantee is needlessly conservative at delta={d}: {mean:.4f}"
+    print("realised premature rates (mean, SE over splits):", summary, "safe-event exit rate at delta=0.2:",
+          round(float(np.mean(safe_exit_rate)), 4))
+    # Not vacuous: at delta = 0.2 most safe cues exit.
+    assert np.mean(safe_exit_rate) > 0.3, np.mean(safe_exit_rate)
+
+
+def test_naive_thresholds_violate_what_the_corrected_one_guarantees():
+    """With 10 unsafe calibration events and delta = 0.2 (or 0.05), the uncorrected quantile, and the reference
+    code's "largest score" fallback, exit more often than delta; the (n + 1)-corrected rule does not."""
+    rng = np.random.default_rng(11)
+    n_draws, n_cal, n_test = 600, 10, 40
+    rates = {"naive": [], "ours_0.2": [], "reference_max": [], "ours_0.05": []}
+    for _ in range(n_draws):
+        cal_scores = rng.uniform(size=n_cal)
+        test_scores = torch.from_numpy(rng.uniform(size=n_test))
+        cal = one_event_per_question([], cal_scores.tolist())
+        naive_q = np.sort(cal_scores)[math.ceil(n_cal * 0.8) - 1]  # no (n + 1) correction
+        rates["naive"].append((test_scores > naive_q).double().mean().item())
+        rates["ours_0.2"].append(exits(test_scores, cal.threshold(0.8)).double().mean().item())
+        rates["reference_max"].append((test_scores >= cal_scores.max()).double().mean().item())
+        with pytest.warns(LynxCalibrationWarning):
+            rates["ours_0.05"].append(exits(test_scores, cal.threshold(0.95)).double().mean().item())
+    mean = {k: float(np.mean(v)) for k, v in rates.items()}
+    sem = {k: float(np.std(v, ddof=1) / math.sqrt(n_draws)) for k, v in rates.items()}
+    assert mean["naive"] > 0.2 + 3 * sem["naive"]  # about 3/11
+    assert mean["ours_0.2"] <= 0.2 + 3 * sem["ours_0.2"]  # about 2/11
+    assert mean["reference_max"] > 0.05 + 3 * sem["reference_max"]  # about 1/11
+    assert mean["ours_0.05"] == 0.0  # never exits, and warned
+
+
+# --- API: errors, table, serialisation -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("confidence", [0.0, 1.0, -0.1, 1.5, float("nan"), True, "0.9", None])
+def test_threshold_rejects_confidence_outside_open_unit_interval(confidence):
+    cal = one_event_per_question([0.9], [0.1])
+    with pytest.raises(ValueError, match="confidence"):
+        cal.threshold(confidence)
+
+
+def test_threshold_rejects_unknown_guarantee():
+    with pytest.raises(ValueError, match="guarantee"):
+        one_event_per_question([0.9], [0.1]).threshold(0.5, guarantee="trace")
+
+
+def test_calibration_rejects_bad_events():
+    with pytest.raises(ValueError, match="contiguous"):
+        Calibration(scores=[0.1, 0.2, 0.3], safe=[True, False, True], question=[0, 1, 0])
+    with pytest.raises(ValueError, match="probabilities"):
+        Calibration(scores=[0.1, 1.2], safe=[True, False], question=[0, 1])
+    with pytest.raises(ValueError, match="one entry per event"):
+        Calibration(scores=[0.1, 0.2], safe=[True], question=[0, 1])
+
+
+def test_table_lists_thresholds_and_in_sample_rates():
+    rng = np.random.default_rng(5)
+    scores, safe, question = synthetic_population(300, rng)
+    cal = Calibration(scores=scores, safe=safe, question=question)
+    assert (cal.n_events, cal.n_questions) == (len(scores), 300)
+    assert cal.n_safe + cal.n_unsafe == cal.n_events
+    for guarantee in ("event", "question"):
+        rows = cal.table(guarantee=guarantee)
+        assert [r["confidence"] for r in rows] == [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99]
+        if guarantee == "question":
+            taus = [r["tau"] for r in rows]
+            assert taus == sorted(taus)  # more confidence, later exits
+        else:
+            # The unsafe-side bound tightens with confidence; tau itself need not be monotone, because at low
+            # confidence the safe-class condition "1 - p <= q_pos" of the paper's rule can be the binding one.
+            q_neg = [cal.event_quantiles(r["confidence"])[1] for r in rows]
+            assert q_neg == sorted(q_neg) and all(r["tau"] > q for r, q in zip(rows, q_neg))
+        for r in rows:
+            assert r["tau"] == cal.threshold(r["confidence"], guarantee)
+            assert math.isclose(r["delta"], 1 - r["confidence"])
+            assert 0 <= r["question_premature_rate"] <= r["question_exit_rate"] <= 1
+            assert 0 <= r["unsafe_event_exit_rate"] <= 1 and 0 <= r["event_exit_rate"] <= 1
+        # In-sample, both rules keep their own premature rate below delta: at most n - ceil((n + 1) c) unsafe events
+        # lie above q_neg, and (harmed + 1) / (n + 1) <= delta implies harmed / n < delta.
+        assert all(r["premature_rate"] < r["delta"] for r in rows)
+        json.dumps(rows)
+
+
+def test_to_dict_round_trip_gives_bit_identical_thresholds():
+    rng = np.random.default_rng(9)
+    scores, safe, question = synthetic_population(200, rng)
+    scores = scores + torch.from_numpy(rng.uniform(0, 1e-9, size=len(scores)))  # full float64 mantissas
+    cal = Calibration(scores=scores.clamp(0, 1), safe=safe, question=question)
+    again = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert torch.equal(again.scores, cal.scores) and torch.equal(again.safe, cal.safe)
+    assert torch.equal(again.question, cal.question)
+    for guarantee in ("event", "question"):
+        for c in (0.5, 0.8, 0.9, 0.95, 0.99):
+            a, b = cal.threshold(c, guarantee), again.threshold(c, guarantee)
+            assert a == b and math.copysign(1, a) == math.copysign(1, b) and a.hex() == b.hex()
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d.pop("scores"), "scores"),
+        (lambda d: d.pop("question"), "question"),
+        (lambda d: d.__setitem__("safe", "yes"), "safe"),
+        (lambda d: d["scores"].__setitem__(1, 1.5), "scores"),
+        (lambda d: d["scores"].__setitem__(0, "0.3"), "scores"),
+        (lambda d: d["safe"].__setitem__(0, 1), "safe"),
+        (lambda d: d["question"].__setitem__(0, 0.5), "question"),
+        (lambda d: d["question"].append(3), "lengths"),
+        (lambda d: d.__setitem__("version", 99), "version"),
+        (lambda d: d.__setitem__("question", [0, 1, 0]), "contiguous"),
+    ],
+)
+def test_from_dict_rejects_corrupted_calibration(mutate, field):
+    d = Calibration(scores=[0.2, 0.7, 0.9], safe=[False, True, True], question=[0, 1, 2]).to_dict()
+    mutate(d)
+    with pytest.raises(ValueError, match=rf"calibration.json is corrupted: .*{field}"):
+        Calibration.from_dict(d)
+    with pytest.raises(ValueError, match="calibration.json is corrupted"):
+        Calibration.from_dict([1, 2, 3])
