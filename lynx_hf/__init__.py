@@ -1,1 +1,56 @@
-"""lynx-hf: early exit for reasoning models at reflection cues, with a conformal guarantee."""
+"""lynx-hf: reasoning models stop overthinking, with a conformal guarantee, in one line of `transformers` code.
+
+```python
+from lynx_hf import Lynx
+lynx = Lynx.from_pretrained("lynx/deepseek-r1-distill-qwen-1.5b", model=model, confidence=0.9)
+out = model.generate(**inputs, stopping_criteria=[lynx])
+```
+"""
+
+from .answers import answers_match, extract_boxed
+from .bundle import Lynx
+from .capture import HiddenStateCapture
+from .config import LynxConfig
+from .conformal import Calibration
+from .cues import CueDetector, CueEvent
+from .errors import (
+    BaseModelMismatchError,
+    CorruptedBundleError,
+    LynxConfigError,
+    LynxError,
+    NotAttachedError,
+    UnsupportedGenerationError,
+)
+from .events import EventTable
+from .exit import DEFAULT_EXIT_TEXT, answer_after_exit
+from .monitor import ExitRecord
+from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
+from .probe import LynxProbe, train_probe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseModelMismatchError",
+    "Calibration",
+    "CorruptedBundleError",
+    "CueDetector",
+    "CueEvent",
+    "DEFAULT_EXIT_TEXT",
+    "EventTable",
+    "ExitRecord",
+    "HiddenStateCapture",
+    "Lynx",
+    "LynxAnswerStopper",
+    "LynxConfig",
+    "LynxConfigError",
+    "LynxError",
+    "LynxExitProcessor",
+    "LynxProbe",
+    "LynxStoppingCriteria",
+    "NotAttachedError",
+    "UnsupportedGenerationError",
+    "answer_after_exit",
+    "answers_match",
+    "extract_boxed",
+    "train_probe",
+]

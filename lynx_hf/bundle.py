@@ -1,0 +1,397 @@
+"""`Lynx`: a probe bundle (cues, layers, probe, calibration, exit text) bound to its base model.
+
+On disk and on the Hub a bundle is `config.json` (`LynxConfig`), `model.safetensors` (probe weights and feature
+normalisation), `calibration.json` (calibration scores, so any confidence is exact at run time) and a model card
+rendered from `hub_cards/`. Hub I/O goes through huggingface_hub's `ModelHubMixin`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_download
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import StoppingCriteria
+
+from .conformal import Calibration
+from .config import LynxConfig, check_base_model
+from .cues import CueDetector
+from .errors import CorruptedBundleError, LynxConfigError, NotAttachedError
+from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut, exit_token_ids
+from .answers import extract_boxed
+from .monitor import ExitRecord, ModelTap
+from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
+from .probe import LynxProbe
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CALIBRATION_NAME = "calibration.json"
+BUNDLE_FILES = (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME)
+GUARANTEES = ("event", "question")
+CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "lynx_probe.md"
+
+
+class Lynx(
+    StoppingCriteria,
+    ModelHubMixin,
+    library_name="lynx-hf",
+    tags=["lynx", "early-exit", "reasoning", "conformal-prediction"],
+    license="apache-2.0",
+    repo_url="https://github.com/lynx-hf/lynx-hf",
+    paper_url="https://arxiv.org/abs/2512.05325",
+):
+    """A calibrated LYNX exit probe for one base model, usable directly as a `generate` stopping criterion.
+
+    `confidence` c sets the exit threshold from the stored calibration scores: with `guarantee="event"` an unsafe
+    cue (one where the forced answer would be wrong) triggers an exit with probability at most 1 - c; with
+    `guarantee="question"` the share of questions whose exit is premature is at most 1 - c (conformal risk
+    control). Change `lynx.confidence` at any time without reloading. `shadow=True` never intervenes and only
+    records in `last_exits` where it would have exited.
+
+    Example:
+
+    ```python
+    >>> from lynx_hf import Lynx, organism
+    >>> model, tok = organism.load()
+    >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.9)
+    >>> inputs = tok(organism.prompt(tok, "Ann has 5 pens and gives away 2. How many are left?"), return_tensors="pt")
+    >>> out = model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=300)
+    >>> answers = lynx.answer(out)      # closes the thinking block where it stopped, lets the model answer
+    >>> len(answers), lynx.last_exits[0].threshold == lynx.threshold
+    (1, True)
+    ```
+    """
+
+    def __init__(
+        self,
+        config: LynxConfig,
+        probe: LynxProbe,
+        calibration: Calibration,
+        *,
+        confidence: float = 0.9,
+        guarantee: str = "event",
+        shadow: bool = False,
+        metadata: dict | None = None,
+    ):
+        if probe.input_size != config.feature_size:
+            raise CorruptedBundleError(
+                f"The probe reads {probe.input_size} features but the config's layers {config.layers} x hidden size "
+                f"{config.hidden_size} give {config.feature_size}; re-save the bundle from matching parts."
+            )
+        self.config = config
+        self.probe = probe.eval()
+        self.calibration = calibration
+        self.metadata = dict(metadata or {})
+        self.shadow = shadow
+        self._guarantee = _check_guarantee(guarantee)
+        self._confidence = _check_confidence(confidence)
+        self._threshold: float | None = None
+        self.model = None
+        self.tokenizer = None
+        self.detector: CueDetector | None = None
+        self.exit_ids: list[int] = []
+        self._tap: ModelTap | None = None
+        self._stopper: LynxStoppingCriteria | None = None
+        self._processor: LynxExitProcessor | None = None
+        self._active = None
+
+    # ----- confidence and thresholds -------------------------------------------------------------------------
+    @property
+    def confidence(self) -> float:
+        """The user confidence c in (0, 1); the premature-exit rate is at most 1 - c."""
+        return self._confidence
+
+    @confidence.setter
+    def confidence(self, value: float) -> None:
+        self._confidence = _check_confidence(value)
+        self._threshold = None
+
+    @property
+    def guarantee(self) -> str:
+        """`"event"` (per cue event) or `"question"` (per question, first exit)."""
+        return self._guarantee
+
+    @guarantee.setter
+    def guarantee(self, value: str) -> None:
+        self._guarantee = _check_guarantee(value)
+        self._threshold = None
+
+    @property
+    def threshold(self) -> float:
+        """The probe-score threshold for the current confidence and guarantee (inf: never exit)."""
+        if self._threshold is None:
+            self._threshold = self.calibration.threshold(self._confidence, self._guarantee)
+        return self._threshold
+
+    # ----- binding to a model ----------------------------------------------------------------------------------
+    def attach(self, model, tokenizer=None, *, allow_base_model_mismatch: bool = False) -> "Lynx":
+        """Bind to `model` (hooks on the chosen layers) and its tokenizer; returns self, usable as a context manager.
+
+        `tokenizer` defaults to `AutoTokenizer.from_pretrained(model.name_or_path)`.
+        """
+        if self.model is not None:
+            self.detach()
+        if tokenizer is None:
+            tokenizer = _tokenizer_for(model)
+        problems = check_base_model(self.config, model, tokenizer, allow_mismatch=allow_base_model_mismatch)
+        if problems:
+            logger.warning("Using a probe for %s on a different model (%s): its guarantee may not hold.",
+                           self.config.base_model, "; ".join(problems))
+        detector = CueDetector(tokenizer, cues=self.config.cues, think_start=self.config.think_start,
+                               think_end=self.config.think_end)
+        missing = detector.missing_cues()
+        if missing:
+            raise LynxConfigError(
+                f"The tokenizer cannot spell the cue(s) {missing}: give a bundle whose cues this tokenizer encodes, "
+                "or train one with cues it can spell (`lynx-hf collect --cues ...`)."
+            )
+        self.exit_ids = exit_token_ids(tokenizer, self.config.exit_text)
+        device = _model_device(model)
+        self.probe.to(device)
+        self.detector = detector.to(device)
+        self.brace_delta = brace_delta(tokenizer).to(device)
+        self._tap = ModelTap(model, self.config.layers, device=device)
+        self.model, self.tokenizer = model, tokenizer
+        self._stopper = LynxStoppingCriteria(self)
+        self._processor = LynxExitProcessor(self)
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks from the model."""
+        if self._tap is not None:
+            self._tap.remove()
+        self._tap = None
+        self.model = None
+
+    def __enter__(self) -> "Lynx":
+        self._require_tap()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def _require_tap(self) -> ModelTap:
+        if self._tap is None:
+            raise NotAttachedError(
+                "This Lynx is not attached to a model: use Lynx.from_pretrained(..., model=model) or lynx.attach(model)."
+            )
+        return self._tap
+
+    # ----- generate plug-ins --------------------------------------------------------------------------------
+    def stopping_criteria(self) -> LynxStoppingCriteria:
+        """The stop-mode plug-in (what `stopping_criteria=[lynx]` uses)."""
+        self._require_tap()
+        return self._stopper
+
+    def exit_processor(self) -> LynxExitProcessor:
+        """The in-stream plug-in: forces the exit text at a confident cue, then lets the model answer."""
+        self._require_tap()
+        return self._processor
+
+    def answer_stopper(self) -> LynxAnswerStopper:
+        """Stops rows that `exit_processor()` made exit once their boxed answer closes."""
+        return LynxAnswerStopper(self.exit_processor())
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return self.stopping_criteria()(input_ids, scores, **kwargs)
+
+    @property
+    def last_exits(self) -> list[ExitRecord]:
+        """Per-row telemetry of the last `generate` call that used one of this bundle's plug-ins."""
+        monitor = self._active
+        return [] if monitor is None else monitor.records(self.shadow)
+
+    @torch.no_grad()
+    def answer(self, outputs, max_new_tokens: int | None = None) -> list[ExitAnswer]:
+        """Final answers after a stop-mode `generate`: exited rows get the exact exit (cue dropped, exit text
+        appended, greedy answer); the others' answers are read from their own text.
+
+        `outputs` is what `generate` returned: a tensor, or a `GenerateDecoderOnlyOutput` from
+        `return_dict_in_generate=True`, whose KV cache is then reused (and consumed).
+        """
+        self._require_tap()
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        cache = None
+        if not isinstance(outputs, torch.Tensor):
+            cache = getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
+        monitor = self._stopper.monitor
+        records = self._stopper.last_exits
+        if len(records) != sequences.shape[0]:
+            raise ValueError("answer() needs the output of the last stop-mode generate call of this Lynx.")
+        results: list[ExitAnswer | None] = [None] * len(records)
+        rows = [i for i, r in enumerate(records) if r.exited]
+        if rows:
+            cuts = [exit_cut(records[i].position, records[i].start, self.config.exit_construction) for i in rows]
+            mask = _generation_mask(self._tap.prompt_mask, sequences, monitor.prompt_length)
+            if cache is not None and len(rows) != sequences.shape[0]:
+                cache.batch_select_indices(torch.tensor(rows, device=sequences.device))
+            answered = answer_after_exit(
+                self.model, self.tokenizer, sequences[rows], cuts, self.exit_ids, attention_mask=mask[rows],
+                past_key_values=cache, max_new_tokens=max_new_tokens or self.config.answer_max_new_tokens,
+            )
+            for i, a in zip(rows, answered):
+                results[i] = a
+        for i, r in enumerate(results):
+            if r is None:
+                text = self.tokenizer.decode(sequences[i, monitor.prompt_length:], skip_special_tokens=True)
+                results[i] = ExitAnswer(token_ids=[], text=text, answer=extract_boxed(text))
+        return results
+
+    # ----- persistence ------------------------------------------------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        (save_directory / CONFIG_NAME).write_text(self.config.to_json_string(), encoding="utf-8")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.probe.state_dict().items()}
+        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "lynx-hf"})
+        payload = {"calibration": self.calibration.to_dict(), "metadata": self.metadata}
+        (save_directory / CALIBRATION_NAME).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """The model card rendered from `hub_cards/lynx_probe.md`, with YAML metadata."""
+        info = self._hub_mixin_info
+        data = ModelCardData(
+            library_name="lynx-hf", license="apache-2.0", base_model=self.config.base_model,
+            tags=list(info.model_card_data.tags or []), datasets=self.metadata.get("datasets"),
+            metrics=["auroc", "premature_exit_rate"],
+        )
+        rows = [
+            {**row, "tau_text": "never exit" if math.isinf(row["tau"]) else f"{row['tau']:.4f}"}
+            for guarantee in GUARANTEES for row in self.calibration.table(guarantee=guarantee)
+        ]
+        return ModelCard.from_template(
+            card_data=data,
+            template_str=CARD_TEMPLATE.read_text(encoding="utf-8"),
+            config=self.config,
+            calibration=self.calibration,
+            table=rows,
+            metadata=self.metadata,
+            repo_url=info.repo_url,
+            paper_url=info.paper_url,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        model=None,
+        tokenizer=None,
+        confidence: float = 0.9,
+        guarantee: str = "event",
+        shadow: bool = False,
+        allow_base_model_mismatch: bool = False,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> "Lynx":
+        """Load a bundle from a local folder or a Hub repo id, and attach it to `model` if given.
+
+        Raises a clear error for a missing or corrupted file, a probe for another base model (overridable with
+        `allow_base_model_mismatch=True`, except a hidden-size mismatch), a tokenizer that cannot spell a cue, or a
+        confidence outside (0, 1).
+        """
+        folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                 force_download=force_download, local_files_only=local_files_only, token=token)
+        config = LynxConfig.from_dict(_read_json(folder / CONFIG_NAME))
+        probe = _load_probe(folder / WEIGHTS_NAME, config)
+        payload = _read_json(folder / CALIBRATION_NAME)
+        if "calibration" not in payload:
+            raise CorruptedBundleError(f"{folder / CALIBRATION_NAME} is corrupted: no 'calibration' entry; re-save it.")
+        calibration = Calibration.from_dict(payload["calibration"])
+        lynx = cls(config, probe, calibration, confidence=confidence, guarantee=guarantee, shadow=shadow,
+                   metadata=payload.get("metadata"))
+        if model is not None:
+            lynx.attach(model, tokenizer, allow_base_model_mismatch=allow_base_model_mismatch)
+        return lynx
+
+
+def _check_confidence(value: float) -> float:
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise LynxConfigError(
+            f"confidence={value} is outside (0, 1): pass e.g. confidence=0.9 for a premature-exit rate of at most 10%."
+        )
+    return value
+
+
+def _check_guarantee(value: str) -> str:
+    if value not in GUARANTEES:
+        raise LynxConfigError(f"guarantee={value!r} is unknown: use 'event' (per cue) or 'question' (per question).")
+    return value
+
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def _tokenizer_for(model):
+    from transformers import AutoTokenizer
+
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as error:  # noqa: BLE001 - any failure means the same fix
+        raise LynxConfigError(
+            f"Could not load the tokenizer of {name!r} ({error.__class__.__name__}); pass tokenizer=... explicitly."
+        ) from error
+
+
+def _resolve_folder(name_or_path, **hub_kwargs) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        folder = path
+    elif path.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") > 1:
+        raise CorruptedBundleError(f"{name_or_path} is not a bundle folder: give a folder written by save_pretrained.")
+    else:
+        folder = Path(snapshot_download(
+            repo_id=str(name_or_path), allow_patterns=[*BUNDLE_FILES, "README.md", "custom_generate/*"], **hub_kwargs,
+        ))
+    missing = [name for name in BUNDLE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise CorruptedBundleError(
+            f"{name_or_path} is not a complete Lynx bundle: missing {missing}. Re-save it with lynx.save_pretrained()."
+        )
+    return folder
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CorruptedBundleError(f"{path} is corrupted ({error}); re-download or re-save the bundle.") from error
+
+
+def _load_probe(path: Path, config: LynxConfig) -> LynxProbe:
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CorruptedBundleError(f"{path} is corrupted ({error}); re-download or re-save the bundle.") from error
+    probe = LynxProbe(config.feature_size, hidden_sizes=config.probe_hidden_sizes)
+    try:
+        probe.load_state_dict(state)
+    except RuntimeError as error:
+        raise CorruptedBundleError(
+            f"{path} does not match config.json (layers {config.layers}, hidden size {config.hidden_size}, probe "
+            f"{config.probe_hidden_sizes}): {error}"
+        ) from error
+    return probe
+
+
+def _generation_mask(prompt_mask: torch.Tensor | None, sequences: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """The attention mask generate used: the prompt's (left padding) followed by ones."""
+    mask = torch.ones_like(sequences)
+    if prompt_mask is not None and prompt_mask.shape == (sequences.shape[0], prompt_length):
+        mask[:, :prompt_length] = prompt_mask.to(mask)
+    return mask

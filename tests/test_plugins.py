@@ -1,0 +1,158 @@
+"""The generate plug-ins on a scripted model with SmolLM2's real tokenizer: where they exit, what they record, and
+what they refuse."""
+
+import pytest
+import torch
+
+from lynx_hf import LynxProbe, NotAttachedError, UnsupportedGenerationError
+from lynx_hf.exit import answer_after_exit, exit_cut
+from scripted import PROMPT, SCRIPT, ScriptProcessor, bundle, scripted_model
+
+
+@pytest.fixture(scope="module")
+def setup(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    model = scripted_model(tok)
+    enc = tok(PROMPT, return_tensors="pt", add_special_tokens=False)
+    return model, tok, enc
+
+
+def _generate(model, enc, processors=(), criteria=(), **kwargs):
+    return model.generate(**enc, logits_processor=list(processors), stopping_criteria=list(criteria),
+                          max_new_tokens=60, do_sample=False, **kwargs)
+
+
+def _script(tok, enc, **kwargs):
+    return ScriptProcessor(tok, [enc.input_ids.shape[1]], [SCRIPT], **kwargs)
+
+
+def _cue_index(tok, enc, out, word):
+    prompt_length = enc.input_ids.shape[1]
+    for i in range(prompt_length, out.shape[1]):
+        if tok.decode(out[0, prompt_length:i + 1]).endswith(word):
+            return i
+    raise AssertionError(f"{word} not in output")
+
+
+def test_used_by_line_stops_right_after_the_first_confident_cue(setup):
+    model, tok, enc = setup
+    lynx = bundle(model, tok, probability=0.99).attach(model, tok)
+    out = _generate(model, enc, [_script(tok, enc)], [lynx])
+    record = lynx.last_exits[0]
+    cue = _cue_index(tok, enc, out, "Wait")
+    assert record.exited and record.cue == "wait" and record.position == cue
+    assert out.shape[1] == cue + 2  # the token after the cue confirms the word ended, then the row stops
+    assert record.score == pytest.approx(0.99, abs=1e-6) and record.threshold == lynx.threshold
+
+
+def test_no_exit_below_threshold_and_every_cue_is_counted(setup):
+    model, tok, enc = setup
+    lynx = bundle(model, tok, probability=0.01).attach(model, tok)
+    out = _generate(model, enc, [_script(tok, enc)], [lynx])
+    assert SCRIPT in tok.decode(out[0])
+    record = lynx.last_exits[0]
+    assert not record.exited and not record.would_exit and record.cues_seen == 2 and record.position == -1
+
+
+def test_shadow_mode_records_the_exit_but_never_changes_the_output(setup):
+    model, tok, enc = setup
+    plain = _generate(model, enc, [_script(tok, enc)])
+    lynx = bundle(model, tok, probability=0.99, shadow=True).attach(model, tok)
+    shadowed = _generate(model, enc, [_script(tok, enc)], [lynx])
+    assert torch.equal(plain, shadowed)
+    record = lynx.last_exits[0]
+    assert record.would_exit and not record.exited and record.position == _cue_index(tok, enc, plain, "Wait")
+
+
+def test_exit_processor_forces_the_exit_text_after_the_cue_and_stops_when_the_box_closes(setup):
+    model, tok, enc = setup
+    lynx = bundle(model, tok, probability=0.99).attach(model, tok)
+    script = _script(tok, enc, exit_len=len(lynx.exit_ids))
+    out = _generate(model, enc, [script, lynx.exit_processor()], [lynx.answer_stopper()])
+    text = tok.decode(out[0, enc.input_ids.shape[1]:])
+    assert text == "3 + 4 = 7. Wait" + lynx.config.exit_text + "7}"
+    assert lynx.last_exits[0].exited and lynx.last_exits[0].cue == "wait"
+
+
+def test_state_resets_by_itself_on_a_new_generate_call(setup):
+    model, tok, enc = setup
+    lynx = bundle(model, tok, probability=0.99).attach(model, tok)
+    _generate(model, enc, [_script(tok, enc)], [lynx])
+    assert lynx.last_exits[0].exited
+    lynx.confidence = 0.999  # needs more calibration data than there is: never exit
+    out = _generate(model, enc, [_script(tok, enc)], [lynx])
+    assert SCRIPT in tok.decode(out[0]) and not lynx.last_exits[0].exited and lynx.last_exits[0].cues_seen == 2
+
+
+def test_cues_in_the_prompt_never_trigger_an_exit(setup):
+    model, tok, enc = setup
+    prompt = PROMPT + "Wait, hmm. Alternatively,"
+    enc2 = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    lynx = bundle(model, tok, probability=0.99).attach(model, tok)
+    script = ScriptProcessor(tok, [enc2.input_ids.shape[1]], [" 3 + 4 = 7.\n</think>\n\nFinal Answer: \\boxed{7}"])
+    _generate(model, enc2, [script], [lynx])
+    assert lynx.last_exits[0].cues_seen == 0 and not lynx.last_exits[0].exited
+
+
+def test_rows_do_not_depend_on_their_batch_neighbours(setup):
+    model, tok, _ = setup
+    torch.manual_seed(0)
+    lynx = bundle(model, tok, probe=LynxProbe(model.config.hidden_size * 2)).attach(model, tok)
+    prompts = [PROMPT, "<|im_start|>user\nHi there, a longer question?<|im_end|>\n<|im_start|>assistant\n<think>\n"]
+    scripts = [SCRIPT, "Alternatively, hmm. Wait: 2. wait\n</think>\n\nFinal Answer: \\boxed{2}"]
+    tok.padding_side = "left"
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    width = batch.input_ids.shape[1]
+    lynx.confidence = 0.5
+    lynx.config.layers  # probe scores depend on the hidden states, so decisions are row-specific
+    out = _generate(model, batch, [ScriptProcessor(tok, [width, width], scripts)], [lynx])
+    together = lynx.last_exits
+    for row, (prompt, script) in enumerate(zip(prompts, scripts)):
+        alone = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        n = alone.input_ids.shape[1]
+        single = _generate(model, alone, [ScriptProcessor(tok, [n], [script])], [lynx])
+        solo = lynx.last_exits[0]
+        pad = width - n
+        assert together[row].exited == solo.exited and together[row].cues_seen == solo.cues_seen
+        assert together[row].score == pytest.approx(solo.score, abs=1e-4) if solo.exited else True
+        if solo.exited:
+            assert together[row].position - pad == solo.position
+        generated = out[row, width:]
+        generated = generated[generated != tok.pad_token_id] if tok.pad_token_id is not None else generated
+        assert tok.decode(single[0, n:], skip_special_tokens=True) == tok.decode(generated, skip_special_tokens=True)
+
+
+def test_answer_after_stop_mode_reuses_the_cache_and_equals_a_fresh_exit(setup):
+    model, tok, enc = setup
+    lynx = bundle(model, tok, probability=0.99).attach(model, tok)
+    out = _generate(model, enc, [_script(tok, enc)], [lynx], return_dict_in_generate=True)
+    record = lynx.last_exits[0]
+    fresh = answer_after_exit(model, tok, out.sequences, [exit_cut(record.position, record.start)], lynx.exit_ids,
+                              max_new_tokens=8)
+    cached = lynx.answer(out, max_new_tokens=8)
+    assert cached[0].token_ids == fresh[0].token_ids and len(cached[0].token_ids) > 0
+
+
+def test_beam_search_is_refused_with_a_clear_error(setup):
+    model, tok, enc = setup
+    lynx = bundle(model, tok, probability=0.99).attach(model, tok)
+    with pytest.raises(UnsupportedGenerationError, match="beam search"):
+        model.generate(**enc, stopping_criteria=[lynx], num_beams=2, max_new_tokens=5, do_sample=False)
+
+
+def test_assisted_decoding_is_refused_with_a_clear_error(setup):
+    model, tok, enc = setup
+    lynx = bundle(model, tok, probability=0.99).attach(model, tok)
+    with pytest.raises(UnsupportedGenerationError, match="assisted"):
+        model.generate(**enc, stopping_criteria=[lynx], assistant_model=model, max_new_tokens=8, do_sample=False)
+
+
+def test_a_detached_bundle_says_how_to_attach(setup):
+    model, tok, enc = setup
+    lynx = bundle(model, tok)
+    with pytest.raises(NotAttachedError, match="attach"):
+        model.generate(**enc, stopping_criteria=[lynx], max_new_tokens=3)
+    lynx.attach(model, tok)
+    lynx.detach()
+    with pytest.raises(NotAttachedError):
+        lynx.exit_processor()
