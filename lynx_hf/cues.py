@@ -22,8 +22,9 @@ Matching rules (the specification; `tests/test_cues.py` checks each of them):
   ("wait" + "ing"). [`CueDetector.step`] reports such an event at once (so the caller can act on the cue's hidden
   state as early as possible) and marks it in `state.pending`; the next `step` sets `state.retracted` where the new
   token continues the word. `continues_word[token_id]` (the token's text starts with a letter) is that test,
-  precomputed, for callers that confirm themselves. The offline [`CueDetector.find_events`] applies the same rule;
-  an event at the very last token of a sequence is kept.
+  precomputed, for callers that confirm themselves; it applies only to pending events (a cue closed inside its own
+  token, like "Hmm,", stays valid whatever comes next), so `state.retracted` is the simpler signal. The offline
+  [`CueDetector.find_events`] applies the same rule; an event at the very last token of a sequence is kept.
 - **Only inside the thinking block**: after `think_start` (default "<think>") and before `think_end` (default
   "</think>"). Markers are matched as strings, so they may be single special tokens or several ordinary tokens. The
   block may be opened by the prompt (R1-distill chat templates end the generation prompt with "<think>\\n") or by a
@@ -41,11 +42,14 @@ fixed here; event positions otherwise follow the reference (the token completing
 
 Implementation notes. Each token's text is obtained once by decoding it behind a fixed prefix token (the trick
 `StopStringCriteria.clean_tokenizer_vocab` uses, here through `batch_decode`, which also works for word-level
-tokenizers and added tokens). Byte-level fragments of a multi-byte character decode to U+FFFD and count as
-non-letters. The tail buffer holds `max_token_chars + longest pattern + 1` characters, so a cue that ends anywhere
-inside the new token is still seen with its left neighbour. Tokens longer than `MAX_TOKEN_CHARS` keep their last
-`MAX_TOKEN_CHARS` characters (in real vocabularies these are runs of spaces or punctuation). Token ids at or beyond
-`len(tokenizer)` (models often pad their embedding matrix) are treated as empty strings.
+tokenizers and added tokens). Byte-level fragments of a multi-byte character decode to U+FFFD and count as non-
+letters. When the table is built, the detector also measures how far from a token's end any cue or marker can end
+inside that token (M; 3 for SmolLM2, because of tokens like ">'," that could end "</think>"); only those last M
+characters of each new token are matched, so the tail buffer holds `M + longest pattern` characters (16 for SmolLM2
+with the defaults) and every step costs the same few dozen tensor ops whatever the sequence length. Tokens longer
+than `MAX_TOKEN_CHARS` keep their last `MAX_TOKEN_CHARS` characters (in real vocabularies these are runs of spaces
+or punctuation). Token ids at or beyond `len(tokenizer)` (models often pad their embedding matrix) and negative ids
+are treated as empty strings.
 """
 
 from __future__ import annotations
@@ -289,7 +293,10 @@ class CueDetector:
         self._patterns = pat
         self._pattern_mask = mask
         self._cue_lengths = torch.tensor([len(c) for c in self.cues], dtype=torch.long)
-        self._left_slot = window - 2 - self._cue_lengths  # window index of each cue's left neighbour
+        self._pattern_free = ~mask  # window slots a pattern does not constrain
+        self._boundary = torch.zeros(len(self.cues), window, dtype=torch.bool)  # each cue's two neighbour slots
+        self._boundary[torch.arange(len(self.cues)), window - 2 - self._cue_lengths] = True
+        self._boundary[:, -1] = True
 
         # Index tables that depend only on the new token's length n (so `step` does one lookup, no arange).
         buf, slots = self.buffer_chars, self._match_slots
@@ -300,6 +307,8 @@ class CueDetector:
         self._new_in_region = self._new_in_buffer[:, buf - slots:]  # [width + 1, M]
         self._region = torch.arange(slots)
         self.device = torch.device("cpu")
+        logger.debug("CueDetector: %d tokens, %d table chars, matching the last %d chars of a %d-char buffer",
+                     vocab_size, width, slots, buf)
 
     # ------------------------------------------------------------------ setup
 
@@ -312,8 +321,9 @@ class CueDetector:
             device(type='cpu')
         """
         device = torch.device(device)
-        for name in ("_table", "_lengths", "_is_letter", "continues_word", "_continues_ext", "_patterns", "_pattern_mask",
-                     "_cue_lengths", "_left_slot", "_shift_index", "_new_in_buffer", "_new_in_region", "_region"):
+        for name in ("_table", "_lengths", "_is_letter", "continues_word", "_continues_ext", "_patterns",
+                     "_pattern_mask", "_cue_lengths", "_pattern_free", "_boundary", "_shift_index", "_new_in_buffer",
+                     "_new_in_region", "_region"):
             setattr(self, name, getattr(self, name).to(device))
         self.device = device
         return self
@@ -364,7 +374,8 @@ class CueDetector:
 
         Example:
             >>> tok = _example_tokenizer()
-            >>> prompts = torch.tensor([tok.convert_tokens_to_ids(["Ġso", "<think>"]), tok.convert_tokens_to_ids(["Ġso", "Ġso"])])
+            >>> rows = [["Ġso", "<think>"], ["Ġso", "Ġso"]]
+            >>> prompts = torch.tensor([tok.convert_tokens_to_ids(row) for row in rows])
             >>> CueDetector(tok).start(prompts).in_think
             tensor([ True, False])
         """
@@ -439,7 +450,7 @@ class CueDetector:
             raise ValueError(f"step got {tokens.shape[0]} tokens for a state of {state.batch_size} rows; pass "
                              "exactly one new token per row (input_ids[:, -1]).")
         buf, slots, longest, n_cues = self.buffer_chars, self._match_slots, self._longest, len(self.cues)
-        ids = torch.where((tokens >= 0) & (tokens < self.vocab_size), tokens, self.vocab_size)
+        ids = tokens.clamp(-1, self.vocab_size)  # -1 and V are both the empty row of the table
         n_new = self._lengths[ids]  # [B]
         # The previous step's event is void if this token continues its word.
         state.retracted = state.pending & self._continues_ext[ids]
@@ -449,22 +460,22 @@ class CueDetector:
         new_slot = self._new_in_buffer[n_new]  # [B, W]
         chars = torch.cat([state.chars, self._table[ids]], 1).gather(1, shift)
         old = shift.clamp(max=buf - 1)
-        char_pos = torch.where(new_slot, state.length, state.char_pos.gather(1, old))
+        char_pos = state.char_pos.gather(1, old).masked_fill(new_slot, state.length)
         think = state.char_think.gather(1, old) & ~new_slot
 
         # Windows [left neighbour, pattern..., right neighbour] ending at each of the last M slots.
         padded = torch.nn.functional.pad(chars, (0, 1))
         windows = padded[:, buf - slots - longest:].unfold(1, longest + 2, 1)  # [B, M, S]
-        match = ((windows[:, :, None, :] == self._patterns) | ~self._pattern_mask).all(-1)  # [B, M, P]
+        match = ((windows[:, :, None, :] == self._patterns) | self._pattern_free).all(-1)  # [B, M, P]
         is_new = self._new_in_region[n_new]  # [B, M]
 
         # Thinking state after each new character: the last marker completed so far wins.
         code = torch.zeros_like(is_new, dtype=torch.long)
         if self._open_index >= 0:
-            code = torch.where(match[:, :, self._open_index] & is_new, 1, code)
+            code.masked_fill_(match[:, :, self._open_index] & is_new, 1)
         if self._close_index >= 0:
-            code = torch.where(match[:, :, self._close_index] & is_new, -1, code)
-        last = torch.where(code != 0, self._region, -1).cummax(1).values
+            code.masked_fill_(match[:, :, self._close_index] & is_new, -1)
+        last = self._region.masked_fill(code == 0, -1).cummax(1).values
         status = torch.where(last >= 0, code.gather(1, last.clamp(min=0)) > 0, state.in_think[:, None])
         region_think = torch.where(is_new, status, think[:, buf - slots:])
         # New characters left of the region cannot end a marker, so they carry the previous state.
@@ -477,10 +488,9 @@ class CueDetector:
 
         # Cues: every character generated inside thinking, non-letters on both sides, ending in the new token.
         think_windows = torch.nn.functional.pad(think, (0, 1))[:, buf - slots - longest:].unfold(1, longest + 2, 1)
-        cue_mask = self._pattern_mask[:n_cues]
-        inside = (think_windows[:, :, None, :] | ~cue_mask).all(-1)  # [B, M, C]
-        letters = self._is_letter[windows]  # [B, M, S]
-        hit = match[:, :, :n_cues] & inside & ~letters[:, :, self._left_slot] & ~letters[:, :, -1:] & is_new[:, :, None]
+        inside = (think_windows[:, :, None, :] | self._pattern_free[:n_cues]).all(-1)  # [B, M, C]
+        bounded = (self._is_letter[windows][:, :, None, :] & self._boundary).any(-1)  # a letter on either side
+        hit = match[:, :, :n_cues] & inside & ~bounded & is_new[:, :, None]
 
         flat = hit.reshape(-1, slots * n_cues)
         found = flat.any(1)
@@ -491,7 +501,7 @@ class CueDetector:
         state.pending = found & (end_slot == slots - 1)
         state.chars, state.char_pos, state.char_think = chars, char_pos, think
         state.length += 1
-        return torch.where(found, cue, -1), torch.where(found, cue_start, -1)
+        return cue.masked_fill(~found, -1), cue_start.masked_fill(~found, -1)
 
     # ------------------------------------------------------------------ offline
 

@@ -155,7 +155,8 @@ def test_cue_split_across_word_tokens_has_the_right_start(tiny):
 
 def test_await_and_waiting_never_fire(tiny, smol):
     tok, det = tiny
-    for gen in (["Ġawait", "."], ["await"], ["Ġwaiting"], ["Ġwait", "ing"], ["Ġwa", "it", "ing"], ["Ġso", "await"]):
+    cases = (["Ġawait", "."], ["await"], ["Ġwaiting"], ["Ġwait", "ing"], ["Ġwa", "it", "ing"], ["Ġso", "await"])
+    for gen in cases:
         assert events(det, toks(tok, ["<think>"]), toks(tok, gen)) == [], gen
     stok, sdet = smol
     gen = encode(stok, "We await the result, waiting and awaiting; unwait, waited, Waits.")
@@ -381,3 +382,21 @@ def test_detector_moves_to_a_device_and_keeps_matching(tiny):
     moved = CueDetector(tok).to("cpu")
     assert moved.continues_word.device.type == "cpu"
     assert events(moved, toks(tok, ["<think>"]), toks(tok, ["ĠWait"])) == [("wait", 1, 1)]
+
+
+def test_prompt_decides_whether_generation_starts_inside_thinking(tiny):
+    tok, det = tiny
+    prompts = [["<think>", "Ċ"], ["<think>", "Ġso", "</think>"], ["Ġso", "Ġthe"], ["</think>", "<think>"]]
+    state = det.start(torch.tensor([toks(tok, p) for p in [p + ["Ġso"] * (3 - len(p)) for p in prompts]]))
+    assert state.in_think.tolist() == [True, False, False, True]
+
+
+def test_tokens_longer_than_the_table_keep_their_last_characters():
+    from lynx_hf.cues import MAX_TOKEN_CHARS
+
+    long_word = "-" * (MAX_TOKEN_CHARS + 40) + "Ġwait"
+    tok = make_word_tokenizer(TINY_WORDS + [long_word])
+    det = CueDetector(tok)
+    assert det.max_token_chars == MAX_TOKEN_CHARS
+    found = events(det, toks(tok, ["<think>"]), toks(tok, ["Ġso", long_word, "."]))
+    assert found == [("wait", 2, 2)]
