@@ -1,0 +1,124 @@
+"""The bundle on disk: save -> load round trip, model card, and the errors that say what to do."""
+
+import json
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from conftest import tiny_llama
+from lynx_hf import BaseModelMismatchError, CorruptedBundleError, Lynx, LynxConfigError, LynxProbe
+from scripted import bundle, scripted_model
+
+
+@pytest.fixture(scope="module")
+def parts(smollm2_tokenizer):
+    model = scripted_model(smollm2_tokenizer)
+    torch.manual_seed(0)
+    lynx = bundle(model, smollm2_tokenizer, probe=LynxProbe(model.config.hidden_size * 2), metadata={"datasets": ["x"]})
+    return model, smollm2_tokenizer, lynx
+
+
+def test_save_load_round_trip_is_bit_identical(parts, tmp_path):
+    model, tok, lynx = parts
+    lynx.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "calibration.json", "config.json",
+                                                          "model.safetensors"]
+    loaded = Lynx.from_pretrained(tmp_path, model=model, tokenizer=tok, confidence=0.8)
+    features = torch.randn(64, lynx.config.feature_size)
+    assert torch.equal(lynx.probe.predict_proba(features), loaded.probe.predict_proba(features))
+    assert loaded.config == lynx.config
+    for c in (0.6, 0.8, 0.9, 0.95):
+        for guarantee in ("event", "question"):
+            assert loaded.calibration.threshold(c, guarantee) == lynx.calibration.threshold(c, guarantee)
+    assert torch.equal(loaded.calibration.scores, lynx.calibration.scores)
+
+
+def test_model_card_has_valid_yaml_metadata_and_the_threshold_table(parts, tmp_path):
+    _, _, lynx = parts
+    lynx.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "lynx-hf"
+    assert card.data.base_model == "tests/scripted"
+    assert card.data.license == "apache-2.0"
+    assert "early-exit" in card.data.tags
+    assert "| 0.9 | per event |" in card.text and "| 0.9 | per question |" in card.text
+
+
+def test_confidence_can_change_without_reloading_and_must_lie_in_zero_one(parts):
+    _, _, lynx = parts
+    for c in (0.6, 0.95):
+        lynx.confidence = c
+        assert lynx.threshold == lynx.calibration.threshold(c, "event")
+    for bad in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(LynxConfigError, match=r"\(0, 1\)"):
+            lynx.confidence = bad
+    with pytest.raises(LynxConfigError, match="question"):
+        lynx.guarantee = "per-token"
+
+
+def test_a_probe_for_another_base_model_is_refused_unless_explicitly_allowed(parts, tmp_path):
+    model, tok, lynx = parts
+    lynx.save_pretrained(tmp_path)
+    other = tiny_llama(vocab_size=len(tok), num_hidden_layers=3, intermediate_size=48)  # same width, other arch
+    with pytest.raises(BaseModelMismatchError, match="allow_base_model_mismatch=True"):
+        Lynx.from_pretrained(tmp_path, model=other, tokenizer=tok)
+    loaded = Lynx.from_pretrained(tmp_path, model=other, tokenizer=tok, allow_base_model_mismatch=True)
+    assert loaded.model is other
+
+
+def test_a_hidden_size_mismatch_is_refused_even_when_mismatch_is_allowed(parts, tmp_path):
+    _, tok, lynx = parts
+    lynx.save_pretrained(tmp_path)
+    wider = tiny_llama(vocab_size=len(tok), hidden_size=64, num_hidden_layers=3)
+    with pytest.raises(BaseModelMismatchError, match="Hidden-size mismatch"):
+        Lynx.from_pretrained(tmp_path, model=wider, tokenizer=tok, allow_base_model_mismatch=True)
+
+
+def test_a_tokenizer_that_cannot_spell_a_cue_is_refused(parts, tmp_path):
+    model, tok, lynx = parts
+    lynx.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["cues"] = ["wait", "ñandú"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {w: i for i, w in enumerate(["[UNK]", "wait", "hmm", "<think>", "</think>"])}
+    backend = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    small = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    with pytest.raises(LynxConfigError, match="cannot spell"):
+        Lynx.from_pretrained(tmp_path, model=model, tokenizer=small, allow_base_model_mismatch=True)
+
+
+@pytest.mark.parametrize("damage", ["missing_weights", "garbled_config", "garbled_weights", "wrong_shape",
+                                    "garbled_calibration", "config_missing_field"])
+def test_corrupted_or_missing_files_are_clear_errors(parts, tmp_path, damage):
+    model, tok, lynx = parts
+    lynx.save_pretrained(tmp_path)
+    if damage == "missing_weights":
+        (tmp_path / "model.safetensors").unlink()
+    elif damage == "garbled_config":
+        (tmp_path / "config.json").write_text("{not json")
+    elif damage == "garbled_weights":
+        (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
+    elif damage == "wrong_shape":
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["layers"] = [1, 2, 3]
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    elif damage == "garbled_calibration":
+        payload = json.loads((tmp_path / "calibration.json").read_text())
+        del payload["calibration"]["scores"]
+        (tmp_path / "calibration.json").write_text(json.dumps(payload))
+    elif damage == "config_missing_field":
+        config = json.loads((tmp_path / "config.json").read_text())
+        del config["hidden_size"]
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises((CorruptedBundleError, ValueError), match="corrupted|missing|does not match|re-save"):
+        Lynx.from_pretrained(tmp_path, model=model, tokenizer=tok)
+
+
+def test_from_pretrained_of_a_path_that_is_not_a_bundle_says_so(tmp_path):
+    with pytest.raises(CorruptedBundleError, match="missing"):
+        Lynx.from_pretrained(tmp_path)
