@@ -24,7 +24,8 @@ Matching rules (the specification; `tests/test_cues.py` checks each of them):
   token continues the word. `continues_word[token_id]` (the token's text starts with a letter) is that test,
   precomputed, for callers that confirm themselves; it applies only to pending events (a cue closed inside its own
   token, like "Hmm,", stays valid whatever comes next), so `state.retracted` is the simpler signal. The offline
-  [`CueDetector.find_events`] applies the same rule; an event at the very last token of a sequence is kept.
+  [`CueDetector.find_events`] applies the same rule; an event at the very last token of a sequence is kept. A token
+  with empty text (e.g. an id beyond the tokenizer) counts as a boundary.
 - **Only inside the thinking block**: after `think_start` (default "<think>") and before `think_end` (default
   "</think>"). Markers are matched as strings, so they may be single special tokens or several ordinary tokens. The
   block may be opened by the prompt (R1-distill chat templates end the generation prompt with "<think>\\n") or by a
