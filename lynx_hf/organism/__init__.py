@@ -1,0 +1,85 @@
+"""The model organism: a ~1M-parameter Llama, shipped with the package, that reasons in R1-style traces and overthinks.
+
+It was trained from scratch by ``scripts/train_organism.py`` (``make organism``) on the synthetic traces of
+:mod:`lynx_hf.organism.tasks`: step-by-step arithmetic inside ``<think> ... </think>``, slips corrected after
+"Wait", pauses mid-computation, redundant re-checks after the answer is already right, and, now and then, a
+re-check that talks itself out of a right answer. Everything runs offline on a CPU in seconds, so the whole LYNX
+method (collect, train the probe, calibrate, exit early) can be demonstrated and tested without the Hub.
+
+Example:
+    >>> import torch
+    >>> from lynx_hf import organism
+    >>> model, tokenizer = organism.load()
+    >>> problem = organism.problems("arithmetic", "test", n=1)[0]
+    >>> inputs = tokenizer(organism.prompt(tokenizer, problem["question"]), return_tensors="pt",
+    ...                    add_special_tokens=False)
+    >>> out = model.generate(**inputs, do_sample=False, max_new_tokens=400)
+    >>> text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    >>> "</think>" in text and organism.extract_answer(text) is not None
+    True
+
+The forced exit LYNX uses is ``prefix + EXIT_TEXT`` followed by greedy decoding up to ``}``; the organism's own
+traces close their thinking block with exactly that text, so the exit is in distribution.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .tasks import CUE_WORDS, EXIT_TEXT, FAMILIES, PROMPT_SUFFIX, problems, render_trace, split_of, user_message
+
+__all__ = [
+    "BUNDLE_DIR",
+    "CUE_WORDS",
+    "EXIT_TEXT",
+    "FAMILIES",
+    "MODEL_DIR",
+    "PROMPT_SUFFIX",
+    "extract_answer",
+    "load",
+    "problems",
+    "prompt",
+    "render_trace",
+    "split_of",
+]
+
+MODEL_DIR = Path(__file__).resolve().parent / "model"
+"""Folder of the shipped organism (safetensors weights, config, tokenizer with chat template); loadable with
+``AutoModelForCausalLM.from_pretrained(MODEL_DIR)`` and ``AutoTokenizer.from_pretrained(MODEL_DIR)``."""
+
+BUNDLE_DIR = Path(__file__).resolve().parent / "bundle"
+"""Folder of the LYNX probe bundle trained for the organism (shipped next to it when present)."""
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def load(device: str = "cpu"):
+    """The shipped organism and its tokenizer, from :data:`MODEL_DIR`, offline; the model is in eval mode.
+
+    The tokenizer pads on the left, ready for batched generation.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the model organism is missing from {MODEL_DIR}; train it with `make organism` "
+            "(scripts/train_organism.py) or reinstall lynx-hf")
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, local_files_only=True).to(device).eval()
+    return model, tokenizer
+
+
+def prompt(tokenizer, question: str) -> str:
+    """The chat-formatted prompt for ``question``: a user turn with R1's instruction, then the assistant turn
+    opened inside its thinking block (it ends with ``"<think>\\n"``). The template already holds the BOS token
+    and the tokenizer adds none of its own, so ``add_special_tokens`` makes no difference."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_message(question)}],
+                                         tokenize=False, add_generation_prompt=True)
+
+
+def extract_answer(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text`` (stripped), or None if there is none."""
+    found = _BOXED.findall(text)
+    return found[-1].strip() if found else None
