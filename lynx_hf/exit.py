@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 import inspect
+import math
 from typing import Literal
 import weakref
 
@@ -64,11 +65,13 @@ def exit_prefix(token_ids: Sequence[int], cut: int, exit_ids: Sequence[int]) -> 
 
 @dataclass
 class ExitAnswer:
-    """One forced exit's answer: the generated ids, their text, and the boxed content (None if never closed)."""
+    """One forced exit's answer: the generated ids, their text, the boxed content (None if never closed), and the
+    model's confidence in it (geometric mean of the greedy tokens' probabilities, as DEER uses)."""
 
     token_ids: list[int]
     text: str
     answer: str | None
+    confidence: float = float("nan")
 
 
 @torch.no_grad()
@@ -128,6 +131,7 @@ def answer_after_exit(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     delta = brace_delta(tokenizer).to(device)
     generated: list[torch.Tensor] = []
+    log_probs: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
         width = step_ids.shape[1]
         mask = torch.cat([mask, torch.ones(batch, width, dtype=mask.dtype, device=device)], dim=-1)
@@ -140,16 +144,20 @@ def answer_after_exit(
         token = logits.argmax(-1)
         token = torch.where(done, torch.full_like(token, eos[0] if eos else 0), token)
         generated.append(token)
+        log_probs.append(torch.log_softmax(logits.float(), -1).gather(1, token[:, None])[:, 0])
         depth = depth + torch.where(done, torch.zeros_like(depth), delta[token])
         done = done | (depth < 0) | torch.isin(token, torch.tensor(eos, device=device))
         if bool(done.all()):
             break
         step_ids = token[:, None]
     answers = []
-    for row in torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]:
+    rows = torch.stack(generated, dim=1).tolist()
+    row_log_probs = torch.stack(log_probs, dim=1).tolist()
+    for row, lp in zip(rows, row_log_probs):
         ids = _truncate_at_close(row, delta, eos)
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        answers.append(ExitAnswer(token_ids=ids, text=text, answer=close_box(text)))
+        confidence = math.exp(sum(lp[: len(ids)]) / len(ids)) if ids else float("nan")
+        answers.append(ExitAnswer(token_ids=ids, text=text, answer=close_box(text), confidence=confidence))
     return answers
 
 

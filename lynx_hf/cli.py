@@ -1,0 +1,229 @@
+"""`lynx-hf`: collect forced-exit labels, train and calibrate a probe, push it, evaluate it, run the demo.
+
+    lynx-hf collect   --model organism --problems organism:arithmetic:train --n 800 --out events/train
+    lynx-hf collect   --model organism --problems organism:arithmetic:calibration --n 400 --out events/cal
+    lynx-hf train     --events events/train --out probe/
+    lynx-hf calibrate --probe probe/ --events events/cal --test events/test --out bundle/
+    lynx-hf push      --bundle bundle/ --repo-id you/lynx-organism
+    lynx-hf eval      --model organism --bundle bundle/ --events events/test
+    lynx-hf demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+PROBLEM_SOURCES = "organism:<family>:<split> | a benchmark Hub id (openai/gsm8k, HuggingFaceH4/MATH-500, " \
+                  "tau/commonsense_qa) | a local .jsonl file of {id, question, answer}"
+
+
+def load_model(name: str, gguf_file: str | None = None, device: str | None = None):
+    """`organism` (the shipped model organism), a local folder or a Hub id; returns (model, tokenizer)."""
+    if name == "organism":
+        from . import organism
+
+        return organism.load(device or "cpu")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+    tokenizer.padding_side = "left"
+    options = {"dtype": "auto"}
+    if device is None and torch.cuda.is_available():
+        options["device_map"] = "auto"
+    model = AutoModelForCausalLM.from_pretrained(name, **extra, **options).eval()
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def load_problems(source: str, n: int | None = None, seed: int = 0) -> list[dict]:
+    """Problems from a source string (see `PROBLEM_SOURCES`)."""
+    if source.startswith("organism:"):
+        from . import organism
+
+        parts = source.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"{source!r}: write organism:<family>:<split>, e.g. organism:arithmetic:train.")
+        return organism.problems(parts[1], parts[2], n=n or 500, seed=seed)
+    if Path(source).is_file():
+        rows = [json.loads(line) for line in Path(source).read_text(encoding="utf-8").splitlines() if line.strip()]
+        return rows[:n] if n else rows
+    from .data import load_benchmark
+
+    return load_benchmark(source, limit=n)
+
+
+def _prompt_fn(model_name: str):
+    if model_name == "organism":
+        from . import organism
+
+        return organism.prompt
+    return None
+
+
+def cmd_collect(args) -> None:
+    from .collect import Collector
+
+    model, tokenizer = load_model(args.model, args.gguf_file, args.device)
+    problems = load_problems(args.problems, args.n, args.seed)
+    options = {"exit_text": args.exit_text} if args.exit_text else {}
+    collector = Collector(
+        model, tokenizer, layers=args.layers, cues=args.cues, **options,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        answer_max_new_tokens=args.answer_max_new_tokens, prompt_fn=_prompt_fn(args.model),
+    )
+    table = collector.collect(problems, args.out, batch_size=args.batch_size, seed=args.seed)
+    safe = float(table.safe.double().mean()) if len(table) else float("nan")
+    print(f"{table.n_traces} traces, {len(table)} cue events ({safe:.1%} safe) in {args.out}")
+
+
+def cmd_train(args) -> None:
+    from safetensors.torch import save_file
+
+    from .events import EventTable
+    from .train import describe, train
+
+    table = EventTable.load(args.events)
+    probe, report = train(table, seed=args.seed, max_epochs=args.max_epochs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(out / "probe.safetensors"))
+    (out / "probe.json").write_text(json.dumps({"probe": probe.config, "report": asdict(report),
+                                                "settings": table.settings,
+                                                "events": f"{args.events}: {describe(table)}"},
+                                               indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"probe trained on {len(table)} events; validation AUROC {report.val_auroc}; saved to {out}")
+
+
+def cmd_calibrate(args) -> None:
+    from safetensors.torch import load_file
+
+    from .events import EventTable
+    from .probe import LynxProbe
+    from .train import calibrate_bundle
+
+    folder = Path(args.probe)
+    meta = json.loads((folder / "probe.json").read_text(encoding="utf-8"))
+    probe = LynxProbe(**meta["probe"])
+    probe.load_state_dict(load_file(str(folder / "probe.safetensors")))
+    lynx = calibrate_bundle(
+        probe, EventTable.load(args.events), EventTable.load(args.test) if args.test else None,
+        settings=meta["settings"], datasets=args.datasets or [], train_note=meta["events"],
+        validation_auroc=meta["report"].get("val_auroc"),
+    )
+    lynx.save_pretrained(args.out)
+    print(f"bundle written to {args.out}: calibration AUROC {lynx.metadata['calibration_auroc']:.3f}"
+          + (f", test AUROC {lynx.metadata['test_auroc']:.3f}" if args.test else ""))
+
+
+def cmd_push(args) -> None:
+    from .bundle import Lynx
+
+    lynx = Lynx.from_pretrained(args.bundle)
+    url = lynx.push_to_hub(args.repo_id, private=args.private, token=args.token, branch=args.revision,
+                           create_pr=args.create_pr, commit_message=args.commit_message)
+    print(url)
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import main as evaluate_main
+
+    evaluate_main(args)
+
+
+def cmd_demo(args) -> None:
+    from .demo import main as demo_main
+
+    demo_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lynx-hf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("collect", help="sample traces, force an exit at every cue, label it (resumable)")
+    p.add_argument("--model", required=True, help="`organism`, a local folder or a Hub id")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model, for quantised checkpoints")
+    p.add_argument("--device", help="cpu, cuda, ... (default: the model's)")
+    p.add_argument("--problems", required=True, help=PROBLEM_SOURCES)
+    p.add_argument("--n", type=int, help="number of problems (default: all, or 500 for the organism)")
+    p.add_argument("--out", required=True, help="output folder (re-running resumes it)")
+    p.add_argument("--layers", type=int, nargs="+", help="hidden-state indices (default: ~1/3, 1/2, 3/4, last)")
+    p.add_argument("--cues", nargs="+", default=["hmm", "wait", "alternatively"])
+    p.add_argument("--exit-text", help="text that closes thinking and opens the answer")
+    p.add_argument("--batch-size", type=int, default=16, help="problems per shard")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--answer-max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("train", help="train the probe on an event table (problem-level validation split)")
+    p.add_argument("--events", required=True, help="folder written by `collect`")
+    p.add_argument("--out", required=True, help="folder for probe.safetensors + probe.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-epochs", type=int, default=200)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("calibrate", help="conformal calibration on held-out problems; writes the bundle")
+    p.add_argument("--probe", required=True, help="folder written by `train`")
+    p.add_argument("--events", required=True, help="calibration event table (problems disjoint from training)")
+    p.add_argument("--test", help="test event table: realised premature-exit rates go into the model card")
+    p.add_argument("--datasets", nargs="*", help="dataset names for the model card")
+    p.add_argument("--out", required=True, help="bundle folder")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("push", help="upload a bundle to the Hub")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", help="branch to push to")
+    p.add_argument("--create-pr", action="store_true")
+    p.add_argument("--commit-message", default="Upload LYNX probe bundle")
+    p.add_argument("--token")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("eval", help="evaluate exits on a benchmark: replay over event tables, baselines, plots")
+    p.add_argument("--model", default="organism")
+    p.add_argument("--gguf-file")
+    p.add_argument("--bundle", help="bundle folder or Hub id (default: the organism's)")
+    p.add_argument("--events", help="event table of the evaluation traces (collected if --problems is given)")
+    p.add_argument("--problems", help=PROBLEM_SOURCES)
+    p.add_argument("--n", type=int)
+    p.add_argument("--out", default="outputs/eval", help="folder for results.md/json and plots")
+    p.add_argument("--confidences", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    p.add_argument("--live", type=int, default=0, help="also run the plug-ins live on this many problems")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the whole method on the shipped model organism, in minutes on a CPU")
+    p.add_argument("--n", type=int, default=200, help="problems per family")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"lynx-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Self-supervised labels: sample full traces, force an exit at every cue, check the answer.
+
+For each batch of problems: sample one trace per problem (R1 settings by default), find the cue events with the
+same `CueDetector` the plug-ins use, run one teacher-forced forward over each trace that yields both the features
+at the configured layers and a KV cache, then answer every event's forced exit from that cache in one batch (the
+same `answer_after_exit` the plug-ins use). Each batch is written as a shard, so an interrupted run resumes where
+it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from .answers import answers_match, extract_boxed
+from .capture import HiddenStateCapture, default_layers
+from .config import DEFAULT_CUES, model_fingerprint, tokenizer_fingerprint
+from .cues import CueDetector
+from .data import R1_INSTRUCTION, build_prompt
+from .events import EventTable, write_settings
+from .exit import DEFAULT_EXIT_TEXT, answer_after_exit, cache_kwargs, exit_cut, exit_token_ids
+
+logger = logging.getLogger(__name__)
+
+
+def check_problems(problems: Sequence[dict]) -> None:
+    """Raise a clear error for problems without an id, a question or a gold answer."""
+    if not problems:
+        raise ValueError("No problems given: pass a non-empty list of {'id', 'question', 'answer'} dicts.")
+    for i, problem in enumerate(problems):
+        missing = [k for k in ("id", "question", "answer") if problem.get(k) in (None, "")]
+        if missing:
+            raise ValueError(
+                f"Problem {i} has no {missing}: every problem needs an 'id', a 'question' and a gold 'answer' "
+                "(labels come from checking forced-exit answers against it)."
+            )
+    ids = [p["id"] for p in problems]
+    if len(set(ids)) != len(ids):
+        raise ValueError("Problem ids are not unique: give each problem its own 'id'.")
+
+
+class Collector:
+    """Collects event tables for one model, tokenizer and setting (layers, cues, exit text, sampling).
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> from lynx_hf.collect import Collector
+        >>> model, tok = organism.load()
+        >>> collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=64)
+        >>> table = collector.collect_batch(organism.problems("arithmetic", "train", 2), seed=0)
+        >>> table.n_traces
+        2
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        layers: Sequence[int] | None = None,
+        cues: Sequence[str] = DEFAULT_CUES,
+        think_start: str = "<think>",
+        think_end: str = "</think>",
+        exit_text: str = DEFAULT_EXIT_TEXT,
+        exit_construction: str = "drop_cue",
+        max_new_tokens: int = 1024,
+        temperature: float = 0.6,
+        top_p: float = 0.95,
+        answer_max_new_tokens: int = 16,
+        prompt_fn: Callable[[object, str], str] | None = None,
+        instruction: str = R1_INSTRUCTION,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.layers = tuple(layers) if layers is not None else default_layers(model)
+        self.detector = CueDetector(tokenizer, cues=cues, think_start=think_start, think_end=think_end)
+        missing = self.detector.missing_cues()
+        if missing:
+            raise ValueError(f"The tokenizer cannot spell the cue(s) {missing}: choose cues it can encode.")
+        self.exit_ids = exit_token_ids(tokenizer, exit_text)
+        self.exit_construction = exit_construction
+        self.think_end_ids = tokenizer(think_end, add_special_tokens=False)["input_ids"]
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.answer_max_new_tokens = answer_max_new_tokens
+        self.prompt_fn = prompt_fn or (lambda tok, q: build_prompt(tok, q, instruction))
+        self.settings = {
+            "base_model": getattr(model, "name_or_path", "") or type(model).__name__,
+            "model_fingerprint": model_fingerprint(model),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "layers": list(self.layers),
+            "hidden_size": int(model.config.get_text_config().hidden_size),
+            "cues": list(self.detector.cues),
+            "think_start": think_start,
+            "think_end": think_end,
+            "exit_text": exit_text,
+            "exit_construction": exit_construction,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_new_tokens": max_new_tokens,
+            "answer_max_new_tokens": answer_max_new_tokens,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def sample(self, problems: Sequence[dict], seed: int) -> list[tuple[list[int], int]]:
+        """One sampled trace per problem: (prompt + generated ids without padding, prompt length)."""
+        prompts = [self.prompt_fn(self.tokenizer, p["question"]) for p in problems]
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            self.tokenizer.padding_side = side
+        inputs = inputs.to(self.device)
+        torch.manual_seed(seed)
+        sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
+        if self.temperature == 0:
+            sampling = dict(do_sample=False)
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
+                                  pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        eos = set(_as_list(self.model.generation_config.eos_token_id) or _as_list(self.tokenizer.eos_token_id))
+        width = inputs["input_ids"].shape[1]
+        traces = []
+        for row, mask in zip(out.tolist(), inputs["attention_mask"].tolist()):
+            prompt = [t for t, m in zip(row[:width], mask) if m]
+            generated = []
+            for t in row[width:]:
+                if t in eos:
+                    break
+                generated.append(t)
+            traces.append((prompt + generated, len(prompt)))
+        return traces
+
+    @torch.no_grad()
+    def label_trace(self, token_ids: list[int], prompt_length: int):
+        """Events of one finished trace, their features and forced-exit answers (one forward + one batched decode)."""
+        events = self.detector.find_events(token_ids, prompt_length)
+        if not events:
+            return events, torch.zeros(0, len(self.layers) * self.settings["hidden_size"]), []
+        ids = torch.tensor([token_ids], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        with HiddenStateCapture(self.model, self.layers, last_only=False) as capture:
+            self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, cache))
+            hidden = capture.features()[0]
+        features = hidden[[e.position for e in events]].float().cpu()
+        cuts = [exit_cut(e.position, e.start, self.exit_construction) for e in events]
+        cache.batch_repeat_interleave(len(events))
+        answers = answer_after_exit(
+            self.model, self.tokenizer, ids.expand(len(events), -1), cuts, self.exit_ids,
+            past_key_values=cache, max_new_tokens=self.answer_max_new_tokens,
+        )
+        return events, features, answers
+
+    def think_length(self, generated: list[int]) -> int:
+        """Generated tokens before the end-of-thinking marker (all of them if it never came)."""
+        n = len(self.think_end_ids)
+        for i in range(len(generated) - n + 1):
+            if generated[i:i + n] == self.think_end_ids:
+                return i
+        return len(generated)
+
+    def collect_batch(self, problems: Sequence[dict], seed: int) -> EventTable:
+        """Sample, find events, label them: the event table of one batch of problems."""
+        check_problems(problems)
+        cue_index = {c: i for i, c in enumerate(self.detector.cues)}
+        rows = {k: [] for k in ("features", "safe", "trace", "position", "start", "cue", "answer_length",
+                                "answer_confidence")}
+        answers, traces = [], []
+        for t, (problem, (token_ids, prompt_length)) in enumerate(zip(problems, self.sample(problems, seed))):
+            events, features, forced = self.label_trace(token_ids, prompt_length)
+            generated = token_ids[prompt_length:]
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            full_answer = extract_boxed(text)
+            gold = str(problem["answer"])
+            traces.append({
+                "id": str(problem["id"]), "gold": gold, "answer": full_answer,
+                "correct": answers_match(full_answer, gold), "prompt_length": prompt_length,
+                "think_length": self.think_length(generated), "length": len(generated), "token_ids": token_ids,
+            })
+            rows["features"].append(features)
+            rows["safe"] += [answers_match(a.answer, gold) for a in forced]
+            rows["answer_length"] += [len(a.token_ids) for a in forced]
+            rows["answer_confidence"] += [a.confidence for a in forced]
+            rows["trace"] += [t] * len(events)
+            rows["position"] += [e.position for e in events]
+            rows["start"] += [e.start for e in events]
+            rows["cue"] += [cue_index[e.cue] for e in events]
+            answers += [a.answer for a in forced]
+        long = {k: torch.tensor(rows[k], dtype=torch.long) for k in ("trace", "position", "start", "cue",
+                                                                     "answer_length")}
+        return EventTable(
+            settings=self.settings,
+            features=torch.cat(rows["features"]),
+            safe=torch.tensor(rows["safe"], dtype=torch.bool),
+            answer_confidence=torch.tensor(rows["answer_confidence"], dtype=torch.float32),
+            answers=answers, traces=traces, **long,
+        )
+
+    def collect(self, problems: Sequence[dict], output_dir: str | os.PathLike, *, batch_size: int = 16,
+                seed: int = 0, progress: bool = True) -> EventTable:
+        """Collect event tables for `problems` into `output_dir`, one shard per batch; resumes finished shards."""
+        check_problems(problems)
+        output_dir = Path(output_dir)
+        write_settings(output_dir, {**self.settings, "seed": seed, "batch_size": batch_size})
+        batches = [problems[i:i + batch_size] for i in range(0, len(problems), batch_size)]
+        done = {int(p.stem.split("-")[1]) for p in output_dir.glob("shard-*.safetensors")}
+        if done:
+            logger.info("Resuming %s: %d of %d shards already collected.", output_dir, len(done), len(batches))
+        bar = tqdm(total=len(problems), desc="collect", unit="trace", disable=not progress)
+        for index, batch in enumerate(batches):
+            if index not in done:
+                # Seeded per shard, so a resumed run samples exactly what an uninterrupted one would.
+                self.collect_batch(batch, seed=seed * 1_000_003 + index).save_shard(output_dir, index)
+            bar.update(len(batch))
+        bar.close()
+        table = EventTable.load(output_dir)
+        cueless = sum(1 for t in range(table.n_traces) if not bool((table.trace == t).any()))
+        if cueless:
+            logger.warning("%d of %d traces had no cue event (they contribute no labels).", cueless, table.n_traces)
+        return table
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]

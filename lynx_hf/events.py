@@ -1,0 +1,181 @@
+"""Event tables: per trace, the cue events with their features, forced-exit answers and labels.
+
+Collection writes them, training and calibration read the features and labels, and replay evaluation recomputes
+any confidence, the oracle and the cue baselines from them without re-generating. On disk a table is a folder of
+shards (`shard-00000.safetensors` for tensors + `shard-00000.jsonl` for traces) plus `settings.json`, which pins
+the model, layers, cues and exit construction so that tables from different settings are never mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CorruptedBundleError, LynxConfigError
+
+SETTINGS_NAME = "settings.json"
+_TENSORS = ("features", "safe", "trace", "position", "start", "cue", "answer_length", "answer_confidence")
+
+
+@dataclass
+class EventTable:
+    """Cue events of a set of traces. Events of a trace are contiguous and in trace order.
+
+    Tensors (one row per event): `features` [E, d] float32, `safe` [E] bool, `trace` [E] long (index into
+    `traces`), `position` / `start` [E] long (cue-completing token and cue word's first token), `cue` [E] long
+    (index into `settings["cues"]`), `answer_length` [E] long (tokens the forced answer took after the exit text)
+    and `answer_confidence` [E] float (geometric-mean probability of those tokens, DEER's trial-answer
+    confidence). `answers` [E] holds each forced exit's answer text. `traces` holds one dict per
+    trace: `id`, `gold`, `answer` (the full trace's), `correct`, `prompt_length`, `think_length` (generated
+    thinking tokens), `length` (generated tokens), `token_ids` (prompt + generation).
+
+    Example:
+        >>> table = EventTable.empty({"cues": ["wait"], "layers": [1]}, feature_size=4)
+        >>> len(table), table.n_traces
+        (0, 0)
+    """
+
+    settings: dict
+    features: torch.Tensor
+    safe: torch.Tensor
+    trace: torch.Tensor
+    position: torch.Tensor
+    start: torch.Tensor
+    cue: torch.Tensor
+    answer_length: torch.Tensor
+    answer_confidence: torch.Tensor
+    answers: list[str | None] = field(default_factory=list)
+    traces: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, settings: dict, feature_size: int) -> "EventTable":
+        long = torch.zeros(0, dtype=torch.long)
+        return cls(settings, torch.zeros(0, feature_size), torch.zeros(0, dtype=torch.bool), long, long.clone(),
+                   long.clone(), long.clone(), long.clone(), torch.zeros(0))
+
+    def __len__(self) -> int:
+        return int(self.safe.numel())
+
+    @property
+    def n_traces(self) -> int:
+        return len(self.traces)
+
+    @property
+    def groups(self) -> list[str]:
+        """Problem id of each event (for problem-level splits)."""
+        ids = [t["id"] for t in self.traces]
+        return [ids[i] for i in self.trace.tolist()]
+
+    def select_traces(self, indices) -> "EventTable":
+        """A table with only the given traces (re-indexed), keeping their events."""
+        indices = [int(i) for i in indices]
+        remap = torch.full((max(self.n_traces, 1),), -1, dtype=torch.long)
+        remap[torch.tensor(indices, dtype=torch.long)] = torch.arange(len(indices))
+        keep = remap[self.trace] >= 0 if len(self) else torch.zeros(0, dtype=torch.bool)
+        # keep the new trace order: sort events by (new trace index, position)
+        new_trace = remap[self.trace][keep]
+        order = torch.argsort(new_trace * (1 << 32) + self.position[keep], stable=True)
+        rows = keep.nonzero().flatten()[order]
+        return EventTable(
+            settings=self.settings, trace=new_trace[order],
+            **{k: getattr(self, k)[rows] for k in _TENSORS if k != "trace"},
+            answers=[self.answers[i] for i in rows.tolist()], traces=[self.traces[i] for i in indices],
+        )
+
+    @staticmethod
+    def concat(tables: list["EventTable"]) -> "EventTable":
+        """Concatenate tables collected with the same settings."""
+        if not tables:
+            raise ValueError("No event tables to concatenate.")
+        first = tables[0]
+        for other in tables[1:]:
+            check_same_settings(first.settings, other.settings)
+        offsets, total = [], 0
+        for t in tables:
+            offsets.append(total)
+            total += t.n_traces
+        return EventTable(
+            settings=first.settings,
+            trace=torch.cat([t.trace + off for t, off in zip(tables, offsets)]),
+            **{k: torch.cat([getattr(t, k) for t in tables]) for k in _TENSORS if k != "trace"},
+            answers=[a for t in tables for a in t.answers],
+            traces=[tr for t in tables for tr in t.traces],
+        )
+
+    # ----- disk -----------------------------------------------------------------------------------------
+    def save_shard(self, folder: str | os.PathLike, index: int) -> None:
+        """Write this table as shard `index` of `folder` (atomically: a half-written shard never counts)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"shard-{index:05d}"
+        tensors = {k: getattr(self, k).contiguous() for k in _TENSORS}
+        tmp_tensors = folder / f".{name}.safetensors.tmp"
+        tmp_json = folder / f".{name}.jsonl.tmp"
+        save_file(tensors, str(tmp_tensors))
+        with open(tmp_json, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"answers": self.answers}) + "\n")
+            for trace in self.traces:
+                f.write(json.dumps(trace) + "\n")
+        os.replace(tmp_tensors, folder / f"{name}.safetensors")
+        os.replace(tmp_json, folder / f"{name}.jsonl")
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "EventTable":
+        """Load every shard of a collection folder (in shard order)."""
+        folder = Path(folder)
+        settings = read_settings(folder)
+        shards = sorted(folder.glob("shard-*.safetensors"))
+        if not shards:
+            raise FileNotFoundError(f"No shards in {folder}: run `lynx-hf collect` first.")
+        return cls.concat([_load_shard(path, settings) for path in shards])
+
+
+def _load_shard(path: Path, settings: dict) -> EventTable:
+    jsonl = path.with_suffix(".jsonl")
+    try:
+        tensors = load_file(str(path))
+        lines = jsonl.read_text(encoding="utf-8").splitlines()
+        answers = json.loads(lines[0])["answers"]
+        traces = [json.loads(line) for line in lines[1:]]
+    except Exception as error:  # noqa: BLE001 - every failure here means the same thing
+        raise CorruptedBundleError(f"Shard {path.name} in {path.parent} is unreadable ({error}); delete it and "
+                                   "re-run collect, which redoes missing shards.") from error
+    return EventTable(settings=settings, answers=answers, traces=traces, **{k: tensors[k] for k in _TENSORS})
+
+
+def write_settings(folder: str | os.PathLike, settings: dict) -> None:
+    """Write `settings.json`, or check that an existing one matches (resuming with other settings is an error)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SETTINGS_NAME
+    if path.exists():
+        check_same_settings(read_settings(folder), settings, where=str(folder))
+    else:
+        path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_settings(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / SETTINGS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {folder} is not a collection folder (run `lynx-hf collect`).")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# settings that must agree for tables to be combined (the rest, e.g. batch size, may differ)
+_PINNED = ("model_fingerprint", "tokenizer_fingerprint", "layers", "cues", "exit_text", "exit_construction",
+           "think_start", "think_end", "temperature", "top_p", "max_new_tokens", "answer_max_new_tokens")
+
+
+def check_same_settings(a: dict, b: dict, where: str = "these event tables") -> None:
+    """Raise if two collections differ in a setting that changes features or labels."""
+    diff = {k: (a.get(k), b.get(k)) for k in _PINNED if a.get(k) != b.get(k)}
+    if diff:
+        raise LynxConfigError(
+            f"Mismatched settings in {where}: " + "; ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in diff.items())
+            + ". Collect into a new folder, or use the same model, layers and cues."
+        )
