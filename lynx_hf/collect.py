@@ -20,8 +20,8 @@ from transformers import DynamicCache
 
 from .answers import answers_match, extract_boxed
 from .capture import HiddenStateCapture, default_layers
-from .config import DEFAULT_CUES, model_fingerprint, tokenizer_fingerprint
-from .cues import CueDetector
+from .config import model_fingerprint, tokenizer_fingerprint
+from .cues import DEFAULT_CUES, CueDetector
 from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
 from .exit import DEFAULT_EXIT_TEXT, answer_after_exit, cache_kwargs, exit_cut, exit_token_ids

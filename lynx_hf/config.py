@@ -6,11 +6,11 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from .cues import DEFAULT_CUES
 from .errors import BaseModelMismatchError, CorruptedBundleError, LynxConfigError
 from .exit import DEFAULT_EXIT_TEXT, EXIT_CONSTRUCTIONS
 
 FORMAT_VERSION = 1
-DEFAULT_CUES = ("hmm", "wait", "alternatively")
 _CONFIG_KEYS = (
     "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "intermediate_size", "vocab_size", "rope_theta", "max_position_embeddings", "tie_word_embeddings",

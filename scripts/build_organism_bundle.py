@@ -1,0 +1,72 @@
+"""Build the shipped LYNX bundle for the model organism: collect -> train -> calibrate -> save.
+
+Runs the same steps as the CLI (`lynx-hf collect/train/calibrate`) on the organism's arithmetic family, with
+disjoint train / calibration / test problems, writes the bundle into `lynx_hf/organism/bundle/`, and the test
+split's probe scores and labels into `tests/fixtures/organism_test_events.json` (for the statistical test of the
+guarantee). Prints the probe's AUROC and the realised premature-exit rates.
+
+    .venv/bin/python scripts/build_organism_bundle.py [--train 1000 --calibration 600 --test 600] [--runs runs/organism]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lynx_hf import organism
+from lynx_hf.collect import Collector
+from lynx_hf.train import describe, fit, score
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=1000)
+    parser.add_argument("--calibration", type=int, default=600)
+    parser.add_argument("--test", type=int, default=600)
+    parser.add_argument("--runs", default="runs/organism", help="where the event tables go (resumable)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model, tok = organism.load()
+    collector = Collector(model, tok, layers=args.layers, prompt_fn=organism.prompt, max_new_tokens=400)
+    tables = {}
+    for split, n in (("train", args.train), ("calibration", args.calibration), ("test", args.test)):
+        start = time.perf_counter()
+        problems = organism.problems("arithmetic", split, n=n, seed=args.seed)
+        tables[split] = collector.collect(problems, Path(args.runs) / split, batch_size=64, seed=args.seed)
+        print(f"{split}: {describe(tables[split])} in {time.perf_counter() - start:.0f} s")
+    lynx = fit(tables["train"], tables["calibration"], tables["test"], seed=args.seed, tokenizer=tok,
+               datasets=["lynx_hf.organism arithmetic (synthetic)"])
+    lynx.config.base_model = "lynx_hf/organism"
+    out = ROOT / "lynx_hf" / "organism" / "bundle"
+    shutil.rmtree(out, ignore_errors=True)
+    lynx.save_pretrained(out)
+    test = tables["test"]
+    fixture = {
+        "description": "probe scores of the shipped organism bundle on held-out arithmetic test problems",
+        "scores": score(lynx.probe, test).tolist(), "safe": test.safe.tolist(), "question": test.trace.tolist(),
+    }
+    path = ROOT / "tests" / "fixtures" / "organism_test_events.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fixture) + "\n", encoding="utf-8")
+    meta = lynx.metadata
+    print(f"layers {lynx.config.layers}; validation AUROC {meta['probe_validation_auroc']:.3f}, "
+          f"calibration AUROC {meta['calibration_auroc']:.3f}, test AUROC {meta['test_auroc']:.3f}")
+    for row in meta["test_realised_rates"]:
+        print(f"c={row['confidence']}: per event: unsafe cues that exit {row['event']['unsafe_event_exit_rate']:.3f}"
+              f" (target <= {1 - row['confidence']:.2f}); per question: premature first exits "
+              f"{row['question']['question_premature_rate']:.3f}, questions exited "
+              f"{row['question']['question_exit_rate']:.3f}")
+    print(f"bundle written to {out}; test scores to {path}")
+
+
+if __name__ == "__main__":
+    main()
