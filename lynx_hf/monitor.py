@@ -64,6 +64,7 @@ class ModelTap:
         self.prompt_mask: torch.Tensor | None = None
         self.forward_batch: int | None = None
         self.multi_token_step = False
+        self._last_length = -1
         self._handle = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
 
     def _pre_hook(self, module, args, kwargs) -> None:
@@ -72,12 +73,16 @@ class ModelTap:
             ids = kwargs.get("inputs_embeds")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        if past == 0:
+        length = ids.shape[1] if ids is not None else 0
+        # Without a cache (use_cache=False) every step re-feeds the whole sequence, one token longer each time.
+        uncached_step = cache is None and length == self._last_length + 1
+        if past == 0 and not uncached_step:
             self.generation += 1
             self.prompt_mask = kwargs.get("attention_mask")
             self.multi_token_step = False
-        elif ids is not None and ids.shape[1] > 1:
+        elif past > 0 and length > 1:
             self.multi_token_step = True
+        self._last_length = past + length
         if ids is not None:
             self.forward_batch = ids.shape[0]
 

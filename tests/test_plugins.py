@@ -84,6 +84,15 @@ def test_state_resets_by_itself_on_a_new_generate_call(setup):
     assert SCRIPT in tok.decode(out[0]) and not lynx.last_exits[0].exited and lynx.last_exits[0].cues_seen == 2
 
 
+def test_generation_without_a_kv_cache_gives_the_same_exit(setup):
+    model, tok, enc = setup
+    lynx = bundle(model, tok, probability=0.99).attach(model, tok)
+    cached = _generate(model, enc, [_script(tok, enc)], [lynx])
+    record = lynx.last_exits[0]
+    uncached = _generate(model, enc, [_script(tok, enc)], [lynx], use_cache=False)
+    assert torch.equal(cached, uncached) and lynx.last_exits[0] == record
+
+
 def test_cues_in_the_prompt_never_trigger_an_exit(setup):
     model, tok, enc = setup
     prompt = PROMPT + "Wait, hmm. Alternatively,"
