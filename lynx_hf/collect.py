@@ -208,27 +208,73 @@ class Collector:
         )
 
     def collect(self, problems: Sequence[dict], output_dir: str | os.PathLike, *, batch_size: int = 16,
-                seed: int = 0, progress: bool = True) -> EventTable:
-        """Collect event tables for `problems` into `output_dir`, one shard per batch; resumes finished shards."""
+                seed: int = 0, progress: bool = True, rank: int | None = None,
+                world_size: int | None = None) -> EventTable | None:
+        """Collect event tables for `problems` into `output_dir`, one shard per batch; resumes finished shards.
+
+        Data-parallel: process `rank` of `world_size` collects shards `rank, rank + world_size, ...` into the same
+        folder (under `accelerate launch` both default to accelerate's process index and count). Shards are seeded
+        by their index, so any number of processes produces exactly the tables one process would. Every process
+        returns None except the main one, which waits for the others and returns the merged table.
+        """
         check_problems(problems)
+        rank, world_size = _process_position(rank, world_size)
         output_dir = Path(output_dir)
-        write_settings(output_dir, {**self.settings, "seed": seed, "batch_size": batch_size})
         batches = [problems[i:i + batch_size] for i in range(0, len(problems), batch_size)]
+        settings = {**self.settings, "seed": seed, "batch_size": batch_size, "n_shards": len(batches),
+                    "problem_ids": _digest([p["id"] for p in problems])}
+        if rank == 0:
+            write_settings(output_dir, settings)
+        _barrier(world_size)
+        if rank != 0:
+            write_settings(output_dir, settings)  # checks that this process agrees with the folder
         done = {int(p.stem.split("-")[1]) for p in output_dir.glob("shard-*.safetensors")}
-        if done:
-            logger.info("Resuming %s: %d of %d shards already collected.", output_dir, len(done), len(batches))
-        bar = tqdm(total=len(problems), desc="collect", unit="trace", disable=not progress)
-        for index, batch in enumerate(batches):
+        mine = [i for i in range(len(batches)) if i % world_size == rank]
+        if done & set(mine):
+            logger.info("Resuming %s: %d of %d shards already collected.", output_dir, len(done & set(mine)),
+                        len(mine))
+        bar = tqdm(total=sum(len(batches[i]) for i in mine), desc=f"collect[{rank}/{world_size}]", unit="trace",
+                   disable=not progress)
+        for index in mine:
             if index not in done:
-                # Seeded per shard, so a resumed run samples exactly what an uninterrupted one would.
-                self.collect_batch(batch, seed=seed * 1_000_003 + index).save_shard(output_dir, index)
-            bar.update(len(batch))
+                # Seeded per shard, so a resumed or differently sharded run samples exactly the same traces.
+                self.collect_batch(batches[index], seed=seed * 1_000_003 + index).save_shard(output_dir, index)
+            bar.update(len(batches[index]))
         bar.close()
+        _barrier(world_size)
+        if rank != 0:
+            return None
         table = EventTable.load(output_dir)
         cueless = sum(1 for t in range(table.n_traces) if not bool((table.trace == t).any()))
         if cueless:
             logger.warning("%d of %d traces had no cue event (they contribute no labels).", cueless, table.n_traces)
         return table
+
+
+def _process_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        from accelerate import PartialState
+
+        state = PartialState()
+        rank = state.process_index if rank is None else rank
+        world_size = state.num_processes if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}.")
+    return rank, world_size
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def _digest(values) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
 
 def _as_list(value) -> list[int]:

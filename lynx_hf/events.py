@@ -132,7 +132,26 @@ class EventTable:
         shards = sorted(folder.glob("shard-*.safetensors"))
         if not shards:
             raise FileNotFoundError(f"No shards in {folder}: run `lynx-hf collect` first.")
-        return cls.concat([_load_shard(path, settings) for path in shards])
+        expected = settings.get("n_shards")
+        if expected is not None:
+            present = {int(p.stem.split("-")[1]) for p in shards}
+            missing = sorted(set(range(expected)) - present)
+            extra = sorted(present - set(range(expected)))
+            if missing or extra:
+                raise CorruptedBundleError(
+                    f"{folder} should hold shards 0..{expected - 1} but "
+                    + (f"shard(s) {missing} are missing" if missing else "")
+                    + (" and " if missing and extra else "")
+                    + (f"shard(s) {extra} do not belong to this collection" if extra else "")
+                    + ": re-run the same collect command to fill the gaps, or collect into a new folder."
+                )
+        table = cls.concat([_load_shard(path, settings) for path in shards])
+        ids = [t["id"] for t in table.traces]
+        if len(set(ids)) != len(ids):
+            duplicated = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise CorruptedBundleError(f"{folder} holds problem(s) {duplicated} in more than one shard: "
+                                       "collect into a new folder.")
+        return table
 
 
 def _load_shard(path: Path, settings: dict) -> EventTable:
@@ -154,7 +173,7 @@ def write_settings(folder: str | os.PathLike, settings: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SETTINGS_NAME
     if path.exists():
-        check_same_settings(read_settings(folder), settings, where=str(folder))
+        check_same_settings(read_settings(folder), settings, where=str(folder), keys=_FOLDER_PINNED)
     else:
         path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -169,11 +188,13 @@ def read_settings(folder: str | os.PathLike) -> dict:
 # settings that must agree for tables to be combined (the rest, e.g. batch size, may differ)
 _PINNED = ("model_fingerprint", "tokenizer_fingerprint", "layers", "cues", "exit_text", "exit_construction",
            "think_start", "think_end", "temperature", "top_p", "max_new_tokens", "answer_max_new_tokens")
+# settings that must also agree between runs (or processes) writing into one collection folder
+_FOLDER_PINNED = _PINNED + ("seed", "batch_size", "n_shards", "problem_ids")
 
 
-def check_same_settings(a: dict, b: dict, where: str = "these event tables") -> None:
+def check_same_settings(a: dict, b: dict, where: str = "these event tables", keys: tuple[str, ...] = _PINNED) -> None:
     """Raise if two collections differ in a setting that changes features or labels."""
-    diff = {k: (a.get(k), b.get(k)) for k in _PINNED if a.get(k) != b.get(k)}
+    diff = {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
     if diff:
         raise LynxConfigError(
             f"Mismatched settings in {where}: " + "; ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in diff.items())
