@@ -1,0 +1,505 @@
+"""Exit methods compared by `lynx_hf.evaluate`: LYNX itself and the baselines, each a small class with one `run`.
+
+Replay methods read only the event table and the per-event probe scores (computed once, in `Replay`): no token is
+generated. Live methods (`BudgetForcing`, `NoWait`) need the model and run it. Every method returns an `Outcome`:
+per trace, whether it exited, at which event, whether the final answer is right, and the tokens it cost.
+
+Token accounting (`Replay.outcome`): an exit at event e uses `start[e] - prompt_length` thinking tokens (the
+drop_cue construction cuts before the cue word) plus `len(exit_ids) + answer_length[e]` answer tokens; a trace
+that never exits uses its own `think_length` thinking tokens and `length` generated tokens. Trial decodes (DEER)
+are `extra_tokens` and are included in `total_tokens`.
+
+Adding a baseline is one class with a `name` and a `run(replay) -> Outcome`:
+
+```python
+class LastCue(Method):
+    name = "LastCue"
+    def run(self, replay):
+        last = replay.first_event(torch.ones(len(replay.table), dtype=torch.bool), last=True)
+        return replay.outcome(self.name, last)
+```
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessor
+
+from .answers import answers_match, extract_boxed
+from .conformal import Calibration, LynxCalibrationWarning, exits, first_exit
+from .events import EventTable
+from .exit import answer_after_exit
+
+__all__ = [
+    "BudgetForcing", "CueSuppressor", "DeerStyle", "FirstCue", "Full", "LynxExit", "Method", "NoWait", "Oracle",
+    "Outcome", "Replay", "matched_budget", "regenerate", "shard_batches",
+]
+
+
+@dataclass
+class Outcome:
+    """Per-trace result of one method on one event table (tensors of length `n_traces`).
+
+    `event` is the exit event's index into the table (-1: no exit at a cue; budget forcing exits without one).
+    `extra_tokens` counts trial decodes (DEER) and is already included in `total_tokens`. `info` holds what the
+    metrics and plots need to know about the method (family, knob, confidence, guarantee, threshold, ...).
+
+    Example:
+        >>> o = Outcome("Full", torch.tensor([False]), torch.tensor([-1]), torch.tensor([True]), torch.tensor([10]),
+        ...             torch.tensor([14]), torch.tensor([0]))
+        >>> o.n
+        1
+    """
+
+    method: str
+    exited: torch.Tensor
+    event: torch.Tensor
+    correct: torch.Tensor
+    thinking_tokens: torch.Tensor
+    total_tokens: torch.Tensor
+    extra_tokens: torch.Tensor
+    info: dict = field(default_factory=dict)
+    answers: list[str | None] | None = None
+    wall_time: float | None = None
+
+    @property
+    def n(self) -> int:
+        """Number of traces."""
+        return int(self.exited.numel())
+
+
+class Replay:
+    """An event table with its probe scores (float32, as the plug-ins compute them) and the bundle's calibration.
+
+    Computes the scores once; every replay method reads them. `exit_length` is `len(exit_ids)`, the tokens of the
+    exit text an exit costs on top of the answer.
+
+    Example:
+        >>> table = EventTable(settings={}, features=torch.zeros(2, 1), safe=torch.tensor([False, True]),
+        ...     trace=torch.tensor([0, 0]), position=torch.tensor([12, 20]), start=torch.tensor([12, 20]),
+        ...     cue=torch.tensor([0, 0]), answer_length=torch.tensor([2, 2]), answer_confidence=torch.tensor([.5, .9]),
+        ...     answers=["3", "4"], traces=[{"id": "q0", "gold": "4", "answer": "4", "correct": True,
+        ...     "prompt_length": 10, "think_length": 30, "length": 40, "token_ids": []}])
+        >>> replay = Replay(table, scores=torch.tensor([0.2, 0.9]), exit_length=3)
+        >>> replay.outcome("FirstCue", torch.tensor([0])).total_tokens.tolist()  # 2 thinking + 3 exit + 2 answer
+        [7]
+    """
+
+    def __init__(self, table: EventTable, scores: torch.Tensor, exit_length: int,
+                 calibration: Calibration | None = None):
+        scores = torch.as_tensor(scores).detach().cpu().reshape(-1)
+        if scores.numel() != len(table):
+            raise ValueError(f"Got {scores.numel()} probe scores for {len(table)} events: score every event once.")
+        if table.n_traces == 0:
+            raise ValueError("The event table has no traces: collect some first.")
+        self.table = table
+        self.scores = scores
+        self.exit_length = int(exit_length)
+        self.calibration = calibration
+        self.n_traces = table.n_traces
+        self.prompt_length = torch.tensor([t["prompt_length"] for t in table.traces], dtype=torch.long)
+        self.think_length = torch.tensor([t["think_length"] for t in table.traces], dtype=torch.long)
+        self.length = torch.tensor([t["length"] for t in table.traces], dtype=torch.long)
+        self.correct = torch.tensor([bool(t["correct"]) for t in table.traces], dtype=torch.bool)
+        self.gold = [str(t["gold"]) for t in table.traces]
+
+    @classmethod
+    def from_bundle(cls, table: EventTable, bundle, tokenizer=None) -> "Replay":
+        """Score `table` with `bundle.probe`; `exit_length` from the attached bundle, its config or `tokenizer`.
+
+        Example:
+            >>> replay = Replay.from_bundle(EventTable.load("events/test"), lynx)  # doctest: +SKIP
+        """
+        exit_ids = list(getattr(bundle, "exit_ids", None) or bundle.config.exit_token_ids or [])
+        if not exit_ids:
+            if tokenizer is None:
+                raise ValueError("The bundle is not attached and records no exit_token_ids: pass tokenizer=... "
+                                 "so the exit text's length can be counted.")
+            from .exit import exit_token_ids
+
+            exit_ids = exit_token_ids(tokenizer, bundle.config.exit_text)
+        with torch.no_grad():
+            if len(table):
+                device = next(bundle.probe.parameters()).device
+                scores = bundle.probe.predict_proba(table.features.to(device)).float().cpu()
+            else:
+                scores = torch.zeros(0)
+        return cls(table, scores, len(exit_ids), bundle.calibration)
+
+    def first_event(self, mask: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """Per trace, the index of its first (or last) event where `mask` holds, else -1.
+
+        Example:
+            >>> replay.first_event(torch.tensor([False, True])).tolist()  # doctest: +SKIP
+            [1]
+        """
+        n = len(self.table)
+        index = torch.arange(n)
+        fill = -1 if last else n
+        candidate = torch.where(mask.cpu().bool(), index, torch.full_like(index, fill))
+        out = torch.full((self.n_traces,), fill, dtype=torch.long)
+        out = out.scatter_reduce(0, self.table.trace, candidate, reduce="amax" if last else "amin", include_self=True)
+        return torch.where(out == n, torch.full_like(out, -1), out)
+
+    def outcome(self, method: str, event: torch.Tensor, extra: torch.Tensor | None = None, **info) -> Outcome:
+        """Token accounting and correctness for exits at `event` (per trace; -1 = run to the end).
+
+        Example:
+            >>> replay.outcome("Full", torch.full((replay.n_traces,), -1)).correct.tolist()  # doctest: +SKIP
+            [True]
+        """
+        event = event.long()
+        exited = event >= 0
+        e = event.clamp_min(0)
+        t = self.table
+        if len(t):
+            thinking_at_exit = t.start[e] - self.prompt_length
+            answer_tokens = self.exit_length + t.answer_length[e]
+            safe = t.safe[e]
+        else:
+            thinking_at_exit = answer_tokens = torch.zeros(self.n_traces, dtype=torch.long)
+            safe = torch.zeros(self.n_traces, dtype=torch.bool)
+        extra = torch.zeros(self.n_traces, dtype=torch.long) if extra is None else extra.long()
+        thinking = torch.where(exited, thinking_at_exit, self.think_length)
+        total = torch.where(exited, thinking_at_exit + answer_tokens, self.length) + extra
+        correct = torch.where(exited, safe, self.correct)
+        answers = [t.answers[i] if i >= 0 else tr.get("answer") for i, tr in zip(event.tolist(), t.traces)]
+        return Outcome(method, exited, event, correct, thinking, total, extra, info=info, answers=answers)
+
+
+class Method:
+    """A way to end thinking. Subclasses set `name` and implement `run(replay) -> Outcome`."""
+
+    name: str = "method"
+
+    def run(self, replay: Replay) -> Outcome:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Full(Method):
+    """No early exit: every trace thinks to its own end (the reference for savings, helped and harmed).
+
+    Example:
+        >>> Full().run(replay).exited.any().item()  # doctest: +SKIP
+        False
+    """
+
+    name = "Full"
+
+    def run(self, replay: Replay) -> Outcome:
+        return replay.outcome(self.name, torch.full((replay.n_traces,), -1, dtype=torch.long), family="Full")
+
+
+class FirstCue(Method):
+    """Always exit at the first cue (no probe): the most aggressive cue-based rule.
+
+    Example:
+        >>> FirstCue().run(replay).event.tolist()  # doctest: +SKIP
+        [0]
+    """
+
+    name = "FirstCue"
+
+    def run(self, replay: Replay) -> Outcome:
+        return replay.outcome(self.name, replay.first_event(torch.ones(len(replay.table), dtype=torch.bool)),
+                              family="FirstCue")
+
+
+class Oracle(Method):
+    """Exit at the first safe cue (knows the labels): an upper bound on the savings of any cue-based exit.
+
+    Example:
+        >>> Oracle().run(replay).correct.all().item()  # doctest: +SKIP
+        True
+    """
+
+    name = "Oracle"
+
+    def run(self, replay: Replay) -> Outcome:
+        return replay.outcome(self.name, replay.first_event(replay.table.safe), family="Oracle")
+
+
+class LynxExit(Method):
+    """LYNX: exit at the first cue whose probe score reaches the conformal threshold for (confidence, guarantee).
+
+    Example:
+        >>> LynxExit(0.9, "event").run(replay).info["tau"]  # doctest: +SKIP
+        0.83
+    """
+
+    def __init__(self, confidence: float, guarantee: str = "event"):
+        self.confidence = float(confidence)
+        self.guarantee = guarantee
+        self.name = f"Lynx c={self.confidence:g} ({guarantee})"
+
+    def run(self, replay: Replay) -> Outcome:
+        if replay.calibration is None:
+            raise ValueError("LynxExit needs a calibration: build the Replay with Replay.from_bundle(table, lynx).")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LynxCalibrationWarning)
+            tau = replay.calibration.threshold(self.confidence, self.guarantee)
+        table = replay.table
+        event = torch.full((replay.n_traces,), -1, dtype=torch.long)
+        unsafe_rate = None
+        if len(table):
+            first = first_exit(replay.scores, table.trace, tau)  # one entry per trace that has events, in order
+            with_events = torch.unique_consecutive(table.trace)
+            event[with_events] = first
+            fires = exits(replay.scores, tau)
+            unsafe = ~table.safe
+            unsafe_rate = float(fires[unsafe].double().mean()) if bool(unsafe.any()) else 0.0
+        return replay.outcome(self.name, event, family=f"Lynx ({self.guarantee})", knob=self.confidence,
+                              confidence=self.confidence, guarantee=self.guarantee, target=1 - self.confidence,
+                              tau=tau, unsafe_event_exit_rate=unsafe_rate)
+
+
+class DeerStyle(Method):
+    """DEER-style: at each cue decode a trial answer; exit at the first whose confidence reaches `lam`.
+
+    Confidence is the forced answer's geometric-mean token probability (`answer_confidence`). Every trial decoded
+    before the exit costs `len(exit_ids) + answer_length` extra tokens; the trial at the exit cue is the answer
+    itself, so it is counted once, as the answer. A trace that never exits paid for a trial at every cue.
+
+    Example:
+        >>> DeerStyle(0.9).run(replay).extra_tokens.tolist()  # doctest: +SKIP
+        [5]
+    """
+
+    def __init__(self, lam: float):
+        self.lam = float(lam)
+        self.name = f"DEER λ={self.lam:g}"
+
+    def run(self, replay: Replay) -> Outcome:
+        table = replay.table
+        confident = torch.nan_to_num(table.answer_confidence.float(), nan=-1.0) >= self.lam
+        event = replay.first_event(confident)
+        extra = torch.zeros(replay.n_traces, dtype=torch.long)
+        if len(table):
+            exit_of_trace = event[table.trace]
+            index = torch.arange(len(table))
+            before_exit = (exit_of_trace < 0) | (index < exit_of_trace)
+            cost = (replay.exit_length + table.answer_length) * before_exit
+            extra = extra.scatter_add(0, table.trace, cost.long())
+        return replay.outcome(self.name, event, extra=extra, family="DEER", knob=self.lam, lam=self.lam)
+
+
+# ----- live baselines ----------------------------------------------------------------------------------------------
+def shard_batches(table: EventTable, limit: int | None = None) -> Iterator[tuple[list[int], int]]:
+    """The collection's batches: (trace indices, sampling seed) per shard, whole shards covering `limit` traces.
+
+    `Collector.collect` samples shard i (traces `i*batch_size ...`) with seed `seed * 1_000_003 + i`; regenerating
+    the same batch with the same seed reproduces the traces, because sampling draws the same random numbers.
+
+    Example:
+        >>> table = EventTable.empty({"seed": 1, "batch_size": 2}, 1)
+        >>> table.traces = [{}] * 3
+        >>> list(shard_batches(table))
+        [([0, 1], 1000003), ([2], 1000004)]
+    """
+    settings = table.settings
+    if "batch_size" not in settings or "seed" not in settings:
+        raise ValueError("This event table does not record its batch size and seed: live runs need a table written "
+                         "by `Collector.collect` / `lynx-hf collect`.")
+    size, seed = int(settings["batch_size"]), int(settings["seed"])
+    n = table.n_traces if limit is None else min(limit, table.n_traces)
+    for index, begin in enumerate(range(0, n, size)):
+        yield list(range(begin, min(begin + size, table.n_traces))), seed * 1_000_003 + index
+
+
+@torch.no_grad()
+def regenerate(model, tokenizer, table: EventTable, indices: Sequence[int], seed: int, **generate_kwargs):
+    """Re-run the collection's `generate` call for the traces `indices` (one batch) with extra plug-ins.
+
+    Prompts are the traces' own prompt tokens, left-padded as `Collector.sample` pads them, and the sampling
+    settings come from `table.settings`. Returns `(sequences, prompt_width)`.
+
+    Example:
+        >>> out, width = regenerate(model, tok, table, [0, 1], seed=0, stopping_criteria=[lynx])  # doctest: +SKIP
+    """
+    settings = table.settings
+    device = next(model.parameters()).device
+    prompts = [table.traces[i]["token_ids"][: table.traces[i]["prompt_length"]] for i in indices]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    temperature = float(settings.get("temperature", 0.6))
+    sampling = dict(do_sample=True, temperature=temperature, top_p=float(settings.get("top_p", 0.95)), top_k=0)
+    if temperature == 0:
+        sampling = dict(do_sample=False)
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(settings.get("max_new_tokens", 1024)),
+                         pad_token_id=tokenizer.pad_token_id, **sampling, **generate_kwargs)
+    return out, width
+
+
+def _eos(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+
+def _think_length(generated: list[int], think_end_ids: list[int]) -> int:
+    n = len(think_end_ids)
+    for i in range(len(generated) - n + 1):
+        if generated[i:i + n] == think_end_ids:
+            return i
+    return len(generated)
+
+
+def matched_budget(think_lengths: torch.Tensor, target_mean: float) -> int:
+    """Smallest budget B whose capped thinking, mean(min(think_length, B)), reaches `target_mean`.
+
+    Matches budget forcing to another method's mean thinking tokens (equal compute), not its per-trace budget.
+
+    Example:
+        >>> matched_budget(torch.tensor([10, 100]), 30.0)  # (10 + 50) / 2 = 30
+        50
+    """
+    lengths = think_lengths.long()
+    lo, hi = 0, int(lengths.max()) if lengths.numel() else 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if float(lengths.clamp_max(mid).double().mean()) >= target_mean:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+class BudgetForcing(Method):
+    """Budget forcing (s1): cut thinking after `budget` tokens, append the exit text, let the model answer.
+
+    Traces that finished thinking within the budget are left as they are. Runs the model (batched, greedy answers
+    with the same `answer_after_exit` the plug-ins use); the answer is checked with `answers_match`.
+
+    Example:
+        >>> BudgetForcing(64, model, tok, lynx.exit_ids).run(replay).thinking_tokens.max() <= 64  # doctest: +SKIP
+        tensor(True)
+    """
+
+    def __init__(self, budget: int, model, tokenizer, exit_ids: Sequence[int], batch_size: int = 64,
+                 answer_max_new_tokens: int | None = None):
+        self.budget = int(budget)
+        self.model, self.tokenizer, self.exit_ids = model, tokenizer, list(exit_ids)
+        self.batch_size = batch_size
+        self.answer_max_new_tokens = answer_max_new_tokens
+        self.name = f"Budget B={self.budget}"
+
+    def run(self, replay: Replay) -> Outcome:
+        started = time.perf_counter()
+        n = replay.n_traces
+        exited = replay.think_length > self.budget
+        thinking = torch.where(exited, torch.full_like(replay.think_length, self.budget), replay.think_length)
+        total, correct = replay.length.clone(), replay.correct.clone()
+        answers = [t.get("answer") for t in replay.table.traces]
+        rows = exited.nonzero().flatten().tolist()
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        max_new = self.answer_max_new_tokens or int(replay.table.settings.get("answer_max_new_tokens", 16))
+        for begin in range(0, len(rows), self.batch_size):
+            chunk = rows[begin:begin + self.batch_size]
+            prefixes = [replay.table.traces[i]["token_ids"][: int(replay.prompt_length[i]) + self.budget] for i in chunk]
+            width = max(len(p) for p in prefixes)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
+            forced = answer_after_exit(self.model, self.tokenizer, ids, [width] * len(chunk), self.exit_ids,
+                                       attention_mask=mask, max_new_tokens=max_new)
+            for i, a in zip(chunk, forced):
+                total[i] = self.budget + len(self.exit_ids) + len(a.token_ids)
+                correct[i] = answers_match(a.answer, replay.gold[i])
+                answers[i] = a.answer
+        return Outcome(self.name, exited, torch.full((n,), -1, dtype=torch.long), correct, thinking, total,
+                       torch.zeros(n, dtype=torch.long), info={"family": "Budget forcing", "knob": self.budget},
+                       answers=answers, wall_time=time.perf_counter() - started)
+
+
+def cue_token_ids(tokenizer, cues: Sequence[str]) -> list[int]:
+    """Token ids whose text, stripped and lower-cased, is a cue word, optionally followed by punctuation.
+
+    Example:
+        >>> from lynx_hf.cues import _example_tokenizer
+        >>> tok = _example_tokenizer()
+        >>> tok.convert_ids_to_tokens(cue_token_ids(tok, ["hmm", "wait"]))
+        ['Hmm', 'Ġwait']
+    """
+    cues = {c.lower() for c in cues}
+    punctuation = ".,;:!?…-—"
+    ids = []
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False).strip().lower()
+        if text and text.rstrip(punctuation) in cues:
+            ids.append(i)
+    return ids
+
+
+class CueSuppressor(LogitsProcessor):
+    """NoWait: forbids every token that spells a reflection cue (see `cue_token_ids`), so the model never reflects.
+
+    Cue words a tokenizer spells with several tokens are only suppressed through their single-token spellings.
+
+    Examples:
+        >>> from lynx_hf.cues import _example_tokenizer
+        >>> tok = _example_tokenizer()
+        >>> processor = CueSuppressor(cue_token_ids(tok, ["wait"]))
+        >>> scores = processor(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, len(tok)))
+        >>> bool(torch.isinf(scores[0, tok.convert_tokens_to_ids("Ġwait")]))
+        True
+    """
+
+    def __init__(self, token_ids: Sequence[int]):
+        self.token_ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        ids = self.token_ids.to(scores.device)
+        ids = ids[ids < scores.shape[-1]]
+        return scores.index_fill(-1, ids, -math.inf)
+
+
+class NoWait(Method):
+    """NoWait: regenerate every trace with cue tokens suppressed (same prompts, batches, seeds and sampling).
+
+    Thinking tokens and accuracy come from the new traces; nothing exits.
+
+    Example:
+        >>> NoWait(model, tok).run(replay).exited.any().item()  # doctest: +SKIP
+        False
+    """
+
+    name = "NoWait"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def run(self, replay: Replay) -> Outcome:
+        started = time.perf_counter()
+        table = replay.table
+        suppressor = CueSuppressor(cue_token_ids(self.tokenizer, table.settings.get("cues", ["hmm", "wait",
+                                                                                             "alternatively"])))
+        think_end = self.tokenizer(table.settings.get("think_end", "</think>"), add_special_tokens=False)["input_ids"]
+        eos = _eos(self.model, self.tokenizer)
+        n = replay.n_traces
+        thinking, total = replay.think_length.clone(), replay.length.clone()
+        correct = replay.correct.clone()
+        answers = [t.get("answer") for t in table.traces]
+        for indices, seed in shard_batches(table):
+            out, width = regenerate(self.model, self.tokenizer, table, indices, seed, logits_processor=[suppressor])
+            for i, row in zip(indices, out[:, width:].tolist()):
+                generated = []
+                for token in row:
+                    if token in eos:
+                        break
+                    generated.append(token)
+                answer = extract_boxed(self.tokenizer.decode(generated, skip_special_tokens=True))
+                thinking[i], total[i] = _think_length(generated, think_end), len(generated)
+                correct[i], answers[i] = answers_match(answer, replay.gold[i]), answer
+        return Outcome(self.name, torch.zeros(n, dtype=torch.bool), torch.full((n,), -1, dtype=torch.long), correct,
+                       thinking, total, torch.zeros(n, dtype=torch.long), info={"family": "NoWait"}, answers=answers,
+                       wall_time=time.perf_counter() - started)

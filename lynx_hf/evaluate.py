@@ -1,0 +1,507 @@
+"""Evaluation: replay every exit method over an event table, compare with full reasoning, check live agreement.
+
+Replay (`evaluate`) reads one event table and the bundle's probe scores, so any confidence, the oracle and the
+cue baselines cost nothing to evaluate; the live baselines (budget forcing, NoWait) run the model. `live_agreement`
+runs the real plug-ins inside `model.generate` (stop mode and shadow mode) on the collection's own batches and
+seeds and reports how often their exit decisions and answers agree with replay at the same threshold.
+
+Metrics are computed here directly: the Hugging Face `evaluate` library loads its metric scripts from the Hub,
+which offline machines cannot reach, and accuracy / token means need no library.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .baselines import (
+    BudgetForcing, DeerStyle, FirstCue, Full, LynxExit, Method, NoWait, Oracle, Outcome, Replay, matched_budget,
+    regenerate, shard_batches,
+)
+from .conformal import LynxCalibrationWarning, exits
+from .events import EventTable
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIDENCES = (0.8, 0.9, 0.95)
+DEFAULT_LAMBDAS = (0.8, 0.9, 0.95, 0.99)
+CALIBRATION_GRID = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.double().mean()) if x.numel() else float("nan")
+
+
+def metrics(outcome: Outcome, full: Outcome) -> dict:
+    """One results row: accuracy, tokens, savings vs `full`, exit and premature-exit rates, helped / harmed.
+
+    `premature_per_exit` is the share of exits whose answer is wrong; `premature_per_question` the share of all
+    questions answered wrongly at an exit (what the per-question guarantee bounds); `unsafe_event_exit_rate` the
+    share of unsafe cue events the rule would exit at (what the per-event guarantee bounds; threshold rules only).
+
+    Example:
+        >>> from lynx_hf.baselines import Outcome
+        >>> t = torch.tensor
+        >>> full = Outcome("Full", t([False, False]), t([-1, -1]), t([True, False]), t([10, 10]), t([12, 12]), t([0, 0]))
+        >>> fast = Outcome("X", t([True, True]), t([0, 1]), t([True, True]), t([5, 5]), t([9, 9]), t([0, 0]))
+        >>> row = metrics(fast, full)
+        >>> row["savings"], row["helped"], row["harmed"], row["premature_per_exit"]
+        (0.5, 1, 0, 0.0)
+    """
+    exited = outcome.exited
+    info = outcome.info
+    wrong_exit = exited & ~outcome.correct
+    full_think = _mean(full.thinking_tokens)
+    return {
+        "method": outcome.method,
+        "family": info.get("family", outcome.method),
+        "knob": info.get("knob"),
+        "confidence": info.get("confidence"),
+        "guarantee": info.get("guarantee"),
+        "target": info.get("target"),
+        "tau": info.get("tau"),
+        "n": outcome.n,
+        "accuracy": _mean(outcome.correct),
+        "thinking_tokens": _mean(outcome.thinking_tokens),
+        "total_tokens": _mean(outcome.total_tokens),
+        "extra_tokens": _mean(outcome.extra_tokens),
+        "savings": 1.0 - _mean(outcome.thinking_tokens) / full_think if full_think > 0 else 0.0,
+        "exit_rate": _mean(exited),
+        "premature_per_exit": _mean(wrong_exit[exited]) if bool(exited.any()) else 0.0,
+        "premature_per_question": _mean(wrong_exit),
+        "unsafe_event_exit_rate": info.get("unsafe_event_exit_rate"),
+        "exited_accuracy": _mean(outcome.correct[exited]) if bool(exited.any()) else float("nan"),
+        "helped": int((~full.correct & outcome.correct).sum()),
+        "harmed": int((full.correct & ~outcome.correct).sum()),
+        "wall_time_s": outcome.wall_time,
+    }
+
+
+def lynx_methods(confidences: Sequence[float] = DEFAULT_CONFIDENCES,
+                 guarantees: Sequence[str] = ("event", "question")) -> list[Method]:
+    """`LynxExit` at every (confidence, guarantee).
+
+    Example:
+        >>> [m.name for m in lynx_methods([0.9], ["event"])]
+        ['Lynx c=0.9 (event)']
+    """
+    return [LynxExit(c, g) for g in guarantees for c in confidences]
+
+
+def replay_methods(confidences: Sequence[float] = DEFAULT_CONFIDENCES,
+                   lambdas: Sequence[float] = DEFAULT_LAMBDAS) -> list[Method]:
+    """Full, LYNX at each confidence and guarantee, FirstCue, Oracle and DEER at each lambda (no model needed).
+
+    Example:
+        >>> [m.name for m in replay_methods([0.9], [0.95])][:2]
+        ['Full', 'Lynx c=0.9 (event)']
+    """
+    return [Full(), *lynx_methods(confidences), FirstCue(), Oracle(), *[DeerStyle(lam) for lam in lambdas]]
+
+
+def evaluate(replay: Replay, methods: Sequence[Method], progress: bool = False) -> tuple[list[dict], list[Outcome]]:
+    """Run each method on the replay; returns (results rows, outcomes). `Full` is added if missing (the reference).
+
+    Example:
+        >>> rows, _ = evaluate(replay, [Full(), Oracle()])  # doctest: +SKIP
+        >>> rows[1]["savings"] >= 0  # doctest: +SKIP
+        True
+    """
+    methods = list(methods)
+    if not any(isinstance(m, Full) for m in methods):
+        methods.insert(0, Full())
+    outcomes = []
+    for method in methods:
+        started = time.perf_counter()
+        outcome = method.run(replay)
+        if outcome.wall_time is None and progress:
+            logger.info("%s: %.2f s", method.name, time.perf_counter() - started)
+        outcomes.append(outcome)
+    full = next(o for o, m in zip(outcomes, methods) if isinstance(m, Full))
+    return [metrics(o, full) for o in outcomes], outcomes
+
+
+def live_methods(replay: Replay, rows: Sequence[dict], model, tokenizer, exit_ids: Sequence[int],
+                 nowait: bool = True) -> list[Method]:
+    """Budget forcing at budgets matched to each LYNX row's mean thinking tokens, and NoWait.
+
+    Example:
+        >>> methods = live_methods(replay, rows, model, tok, lynx.exit_ids)  # doctest: +SKIP
+    """
+    targets = sorted({round(r["thinking_tokens"], 6) for r in rows if r["family"].startswith("Lynx")})
+    budgets = sorted({matched_budget(replay.think_length, t) for t in targets})
+    methods: list[Method] = [BudgetForcing(b, model, tokenizer, exit_ids) for b in budgets]
+    if nowait:
+        methods.append(NoWait(model, tokenizer))
+    return methods
+
+
+def calibration_curve(replay: Replay, confidences: Sequence[float] = CALIBRATION_GRID,
+                      guarantees: Sequence[str] = ("event", "question")) -> list[dict]:
+    """Realised premature-exit rate vs the target 1-c on this table, per guarantee, over a grid of confidences.
+
+    Event guarantee: share of unsafe cue events that exit; question guarantee: share of questions whose first exit
+    is premature. Free to compute (replay), so the calibration plot can use a finer grid than the results table.
+
+    Example:
+        >>> curve = calibration_curve(replay, [0.9])  # doctest: +SKIP
+        >>> curve[0]["target"]  # doctest: +SKIP
+        0.1
+    """
+    full = Full().run(replay)
+    points = []
+    for method in lynx_methods(confidences, guarantees):
+        row = metrics(method.run(replay), full)
+        realised = row["unsafe_event_exit_rate"] if method.guarantee == "event" else row["premature_per_question"]
+        points.append({"guarantee": method.guarantee, "confidence": method.confidence,
+                       "target": 1 - method.confidence, "realised": realised, "exit_rate": row["exit_rate"]})
+    return points
+
+
+# ----- live agreement ---------------------------------------------------------------------------------------------
+def _strip(row: list[int], eos: set[int], pad: int | None) -> list[int]:
+    out = []
+    for token in row:
+        if token in eos:
+            break
+        out.append(token)
+    while pad is not None and out and out[-1] == pad:
+        out.pop()
+    return out
+
+
+def _diverged_at(a: list[int], b: list[int]) -> int | None:
+    """First index where two token lists differ within their common length (None: one is a prefix of the other)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None
+
+
+def compare_exits(replay: Replay, trace: int, tau: float, live_position: int, live_score: float | None,
+                  live_tokens: list[int] | None = None) -> dict:
+    """Compare one live exit decision (position in the trace's unpadded tokens, -1 = none) with replay's at `tau`.
+
+    Returns `agree` (same exited? and same position), both positions and scores, and for a disagreement a `reason`:
+    the regenerated trace diverged before the exit (sampling numerics), the score sits near the threshold (cached
+    vs teacher-forced hidden states), or the live cue is not a replay event (cue detection differs).
+
+    Example:
+        >>> compare_exits(replay, 0, 0.5, live_position=-1, live_score=None)["agree"]  # doctest: +SKIP
+        True
+    """
+    table = replay.table
+    events = (table.trace == trace).nonzero().flatten()
+    fires = exits(replay.scores[events], tau)
+    replay_event = int(events[fires][0]) if bool(fires.any()) else -1
+    replay_position = int(table.position[replay_event]) if replay_event >= 0 else -1
+    row = {
+        "id": table.traces[trace]["id"], "tau": tau, "replay_position": replay_position,
+        "replay_score": float(replay.scores[replay_event]) if replay_event >= 0 else None,
+        "live_position": live_position, "live_score": live_score,
+        "agree": replay_position == live_position, "reason": None,
+    }
+    if row["agree"]:
+        return row
+    stored = table.traces[trace]["token_ids"]
+    prompt = table.traces[trace]["prompt_length"]
+    horizon = max(replay_position, live_position) + 1
+    if live_tokens is not None:
+        k = _diverged_at(live_tokens[:horizon - prompt], stored[prompt:horizon])
+        if k is not None:
+            row["reason"] = f"regenerated trace diverged at generated token {k}, before the exit"
+            return row
+    at_live = (table.position[events] == live_position).nonzero().flatten()
+    if live_position >= 0 and not at_live.numel():
+        row["reason"] = "live exit at a token that is not a replay cue event (cue detection differs)"
+        return row
+    # the event where the decisions differ: the earlier of the two exits
+    first = min(p for p in (replay_position, live_position) if p >= 0)
+    e = int(events[(table.position[events] == first).nonzero().flatten()[0]])
+    p = float(replay.scores[e])
+    row["replay_score_at_disagreement"] = p
+    row["margin"] = abs(p - tau)
+    scale = f"; live score {live_score:.6f}" if live_score is not None and first == live_position else ""
+    row["reason"] = (f"probe score near the threshold: replay p={p:.6f} vs tau={tau:.6f}{scale} (cached vs "
+                     "teacher-forced hidden states)" if abs(p - tau) < 1e-3 else
+                     f"replay p={p:.6f} vs tau={tau:.6f} is not near the threshold{scale}: unexplained")
+    return row
+
+
+@torch.no_grad()
+def live_agreement(lynx, replay: Replay, n: int, *, modes: Sequence[str] = ("stop", "shadow")) -> dict:
+    """Run the attached `lynx` live on the first `n` traces' batches and compare with replay at `lynx.threshold`.
+
+    Each batch is regenerated with the collection's prompts, batch composition, seed and sampling settings, so
+    tokens match the stored traces up to the exit. Stop mode (`stopping_criteria=[lynx]`, answers via
+    `lynx.answer`) and shadow mode (never intervenes) are both checked. Returns per mode: `exit_agreement` (same
+    exited? and same position), `exited_agreement` (same exited?), `answer_agreement` (stop mode: same final
+    answer as replay), `token_agreement` (regenerated tokens equal the stored ones up to the exit, or entirely in
+    shadow mode) and `disagreements` (each with a reason).
+
+    Example:
+        >>> report = live_agreement(lynx, replay, n=64)  # doctest: +SKIP
+        >>> report["stop"]["exit_agreement"]  # doctest: +SKIP
+        1.0
+    """
+    table = replay.table
+    tau = lynx.threshold
+    model, tokenizer = lynx.model, lynx.tokenizer
+    eos = set()
+    eos_id = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+        else tokenizer.eos_token_id
+    eos.update(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id])
+    pad = tokenizer.pad_token_id
+    shadow_before = lynx.shadow
+    report = {"threshold": tau, "confidence": lynx.confidence, "guarantee": lynx.guarantee,
+              "sampling": "greedy" if float(table.settings.get("temperature", 0.6)) == 0 else "sampled"}
+    try:
+        for mode in modes:
+            lynx.shadow = mode == "shadow"
+            rows, started = [], time.perf_counter()
+            for indices, seed in shard_batches(table, n):
+                out, width = regenerate(model, tokenizer, table, indices, seed, stopping_criteria=[lynx])
+                records = lynx.last_exits
+                answers = lynx.answer(out) if mode == "stop" else None
+                for b, t in enumerate(indices):
+                    record = records[b]
+                    offset = width - table.traces[t]["prompt_length"]
+                    live_position = record.position - offset if record.would_exit else -1
+                    tokens = _strip(out[b, width:].tolist(), eos, pad if pad not in eos else None)
+                    row = compare_exits(replay, t, tau, live_position, record.score, tokens)
+                    stored = table.traces[t]["token_ids"][table.traces[t]["prompt_length"]:]
+                    if mode == "stop" and record.exited:
+                        horizon = live_position + 1 - table.traces[t]["prompt_length"]
+                        row["tokens_match"] = tokens[:horizon] == stored[:horizon]
+                    else:
+                        row["tokens_match"] = tokens == stored
+                    if answers is not None:
+                        replay_answer = _replay_answer(replay, t, tau)
+                        row["live_answer"], row["replay_answer"] = answers[b].answer, replay_answer
+                        row["answer_agree"] = answers[b].answer == replay_answer
+                    rows.append(row)
+            summary = {
+                "n": len(rows),
+                "exit_agreement": _share(r["agree"] for r in rows),
+                "exited_agreement": _share((r["live_position"] >= 0) == (r["replay_position"] >= 0) for r in rows),
+                "token_agreement": _share(r["tokens_match"] for r in rows),
+                "wall_time_s": time.perf_counter() - started,
+                "disagreements": [r for r in rows if not r["agree"] or not r.get("answer_agree", True)],
+            }
+            if mode == "stop":
+                summary["answer_agreement"] = _share(r["answer_agree"] for r in rows)
+                summary["exit_rate"] = _share(r["live_position"] >= 0 for r in rows)
+            report[mode] = summary
+    finally:
+        lynx.shadow = shadow_before
+    return report
+
+
+def _replay_answer(replay: Replay, trace: int, tau: float) -> str | None:
+    table = replay.table
+    events = (table.trace == trace).nonzero().flatten()
+    fires = exits(replay.scores[events], tau)
+    if bool(fires.any()):
+        return table.answers[int(events[fires][0])]
+    return table.traces[trace].get("answer")
+
+
+def _share(values) -> float:
+    values = list(values)
+    return sum(bool(v) for v in values) / len(values) if values else float("nan")
+
+
+# ----- output -----------------------------------------------------------------------------------------------------
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if not math.isinf(value) else "inf"
+    return str(value)
+
+
+def realised_rate(row: dict) -> float | None:
+    """The premature-exit rate in the unit of the row's guarantee (event: unsafe cues that exit; question: questions
+    answered wrongly at an exit), i.e. the number to compare with the target 1 - c; None for other methods.
+
+    Example:
+        >>> realised_rate({"guarantee": "question", "premature_per_question": 0.04, "unsafe_event_exit_rate": 0.2})
+        0.04
+    """
+    if row.get("guarantee") == "event":
+        return row.get("unsafe_event_exit_rate")
+    if row.get("guarantee") == "question":
+        return row.get("premature_per_question")
+    return None
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Results rows as a markdown table (`realised` is the premature-exit rate the row's guarantee bounds).
+
+    Example:
+        >>> print(format_table([{"method": "Full", "accuracy": 0.5, "thinking_tokens": 10.0, "total_tokens": 12.0,
+        ...     "savings": 0.0, "exit_rate": 0.0, "premature_per_exit": 0.0, "premature_per_question": 0.0,
+        ...     "target": None, "unsafe_event_exit_rate": None, "exited_accuracy": float("nan"), "helped": 0,
+        ...     "harmed": 0, "wall_time_s": None}]).splitlines()[2])
+        | Full | 0.500 | 10.0 | 12.0 | 0.0% | 0.0% | – | – | – | – | – | – | 0 | 0 | – |
+    """
+    header = ("| method | accuracy | think tok | total tok | savings | exit rate | target 1-c | realised | "
+              "unsafe-event exits | premature/question | premature/exit | acc. on exits | helped | harmed | wall s |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        exited = bool(r["exit_rate"])
+        lines.append("| " + " | ".join([
+            r["method"], _fmt(r["accuracy"]), _fmt(r["thinking_tokens"], 1), _fmt(r["total_tokens"], 1),
+            f"{100 * r['savings']:.1f}%", f"{100 * r['exit_rate']:.1f}%", _fmt(r.get("target"), 2),
+            _fmt(realised_rate(r)), _fmt(r.get("unsafe_event_exit_rate")),
+            _fmt(r["premature_per_question"]) if exited else "–", _fmt(r["premature_per_exit"]) if exited else "–",
+            _fmt(r["exited_accuracy"]), str(r["helped"]), str(r["harmed"]), _fmt(r.get("wall_time_s"), 1),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def format_agreement(report: dict) -> str:
+    """A short text summary of `live_agreement`'s report.
+
+    Example:
+        >>> format_agreement({"sampling": "greedy", "confidence": 0.9, "guarantee": "event", "threshold": 0.5,
+        ...     "stop": {"n": 4, "exit_agreement": 1.0, "exited_agreement": 1.0, "token_agreement": 1.0,
+        ...     "answer_agreement": 0.75, "disagreements": []}}).splitlines()[1]
+        '  stop: 4 traces, same exit decision and position 100.0%, same exited? 100.0%, same answer 75.0%, tokens identical up to the exit 100.0%'
+    """
+    lines = [f"live vs replay ({report['sampling']}, c={report['confidence']}, {report['guarantee']} guarantee, "
+             f"tau={_fmt(report['threshold'], 4)}):"]
+    for mode in ("stop", "shadow"):
+        if mode not in report:
+            continue
+        s = report[mode]
+        text = (f"  {mode}: {s['n']} traces, same exit decision and position {100 * s['exit_agreement']:.1f}%, "
+                f"same exited? {100 * s['exited_agreement']:.1f}%")
+        if "answer_agreement" in s:
+            text += f", same answer {100 * s['answer_agreement']:.1f}%"
+        text += f", tokens identical {'up to the exit' if mode == 'stop' else 'throughout'} {100 * s['token_agreement']:.1f}%"
+        lines.append(text)
+        for d in s["disagreements"][:5]:
+            reason = d["reason"] or (f"same exit, different answer: live {d.get('live_answer')!r} vs replay "
+                                     f"{d.get('replay_answer')!r} (greedy answer decode on padded cached vs "
+                                     "unpadded hidden states)")
+            lines.append(f"    {d['id']}: replay pos {d['replay_position']}, live pos {d['live_position']}: {reason}")
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[dict], out: str | Path, name: str = "results", title: str = "",
+                  extra: dict | None = None) -> Path:
+    """Write `name.md` (markdown table) and `name.json` (rows + `extra`) into `out`; returns the markdown path.
+
+    Example:
+        >>> write_results(rows, "outputs/eval")  # doctest: +SKIP
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{name}.md"
+    md.write_text((f"## {title}\n\n" if title else "") + format_table(rows) + "\n", encoding="utf-8")
+    payload = {"rows": list(rows), **(extra or {})}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=_json_default) + "\n", encoding="utf-8")
+    return md
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def check_table_matches_bundle(table: EventTable, lynx) -> None:
+    """Raise if the table was collected with other layers, cues or exit text than the bundle's probe expects."""
+    s, c = table.settings, lynx.config
+    diff = []
+    for key, expected in (("layers", list(c.layers)), ("cues", list(c.cues)), ("exit_text", c.exit_text),
+                          ("exit_construction", c.exit_construction)):
+        if key in s and s[key] != expected:
+            diff.append(f"{key}: table {s[key]!r} vs bundle {expected!r}")
+    if c.model_fingerprint and s.get("model_fingerprint") and s["model_fingerprint"] != c.model_fingerprint:
+        diff.append("model fingerprint")
+    if diff:
+        raise ValueError("The event table does not match the bundle (" + "; ".join(diff) + "): collect it with "
+                         "the bundle's settings (`lynx-hf eval --problems ...` does).")
+
+
+def collector_for(model, tokenizer, lynx, prompt_fn=None, **options):
+    """A `Collector` with the bundle's layers, cues, exit text and answer length (what its probe was trained on).
+
+    Example:
+        >>> collector = collector_for(model, tok, lynx, prompt_fn=organism.prompt)  # doctest: +SKIP
+    """
+    from .collect import Collector
+
+    c = lynx.config
+    return Collector(model, tokenizer, layers=c.layers, cues=c.cues, think_start=c.think_start, think_end=c.think_end,
+                     exit_text=c.exit_text, exit_construction=c.exit_construction,
+                     answer_max_new_tokens=c.answer_max_new_tokens, prompt_fn=prompt_fn, **options)
+
+
+def run_all(lynx, table: EventTable, model=None, tokenizer=None, *, confidences=DEFAULT_CONFIDENCES,
+            lambdas=DEFAULT_LAMBDAS, live: bool = True) -> tuple[list[dict], list[Outcome], Replay]:
+    """Replay methods, then (with a model) budget forcing at matched budgets and NoWait; returns rows, outcomes, replay.
+
+    Example:
+        >>> rows, outcomes, replay = run_all(lynx, table, model, tok)  # doctest: +SKIP
+    """
+    replay = Replay.from_bundle(table, lynx, tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LynxCalibrationWarning)
+        rows, outcomes = evaluate(replay, replay_methods(confidences, lambdas))
+        if live and model is not None:
+            methods = [Full(), *live_methods(replay, rows, model, tokenizer, lynx.exit_ids)]
+            extra_rows, extra_outcomes = evaluate(replay, methods)
+            rows += extra_rows[1:]
+            outcomes += extra_outcomes[1:]
+    return rows, outcomes, replay
+
+
+def main(args) -> None:
+    """`lynx-hf eval`: replay (and live) evaluation of a bundle on an event table; writes results and plots to --out."""
+    from .bundle import Lynx
+    from .cli import _prompt_fn, load_model, load_problems
+    from .plots import calibration_plot, pareto_plot
+
+    out = Path(args.out)
+    model, tokenizer = load_model(args.model, getattr(args, "gguf_file", None))
+    bundle = args.bundle
+    if bundle is None:
+        from . import organism
+
+        bundle = organism.BUNDLE_DIR
+    lynx = Lynx.from_pretrained(bundle, model=model, tokenizer=tokenizer)
+    if args.events and Path(args.events).joinpath("settings.json").exists():
+        table = EventTable.load(args.events)
+    elif args.problems:
+        problems = load_problems(args.problems, args.n, args.seed)
+        folder = Path(args.events) if args.events else out / "events"
+        collector = collector_for(model, tokenizer, lynx, prompt_fn=_prompt_fn(args.model))
+        table = collector.collect(problems, folder, batch_size=32, seed=args.seed)
+    else:
+        raise ValueError("Give --events (an existing event table) or --problems (to collect one into --out/events).")
+    check_table_matches_bundle(table, lynx)
+    rows, _, replay = run_all(lynx, table, model, tokenizer, confidences=args.confidences)
+    extra = {"calibration_curve": calibration_curve(replay)}
+    if args.live:
+        lynx.confidence = args.confidences[len(args.confidences) // 2]
+        report = live_agreement(lynx, replay, args.live)
+        extra["live_agreement"] = report
+    write_results(rows, out, title=f"{args.model} on {args.events or args.problems}", extra=extra)
+    pareto_plot(rows, out / "pareto.png", title=f"Accuracy vs tokens: {args.model}")
+    calibration_plot(extra["calibration_curve"], out / "calibration.png", title=f"Calibration: {args.model}")
+    print(format_table(rows))
+    if args.live:
+        print(format_agreement(extra["live_agreement"]))
+    print(f"results and plots in {out}")

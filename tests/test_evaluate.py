@@ -1,0 +1,210 @@
+"""Replay evaluation, metrics, the conformal promise on replay, live-vs-replay agreement and the outputs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from lynx_hf.baselines import Full, LynxExit, Oracle, Replay, regenerate, shard_batches
+from lynx_hf.conformal import Calibration, LynxCalibrationWarning
+from lynx_hf.evaluate import (
+    calibration_curve, compare_exits, evaluate, format_agreement, format_table, live_agreement, metrics,
+    replay_methods, write_results,
+)
+from lynx_hf.plots import calibration_plot, pareto_plot
+from test_baselines import synthetic_replay, synthetic_table, tiny_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_metrics_count_helped_harmed_savings_and_premature_exits():
+    replay = synthetic_replay()
+    rows, outcomes = evaluate(replay, replay_methods([0.9], [0.9]))
+    full, row = outcomes[0], rows[1]
+    lynx = outcomes[1]
+    assert row["method"] == "Lynx c=0.9 (event)" and row["target"] == pytest.approx(0.1)
+    assert row["helped"] == int((~full.correct & lynx.correct).sum())
+    assert row["harmed"] == int((full.correct & ~lynx.correct).sum())
+    assert row["accuracy"] == pytest.approx(rows[0]["accuracy"] + (row["helped"] - row["harmed"]) / replay.n_traces)
+    assert row["savings"] == pytest.approx(1 - lynx.thinking_tokens.double().mean() / full.thinking_tokens.double().mean())
+    wrong = lynx.exited & ~lynx.correct
+    assert row["premature_per_exit"] == pytest.approx(wrong.sum().item() / lynx.exited.sum().item())
+    assert row["premature_per_question"] == pytest.approx(wrong.double().mean().item())
+    assert rows[0]["savings"] == 0.0 and rows[0]["exit_rate"] == 0.0
+
+
+@pytest.mark.parametrize("guarantee", ["event", "question"])
+def test_lynx_realises_at_most_the_target_premature_rate_on_held_out_tables(guarantee):
+    """The promise is in expectation over calibration draws: average over 20 independent calibration/test pairs."""
+    for confidence in (0.8, 0.9):
+        realised = []
+        for seed in range(12):
+            test, scores = synthetic_table(200, seed=seed)
+            cal, cal_scores = synthetic_table(200, seed=10_000 + seed)
+            replay = Replay(test, scores, 5, Calibration(scores=cal_scores.double(), safe=cal.safe, question=cal.trace))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", LynxCalibrationWarning)
+                row = metrics(LynxExit(confidence, guarantee).run(replay), Full().run(replay))
+            realised.append(row["unsafe_event_exit_rate"] if guarantee == "event" else row["premature_per_question"])
+            assert row["exit_rate"] > 0
+        mean = sum(realised) / len(realised)
+        # binomial tolerance for the mean of 12 x ~200 draws (unsafe events or questions) around delta, at 3 sigma
+        delta = 1 - confidence
+        assert mean <= delta + 3 * (delta * (1 - delta) / (12 * 200)) ** 0.5, (confidence, mean)
+
+
+def test_calibration_curve_follows_the_threshold_per_guarantee():
+    replay = synthetic_replay()
+    curve = calibration_curve(replay, [0.7, 0.9])
+    assert {(p["guarantee"], p["confidence"]) for p in curve} == {(g, c) for g in ("event", "question") for c in (0.7, 0.9)}
+    by = {(p["guarantee"], p["confidence"]): p for p in curve}
+    for g in ("event", "question"):
+        assert by[(g, 0.9)]["exit_rate"] <= by[(g, 0.7)]["exit_rate"]  # higher confidence, fewer exits
+
+
+def test_compare_exits_agreement_and_reasons_on_constructed_cases():
+    replay = tiny_table()  # q0: events at 31 (score 0.2, unsafe) and 61 (score 0.9, safe)
+    replay.table.traces[0]["token_ids"] = list(range(110 + 10))
+    agree = compare_exits(replay, 0, 0.5, live_position=61, live_score=0.9)
+    assert agree["agree"] and agree["reason"] is None and agree["replay_position"] == 61
+    near = compare_exits(replay, 0, 0.2000001, live_position=31, live_score=0.2000002)
+    assert not near["agree"] and "near the threshold" in near["reason"]
+    far = compare_exits(replay, 0, 0.5, live_position=31, live_score=0.7)
+    assert not far["agree"] and "unexplained" in far["reason"]
+    tokens = list(range(10, 120))
+    tokens[5] = -1
+    diverged = compare_exits(replay, 0, 0.5, live_position=-1, live_score=None, live_tokens=tokens)
+    assert not diverged["agree"] and "diverged at generated token 5" in diverged["reason"]
+    elsewhere = compare_exits(replay, 0, 0.5, live_position=40, live_score=0.9)
+    assert "not a replay cue event" in elsewhere["reason"]
+    assert compare_exits(replay, 1, 0.5, live_position=-1, live_score=None)["agree"]  # no cues, no exit
+
+
+def test_results_table_json_and_plots_are_written(tmp_path):
+    replay = synthetic_replay()
+    rows, _ = evaluate(replay, replay_methods([0.8, 0.9, 0.95], [0.8, 0.9]))
+    md = write_results(rows, tmp_path, title="synthetic", extra={"calibration_curve": calibration_curve(replay)})
+    text = md.read_text()
+    assert "| Oracle |" in text and "| DEER λ=0.9 |" in text and text.count("\n") == len(rows) + 4
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in payload["rows"]] == [r["method"] for r in rows] and payload["calibration_curve"]
+    for path in (pareto_plot(rows, tmp_path / "pareto.png", "synthetic"),
+                 calibration_plot(payload["calibration_curve"], tmp_path / "cal.png", "synthetic")):
+        assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000
+    assert "–" in format_table(rows[:1])  # no exits: no premature-exit rate
+
+
+# ----- live vs replay on a tiny random model ----------------------------------------------------------------------
+def _word_tokenizer():
+    """A word-level tokenizer like the organism's: cue words are single tokens, other text is per character."""
+    import re
+    import string
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["Wait", "Hmm", "Final", "Answer"]
+    special = ["<s>", "</s>", "<pad>", "<unk>", "<|user|>", "<|assistant|>"]
+    pieces = special + [c for c in string.printable if c not in "\r\x0b\x0c"] + ["\\boxed"] + words + [
+        " " + w for w in words]
+    tok = Tokenizer(models.WordLevel(vocab={p: i for i, p in enumerate(dict.fromkeys(pieces))}, unk_token="<unk>"))
+    pattern = r"\\boxed| ?(?<![A-Za-z])(?:" + "|".join(words) + r")(?![A-Za-z])|[\s\S]"
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in ("<think>", "</think>")])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                 unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False)
+    hf.chat_template = ("{{ bos_token }}{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}")
+    assert re  # the pattern above is a tokenizers Regex
+    return hf
+
+
+@pytest.fixture(scope="module")
+def live_setup(tmp_path_factory):
+    from lynx_hf.collect import Collector
+    from lynx_hf.probe import LynxProbe
+    from lynx_hf.train import build_bundle, score
+
+    tok = _word_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), seed=3, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    # a random model that reflects a lot: raise the logits of " Wait" / " Hmm", lower "</think>" and EOS
+    head = torch.nn.Linear(model.config.hidden_size, len(tok), bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.convert_tokens_to_ids([" Wait", " Hmm"])] = 2.5
+        head.bias[tok.convert_tokens_to_ids(["</think>", "</s>"])] = -5.0
+    model.lm_head = head
+    collector = Collector(model, tok, layers=(1, 2), max_new_tokens=32, answer_max_new_tokens=3)
+    problems = [{"id": f"p{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(9)]
+    table = collector.collect(problems, tmp_path_factory.mktemp("events"), batch_size=4, seed=5, progress=False)
+    torch.manual_seed(0)
+    probe = LynxProbe(collector.settings["hidden_size"] * 2, hidden_sizes=(8,))
+    scores = score(probe, table).double()
+    # calibration whose event threshold at c = 0.9 is just above the 90th percentile of the cue scores
+    calibration = Calibration(scores=torch.cat([scores, torch.zeros(len(scores), dtype=torch.float64)]),
+                              safe=torch.cat([torch.zeros(len(scores)), torch.ones(len(scores))]).bool(),
+                              question=torch.arange(2 * len(scores)))
+    lynx = build_bundle(table.settings, probe, calibration, tokenizer=tok, confidence=0.9).attach(model, tok)
+    return model, tok, collector, table, lynx
+
+
+def test_regenerate_reproduces_the_collected_traces(live_setup):
+    model, tok, collector, table, _ = live_setup
+    assert len(table) >= 18 and table.n_traces == 9
+    indices, seed = next(shard_batches(table))
+    out, width = regenerate(model, tok, table, indices, seed)
+    for b, i in enumerate(indices):
+        generated = table.traces[i]["token_ids"][table.traces[i]["prompt_length"]:]
+        assert out[b, width:width + len(generated)].tolist() == generated
+
+
+def test_live_plugins_agree_with_replay_at_the_same_threshold(live_setup):
+    model, tok, _, table, lynx = live_setup
+    replay = Replay.from_bundle(table, lynx)
+    report = live_agreement(lynx, replay, n=table.n_traces)
+    print(format_agreement(report))
+    exits = LynxExit(0.9, "event").run(replay)
+    assert 0 < exits.exited.sum() < table.n_traces  # some rows exit, some do not
+    for mode in ("stop", "shadow"):
+        s = report[mode]
+        assert s["n"] == 9
+        assert s["token_agreement"] == 1.0  # same prompts, batches and seeds: the same tokens up to the exit
+        assert s["exit_agreement"] == pytest.approx(1 - sum(not d["agree"] for d in s["disagreements"]) / 9)
+        assert s["exit_agreement"] >= 7 / 9
+        for d in s["disagreements"]:
+            assert d["agree"] is False or d.get("answer_agree") is False
+            assert d["reason"] is None or "near the threshold" in d["reason"], d
+    stop = report["stop"]
+    assert stop["exit_rate"] == pytest.approx(float(exits.exited.double().mean()), abs=2 / 9)
+    assert stop["answer_agreement"] >= 7 / 9
+    assert lynx.shadow is False
+    assert "stop: 9 traces" in format_agreement(report)
+
+
+@pytest.mark.slow
+def test_demo_runs_on_the_organism(tmp_path):
+    """End to end on the shipped organism and bundle (skipped until they exist)."""
+    from lynx_hf import organism
+
+    if not (organism.BUNDLE_DIR / "config.json").exists() or not (organism.MODEL_DIR / "config.json").exists():
+        pytest.skip("the organism bundle is not built yet (scripts/build_organism_bundle.py)")
+    from argparse import Namespace
+
+    from lynx_hf import demo
+
+    results = demo.main(Namespace(n=24, out=str(tmp_path), seed=0, live=8, quiet=True))
+    for family in ("arithmetic", "compare"):
+        rows = {r["method"]: r for r in results[family]["rows"]}
+        assert rows["Oracle"]["accuracy"] >= rows["Full"]["accuracy"] - 1e-9
+        assert (tmp_path / family / "pareto.png").exists() and (tmp_path / family / "calibration.png").exists()
