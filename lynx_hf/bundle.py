@@ -38,6 +38,10 @@ CALIBRATION_NAME = "calibration.json"
 BUNDLE_FILES = (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME)
 GUARANTEES = ("event", "question")
 CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "lynx_probe.md"
+# transformers' generate-from-Hub recipe shipped in every bundle: `model.generate(custom_generate=<bundle>, ...)`.
+CUSTOM_GENERATE_DIR = "custom_generate"
+CUSTOM_GENERATE_SOURCE = Path(__file__).parent / "custom_generate" / "generate.py"
+CUSTOM_GENERATE_REQUIREMENTS = "lynx-hf\n"
 
 
 class Lynx(
@@ -253,6 +257,45 @@ class Lynx(
         save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "lynx-hf"})
         payload = {"calibration": self.calibration.to_dict(), "metadata": self.metadata}
         (save_directory / CALIBRATION_NAME).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+        recipe = save_directory / CUSTOM_GENERATE_DIR
+        recipe.mkdir(exist_ok=True)
+        (recipe / "generate.py").write_bytes(CUSTOM_GENERATE_SOURCE.read_bytes())
+        (recipe / "requirements.txt").write_text(CUSTOM_GENERATE_REQUIREMENTS, encoding="utf-8")
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload Lynx bundle",
+        private: bool | None = None,
+        token: str | None = None,
+        branch: str | None = None,
+        create_pr: bool | None = None,
+        allow_patterns: list[str] | str | None = None,
+        ignore_patterns: list[str] | str | None = None,
+        delete_patterns: list[str] | str | None = None,
+        model_card_kwargs: dict | None = None,
+        **kwargs,
+    ) -> str:
+        """Upload the bundle (what `save_pretrained` writes, with the model card rendered for `repo_id`) in one commit.
+
+        huggingface_hub's own upload path (`ModelHubMixin.push_to_hub` -> `HfApi.upload_folder`). `branch` is the
+        revision to push to (default `main`; created from `main` if it does not exist, unless `create_pr=True`,
+        which opens a pull request against it instead); `private` applies when the repo is created; `token` defaults
+        to the logged-in one. Returns the commit URL.
+        """
+        if branch is not None and branch != "main" and not create_pr:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+            repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+            api.create_branch(repo_id=repo_id, branch=branch, exist_ok=True)
+        card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
+        return super().push_to_hub(
+            repo_id, commit_message=commit_message, private=private, token=token, branch=branch, create_pr=create_pr,
+            allow_patterns=allow_patterns, ignore_patterns=ignore_patterns, delete_patterns=delete_patterns,
+            model_card_kwargs=card_kwargs, **kwargs,
+        )
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """The model card rendered from `hub_cards/lynx_probe.md`, with YAML metadata."""

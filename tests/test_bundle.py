@@ -23,7 +23,7 @@ def test_save_load_round_trip_is_bit_identical(parts, tmp_path):
     model, tok, lynx = parts
     lynx.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "calibration.json", "config.json",
-                                                          "model.safetensors"]
+                                                          "custom_generate", "model.safetensors"]
     loaded = Lynx.from_pretrained(tmp_path, model=model, tokenizer=tok, confidence=0.8)
     features = torch.randn(64, lynx.config.feature_size)
     assert torch.equal(lynx.probe.predict_proba(features), loaded.probe.predict_proba(features))
