@@ -46,6 +46,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def modules_cache(tmp_path_factory):
+    """transformers copies each `custom_generate/generate.py` it runs into its modules cache: keep those copies in a
+    temporary folder rather than in ~/.cache/huggingface/modules."""
+    import transformers.dynamic_module_utils as dynamic
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf-modules")))
+        yield dynamic.HF_MODULES_CACHE
+
+
 @pytest.fixture(scope="module")
 def parts(one_thread, smollm2_tokenizer, tmp_path_factory):
     """The scripted model, its prompt, and two saved calibrations of one probe (v1, v2)."""
@@ -79,7 +90,7 @@ def hub(parts, tmp_path_factory):
         server.stop()
 
 
-def _assert_same_bundle(loaded: Lynx, folder: Path, model, tok) -> None:
+def _assert_same_bundle(loaded: Lynx, folder: Path) -> None:
     local = Lynx.from_pretrained(folder)
     assert loaded.config == local.config
     assert torch.equal(loaded.calibration.scores, local.calibration.scores)
@@ -98,7 +109,7 @@ def test_a_bundle_pulled_from_a_hub_server_is_bit_identical_to_the_local_one(par
     assert not Path(REPO).exists()  # no local-path shortcut: this must go through snapshot_download
     loaded = Lynx.from_pretrained(REPO, model=model, tokenizer=tok, cache_dir=hub.cache_dir)
     try:
-        _assert_same_bundle(loaded, folders["v1"], model, tok)
+        _assert_same_bundle(loaded, folders["v1"])
         snapshot = hub.cache_dir / "models--lynx--scripted-probe" / "snapshots" / hub.shas[0]
         assert _files(snapshot) == BUNDLE_FILES
         assert (snapshot / "custom_generate" / "generate.py").read_bytes() == CUSTOM_GENERATE_SOURCE.read_bytes()
@@ -116,9 +127,9 @@ def test_a_new_calibration_commit_is_picked_up_by_revision_and_the_old_commit_st
     by_new = Lynx.from_pretrained(REPO, revision=new, cache_dir=hub.cache_dir)
     by_old = Lynx.from_pretrained(REPO, revision=old, cache_dir=hub.cache_dir)
     latest = Lynx.from_pretrained(REPO, cache_dir=hub.cache_dir)
-    _assert_same_bundle(by_new, folders["v2"], model, tok)
-    _assert_same_bundle(by_old, folders["v1"], model, tok)
-    _assert_same_bundle(latest, folders["v2"], model, tok)
+    _assert_same_bundle(by_new, folders["v2"])
+    _assert_same_bundle(by_old, folders["v1"])
+    _assert_same_bundle(latest, folders["v2"])
     assert by_new.calibration.n_events != by_old.calibration.n_events
 
 
@@ -141,10 +152,19 @@ def _stop_mode_reference(model, tok, enc, folder, scripts, prompt_lengths):
     return records, expected
 
 
+@pytest.fixture(scope="module")
+def single_reference(parts):
+    """Stop mode + `lynx.answer` on the one-row prompt with the v1 bundle: (exit record, expected output tokens)."""
+    model, tok, enc, folders = parts
+    (record,), (expected,) = _stop_mode_reference(model, tok, enc, folders["v1"], [SCRIPT], [enc.input_ids.shape[1]])
+    return record, expected
+
+
 def _custom(model, tok, enc, source, scripts, prompt_lengths, **kwargs):
+    kwargs = {"do_sample": False, **kwargs}
     return model.generate(**enc, custom_generate=source, trust_remote_code=True, tokenizer=tok,
                           logits_processor=[ScriptProcessor(tok, prompt_lengths, scripts)], max_new_tokens=60,
-                          do_sample=False, return_dict_in_generate=True, **kwargs)
+                          return_dict_in_generate=True, **kwargs)
 
 
 def _generated(out, row: int, width: int, tok) -> list[int]:
@@ -166,13 +186,18 @@ def test_every_saved_bundle_ships_the_custom_generate_recipe(parts):
     assert imports <= {"__future__", "os", "sys", "dataclasses", "torch", "transformers", "lynx_hf"}
 
 
-def test_custom_generate_from_a_local_bundle_exits_like_stop_mode_plus_answer(parts):
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 0.6, "top_p": 0.95}],
+                         ids=["greedy", "sampling"])
+def test_custom_generate_from_a_local_bundle_exits_like_stop_mode_plus_answer(parts, single_reference, sampling,
+                                                                              modules_cache):
     model, tok, enc, folders = parts
     width = enc.input_ids.shape[1]
-    (record,), (expected,) = _stop_mode_reference(model, tok, enc, folders["v1"], [SCRIPT], [width])
-    out = _custom(model, tok, enc, str(folders["v1"]), [SCRIPT], [width])
+    record, expected = single_reference
+    torch.manual_seed(0)
+    out = _custom(model, tok, enc, str(folders["v1"]), [SCRIPT], [width], **sampling)  # the script forces the trace
     assert out.exits[0].exited and (out.exits[0].position, out.exits[0].start) == (record.position, record.start)
     assert out.exits[0].cue == "wait"
+    assert list(Path(modules_cache).rglob("custom_generate/generate.py"))  # transformers ran the bundle's copy
     assert _generated(out, 0, width, tok) == expected
     text = tok.decode(expected)
     assert text.startswith("3 + 4 = 7.\n</think>") and "Wait" not in text  # the cue word is dropped
@@ -209,14 +234,23 @@ def test_custom_generate_from_a_local_folder_needs_trust_remote_code(parts):
                        max_new_tokens=5)
 
 
+def test_custom_generate_refuses_beam_search_and_assisted_decoding(parts):
+    model, tok, enc, folders = parts
+    with pytest.raises(lynx_hf.UnsupportedGenerationError, match="num_beams=1"):
+        _custom(model, tok, enc, str(folders["v1"]), [SCRIPT], [enc.input_ids.shape[1]], num_beams=2)
+    with pytest.raises(lynx_hf.UnsupportedGenerationError, match="assistant_model"):
+        _custom(model, tok, enc, str(folders["v1"]), [SCRIPT], [enc.input_ids.shape[1]], assistant_model=model)
+
+
 @pytest.mark.hub
-def test_custom_generate_from_the_hub_repo_loads_the_bundle_of_the_same_revision(parts, hub):
+def test_custom_generate_from_the_hub_repo_loads_the_bundle_of_the_same_revision(parts, single_reference, hub):
     model, tok, enc, folders = parts
     width = enc.input_ids.shape[1]
-    (record,), (expected,) = _stop_mode_reference(model, tok, enc, folders["v1"], [SCRIPT], [width])
+    record, expected = single_reference
     out = _custom(model, tok, enc, REPO, [SCRIPT], [width], revision=hub.shas[0], cache_dir=str(hub.cache_dir))
     assert out.exits[0].position == record.position
-    assert out.exits[0].threshold == Lynx.from_pretrained(folders["v1"]).threshold
+    v1, v2 = Lynx.from_pretrained(folders["v1"]).threshold, Lynx.from_pretrained(folders["v2"]).threshold
+    assert out.exits[0].threshold == v1 != v2
     assert _generated(out, 0, width, tok) == expected
 
 
@@ -230,7 +264,7 @@ def test_the_offline_cache_serves_bundles_after_the_server_is_gone(parts, hub, m
     latest = Lynx.from_pretrained(REPO, cache_dir=hub.cache_dir)
     hub.stop()
     cached = Lynx.from_pretrained(REPO, revision=hub.shas[0], cache_dir=hub.cache_dir, local_files_only=True)
-    _assert_same_bundle(cached, folders["v1"], model, tok)
+    _assert_same_bundle(cached, folders["v1"])
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
     offline = Lynx.from_pretrained(REPO, cache_dir=hub.cache_dir)
     assert torch.equal(offline.calibration.scores, latest.calibration.scores)

@@ -23,7 +23,10 @@ so the conformal guarantee applies. Rows without a confident cue decode normally
 
 Returns the sequences (prompt, then per row the kept thinking tokens, exit text and answer, right-padded with the
 pad token), or with `return_dict_in_generate=True` a `LynxGenerateOutput` that also holds `exits` (one
-`ExitRecord` per row, positions in the returned sequences). Beam search, assisted decoding and streamers are refused.
+`ExitRecord` per row; for an exited row the cue word spanned `start..position` of the trace and was dropped, so the
+exit text begins at index `start` of the returned sequence). Your `logits_processor`s and `stopping_criteria` act
+on the thinking phase only and see the tokens fed to the model (at batch size > 1 an exited row's dropped cue stays
+there, masked). Beam search, assisted decoding and streamers are refused.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ def _as_list(value) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, *args, **kwargs):
+def generate(model, *args, **kwargs) -> torch.LongTensor | LynxGenerateOutput:
     """Decode with LYNX's exact exit (cue dropped, cache cut, exit text, greedy answer) in one call.
 
     Takes the arguments of `model.generate` (`input_ids`/`inputs`, `attention_mask`, `generation_config`,
