@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from .answers import answers_match, extract_boxed
 from .capture import HiddenStateCapture, default_layers
 from .config import model_fingerprint, tokenizer_fingerprint
-from .cues import DEFAULT_CUES, CueDetector
+from .cues import DEFAULT_CUES, CueDetector, CueEvent
 from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
 from .exit import DEFAULT_EXIT_TEXT, answer_after_exit, cache_kwargs, exit_cut, exit_token_ids
@@ -143,9 +143,13 @@ class Collector:
         return traces
 
     @torch.no_grad()
-    def label_trace(self, token_ids: list[int], prompt_length: int):
-        """Events of one finished trace, their features and forced-exit answers (one forward + one batched decode)."""
-        events = self.detector.find_events(token_ids, prompt_length)
+    def label_trace(self, token_ids: list[int], prompt_length: int, events: list[CueEvent] | None = None):
+        """Events of one finished trace, their features and forced-exit answers (one forward + one batched decode).
+
+        `events` may be passed when already found (`find_events_batch` over a whole batch is faster).
+        """
+        if events is None:
+            events = self.detector.find_events(token_ids, prompt_length)
         if not events:
             return events, torch.zeros(0, len(self.layers) * self.settings["hidden_size"]), []
         ids = torch.tensor([token_ids], device=self.device)
@@ -177,8 +181,10 @@ class Collector:
         rows = {k: [] for k in ("features", "safe", "trace", "position", "start", "cue", "answer_length",
                                 "answer_confidence")}
         answers, traces = [], []
-        for t, (problem, (token_ids, prompt_length)) in enumerate(zip(problems, self.sample(problems, seed))):
-            events, features, forced = self.label_trace(token_ids, prompt_length)
+        sampled = self.sample(problems, seed)
+        found = self.detector.find_events_batch([ids for ids, _ in sampled], [n for _, n in sampled])
+        for t, (problem, (token_ids, prompt_length), trace_events) in enumerate(zip(problems, sampled, found)):
+            events, features, forced = self.label_trace(token_ids, prompt_length, trace_events)
             generated = token_ids[prompt_length:]
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
             full_answer = extract_boxed(text)

@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the test models are tiny, and on a shared 2-core machine extra OpenMP threads
+# oversubscribe the cores and slow small ops down by orders of magnitude.
+torch.set_num_threads(1)
 
 
 def smollm2_gguf() -> tuple[str, str]:
