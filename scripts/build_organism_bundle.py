@@ -5,7 +5,7 @@ disjoint train / calibration / test problems, writes the bundle into `lynx_hf/or
 split's probe scores and labels into `tests/fixtures/organism_test_events.json` (for the statistical test of the
 guarantee). Prints the probe's AUROC and the realised premature-exit rates.
 
-    .venv/bin/python scripts/build_organism_bundle.py [--train 1000 --calibration 600 --test 600] [--runs runs/organism]
+    .venv/bin/python scripts/build_organism_bundle.py [--train 700 --calibration 500 --test 500] [--runs runs/organism]
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=int, default=1000)
-    parser.add_argument("--calibration", type=int, default=600)
-    parser.add_argument("--test", type=int, default=600)
+    parser.add_argument("--train", type=int, default=700)
+    parser.add_argument("--calibration", type=int, default=500)
+    parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--runs", default="runs/organism", help="where the event tables go (resumable)")
     parser.add_argument("--layers", type=int, nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny model: 1 is fastest here)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model, tok = organism.load()
     collector = Collector(model, tok, layers=args.layers, prompt_fn=organism.prompt, max_new_tokens=400)
     tables = {}
