@@ -25,7 +25,7 @@ FAMILIES = ("arithmetic", "compare")
 CONFIDENCES = (0.8, 0.9, 0.95)
 LAMBDAS = (0.9, 0.95, 0.99, 0.999)
 MAX_NEW_TOKENS = 400  # the organism's traces are 100-300 tokens; the shipped bundle was collected with 400
-BATCH_SIZE = 50
+BATCH_SIZE = 50  # problems per collection batch (= shard); the live check regenerates whole batches
 LIVE_CONFIDENCE = 0.9
 
 
@@ -108,7 +108,9 @@ def main(args) -> dict:
     from . import organism
     from .bundle import Lynx
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    # One intra-op thread: the organism's matrices are tiny, and on a shared CPU extra threads spin-wait for cores
+    # (measured here: a collection batch took 179 s with 2 threads under load and 3 s with 1).
+    torch.set_num_threads(1)
     out = Path(args.out)
     if not (organism.BUNDLE_DIR / "config.json").exists():
         raise FileNotFoundError(f"No bundle in {organism.BUNDLE_DIR}: build it with "

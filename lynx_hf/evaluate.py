@@ -136,7 +136,9 @@ def live_methods(replay: Replay, rows: Sequence[dict], model, tokenizer, exit_id
         >>> methods = live_methods(replay, rows, model, tok, lynx.exit_ids)  # doctest: +SKIP
     """
     targets = sorted({round(r["thinking_tokens"], 6) for r in rows if r["family"].startswith("Lynx")})
-    budgets = sorted({matched_budget(replay.think_length, t) for t in targets})
+    longest = int(replay.think_length.max())
+    # a budget at or above the longest trace cuts nothing: that is Full again
+    budgets = sorted({b for b in (matched_budget(replay.think_length, t) for t in targets) if b < longest})
     methods: list[Method] = [BudgetForcing(b, model, tokenizer, exit_ids) for b in budgets]
     if nowait:
         methods.append(NoWait(model, tokenizer))
@@ -469,12 +471,19 @@ def run_all(lynx, table: EventTable, model=None, tokenizer=None, *, confidences=
 
 
 def main(args) -> None:
-    """`lynx-hf eval`: replay (and live) evaluation of a bundle on an event table; writes results and plots to --out."""
+    """`lynx-hf eval`: replay (and live) evaluation of a bundle on an event table; writes results and plots to --out.
+
+    Args (argparse namespace): `model`, `gguf_file`, `bundle` (default: the organism's), `events` (an existing table,
+    or where to collect one), `problems` + `n` (collect first), `confidences`, `live` (traces for the live check),
+    `out`, `seed`.
+    """
     from .bundle import Lynx
     from .cli import _prompt_fn, load_model, load_problems
     from .plots import calibration_plot, pareto_plot
 
     out = Path(args.out)
+    if args.model == "organism":
+        torch.set_num_threads(1)  # tiny matrices: extra threads only spin-wait on a shared CPU
     model, tokenizer = load_model(args.model, getattr(args, "gguf_file", None))
     bundle = args.bundle
     if bundle is None:
