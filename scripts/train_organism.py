@@ -45,7 +45,7 @@ MAX_LEN = 640  # longer examples are re-drawn (almost never happens)
 FAMILY_MIX = {"arithmetic": 0.7, "compare": 0.3}
 HIDDEN, LAYERS, HEADS, INTERMEDIATE = 128, 4, 4, 384
 LR, MIN_LR_FRAC, WARMUP_STEPS, WEIGHT_DECAY, GRAD_CLIP = 3e-3, 0.05, 100, 0.01, 1.0
-LOG_EVERY, EVAL_EVERY_MIN, EVAL_N = 25, 8.0, 32
+LOG_EVERY, EVAL_EVERY_MIN, EVAL_N = 25, 12.0, 32
 THREADS = 2
 
 SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
@@ -176,6 +176,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=MAX_STEPS, help="stop after this many steps")
     ap.add_argument("--out", type=Path, default=OUT_DIR, help="where to save model + tokenizer")
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--lr", type=float, default=LR, help="peak learning rate")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue training a saved organism (same tokenizer) instead of starting from scratch")
     args = ap.parse_args()
 
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -185,20 +188,27 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
-    tokenizer = build_tokenizer(grammar_words())
+    if args.init_from is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+        model = LlamaForCausalLM.from_pretrained(args.init_from)
+        print(f"continuing from {args.init_from}")
+    else:
+        tokenizer = build_tokenizer(grammar_words())
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=1024,
+            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = LlamaForCausalLM(config)
     print(f"tokenizer: {len(tokenizer)} tokens")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0}],
-                            lr=LR, betas=(0.9, 0.95))
+                            lr=args.lr, betas=(0.9, 0.95))
 
     budget = args.minutes * 60
     t0 = time.time()
@@ -211,7 +221,7 @@ def main() -> None:
         frac = max(elapsed / budget, step / args.steps if args.steps < MAX_STEPS else 0.0)
         if frac >= 1.0:
             break
-        lr = LR * min(1.0, (step + 1) / WARMUP_STEPS) * (MIN_LR_FRAC + (1 - MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = args.lr * min(1.0, (step + 1) / WARMUP_STEPS) * (MIN_LR_FRAC + (1 - MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
         batch = next(data)

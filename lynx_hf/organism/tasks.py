@@ -60,9 +60,9 @@ SPLITS = ("train", "calibration", "test")
 _SPLIT_OF_BUCKET = ("train",) * 8 + ("calibration", "test")
 
 # Knobs of the trace grammar. Choices are made at >= 50% where they must survive sampling at T=0.6.
-P_MID_CUE = 0.6  # a cue line between two computation steps (exit there is premature)
+P_MID_CUE = 0.75  # a cue line between two computation steps (exit there is premature)
 P_SLIP = 0.1  # a computation step written with a wrong result, corrected on the next line after a cue
-P_RECHECK = (0.9, 0.6, 0.4)  # probability of a 1st, 2nd, 3rd re-check block after the answer is found
+P_RECHECK = (0.95, 0.75, 0.5)  # probability of a 1st, 2nd, 3rd re-check block after the answer is found
 MAX_VALUE = 30  # arithmetic values stay in 0..MAX_VALUE, small enough for a 1M-parameter model to learn
 P_HARMFUL = 0.2  # a trace's last re-check "finds a mistake" and changes a right answer into a wrong one
 _CUE_WEIGHTS = {"Wait": 0.4, "Hmm": 0.3, "wait": 0.1, "hmm": 0.1, "Alternatively": 0.1}
