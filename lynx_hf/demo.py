@@ -98,8 +98,12 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
     say(format_table(rows))
     for report in reports:
         say(format_agreement(report))
-    lynx_outcome = next(o for o in outcomes if o.method == f"Lynx c={LIVE_CONFIDENCE:g} (event)")
-    example = show_trace(tok, lynx, replay, lynx_outcome)
+    # the example trace: from LYNX at the live-check confidence if one of its exits is right, else any LYNX run
+    preferred = f"Lynx c={LIVE_CONFIDENCE:g} (event)"
+    candidates = sorted((o for o in outcomes if o.info.get("family", "").startswith("Lynx")),
+                        key=lambda o: o.method != preferred)
+    example = next((show_trace(tok, lynx, replay, o) for o in candidates if bool((o.exited & o.correct).any())),
+                   "(no LYNX exit answered correctly, so there is no before/after example)")
     return {"rows": rows, "live_agreement": reports, "example": example, "seconds": time.perf_counter() - started}
 
 

@@ -50,9 +50,11 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, title: str = "Accuracy v
         color, marker = _CURVES[family]
         ax.plot([r["total_tokens"] for r in members], [r["accuracy"] for r in members], marker=marker, color=color,
                 label=family, linewidth=1.5, markersize=6)
+        labels = defaultdict(list)  # knobs that land on the same point share one label
         for r in members:
-            ax.annotate(_knob_label(family, r["knob"]), (r["total_tokens"], r["accuracy"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7, color=color)
+            labels[(round(r["total_tokens"], 3), round(r["accuracy"], 4))].append(_knob_label(family, r["knob"]))
+        for (x, y), names in labels.items():
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
     for row in rows:
         if row["family"] in _POINTS:
             color, marker = _POINTS[row["family"]]
