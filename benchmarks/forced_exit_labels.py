@@ -1,8 +1,9 @@
 """Forced-exit labelling, naive vs cached, on the same traces in one run: labels must be identical; prints the ratio.
 
-naive:  for every cue event, re-prefill `trace[:cut] + exit_text` and greedy-decode the answer, one event at a time.
-cached: one teacher-forced forward per trace (features + KV cache), then all of its events answered in one batch
-        from that cache (`Collector.label_trace`, what `lynx-hf collect` runs).
+naive:  one teacher-forced forward per trace for the features, then for every cue event re-prefill
+        `trace[:cut] + exit_text` and greedy-decode the answer, one event at a time.
+cached: the same forward also keeps its KV cache, and all of the trace's events are answered in one batch from it
+        (`Collector.label_trace`, what `lynx-hf collect` runs).
 
     .venv/bin/python benchmarks/forced_exit_labels.py [--traces 24] [--min-events 8]
 """
@@ -16,11 +17,15 @@ import time
 import torch
 
 from lynx_hf import organism
+from lynx_hf.capture import HiddenStateCapture
 from lynx_hf.collect import Collector
 from lynx_hf.exit import answer_after_exit, exit_cut
 
 
 def naive_answers(collector: Collector, token_ids: list[int], events) -> list[str | None]:
+    with HiddenStateCapture(collector.model, collector.layers, last_only=False) as capture:
+        collector.model(torch.tensor([token_ids]))
+        capture.features()
     answers = []
     for event in events:
         cut = exit_cut(event.position, event.start, collector.exit_construction)
@@ -56,12 +61,12 @@ def main() -> None:
         naive = naive_answers(collector, token_ids, events)
         naive_time += time.perf_counter() - start
         start = time.perf_counter()
-        _, _, cached = collector.label_trace(token_ids, prompt_length)
+        _, _, cached = collector.label_trace(token_ids, prompt_length, events)
         cached_time += time.perf_counter() - start
         same += sum(a == b.answer for a, b in zip(naive, cached))
     print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()}, {args.threads} threads, organism, "
           f"{len(traces)} traces (mean {mean_len:.0f} tokens), {n_events} events (>= {args.min_events} per trace)")
-    print(f"naive (re-prefill each prefix): {naive_time:.2f} s; cached + batched: {cached_time:.2f} s; "
+    print(f"naive (features forward + re-prefill each prefix): {naive_time:.2f} s; cached + batched: {cached_time:.2f} s; "
           f"speed-up {naive_time / cached_time:.1f}x; identical answers {same}/{n_events}")
     if same != n_events:
         raise SystemExit("labels differ between the naive and the cached path")

@@ -59,7 +59,7 @@ def main() -> None:
     tok.padding_side = "left"
     print(f"# {time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"torch {torch.__version__}, SmolLM2-135M, greedy, {args.new_tokens} new tokens, layers {lynx.config.layers}")
-    print("| batch | plain s/token-step | with Lynx (shadow) | ratio | cues seen |")
+    print("| batch | plain, per step | with Lynx (shadow), per step | ratio | cues seen |")
     print("|---|---|---|---|---|")
     for batch in (1, 8):
         prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
