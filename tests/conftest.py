@@ -41,10 +41,7 @@ def smollm2_model():
     return model.eval()
 
 
-def tiny_llama(vocab_size: int = 64, seed: int = 0, **overrides):
-    """A 2-layer random Llama for fast unit tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _tiny(config_class, model_class, vocab_size: int, seed: int, overrides: dict):
     torch.manual_seed(seed)
     kwargs = dict(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -52,18 +49,18 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, **overrides):
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     kwargs.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    return model_class(config_class(**kwargs)).eval()
+
+
+def tiny_llama(vocab_size: int = 64, seed: int = 0, **overrides):
+    """A 2-layer random Llama for fast unit tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _tiny(LlamaConfig, LlamaForCausalLM, vocab_size, seed, overrides)
 
 
 def tiny_qwen2(vocab_size: int = 64, seed: int = 0, **overrides):
     """A 2-layer random Qwen2 for fast unit tests."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
-    kwargs = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    kwargs.update(overrides)
-    return Qwen2ForCausalLM(Qwen2Config(**kwargs)).eval()
+    return _tiny(Qwen2Config, Qwen2ForCausalLM, vocab_size, seed, overrides)

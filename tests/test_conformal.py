@@ -15,15 +15,6 @@ from lynx_hf.conformal import Calibration, LynxCalibrationWarning, exits, first_
 INF = math.inf
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: intra-op threads only add spin-wait overhead (20x slower on a shared 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def one_event_per_question(safe_scores, unsafe_scores) -> Calibration:
     scores = list(safe_scores) + list(unsafe_scores)
     safe = [True] * len(safe_scores) + [False] * len(unsafe_scores)

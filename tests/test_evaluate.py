@@ -126,15 +126,6 @@ def _word_tokenizer():
     return hf
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (extra threads spin-wait on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def live_setup(tmp_path_factory):
     from lynx_hf.collect import Collector

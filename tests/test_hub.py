@@ -37,16 +37,6 @@ def _files(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads of tiny matmuls spin against other processes
-    (measured here: 4 ms vs 370 ms per forward of the scripted model while another job used a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
 def modules_cache(tmp_path_factory):
     """transformers copies each `custom_generate/generate.py` it runs into its modules cache: keep those copies in a
     temporary folder rather than in ~/.cache/huggingface/modules."""
@@ -58,7 +48,7 @@ def modules_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def parts(one_thread, smollm2_tokenizer, tmp_path_factory):
+def parts(smollm2_tokenizer, tmp_path_factory):
     """The scripted model, its prompt, and two saved calibrations of one probe (v1, v2)."""
     tok = smollm2_tokenizer
     model = scripted_model(tok)

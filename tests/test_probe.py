@@ -12,15 +12,6 @@ import torch
 from lynx_hf.probe import LynxProbe, ProbeTrainingReport, auroc, split_groups, train_probe
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: intra-op threads only add spin-wait overhead (20x slower on a shared 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def synthetic_events(n_problems: int = 300, dim: int = 12, seed: int = 0):
     """Cue events grouped by problem: a nonlinear signal (inside a sphere) plus a per-problem offset on noise dims."""
     g = torch.Generator().manual_seed(seed)
