@@ -80,6 +80,8 @@ def cmd_collect(args) -> None:
         answer_max_new_tokens=args.answer_max_new_tokens, prompt_fn=_prompt_fn(args.model),
     )
     table = collector.collect(problems, args.out, batch_size=args.batch_size, seed=args.seed)
+    if table is None:  # a non-main process of a data-parallel run: the main one reports
+        return
     safe = float(table.safe.double().mean()) if len(table) else float("nan")
     print(f"{table.n_traces} traces, {len(table)} cue events ({safe:.1%} safe) in {args.out}")
 

@@ -104,3 +104,35 @@ def test_cli_collect_train_calibrate_writes_a_bundle_that_loads(tmp_path):
     assert lynx.config.layers == [2, 4] and lynx.calibration.n_events > 0
     meta = json.loads((runs / "bundle" / "calibration.json").read_text())["metadata"]
     assert 0.0 <= meta["calibration_auroc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_two_process_collection_equals_one_process(tmp_path):
+    """`accelerate launch --num_processes 2` shards by index and seeds per shard: the same tables as one process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.exists():
+        pytest.skip("accelerate CLI not installed")
+    args = ["-m", "lynx_hf.cli", "collect", "--model", "organism", "--problems", "organism:arithmetic:train",
+            "--n", "24", "--batch-size", "6", "--max-new-tokens", "400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", *args, "--out", str(tmp_path / "two")],
+                   check=True, env=env, timeout=600, capture_output=True)
+    assert cli_main([*args[2:], "--out", str(tmp_path / "one")]) == 0
+    one, two = EventTable.load(tmp_path / "one"), EventTable.load(tmp_path / "two")
+    assert [t["token_ids"] for t in one.traces] == [t["token_ids"] for t in two.traces]
+    assert torch.equal(one.safe, two.safe) and one.answers == two.answers
+    torch.testing.assert_close(one.features, two.features)
+
+
+def test_a_missing_shard_at_merge_is_named(collector, problems, tmp_path):
+    from lynx_hf import CorruptedBundleError
+
+    collector.collect(problems[:8], tmp_path, batch_size=4, seed=0, progress=False)
+    os.remove(tmp_path / "shard-00001.safetensors")
+    with pytest.raises(CorruptedBundleError, match=r"shard\(s\) \[1\] are missing"):
+        EventTable.load(tmp_path)
