@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import StoppingCriteria
 
-from .conformal import Calibration
+from .conformal import GUARANTEES, Calibration
 from .config import LynxConfig, check_base_model
 from .cues import CueDetector
 from .errors import CorruptedBundleError, LynxConfigError, NotAttachedError
@@ -36,7 +36,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CALIBRATION_NAME = "calibration.json"
 BUNDLE_FILES = (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME)
-GUARANTEES = ("event", "question")
 CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "lynx_probe.md"
 # transformers' generate-from-Hub recipe shipped in every bundle: `model.generate(custom_generate=<bundle>, ...)`.
 CUSTOM_GENERATE_DIR = "custom_generate"

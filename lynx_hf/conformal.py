@@ -152,10 +152,21 @@ def exits(scores: Tensor, tau: float) -> Tensor:
         raise ValueError("tau is NaN; use Calibration.threshold to compute it.")
     if scores.dtype == torch.float64:
         return scores >= tau
+    return scores.to(torch.float32) >= float32_threshold(tau)
+
+
+def float32_threshold(tau: float) -> float:
+    """The smallest float32 that is ``>= tau``: for float32 scores ``p``, ``p >= float32_threshold(tau)`` iff
+    ``p >= tau`` (what the plug-ins compare on device, where float64 may not exist).
+
+    Example:
+        >>> float32_threshold(0.7) >= 0.7, float32_threshold(float("inf"))
+        (True, inf)
+    """
     tau32 = np.float32(tau)  # round to nearest, then step up if that landed below tau
     if float(tau32) < tau:
         tau32 = np.nextafter(tau32, np.float32(np.inf))
-    return scores.to(torch.float32) >= float(tau32)
+    return float(tau32)
 
 
 def first_exit(scores: Tensor, question: Tensor, tau: float) -> Tensor:

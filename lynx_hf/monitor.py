@@ -8,13 +8,13 @@ token (which also confirms that the cue word ended), the logits processor sees i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from .capture import HiddenStateCapture
+from .conformal import float32_threshold
 from .errors import UnsupportedGenerationError
 
 if TYPE_CHECKING:
@@ -39,15 +39,6 @@ class ExitRecord:
     threshold: float
     cues_seen: int
     shadow: bool
-
-
-def float32_ceil(value: float) -> float:
-    """The smallest float32 >= value, so that `p32 >= float32_ceil(tau)` ⇔ `p32 >= tau` for float32 scores `p32`."""
-    if math.isinf(value) or math.isnan(value):
-        return value
-    rounded = float(torch.tensor(value, dtype=torch.float32))
-    return rounded if rounded >= value else float(torch.nextafter(torch.tensor(rounded, dtype=torch.float32),
-                                                                  torch.tensor(math.inf, dtype=torch.float32)))
 
 
 class ModelTap:
@@ -132,7 +123,7 @@ class ExitMonitor:
         self.exit_score = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
         self.cues_seen = torch.zeros(batch, **long)
         self.threshold = self.lynx.threshold
-        self._tau = torch.tensor(float32_ceil(self.threshold), dtype=torch.float32, device=device)
+        self._tau = torch.tensor(float32_threshold(self.threshold), dtype=torch.float32, device=device)
 
     def _check_supported(self, input_ids: torch.LongTensor, tap: ModelTap) -> None:
         if tap.multi_token_step:

@@ -24,9 +24,9 @@ traces close their thinking block with exactly that text, so the exit is in dist
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from ..answers import extract_boxed as extract_answer
 from .tasks import CUE_WORDS, EXIT_TEXT, FAMILIES, PROMPT_SUFFIX, problems, render_trace, split_of, user_message
 
 __all__ = [
@@ -51,9 +51,6 @@ MODEL_DIR = Path(__file__).resolve().parent / "model"
 BUNDLE_DIR = Path(__file__).resolve().parent / "bundle"
 """Folder of the LYNX probe bundle trained for the organism (shipped next to it when present)."""
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
 def load(device: str = "cpu"):
     """The shipped organism and its tokenizer, from :data:`MODEL_DIR`, offline; the model is in eval mode.
 
@@ -77,9 +74,3 @@ def prompt(tokenizer, question: str) -> str:
     and the tokenizer adds none of its own, so ``add_special_tokens`` makes no difference."""
     return tokenizer.apply_chat_template([{"role": "user", "content": user_message(question)}],
                                          tokenize=False, add_generation_prompt=True)
-
-
-def extract_answer(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in ``text`` (stripped), or None if there is none."""
-    found = _BOXED.findall(text)
-    return found[-1].strip() if found else None

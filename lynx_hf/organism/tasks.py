@@ -33,6 +33,8 @@ import hashlib
 import random
 from typing import Any
 
+from ..exit import DEFAULT_EXIT_TEXT
+
 __all__ = [
     "CUE_WORDS",
     "EXIT_TEXT",
@@ -46,7 +48,7 @@ __all__ = [
     "user_message",
 ]
 
-EXIT_TEXT = "\n</think>\n\nFinal Answer: \\boxed{"
+EXIT_TEXT = DEFAULT_EXIT_TEXT
 """Text appended to a prefix to force the answer; also exactly how every trace closes its thinking block."""
 
 PROMPT_SUFFIX = " Please reason step by step, and put your final answer within \\boxed{}."
