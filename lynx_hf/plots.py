@@ -62,13 +62,7 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, title: str = "Accuracy v
                        label=row["family"])
     ax.set_xlabel("mean total tokens per question (thinking + answer + trial decodes)")
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, legend_loc="lower right")
 
 
 def calibration_plot(points: Sequence[dict], path: str | Path, title: str = "Calibration") -> Path:
@@ -102,9 +96,14 @@ def calibration_plot(points: Sequence[dict], path: str | Path, title: str = "Cal
     ax.set_ylim(0, top)
     ax.set_xlabel("target premature-exit rate δ = 1 - c")
     ax.set_ylabel("realised premature-exit rate (held-out)")
+    return _finish(fig, ax, path, title, legend_loc="upper left")
+
+
+def _finish(fig, ax, path: Path, title: str, legend_loc: str) -> Path:
+    """Title, grid and legend, then write the PNG and free the figure."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc=legend_loc)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
