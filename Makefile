@@ -22,10 +22,10 @@ demo: $(STAMP)
 	$(PY) -m lynx_hf.cli demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --doctest-modules --ignore=lynx_hf/organism/bundle tests lynx_hf
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --doctest-modules --ignore=lynx_hf/organism/bundle tests lynx_hf
 
 organism: $(STAMP)
 	$(PY) scripts/train_organism.py

@@ -71,6 +71,7 @@ class Lynx(
     >>> answers = lynx.answer(out)      # closes the thinking block where it stopped, lets the model answer
     >>> len(answers), lynx.last_exits[0].threshold == lynx.threshold
     (1, True)
+
     ```
     """
 

@@ -31,6 +31,7 @@ class LynxStoppingCriteria(StoppingCriteria):
     >>> out = model.generate(**inputs, stopping_criteria=[lynx.stopping_criteria()], max_new_tokens=200)
     >>> len(lynx.last_exits)
     1
+
     ```
     """
 
@@ -68,6 +69,7 @@ class LynxExitProcessor(LogitsProcessor):
     ...                      stopping_criteria=[lynx.answer_stopper()], max_new_tokens=200)
     >>> "Final Answer" in tok.decode(out[0])
     True
+
     ```
     """
 
@@ -129,6 +131,7 @@ class LynxAnswerStopper(StoppingCriteria):
     >>> stopper = lynx.answer_stopper()
     >>> stopper.processor is lynx.exit_processor()
     True
+
     ```
     """
 
