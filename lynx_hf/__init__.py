@@ -11,7 +11,7 @@ from .answers import answers_match, extract_boxed
 from .bundle import Lynx
 from .capture import HiddenStateCapture
 from .config import LynxConfig
-from .conformal import Calibration
+from .conformal import Calibration, LynxCalibrationWarning
 from .cues import CueDetector, CueEvent
 from .errors import (
     BaseModelMismatchError,
@@ -41,6 +41,7 @@ __all__ = [
     "HiddenStateCapture",
     "Lynx",
     "LynxAnswerStopper",
+    "LynxCalibrationWarning",
     "LynxConfig",
     "LynxConfigError",
     "LynxError",
