@@ -34,7 +34,8 @@ from transformers import LogitsProcessor
 from .answers import answers_match, extract_boxed
 from .conformal import Calibration, LynxCalibrationWarning, exits, first_exit
 from .events import EventTable
-from .exit import answer_after_exit
+from .collect import think_length
+from .exit import answer_after_exit, eos_token_ids
 
 __all__ = [
     "BudgetForcing", "CueSuppressor", "DeerStyle", "FirstCue", "Full", "LynxExit", "Method", "NoWait", "Oracle",
@@ -339,21 +340,6 @@ def regenerate(model, tokenizer, table: EventTable, indices: Sequence[int], seed
     return out, width
 
 
-def _eos(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-
-
-def _think_length(generated: list[int], think_end_ids: list[int]) -> int:
-    n = len(think_end_ids)
-    for i in range(len(generated) - n + 1):
-        if generated[i:i + n] == think_end_ids:
-            return i
-    return len(generated)
-
-
 def matched_budget(think_lengths: torch.Tensor, target_mean: float) -> int:
     """Smallest budget B whose capped thinking, mean(min(think_length, B)), reaches `target_mean`.
 
@@ -484,7 +470,7 @@ class NoWait(Method):
         suppressor = CueSuppressor(cue_token_ids(self.tokenizer, table.settings.get("cues", ["hmm", "wait",
                                                                                              "alternatively"])))
         think_end = self.tokenizer(table.settings.get("think_end", "</think>"), add_special_tokens=False)["input_ids"]
-        eos = _eos(self.model, self.tokenizer)
+        eos = set(eos_token_ids(self.model, self.tokenizer))
         n = replay.n_traces
         thinking, total = replay.think_length.clone(), replay.length.clone()
         correct = replay.correct.clone()
@@ -498,7 +484,7 @@ class NoWait(Method):
                         break
                     generated.append(token)
                 answer = extract_boxed(self.tokenizer.decode(generated, skip_special_tokens=True))
-                thinking[i], total[i] = _think_length(generated, think_end), len(generated)
+                thinking[i], total[i] = think_length(generated, think_end), len(generated)
                 correct[i], answers[i] = answers_match(answer, replay.gold[i]), answer
         return Outcome(self.name, torch.zeros(n, dtype=torch.bool), torch.full((n,), -1, dtype=torch.long), correct,
                        thinking, total, torch.zeros(n, dtype=torch.long), info={"family": "NoWait"}, answers=answers,

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import StoppingCriteria
 
-from .conformal import GUARANTEES, Calibration
+from .conformal import GUARANTEES, Calibration, check_guarantee
 from .config import LynxConfig, check_base_model
 from .cues import CueDetector
 from .errors import CorruptedBundleError, LynxConfigError, NotAttachedError
@@ -96,7 +96,7 @@ class Lynx(
         self.calibration = calibration
         self.metadata = dict(metadata or {})
         self.shadow = shadow
-        self._guarantee = _check_guarantee(guarantee)
+        self._guarantee = check_guarantee(guarantee)
         self._confidence = _check_confidence(confidence)
         self._threshold: float | None = None
         self.model = None
@@ -126,7 +126,7 @@ class Lynx(
 
     @guarantee.setter
     def guarantee(self, value: str) -> None:
-        self._guarantee = _check_guarantee(value)
+        self._guarantee = check_guarantee(value)
         self._threshold = None
 
     @property
@@ -365,12 +365,6 @@ def _check_confidence(value: float) -> float:
         raise LynxConfigError(
             f"confidence={value} is outside (0, 1): pass e.g. confidence=0.9 for a premature-exit rate of at most 10%."
         )
-    return value
-
-
-def _check_guarantee(value: str) -> str:
-    if value not in GUARANTEES:
-        raise LynxConfigError(f"guarantee={value!r} is unknown: use 'event' (per cue) or 'question' (per question).")
     return value
 
 

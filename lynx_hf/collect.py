@@ -24,7 +24,7 @@ from .config import model_fingerprint, tokenizer_fingerprint
 from .cues import DEFAULT_CUES, CueDetector, CueEvent
 from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
-from .exit import DEFAULT_EXIT_TEXT, answer_after_exit, cache_kwargs, exit_cut, exit_token_ids
+from .exit import DEFAULT_EXIT_TEXT, answer_after_exit, cache_kwargs, eos_token_ids, exit_cut, exit_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class Collector:
             sampling = dict(do_sample=False)
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
                                   pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        eos = set(_as_list(self.model.generation_config.eos_token_id) or _as_list(self.tokenizer.eos_token_id))
+        eos = set(eos_token_ids(self.model, self.tokenizer))
         width = inputs["input_ids"].shape[1]
         traces = []
         for row, mask in zip(out.tolist(), inputs["attention_mask"].tolist()):
@@ -168,11 +168,7 @@ class Collector:
 
     def think_length(self, generated: list[int]) -> int:
         """Generated tokens before the end-of-thinking marker (all of them if it never came)."""
-        n = len(self.think_end_ids)
-        for i in range(len(generated) - n + 1):
-            if generated[i:i + n] == self.think_end_ids:
-                return i
-        return len(generated)
+        return think_length(generated, self.think_end_ids)
 
     def collect_batch(self, problems: Sequence[dict], seed: int) -> EventTable:
         """Sample, find events, label them: the event table of one batch of problems."""
@@ -283,7 +279,10 @@ def _digest(values) -> str:
     return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
 
-def _as_list(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+def think_length(generated: list[int], think_end_ids: list[int]) -> int:
+    """Tokens of `generated` before the first occurrence of `think_end_ids` (all of them if it never occurs)."""
+    n = len(think_end_ids)
+    for i in range(len(generated) - n + 1):
+        if generated[i:i + n] == think_end_ids:
+            return i
+    return len(generated)

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import LynxConfigError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["Calibration", "LynxCalibrationWarning", "exits", "first_exit"]
@@ -55,9 +57,10 @@ def _exact_confidence(confidence: float) -> Fraction:
     return Fraction(repr(value))
 
 
-def _check_guarantee(guarantee: str) -> str:
+def check_guarantee(guarantee: str) -> str:
+    """Return `guarantee` if it is one of `GUARANTEES`, else raise `LynxConfigError` naming the choices."""
     if guarantee not in GUARANTEES:
-        raise ValueError(f"unknown guarantee {guarantee!r}; choose 'event' (per cue event) or 'question' (per question).")
+        raise LynxConfigError(f"unknown guarantee {guarantee!r}; choose 'event' (per cue event) or 'question' (per question).")
     return guarantee
 
 
@@ -353,7 +356,7 @@ class Calibration:
             0.0
         """
         c = _exact_confidence(confidence)
-        _check_guarantee(guarantee)
+        check_guarantee(guarantee)
         key = (c, guarantee)
         if key not in self._cache:
             self._cache[key] = self._event_threshold(c) if guarantee == "event" else self._question_threshold(c)
@@ -410,7 +413,7 @@ class Calibration:
             >>> row["tau"], row["premature_rate"], row["question_exit_rate"]
             (0.8, 0.0, 1.0)
         """
-        _check_guarantee(guarantee)
+        check_guarantee(guarantee)
         rows = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LynxCalibrationWarning)

@@ -27,6 +27,7 @@ from .baselines import (
 )
 from .conformal import LynxCalibrationWarning, exits
 from .events import EventTable
+from .exit import eos_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -256,10 +257,7 @@ def live_agreement(lynx, replay: Replay, n: int, *, modes: Sequence[str] = ("sto
     table = replay.table
     tau = lynx.threshold
     model, tokenizer = lynx.model, lynx.tokenizer
-    eos = set()
-    eos_id = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
-        else tokenizer.eos_token_id
-    eos.update(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id])
+    eos = set(eos_token_ids(model, tokenizer))
     pad = tokenizer.pad_token_id
     shadow_before = lynx.shadow
     report = {"threshold": tau, "confidence": lynx.confidence, "guarantee": lynx.guarantee,

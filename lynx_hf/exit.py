@@ -126,7 +126,7 @@ def answer_after_exit(
     mask = keep
     next_position = keep.sum(-1)
     step_ids = torch.as_tensor(list(exit_ids), dtype=torch.long, device=device).expand(batch, -1)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     depth = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     delta = brace_delta(tokenizer).to(device)
@@ -167,7 +167,8 @@ def cache_kwargs(model, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """End-of-sequence ids: the model's generation config's, else the tokenizer's (always a list)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
