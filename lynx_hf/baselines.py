@@ -36,6 +36,7 @@ from .conformal import Calibration, LynxCalibrationWarning, exits, first_exit
 from .events import EventTable
 from .collect import think_length
 from .exit import answer_after_exit, eos_token_ids
+from .rollout import TransformersRollout
 
 __all__ = [
     "BudgetForcing", "CueSuppressor", "DeerStyle", "FirstCue", "Full", "LynxExit", "Method", "NoWait", "Oracle",
@@ -324,20 +325,16 @@ def regenerate(model, tokenizer, table: EventTable, indices: Sequence[int], seed
         >>> out, width = regenerate(model, tok, table, [0, 1], seed=0, stopping_criteria=[lynx])  # doctest: +SKIP
     """
     settings = table.settings
-    device = next(model.parameters()).device
+    if settings.get("rollout", "transformers") != "transformers":
+        raise ValueError(f"These traces were sampled by {settings['rollout']}, which transformers cannot replay token "
+                         "for token: run live methods on a table collected with the default transformers rollout.")
     prompts = [table.traces[i]["token_ids"][: table.traces[i]["prompt_length"]] for i in indices]
-    width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    temperature = float(settings.get("temperature", 0.6))
-    sampling = dict(do_sample=True, temperature=temperature, top_p=float(settings.get("top_p", 0.95)), top_k=0)
-    if temperature == 0:
-        sampling = dict(do_sample=False)
-    torch.manual_seed(seed)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(settings.get("max_new_tokens", 1024)),
-                         pad_token_id=tokenizer.pad_token_id, **sampling, **generate_kwargs)
-    return out, width
+    return TransformersRollout(model, pad_token_id=pad).sequences(
+        prompts, seed=seed, temperature=float(settings.get("temperature", 0.6)),
+        top_p=float(settings.get("top_p", 0.95)), max_new_tokens=int(settings.get("max_new_tokens", 1024)),
+        **generate_kwargs,
+    )
 
 
 def matched_budget(think_lengths: torch.Tensor, target_mean: float) -> int:

@@ -74,6 +74,13 @@ def cmd_collect(args) -> None:
     model, tokenizer = load_model(args.model, args.gguf_file, args.device)
     problems = load_problems(args.problems, args.n, args.seed)
     options = {"exit_text": args.exit_text} if args.exit_text else {}
+    if args.rollout == "vllm":
+        from . import organism
+        from .rollout import VllmRollout
+
+        source = str(organism.MODEL_DIR) if args.model == "organism" else args.model
+        options["rollout"] = VllmRollout(source, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                                         tensor_parallel_size=args.vllm_tensor_parallel_size)
     collector = Collector(
         model, tokenizer, layers=args.layers, cues=args.cues, **options,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -168,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--answer-max-new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rollout", choices=["transformers", "vllm"], default="transformers",
+                   help="who samples the traces: transformers, or a vLLM engine (GPU, `pip install 'lynx-hf[vllm]'`); "
+                        "features and forced exits always run in transformers")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5,
+                   help="GPU memory share for the vLLM engine (the rest holds the transformers copy)")
+    p.add_argument("--vllm-tensor-parallel-size", type=int, default=1)
     p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("train", help="train the probe on an event table (problem-level validation split)")
@@ -221,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as error:
+    except (ValueError, FileNotFoundError, OSError, ImportError) as error:
         print(f"lynx-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -25,6 +25,7 @@ from .cues import DEFAULT_CUES, CueDetector, CueEvent
 from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
 from .exit import DEFAULT_EXIT_TEXT, answer_after_exit, cache_kwargs, eos_token_ids, exit_cut, exit_token_ids
+from .rollout import Rollout, TransformersRollout
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Collector:
         answer_max_new_tokens: int = 16,
         prompt_fn: Callable[[object, str], str] | None = None,
         instruction: str = R1_INSTRUCTION,
+        rollout: Rollout | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -91,6 +93,10 @@ class Collector:
         self.top_p = top_p
         self.answer_max_new_tokens = answer_max_new_tokens
         self.prompt_fn = prompt_fn or (lambda tok, q: build_prompt(tok, q, instruction))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(model, tokenizer)[0]
+        self.rollout = rollout if rollout is not None else TransformersRollout(model, pad_token_id=pad)
+        if hasattr(self.rollout, "check_tokenizer"):
+            self.rollout.check_tokenizer(tokenizer)
         self.settings = {
             "base_model": getattr(model, "name_or_path", "") or type(model).__name__,
             "model_fingerprint": model_fingerprint(model),
@@ -106,41 +112,22 @@ class Collector:
             "top_p": top_p,
             "max_new_tokens": max_new_tokens,
             "answer_max_new_tokens": answer_max_new_tokens,
+            "rollout": self.rollout.name,
         }
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
     def sample(self, problems: Sequence[dict], seed: int) -> list[tuple[list[int], int]]:
-        """One sampled trace per problem: (prompt + generated ids without padding, prompt length)."""
-        prompts = [self.prompt_fn(self.tokenizer, p["question"]) for p in problems]
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            self.tokenizer.padding_side = side
-        inputs = inputs.to(self.device)
-        torch.manual_seed(seed)
-        sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
-        if self.temperature == 0:
-            sampling = dict(do_sample=False)
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
-                                  pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        eos = set(eos_token_ids(self.model, self.tokenizer))
-        width = inputs["input_ids"].shape[1]
-        traces = []
-        for row, mask in zip(out.tolist(), inputs["attention_mask"].tolist()):
-            prompt = [t for t, m in zip(row[:width], mask) if m]
-            generated = []
-            for t in row[width:]:
-                if t in eos:
-                    break
-                generated.append(t)
-            traces.append((prompt + generated, len(prompt)))
-        return traces
+        """One sampled trace per problem: (prompt + generated ids, prompt length), sampled by the rollout."""
+        prompts = [self.tokenizer(self.prompt_fn(self.tokenizer, p["question"]), add_special_tokens=False)["input_ids"]
+                   for p in problems]
+        generated = self.rollout.generate(
+            prompts, seed=seed, temperature=self.temperature, top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens, eos_token_ids=eos_token_ids(self.model, self.tokenizer),
+        )
+        return [(prompt + ids, len(prompt)) for prompt, ids in zip(prompts, generated)]
 
     @torch.no_grad()
     def label_trace(self, token_ids: list[int], prompt_length: int, events: list[CueEvent] | None = None):

@@ -90,8 +90,8 @@ def answer_after_exit(
 
     `sequences` is `[B, T]` (left padding allowed, given by `attention_mask`). `past_key_values`, when given, must
     cover the first `cache_len >= max(cuts)` positions of `sequences` (e.g. the cache `generate` returns);
-    otherwise one forward over `sequences[:, :max(cuts)]` builds it. Decoding stops per row at the box's closing
-    brace or EOS.
+    otherwise one forward over `sequences[:, :max(cuts)]` builds it; either way the cache is consumed (extended
+    and narrowed to the unfinished rows). Decoding stops per row at the box's closing brace or EOS.
 
     Example:
         >>> from lynx_hf import organism
@@ -122,19 +122,21 @@ def answer_after_exit(
         cache_len = past_key_values.get_seq_length()
         if cache_len < int(cuts.max()):
             raise ValueError(f"The KV cache holds {cache_len} positions but a cut is at {int(cuts.max())}.")
-    keep = attention_mask[:, :cache_len] * (torch.arange(cache_len, device=device) < cuts[:, None])
-    mask = keep
-    next_position = keep.sum(-1)
+    mask = attention_mask[:, :cache_len] * (torch.arange(cache_len, device=device) < cuts[:, None])
+    next_position = mask.sum(-1)
     step_ids = torch.as_tensor(list(exit_ids), dtype=torch.long, device=device).expand(batch, -1)
     eos = eos_token_ids(model, tokenizer)
-    depth = torch.zeros(batch, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
     delta = brace_delta(tokenizer).to(device)
-    generated: list[torch.Tensor] = []
-    log_probs: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
+    # Rows leave the batch (and the cache) as soon as their answer is complete, so one long answer does not make
+    # every other row decode to max_new_tokens.
+    active = torch.arange(batch, device=device)
+    depth = torch.zeros(batch, dtype=torch.long, device=device)
+    generated = torch.full((batch, max_new_tokens), eos[0] if eos else 0, dtype=torch.long, device=device)
+    log_probs = torch.zeros((batch, max_new_tokens), device=device)
+    for step in range(max_new_tokens):
         width = step_ids.shape[1]
-        mask = torch.cat([mask, torch.ones(batch, width, dtype=mask.dtype, device=device)], dim=-1)
+        mask = torch.cat([mask, torch.ones(len(active), width, dtype=mask.dtype, device=device)], dim=-1)
         positions = next_position[:, None] + torch.arange(width, device=device)
         logits = model(
             input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -142,18 +144,19 @@ def answer_after_exit(
         ).logits[:, -1]
         next_position = next_position + width
         token = logits.argmax(-1)
-        token = torch.where(done, torch.full_like(token, eos[0] if eos else 0), token)
-        generated.append(token)
-        log_probs.append(torch.log_softmax(logits.float(), -1).gather(1, token[:, None])[:, 0])
-        depth = depth + torch.where(done, torch.zeros_like(depth), delta[token])
-        done = done | (depth < 0) | torch.isin(token, torch.tensor(eos, device=device))
-        if bool(done.all()):
+        generated[active, step] = token
+        log_probs[active, step] = torch.log_softmax(logits.float(), -1).gather(1, token[:, None])[:, 0]
+        depth = depth + delta[token]
+        finished = (depth < 0) | torch.isin(token, eos_tensor)
+        if bool(finished.all()):
             break
+        if bool(finished.any()):
+            going = (~finished).nonzero()[:, 0]
+            past_key_values.batch_select_indices(going)
+            active, mask, next_position, depth, token = (t[going] for t in (active, mask, next_position, depth, token))
         step_ids = token[:, None]
     answers = []
-    rows = torch.stack(generated, dim=1).tolist()
-    row_log_probs = torch.stack(log_probs, dim=1).tolist()
-    for row, lp in zip(rows, row_log_probs):
+    for row, lp in zip(generated.tolist(), log_probs.tolist()):
         ids = _truncate_at_close(row, delta, eos)
         text = tokenizer.decode(ids, skip_special_tokens=True)
         confidence = math.exp(sum(lp[: len(ids)]) / len(ids)) if ids else float("nan")
