@@ -24,7 +24,9 @@ from .config import model_fingerprint, tokenizer_fingerprint
 from .cues import DEFAULT_CUES, CueDetector, CueEvent
 from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
-from .exit import DEFAULT_EXIT_TEXT, answer_after_exit, cache_kwargs, eos_token_ids, exit_cut, exit_token_ids
+from .exit import (
+    DEFAULT_EXIT_TEXT, answer_after_exit, cache_kwargs, eos_token_ids, exit_cut, exit_token_ids, last_logits_only,
+)
 from .rollout import Rollout, TransformersRollout
 
 logger = logging.getLogger(__name__)
@@ -142,7 +144,8 @@ class Collector:
         ids = torch.tensor([token_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
         with HiddenStateCapture(self.model, self.layers, last_only=False) as capture:
-            self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, cache))
+            self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, cache),
+                       **last_logits_only(self.model))
             hidden = capture.features()[0]
         features = hidden[[e.position for e in events]].float().cpu()
         cuts = [exit_cut(e.position, e.start, self.exit_construction) for e in events]

@@ -117,6 +117,7 @@ def answer_after_exit(
             position_ids=(attention_mask[:, :cache_len].cumsum(-1) - 1).clamp(min=0),
             use_cache=True,
             **cache_kwargs(model, past_key_values),
+            **last_logits_only(model),
         )
     else:
         cache_len = past_key_values.get_seq_length()
@@ -140,7 +141,7 @@ def answer_after_exit(
         positions = next_position[:, None] + torch.arange(width, device=device)
         logits = model(
             input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-            **cache_kwargs(model, past_key_values),
+            **cache_kwargs(model, past_key_values), **last_logits_only(model),
         ).logits[:, -1]
         next_position = next_position + width
         token = logits.argmax(-1)
@@ -168,6 +169,12 @@ def cache_kwargs(model, cache) -> dict:
     """`{"cache": cache}` for models whose forward takes `cache` (transformers >= 5.2x), else `past_key_values`."""
     params = inspect.signature(model.forward).parameters
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def last_logits_only(model) -> dict:
+    """`{"logits_to_keep": 1}` where the model's forward supports it: skips the LM head on every position but the
+    last (a fifth of a forward for a 135M model with a 49k vocabulary)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
