@@ -33,7 +33,8 @@ from overhead import smollm2
 
 def naive_answers(collector: Collector, token_ids: list[int], events) -> list[str | None]:
     with HiddenStateCapture(collector.model, collector.layers, last_only=False) as capture:
-        collector.model(torch.tensor([token_ids]), **last_logits_only(collector.model))
+        # the same features forward as the cached path (up to the last cue, no LM head), so only the answers differ
+        collector.model(torch.tensor([token_ids[: events[-1].position + 1]]), **last_logits_only(collector.model))
         capture.features()
     answers = []
     for event in events:

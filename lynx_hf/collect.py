@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from .answers import answers_match, extract_boxed
 from .capture import HiddenStateCapture, default_layers
-from .config import model_fingerprint, tokenizer_fingerprint
+from .config import model_fingerprint, tokenizer_fingerprint, weights_sample
 from .cues import DEFAULT_CUES, CueDetector, CueEvent
 from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
@@ -103,6 +103,7 @@ class Collector:
             "base_model": getattr(model, "name_or_path", "") or type(model).__name__,
             "model_fingerprint": model_fingerprint(model),
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "weights_sample": weights_sample(model),
             "layers": list(self.layers),
             "hidden_size": int(model.config.get_text_config().hidden_size),
             "cues": list(self.detector.cues),
@@ -133,7 +134,8 @@ class Collector:
 
     @torch.no_grad()
     def label_trace(self, token_ids: list[int], prompt_length: int, events: list[CueEvent] | None = None):
-        """Events of one finished trace, their features and forced-exit answers (one forward + one batched decode).
+        """Events of one finished trace, their features and forced-exit answers (one forward up to the last cue,
+        whose KV cache answers every event in one batch).
 
         `events` may be passed when already found (`find_events_batch` over a whole batch is faster).
         """
@@ -141,7 +143,8 @@ class Collector:
             events = self.detector.find_events(token_ids, prompt_length)
         if not events:
             return events, torch.zeros(0, len(self.layers) * self.settings["hidden_size"]), []
-        ids = torch.tensor([token_ids], device=self.device)
+        # Nothing after the last cue is read: its features and every cut lie before it.
+        ids = torch.tensor([token_ids[: max(e.position for e in events) + 1]], device=self.device)
         cache = DynamicCache(config=self.model.config)
         with HiddenStateCapture(self.model, self.layers, last_only=False) as capture:
             self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, cache),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 from .cues import DEFAULT_CUES
@@ -38,6 +39,7 @@ class LynxConfig:
     probe_hidden_sizes: list[int] = field(default_factory=lambda: [256, 64])
     model_fingerprint: str = ""
     tokenizer_fingerprint: str = ""
+    weights_sample: list[float] = field(default_factory=list)
     cue_token_ids: dict[str, list[int]] = field(default_factory=dict)
     exit_token_ids: list[int] = field(default_factory=list)
     answer_max_new_tokens: int = 16
@@ -84,6 +86,11 @@ class LynxConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def _close(a: list[float], b: list[float], rtol: float = 1e-2, atol: float = 1e-4) -> bool:
+    """Equal up to dtype casts (fp32 / bf16 / fp16 loads of one checkpoint agree within rtol)."""
+    return len(a) == len(b) and all(abs(x - y) <= atol + rtol * abs(y) for x, y in zip(a, b))
+
+
 def _digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -100,6 +107,28 @@ def model_fingerprint(model) -> str:
     """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return _digest({key: getattr(config, key, None) for key in _CONFIG_KEYS})
+
+
+def weights_sample(model, n: int = 32) -> list[float]:
+    """`n` evenly strided values from each of the input and output embedding matrices: tells apart two checkpoints
+    of one architecture (a re-trained model, another fine-tune) where `model_fingerprint` cannot. Offloaded
+    (meta) weights contribute nothing.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> small = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=2, num_attention_heads=2))
+        >>> len(weights_sample(small, n=8))
+        16
+    """
+    values: list[float] = []
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.device.type == "meta":
+            continue
+        flat = weight.detach().reshape(-1)
+        values += [round(float(v), 6) for v in flat[:: max(1, flat.numel() // n)][:n].float().tolist()]
+    return values
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -130,6 +159,15 @@ def check_base_model(config: LynxConfig, model, tokenizer, allow_mismatch: bool 
         problems.append("model architecture fingerprint differs")
     if config.tokenizer_fingerprint and config.tokenizer_fingerprint != tokenizer_fingerprint(tokenizer):
         problems.append("tokenizer vocabulary fingerprint differs")
+    sample = weights_sample(model) if config.weights_sample else []
+    if sample and not _close(sample, config.weights_sample):
+        warnings.warn(
+            f"This model's weights differ from the checkpoint the probe was calibrated on ({config.base_model}): "
+            "another fine-tune or a re-trained model of the same architecture, or a lossy quantisation. The probe "
+            "still runs, but its calibration guarantee holds only for the calibrated weights; load that checkpoint "
+            "or calibrate the probe on this one (`lynx-hf collect` + `lynx-hf calibrate`).",
+            UserWarning, stacklevel=3,
+        )
     if problems and not allow_mismatch:
         raise BaseModelMismatchError(
             f"This probe was trained for {config.base_model!r} but the model given looks different ("

@@ -186,10 +186,16 @@ def read_settings(folder: str | os.PathLike) -> dict:
 
 
 # settings that must agree for tables to be combined (the rest, e.g. batch size, may differ)
-_PINNED = ("model_fingerprint", "tokenizer_fingerprint", "layers", "cues", "exit_text", "exit_construction",
-           "think_start", "think_end", "temperature", "top_p", "max_new_tokens", "answer_max_new_tokens")
+_PINNED = ("model_fingerprint", "tokenizer_fingerprint", "weights_sample", "layers", "cues", "exit_text",
+           "exit_construction", "think_start", "think_end", "temperature", "top_p", "max_new_tokens", "answer_max_new_tokens")
 # settings that must also agree between runs (or processes) writing into one collection folder
 _FOLDER_PINNED = _PINNED + ("seed", "batch_size", "n_shards", "problem_ids")
+
+
+def _describe(key: str, x, y) -> str:
+    if key == "weights_sample":
+        return "weights_sample: the model's weights differ (another checkpoint, re-trained weights or dtype)"
+    return f"{key}: {x!r} vs {y!r}"
 
 
 def check_same_settings(a: dict, b: dict, where: str = "these event tables", keys: tuple[str, ...] = _PINNED) -> None:
@@ -197,6 +203,6 @@ def check_same_settings(a: dict, b: dict, where: str = "these event tables", key
     diff = {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
     if diff:
         raise LynxConfigError(
-            f"Mismatched settings in {where}: " + "; ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in diff.items())
+            f"Mismatched settings in {where}: " + "; ".join(_describe(k, x, y) for k, (x, y) in diff.items())
             + ". Collect into a new folder, or use the same model, layers and cues."
         )

@@ -85,6 +85,7 @@ def build_bundle(settings: dict, probe: LynxProbe, calibration: Calibration, tok
         exit_text=settings["exit_text"], exit_construction=settings["exit_construction"],
         probe_hidden_sizes=list(probe.hidden_sizes), model_fingerprint=settings["model_fingerprint"],
         tokenizer_fingerprint=settings["tokenizer_fingerprint"],
+        weights_sample=list(settings.get("weights_sample", [])),
         answer_max_new_tokens=int(settings.get("answer_max_new_tokens", 16)),
     )
     if tokenizer is not None:

@@ -67,6 +67,26 @@ def test_a_probe_for_another_base_model_is_refused_unless_explicitly_allowed(par
     assert loaded.model is other
 
 
+def test_the_shipped_bundle_warns_on_other_weights_of_the_same_architecture():
+    """A re-trained or differently fine-tuned checkpoint passes the architecture and tokenizer checks; the weights
+    sample in config.json catches it (a warning: dtype casts of the calibrated checkpoint still pass)."""
+    import copy
+    import warnings
+
+    from lynx_hf import organism
+
+    model, tok = organism.load()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
+        Lynx.from_pretrained(organism.BUNDLE_DIR, model=copy.deepcopy(model).to(torch.bfloat16), tokenizer=tok)
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        retrained.get_input_embeddings().weight.mul_(1.5)
+    with pytest.warns(UserWarning, match="weights differ from the checkpoint the probe was calibrated on"):
+        Lynx.from_pretrained(organism.BUNDLE_DIR, model=retrained, tokenizer=tok)
+
+
 def test_a_hidden_size_mismatch_is_refused_even_when_mismatch_is_allowed(parts, tmp_path):
     _, tok, lynx = parts
     lynx.save_pretrained(tmp_path)

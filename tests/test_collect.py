@@ -67,6 +67,18 @@ def test_resuming_with_other_settings_is_a_clear_error(collector, problems, tmp_
         other.collect(problems[:4], tmp_path, batch_size=4, seed=0, progress=False)
 
 
+def test_resuming_with_re_trained_weights_of_the_same_architecture_is_a_clear_error(collector, problems, tmp_path):
+    import copy
+
+    collector.collect(problems[:4], tmp_path, batch_size=4, seed=0, progress=False)
+    retrained = copy.deepcopy(collector.model)
+    with torch.no_grad():
+        retrained.get_input_embeddings().weight.mul_(1.5)
+    other = Collector(retrained, collector.tokenizer, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=400)
+    with pytest.raises(LynxConfigError, match="weights differ"):
+        other.collect(problems[:4], tmp_path, batch_size=4, seed=0, progress=False)
+
+
 def test_mismatched_event_tables_cannot_be_combined(collector, problems, tmp_path):
     a = collector.collect_batch(problems[:2], seed=0)
     b = collector.collect_batch(problems[2:4], seed=0)
