@@ -127,7 +127,7 @@ def weights_sample(model, n: int = 32) -> list[float]:
         if weight is None or weight.device.type == "meta":
             continue
         flat = weight.detach().reshape(-1)
-        values += [round(float(v), 6) for v in flat[:: max(1, flat.numel() // n)][:n].float().tolist()]
+        values += [round(v, 6) for v in flat[:: max(1, flat.numel() // n)][:n].float().tolist()]
     return values
 
 
@@ -159,8 +159,9 @@ def check_base_model(config: LynxConfig, model, tokenizer, allow_mismatch: bool 
         problems.append("model architecture fingerprint differs")
     if config.tokenizer_fingerprint and config.tokenizer_fingerprint != tokenizer_fingerprint(tokenizer):
         problems.append("tokenizer vocabulary fingerprint differs")
-    sample = weights_sample(model) if config.weights_sample else []
-    if sample and not _close(sample, config.weights_sample):
+    # Same architecture and vocabulary, other weights (a re-trained model, another fine-tune): warn, since dtype
+    # casts and quantisations of the calibrated checkpoint are legitimate and also move the weights a little.
+    if not problems and config.weights_sample and not _close(weights_sample(model), config.weights_sample):
         warnings.warn(
             f"This model's weights differ from the checkpoint the probe was calibrated on ({config.base_model}): "
             "another fine-tune or a re-trained model of the same architecture, or a lossy quantisation. The probe "

@@ -187,7 +187,8 @@ def read_settings(folder: str | os.PathLike) -> dict:
 
 # settings that must agree for tables to be combined (the rest, e.g. batch size, may differ)
 _PINNED = ("model_fingerprint", "tokenizer_fingerprint", "weights_sample", "layers", "cues", "exit_text",
-           "exit_construction", "think_start", "think_end", "temperature", "top_p", "max_new_tokens", "answer_max_new_tokens")
+           "exit_construction", "think_start", "think_end", "temperature", "top_p", "max_new_tokens",
+           "answer_max_new_tokens")
 # settings that must also agree between runs (or processes) writing into one collection folder
 _FOLDER_PINNED = _PINNED + ("seed", "batch_size", "n_shards", "problem_ids")
 

@@ -132,6 +132,7 @@ def answer_after_exit(
     # Rows leave the batch (and the cache) as soon as their answer is complete, so one long answer does not make
     # every other row decode to max_new_tokens.
     active = torch.arange(batch, device=device)
+    forward_options = {**cache_kwargs(model, past_key_values), **last_logits_only(model)}
     depth = torch.zeros(batch, dtype=torch.long, device=device)
     generated = torch.full((batch, max_new_tokens), eos[0] if eos else 0, dtype=torch.long, device=device)
     log_probs = torch.zeros((batch, max_new_tokens), device=device)
@@ -140,8 +141,7 @@ def answer_after_exit(
         mask = torch.cat([mask, torch.ones(len(active), width, dtype=mask.dtype, device=device)], dim=-1)
         positions = next_position[:, None] + torch.arange(width, device=device)
         logits = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-            **cache_kwargs(model, past_key_values), **last_logits_only(model),
+            input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True, **forward_options,
         ).logits[:, -1]
         next_position = next_position + width
         token = logits.argmax(-1)
