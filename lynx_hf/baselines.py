@@ -35,8 +35,8 @@ from .answers import answers_match, extract_boxed
 from .conformal import Calibration, LynxCalibrationWarning, exits, first_exit
 from .events import EventTable
 from .collect import think_length
-from .exit import answer_after_exit, eos_token_ids
-from .rollout import TransformersRollout
+from .exit import answer_after_exit, eos_token_ids, pad_token_id
+from .rollout import TransformersRollout, left_pad
 
 __all__ = [
     "BudgetForcing", "CueSuppressor", "DeerStyle", "FirstCue", "Full", "LynxExit", "Method", "NoWait", "Oracle",
@@ -329,8 +329,7 @@ def regenerate(model, tokenizer, table: EventTable, indices: Sequence[int], seed
         raise ValueError(f"These traces were sampled by {settings['rollout']}, which transformers cannot replay token "
                          "for token: run live methods on a table collected with the default transformers rollout.")
     prompts = [table.traces[i]["token_ids"][: table.traces[i]["prompt_length"]] for i in indices]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return TransformersRollout(model, pad_token_id=pad).sequences(
+    return TransformersRollout(model, pad_token_id=pad_token_id(model, tokenizer)).sequences(
         prompts, seed=seed, temperature=float(settings.get("temperature", 0.6)),
         top_p=float(settings.get("top_p", 0.95)), max_new_tokens=int(settings.get("max_new_tokens", 1024)),
         **generate_kwargs,
@@ -385,15 +384,13 @@ class BudgetForcing(Method):
         answers = [t.get("answer") for t in replay.table.traces]
         rows = exited.nonzero().flatten().tolist()
         device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = pad_token_id(self.model, self.tokenizer)
         max_new = self.answer_max_new_tokens or int(replay.table.settings.get("answer_max_new_tokens", 16))
         for begin in range(0, len(rows), self.batch_size):
             chunk = rows[begin:begin + self.batch_size]
             prefixes = [replay.table.traces[i]["token_ids"][: int(replay.prompt_length[i]) + self.budget] for i in chunk]
-            width = max(len(p) for p in prefixes)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
-            forced = answer_after_exit(self.model, self.tokenizer, ids, [width] * len(chunk), self.exit_ids,
+            ids, mask = left_pad(prefixes, pad, device)
+            forced = answer_after_exit(self.model, self.tokenizer, ids, [ids.shape[1]] * len(chunk), self.exit_ids,
                                        attention_mask=mask, max_new_tokens=max_new)
             for i, a in zip(chunk, forced):
                 total[i] = self.budget + len(self.exit_ids) + len(a.token_ids)

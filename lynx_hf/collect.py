@@ -26,6 +26,7 @@ from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
 from .exit import (
     DEFAULT_EXIT_TEXT, answer_after_exit, cache_kwargs, eos_token_ids, exit_cut, exit_token_ids, last_logits_only,
+    pad_token_id,
 )
 from .rollout import Rollout, TransformersRollout
 
@@ -95,8 +96,8 @@ class Collector:
         self.top_p = top_p
         self.answer_max_new_tokens = answer_max_new_tokens
         self.prompt_fn = prompt_fn or (lambda tok, q: build_prompt(tok, q, instruction))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(model, tokenizer)[0]
-        self.rollout = rollout if rollout is not None else TransformersRollout(model, pad_token_id=pad)
+        self.rollout = rollout if rollout is not None else \
+            TransformersRollout(model, pad_token_id=pad_token_id(model, tokenizer))
         if hasattr(self.rollout, "check_tokenizer"):
             self.rollout.check_tokenizer(tokenizer)
         self.settings = {

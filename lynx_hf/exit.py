@@ -187,6 +187,14 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
+def pad_token_id(model, tokenizer) -> int:
+    """The tokenizer's pad id, else the first end-of-sequence id (what `generate` falls back to), else 0."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    eos = eos_token_ids(model, tokenizer)
+    return eos[0] if eos else 0
+
+
 def _truncate_at_close(row: list[int], delta: torch.Tensor, eos: list[int]) -> list[int]:
     depth = 0
     for i, token in enumerate(row):

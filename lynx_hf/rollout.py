@@ -44,6 +44,25 @@ def cut_at_eos(generated: Sequence[int], eos_token_ids: Sequence[int]) -> list[i
     return out
 
 
+def left_pad(sequences: Sequence[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)` for id lists of different lengths, padded on the left.
+
+    Example:
+        >>> left_pad([[5, 6], [7]], pad_token_id=0)
+        (tensor([[5, 6],
+                [0, 7]]), tensor([[1, 1],
+                [0, 1]]))
+    """
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        if ids:
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 class TransformersRollout:
     """Samples with `model.generate` (left-padded batch, `torch.manual_seed(seed)` before the call).
 
@@ -76,18 +95,13 @@ class TransformersRollout:
                   max_new_tokens: int, **generate_kwargs) -> tuple[torch.Tensor, int]:
         """The raw `generate` output for left-padded `prompts` and the padded prompt width; `generate_kwargs`
         (plug-ins such as `stopping_criteria`) go to `model.generate`, which draws the same random numbers."""
-        device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            attention_mask[row, width - len(prompt):] = 1
+        input_ids, attention_mask = left_pad(prompts, self.pad_token_id, next(self.model.parameters()).device)
+        width = input_ids.shape[1]
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         if temperature == 0:
             sampling = dict(do_sample=False)
         torch.manual_seed(seed)
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                   max_new_tokens=max_new_tokens, pad_token_id=self.pad_token_id, **sampling,
                                   **generate_kwargs)
         return out, width
