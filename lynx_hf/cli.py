@@ -18,54 +18,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-PROBLEM_SOURCES = "organism:<family>:<split> | a benchmark Hub id (openai/gsm8k, HuggingFaceH4/MATH-500, " \
-                  "tau/commonsense_qa) | a local .jsonl file of {id, question, answer}"
-
-
-def load_model(name: str, gguf_file: str | None = None, device: str | None = None):
-    """`organism` (the shipped model organism), a local folder or a Hub id; returns (model, tokenizer)."""
-    if name == "organism":
-        from . import organism
-
-        return organism.load(device or "cpu")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(name, **extra)
-    tokenizer.padding_side = "left"
-    options = {"dtype": "auto"}
-    if device is None and torch.cuda.is_available():
-        options["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(name, **extra, **options).eval()
-    if device is not None:
-        model.to(device)
-    return model, tokenizer
-
-
-def load_problems(source: str, n: int | None = None, seed: int = 0) -> list[dict]:
-    """Problems from a source string (see `PROBLEM_SOURCES`)."""
-    if source.startswith("organism:"):
-        from . import organism
-
-        parts = source.split(":")
-        if len(parts) != 3:
-            raise ValueError(f"{source!r}: write organism:<family>:<split>, e.g. organism:arithmetic:train.")
-        return organism.problems(parts[1], parts[2], n=n or 500, seed=seed)
-    if Path(source).is_file():
-        rows = [json.loads(line) for line in Path(source).read_text(encoding="utf-8").splitlines() if line.strip()]
-        return rows[:n] if n else rows
-    from .data import load_benchmark
-
-    return load_benchmark(source, limit=n)
-
-
-def _prompt_fn(model_name: str):
-    if model_name == "organism":
-        from . import organism
-
-        return organism.prompt
-    return None
+from .loading import PROBLEM_SOURCES, load_model, load_problems, prompt_fn
 
 
 def cmd_collect(args) -> None:
@@ -84,7 +37,7 @@ def cmd_collect(args) -> None:
     collector = Collector(
         model, tokenizer, layers=args.layers, cues=args.cues, **options,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        answer_max_new_tokens=args.answer_max_new_tokens, prompt_fn=_prompt_fn(args.model),
+        answer_max_new_tokens=args.answer_max_new_tokens, prompt_fn=prompt_fn(args.model),
     )
     table = collector.collect(problems, args.out, batch_size=args.batch_size, seed=args.seed)
     if table is None:  # a non-main process of a data-parallel run: the main one reports

@@ -476,7 +476,7 @@ def main(args) -> None:
     `out`, `seed`.
     """
     from .bundle import Lynx
-    from .cli import _prompt_fn, load_model, load_problems
+    from .loading import load_model, load_problems, prompt_fn
     from .plots import calibration_plot, pareto_plot
 
     out = Path(args.out)
@@ -494,7 +494,7 @@ def main(args) -> None:
     elif args.problems:
         problems = load_problems(args.problems, args.n, args.seed)
         folder = Path(args.events) if args.events else out / "events"
-        collector = collector_for(model, tokenizer, lynx, prompt_fn=_prompt_fn(args.model))
+        collector = collector_for(model, tokenizer, lynx, prompt_fn=prompt_fn(args.model))
         table = collector.collect(problems, folder, batch_size=32, seed=args.seed)
     else:
         raise ValueError("Give --events (an existing event table) or --problems (to collect one into --out/events).")

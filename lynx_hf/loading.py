@@ -1,0 +1,84 @@
+"""Loading what a pipeline run needs by name: a model and tokenizer, problems, and the prompt format of a model.
+
+The library side of the CLI's `--model` and `--problems` arguments, so that evaluation and collection code can load
+the same things without importing the CLI (the import graph reads runtime <- pipeline <- evaluation <- CLI).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+PROBLEM_SOURCES = "organism:<family>:<split> | a benchmark Hub id (openai/gsm8k, HuggingFaceH4/MATH-500, " \
+                  "tau/commonsense_qa) | a local .jsonl file of {id, question, answer}"
+
+__all__ = ["PROBLEM_SOURCES", "load_model", "load_problems", "prompt_fn"]
+
+
+def load_model(name: str, gguf_file: str | None = None, device: str | None = None):
+    """`organism` (the shipped model organism), a local folder or a Hub id; returns (model, tokenizer).
+
+    The tokenizer pads on the left (batched generation); without `device`, a CUDA machine places the model with
+    `device_map="auto"`.
+
+    Example:
+        >>> model, tokenizer = load_model("organism")
+        >>> tokenizer.padding_side
+        'left'
+    """
+    if name == "organism":
+        from . import organism
+
+        return organism.load(device or "cpu")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+    tokenizer.padding_side = "left"
+    options = {"dtype": "auto"}
+    if device is None and torch.cuda.is_available():
+        options["device_map"] = "auto"
+    model = AutoModelForCausalLM.from_pretrained(name, **extra, **options).eval()
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def load_problems(source: str, n: int | None = None, seed: int = 0) -> list[dict]:
+    """Problems from a source string (see `PROBLEM_SOURCES`): dicts with at least `id`, `question`, `answer`.
+
+    Example:
+        >>> [p["id"] for p in load_problems("organism:arithmetic:test", n=2)] == \\
+        ...     [p["id"] for p in load_problems("organism:arithmetic:test", n=2)]
+        True
+    """
+    if source.startswith("organism:"):
+        from . import organism
+
+        parts = source.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"{source!r}: write organism:<family>:<split>, e.g. organism:arithmetic:train.")
+        return organism.problems(parts[1], parts[2], n=n or 500, seed=seed)
+    if Path(source).is_file():
+        rows = [json.loads(line) for line in Path(source).read_text(encoding="utf-8").splitlines() if line.strip()]
+        return rows[:n] if n else rows
+    from .data import load_benchmark
+
+    return load_benchmark(source, limit=n)
+
+
+def prompt_fn(model_name: str) -> Callable | None:
+    """The prompt builder of a model: the organism's own for `organism`, else None (the collector's default:
+    the question plus R1's instruction through the tokenizer's chat template).
+
+    Example:
+        >>> prompt_fn("organism").__name__, prompt_fn("Qwen/Qwen2.5-0.5B") is None
+        ('prompt', True)
+    """
+    if model_name == "organism":
+        from . import organism
+
+        return organism.prompt
+    return None
