@@ -150,8 +150,9 @@ class Lynx(
         if problems:
             logger.warning("Using a probe for %s on a different model (%s): its guarantee may not hold.",
                            self.config.base_model, "; ".join(problems))
-        detector = CueDetector(tokenizer, cues=self.config.cues, think_start=self.config.think_start,
-                               think_end=self.config.think_end)
+        device = _model_device(model)
+        detector = CueDetector.for_tokenizer(tokenizer, cues=self.config.cues, think_start=self.config.think_start,
+                                             think_end=self.config.think_end, device=device)
         missing = detector.missing_cues()
         if missing:
             raise LynxConfigError(
@@ -159,9 +160,8 @@ class Lynx(
                 "or train one with cues it can spell (`lynx-hf collect --cues ...`)."
             )
         self.exit_ids = exit_token_ids(tokenizer, self.config.exit_text)
-        device = _model_device(model)
         self.probe.to(device)
-        self.detector = detector.to(device)
+        self.detector = detector
         self.brace_delta = brace_delta(tokenizer).to(device)
         self._tap = ModelTap(model, self.config.layers, device=device)
         self.model, self.tokenizer = model, tokenizer

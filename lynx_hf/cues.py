@@ -55,7 +55,9 @@ are treated as empty strings.
 
 from __future__ import annotations
 
+import copy
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -67,6 +69,9 @@ DEFAULT_CUES: tuple[str, ...] = ("hmm", "wait", "alternatively")
 MAX_TOKEN_CHARS = 128
 
 __all__ = ["DEFAULT_CUES", "CueDetector", "CueEvent", "CueState"]
+
+# Detectors built per tokenizer (see `CueDetector.for_tokenizer`); dropped with the tokenizer.
+_DETECTORS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -312,6 +317,42 @@ class CueDetector:
                      vocab_size, width, slots, buf)
 
     # ------------------------------------------------------------------ setup
+
+    @classmethod
+    def for_tokenizer(
+        cls,
+        tokenizer,
+        cues: Sequence[str] = DEFAULT_CUES,
+        think_start: str | None = "<think>",
+        think_end: str | None = "</think>",
+        device: str | torch.device | None = None,
+    ) -> CueDetector:
+        """A detector for `tokenizer`, built once per tokenizer, cue set and markers and reused (bundles attached to
+        one model share it); `device` gives a copy whose tables live there (also reused).
+
+        Example:
+            >>> tok = _example_tokenizer()
+            >>> CueDetector.for_tokenizer(tok) is CueDetector.for_tokenizer(tok)
+            True
+        """
+        if isinstance(cues, str):
+            raise TypeError(f"cues must be a sequence of words, got the string {cues!r}; pass ({cues!r},) instead.")
+        per_tokenizer = _DETECTORS.setdefault(tokenizer, {})
+        key = (tuple(cues), think_start, think_end, len(tokenizer))
+        built = per_tokenizer.get((key, None))
+        if built is None:
+            built = cls(tokenizer, cues=cues, think_start=think_start, think_end=think_end)
+            built.tokenizer = weakref.proxy(tokenizer)  # a strong reference would keep the cache entry alive
+            per_tokenizer[(key, None)] = built
+        if device is None:
+            return built
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        placed = per_tokenizer.get((key, device))
+        if placed is None:
+            placed = per_tokenizer[(key, device)] = copy.copy(built).to(device)
+        return placed
 
     def to(self, device: str | torch.device) -> CueDetector:
         """Move the precomputed tables to `device` (in place) and return the detector.
