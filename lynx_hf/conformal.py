@@ -2,17 +2,27 @@
 
 Every calibration cue event has a probe score ``p = P(safe)`` and a label ``safe`` (a forced exit at that cue answers
 correctly). Decoding exits at the first cue with ``p >= tau``. Exiting at an unsafe event is a *premature exit*.
-With ``delta = 1 - c`` two guarantees are offered, both in expectation over the calibration draw and a new
-question exchangeable with the calibration questions:
+With ``delta = 1 - c`` three strengths of guarantee are offered, all for new questions exchangeable with the
+calibration questions:
 
 * ``guarantee="event"`` (the paper's, class-conditional split conformal): an unsafe cue event exits with
-  probability at most ``delta``. It bounds the rate of premature exits *per unsafe event*.
+  probability at most ``delta``, on average over calibration draws. It bounds premature exits *per unsafe event*.
 * ``guarantee="question"`` (conformal risk control on the first-exit rule): the share of questions whose first exit
-  is unsafe is at most ``delta``. This is the number to quote for "fraction of questions harmed by early exit".
+  is unsafe is at most ``delta``, on average over calibration draws ("fraction of questions harmed").
+* either of them with ``risk_level=alpha`` (PAC, "probably approximately correct"): with probability at least
+  ``1 - alpha`` over the calibration draw, the rate is at most ``delta`` for *this* calibration set. Per event: an
+  exact binomial (Clopper-Pearson) upper confidence bound on the unsafe-event exit rate; per question:
+  Learn-then-Test with fixed-sequence testing from the most conservative threshold down and exact binomial p-values.
 
-Both are computed from the stored calibration scores, so any ``c`` is exact at run time. When ``delta`` is too small
-for the calibration set to certify anything, ``tau = inf`` (never exit) and a :class:`LynxCalibrationWarning` says
-how much calibration data would be needed; the reference implementation silently used the largest score instead.
+The per-event threshold has two rules. The paper's (``rule="paper"``) also asks that "safe" be in the conformal
+prediction set, and at low ``c`` that half can bind, so lowering ``c`` can make it exit *less*. The default
+(``rule="envelope"``) uses ``tau(c) = min over c' >= c`` of the paper's ``tau(c')``: it only drops that safe-side
+condition where it binds, so it keeps the guarantee (the unsafe-side bound only grows with ``c``) and never exits less
+when ``c`` is lowered.
+
+Everything is computed from the stored calibration scores, so any ``(c, alpha)`` is exact at run time. When the
+calibration set is too small to certify anything, ``tau = inf`` (never exit) and a :class:`LynxCalibrationWarning`
+says how much calibration data would be needed; the reference implementation silently used the largest score.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Calibration", "LynxCalibrationWarning", "exits", "first_exit"]
 
 GUARANTEES = ("event", "question")
+RULES = ("envelope", "paper")
 _FORMAT = "lynx-hf/calibration"
 _VERSION = 1
 
@@ -62,6 +73,89 @@ def check_guarantee(guarantee: str) -> str:
     if guarantee not in GUARANTEES:
         raise LynxConfigError(f"unknown guarantee {guarantee!r}; choose 'event' (per cue event) or 'question' (per question).")
     return guarantee
+
+
+def check_rule(rule: str) -> str:
+    """Return `rule` if it is one of `RULES`, else raise `LynxConfigError` naming the choices."""
+    if rule not in RULES:
+        raise LynxConfigError(
+            f"unknown rule {rule!r}; choose 'envelope' (default, monotone in confidence) or 'paper' (the paper's exact "
+            "per-event rule)."
+        )
+    return rule
+
+
+def check_risk_level(risk_level: float | None) -> float | None:
+    """``None`` (marginal guarantee) or a number ``alpha`` in (0, 1) (PAC: holds with probability >= 1 - alpha).
+
+    Example:
+        >>> check_risk_level(0.1), check_risk_level(None)
+        (0.1, None)
+    """
+    if risk_level is None:
+        return None
+    if isinstance(risk_level, bool) or not isinstance(risk_level, (int, float, np.floating, np.integer)):
+        raise ValueError(f"risk_level must be None or a number in (0, 1), got {risk_level!r}.")
+    value = float(risk_level)
+    if not (0.0 < value < 1.0):
+        raise ValueError(
+            f"risk_level must be None (marginal guarantee) or in the open interval (0, 1), got {value!r}; e.g. "
+            "risk_level=0.1 makes the guarantee hold for 90% of calibration draws."
+        )
+    return value
+
+
+def _log_binomial_coefficients(n: int) -> np.ndarray:
+    """``log C(n, m)`` for m = 0..n, as a running sum of ``log((n - m + 1) / m)``."""
+    m = np.arange(1, n + 1, dtype=np.float64)
+    return np.concatenate([[0.0], np.cumsum(np.log(n - m + 1) - np.log(m))])
+
+
+def binomial_cdf(n: int, p: float) -> np.ndarray:
+    """``P(Binomial(n, p) <= m)`` for m = 0..n (float64, exact up to rounding).
+
+    Example:
+        >>> binomial_cdf(2, 0.5).tolist()
+        [0.25, 0.75, 1.0]
+    """
+    m = np.arange(n + 1, dtype=np.float64)
+    if p <= 0.0:
+        return np.ones(n + 1)
+    if p >= 1.0:
+        return (m >= n).astype(np.float64)
+    log_pmf = _log_binomial_coefficients(n) + m * math.log(p) + (n - m) * math.log1p(-p)
+    return np.minimum(np.cumsum(np.exp(log_pmf)), 1.0)
+
+
+def pac_allowance(n: int, delta: float, alpha: float, strict: bool = False) -> int:
+    """Most calibration failures ``m`` (of ``n``) that still certify a rate ``<= delta`` with probability ``1 - alpha``.
+
+    The largest ``m`` with ``P(Binomial(n, delta) <= m) <= alpha`` (``< alpha`` if `strict`), i.e. the largest count
+    whose exact binomial (Clopper-Pearson) upper ``1 - alpha`` confidence bound on the rate is ``<= delta``; ``-1``
+    when even ``m = 0`` does not (too little data).
+
+    Example:
+        >>> pac_allowance(100, 0.1, 0.05), pac_allowance(10, 0.1, 0.05)
+        (4, -1)
+    """
+    cdf = binomial_cdf(n, delta)
+    count = np.searchsorted(cdf, alpha, side="left" if strict else "right")
+    return int(min(count, n + 1)) - 1
+
+
+def pac_needed(delta: float, alpha: float) -> int:
+    """Smallest ``n`` with ``(1 - delta)^n <= alpha``: the data a PAC bound needs to certify anything at all.
+
+    Example:
+        >>> pac_needed(0.1, 0.1), pac_needed(0.05, 0.05)
+        (22, 59)
+    """
+    n = max(1, math.ceil(math.log(alpha) / math.log1p(-delta)))
+    while n > 1 and pac_allowance(n - 1, delta, alpha) >= 0:
+        n -= 1
+    while pac_allowance(n, delta, alpha) < 0:
+        n += 1
+    return n
 
 
 def _conformal_quantile(sorted_scores: np.ndarray, confidence: Fraction) -> float:
@@ -229,14 +323,16 @@ class Calibration:
         ...                   question=[0, 0, 1, 1, 2, 2])
         >>> cal.n_questions, cal.n_safe, cal.n_unsafe
         (3, 3, 3)
-        >>> cal.threshold(0.5)  # exit iff p >= 0.9
+        >>> cal.threshold(0.5)  # exit iff p > 0.8: the paper's rule at c' = 0.75 (envelope)
+        0.8000000000000002
+        >>> cal.threshold(0.5, rule="paper")  # exit iff p >= 0.9: the paper's rule at c = 0.5 exits less
         0.9
         >>> cal.threshold(0.5, guarantee="question")  # exit iff p > 0.3: harms only question 1 (first exit 0.8)
         0.30000000000000004
         >>> import warnings
-        >>> with warnings.catch_warnings(record=True):
-        ...     cal.threshold(0.9)
-        inf
+        >>> with warnings.catch_warnings(record=True):  # too few events to certify: never exit, with a warning
+        ...     cal.threshold(0.9), cal.threshold(0.5, risk_level=0.1)
+        (inf, inf)
     """
 
     scores: Tensor
@@ -316,8 +412,15 @@ class Calibration:
             envelope = np.full(n_q, -np.inf)
             harmful = record & ~safe
             np.maximum.at(envelope, blocks[harmful], p[harmful])
+            # A harmful record is the first exit of its question exactly for tau in (earlier max, p]: the first-exit
+            # loss as a function of tau, for Learn-then-Test.
+            values = np.unique(p)
+            earlier_max = np.where(first_in_block, -np.inf, values[np.clip(earlier - blocks * (len(p) + 1), 0, None)])
             self._cache["stats"] = {
                 "n_questions": n_q,
+                "values_desc": values[::-1].copy(),
+                "harm_hi": np.sort(p[harmful]),
+                "harm_lo": np.sort(earlier_max[harmful]),
                 "s_pos": np.sort(1.0 - p[safe]),
                 "s_neg": np.sort(p[~safe]),
                 "envelope_desc": np.sort(envelope[np.isfinite(envelope)])[::-1].copy(),
@@ -337,16 +440,22 @@ class Calibration:
         c = _exact_confidence(confidence)
         return _conformal_quantile(self._stat("s_pos"), c), _conformal_quantile(self._stat("s_neg"), c)
 
-    def threshold(self, confidence: float, guarantee: str = "event") -> float:
+    def threshold(self, confidence: float, guarantee: str = "event", *, rule: str = "envelope",
+                  risk_level: float | None = None) -> float:
         """Score threshold ``tau`` for confidence ``c = 1 - delta``: exit at a cue iff ``p >= tau`` (``inf``: never).
 
-        ``guarantee="event"``: P(an unsafe cue event exits) <= delta. ``guarantee="question"``: the expected share of
-        questions whose first exit is unsafe is <= delta. Warns (:class:`LynxCalibrationWarning`) and returns ``inf``
-        when delta is too small for the calibration set to certify any exit. Cached per (confidence, guarantee).
+        ``guarantee="event"``: P(an unsafe cue event exits) <= delta. ``guarantee="question"``: the share of questions
+        whose first exit is unsafe is <= delta. With ``risk_level=None`` these hold in expectation over calibration
+        draws; with ``risk_level=alpha`` they hold with probability >= 1 - alpha for this calibration set (PAC).
+        Warns (:class:`LynxCalibrationWarning`) and returns ``inf`` when the calibration set is too small to certify
+        any exit. Cached per (confidence, guarantee, rule, risk_level).
 
-        With ``guarantee="event"``, ``tau = max(min{p : 1 - p <= q_pos}, next float above q_neg)``. The second term grows
-        with ``c``; the first (the paper's "safe must be in the prediction set") shrinks, and at low confidence it can
-        bind, so ``tau`` is not monotone in ``c`` there. The guarantee holds either way.
+        Per event, the paper's rule (``rule="paper"``) is ``tau = max(min{p : 1 - p <= q_pos}, U)`` with ``U`` the
+        unsafe-side bound (the next float above ``q_neg``, or above the order statistic the binomial bound allows).
+        ``U`` grows with ``c``; the first term (the paper's "safe must be in the prediction set") shrinks, and at low
+        confidence it can bind, so the paper's ``tau`` is not monotone in ``c``. ``rule="envelope"`` (default) returns
+        ``min over c' >= c`` of the paper's ``tau(c')``, which is ``>= U(c)`` (same guarantee) and monotone. Per
+        question both rules coincide (the thresholds are monotone by construction).
 
         Example:
             >>> cal = Calibration(scores=[0.9, 0.4, 0.8, 0.3], safe=[True, False, True, False], question=[0, 0, 1, 1])
@@ -357,27 +466,75 @@ class Calibration:
         """
         c = _exact_confidence(confidence)
         check_guarantee(guarantee)
-        key = (c, guarantee)
+        check_rule(rule)
+        alpha = check_risk_level(risk_level)
+        key = (c, guarantee, rule if guarantee == "event" else None, alpha)
         if key not in self._cache:
-            self._cache[key] = self._event_threshold(c) if guarantee == "event" else self._question_threshold(c)
+            if guarantee == "event":
+                self._cache[key] = self._event_threshold(c, rule, alpha)
+            else:
+                self._cache[key] = self._question_threshold(c) if alpha is None else self._ltt_threshold(c, alpha)
         tau, message = self._cache[key]
         if message is not None:
             warnings.warn(message, LynxCalibrationWarning, stacklevel=2)
         return tau
 
-    def _event_threshold(self, c: Fraction) -> tuple[float, str | None]:
-        q_pos = _conformal_quantile(self._stat("s_pos"), c)
-        q_neg = _conformal_quantile(self._stat("s_neg"), c)
-        if math.isinf(q_neg):
-            needed = _needed_events(c)
+    def _event_threshold(self, c: Fraction, rule: str, alpha: float | None) -> tuple[float, str | None]:
+        s_pos, s_neg = self._stat("s_pos"), self._stat("s_neg")
+        n_pos, n_neg = len(s_pos), len(s_neg)
+
+        def allowance(x: Fraction, strict: bool) -> int:
+            """Unsafe calibration events allowed above the threshold at confidence x (just above x if strict)."""
+            if alpha is not None:
+                return pac_allowance(n_neg, float(1 - x), alpha, strict=strict)
+            rank = math.floor((n_neg + 1) * x) + 1 if strict else math.ceil((n_neg + 1) * x)
+            return max(n_neg - rank, -1)
+
+        def unsafe_bound(m: int) -> float:
+            if m < 0:
+                return math.inf
+            return 0.0 if m >= n_neg else math.nextafter(float(s_neg[n_neg - m - 1]), math.inf)
+
+        def safe_bound(rank: int) -> float:  # min{p : 1 - p <= q_pos} at the safe-class rank
+            return -math.inf if rank > n_pos else _min_p_with_complement_at_most(float(s_pos[rank - 1]))
+
+        m0 = allowance(c, strict=False)
+        if m0 < 0:
+            delta = float(1 - c)
+            if alpha is None:
+                needed, how = _needed_events(c), "split conformal needs at least {} (delta >= 1/(n_unsafe + 1))"
+            else:
+                needed, how = pac_needed(delta, alpha), (f"the binomial bound at risk_level={alpha:g} needs at least "
+                                                         "{} ((1 - delta)^n_unsafe <= risk_level)")
             return math.inf, (
-                f"confidence {float(c)} (delta = {float(1 - c):.4g}) cannot be certified per event: the calibration "
-                f"set has {self.n_unsafe} unsafe events and split conformal needs at least {needed} "
-                f"(delta >= 1/(n_unsafe + 1)). Never exiting (tau = inf); calibrate on more problems or lower the "
-                "confidence."
+                f"confidence {float(c)} (delta = {delta:.4g}) cannot be certified per event: the calibration set has "
+                f"{n_neg} unsafe events and {how.format(needed)}. Never exiting (tau = inf); calibrate on more "
+                "problems or lower the confidence."
             )
-        tau = max(_min_p_with_complement_at_most(q_pos), math.nextafter(q_neg, math.inf))
-        return tau, None
+        r0 = math.ceil((n_pos + 1) * c)
+
+        def tau_at(r: int) -> float:
+            # The paper's threshold on the r-th cell of safe ranks (c' in ((r-1)/(n_pos+1), r/(n_pos+1)] and >= c),
+            # where the unsafe bound is lowest at the cell's left end.
+            m = m0 if r == r0 else allowance(Fraction(r - 1, n_pos + 1), strict=True)
+            return max(safe_bound(r), unsafe_bound(m))
+
+        if rule == "paper":
+            return tau_at(r0), None
+        # min over r >= r0 of max(safe_bound(r), unsafe_bound(r)): a non-increasing and a non-decreasing function,
+        # so the minimum sits where they cross; binary-search the first r where the unsafe bound is the larger.
+        lo, hi = r0, n_pos + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            m = m0 if mid == r0 else allowance(Fraction(mid - 1, n_pos + 1), strict=True)
+            if unsafe_bound(m) >= safe_bound(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        best = tau_at(lo)
+        if lo > r0:
+            best = min(best, tau_at(lo - 1))
+        return best, None
 
     def _question_threshold(self, c: Fraction) -> tuple[float, str | None]:
         n = self.n_questions
@@ -395,14 +552,43 @@ class Calibration:
             return 0.0, None
         return math.nextafter(float(envelope[allowed]), math.inf), None
 
+    def _ltt_threshold(self, c: Fraction, alpha: float) -> tuple[float, str | None]:
+        """Learn-then-Test with fixed-sequence testing over every float64 threshold, from ``inf`` down.
+
+        At each threshold the null "risk > delta" is tested with the exact binomial p-value
+        ``P(Binomial(n, delta) <= harmed)``; the walk stops at the first threshold it cannot reject. A fixed sequence
+        needs no multiplicity correction, so the grid can be every float. The harmed count only changes at
+        calibration scores, so the walk visits those.
+        """
+        n, delta = self.n_questions, float(1 - c)
+        allowed = pac_allowance(n, delta, alpha)
+        if allowed < 0:
+            return math.inf, (
+                f"confidence {float(c)} (delta = {delta:.4g}) cannot be certified per question at risk_level={alpha:g}: "
+                f"the calibration set has {n} questions and Learn-then-Test needs at least {pac_needed(delta, alpha)} "
+                "((1 - delta)^n_questions <= risk_level). Never exiting (tau = inf); calibrate on more problems, lower "
+                "the confidence or raise risk_level."
+            )
+        values = self._stat("values_desc")
+        hi, lo = self._stat("harm_hi"), self._stat("harm_lo")
+        # harmed(tau) = #{lo < tau <= hi}; constant for tau in (next lower score, v], so evaluate at tau = v
+        harmed = (len(hi) - np.searchsorted(hi, values, side="left")) - (len(lo) - np.searchsorted(lo, values, side="left"))
+        failing = np.flatnonzero(harmed > allowed)
+        if len(failing) == 0:
+            return 0.0, None
+        return math.nextafter(float(values[failing[0]]), math.inf), None
+
     def table(
         self,
         confidences: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99),
         guarantee: str = "event",
+        *,
+        rule: str = "envelope",
+        risk_level: float | None = None,
     ) -> list[dict]:
         """One row per confidence: the threshold and what it does on the calibration set (in-sample, for display).
 
-        Keys: ``confidence``, ``delta``, ``guarantee``, ``tau`` (``inf`` = never exit), ``exit_rate`` and
+        Keys: ``confidence``, ``delta``, ``guarantee``, ``rule``, ``risk_level``, ``tau`` (``inf`` = never exit), ``exit_rate`` and
         ``premature_rate`` in the unit of the guarantee (event: share of events that exit / of unsafe events that
         exit; question: share of questions that exit / whose first exit is unsafe), and all four explicitly:
         ``event_exit_rate``, ``unsafe_event_exit_rate``, ``question_exit_rate``, ``question_premature_rate``.
@@ -418,7 +604,7 @@ class Calibration:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LynxCalibrationWarning)
             for confidence in confidences:
-                tau = self.threshold(confidence, guarantee)
+                tau = self.threshold(confidence, guarantee, rule=rule, risk_level=risk_level)
                 ex = exits(self.scores, tau)
                 first = first_exit(self.scores, self.question, tau)
                 exited = first >= 0
@@ -430,6 +616,8 @@ class Calibration:
                     "confidence": float(confidence),
                     "delta": float(1 - _exact_confidence(confidence)),
                     "guarantee": guarantee,
+                    "rule": rule,
+                    "risk_level": check_risk_level(risk_level),
                     "tau": tau,
                     "exit_rate": event_rate if guarantee == "event" else q_exit,
                     "premature_rate": unsafe_rate if guarantee == "event" else q_harm,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -40,7 +41,12 @@ def test_event_threshold_uses_n_plus_one_correction_on_hand_example():
     assert cal.threshold(0.8) == math.nextafter(0.5625, INF)
     # c = 0.6: unsafe rank ceil(6 * 0.6) = 4 -> q_neg = 0.5; safe rank ceil(5 * 0.6) = 3 -> q_pos = 0.375, i.e. p >= 0.625.
     assert cal.event_quantiles(0.6) == (0.375, 0.5)
-    assert cal.threshold(0.6) == 0.625
+    assert cal.threshold(0.6, rule="paper") == 0.625
+    # At c' = 0.65 the paper's rule gives exit iff p > 0.5 (safe rank ceil(5 * 0.65) = 4 -> p >= 0.5, unsafe rank
+    # still 4): a *higher* confidence exits *more*. The default envelope takes that lower threshold at c = 0.6 too.
+    assert cal.threshold(0.65, rule="paper") == math.nextafter(0.5, INF)
+    assert cal.threshold(0.6) == math.nextafter(0.5, INF)
+    assert cal.threshold(0.8) == cal.threshold(0.8, rule="paper")  # the unsafe side binds: both rules agree
     # The score 0.5625 of an unsafe calibration event is exactly at q_neg: it must not exit at c = 0.8.
     assert not exits(torch.tensor([0.5625], dtype=torch.float64), cal.threshold(0.8)).item()
 
@@ -79,7 +85,7 @@ def test_event_rule_equals_prediction_set_exactly_safe():
         q_pos = reference_quantile((1.0 - scores[safe]).tolist(), c)
         q_neg = reference_quantile(scores[~safe].tolist(), c)
         assert cal.event_quantiles(c) == (q_pos, q_neg)
-        tau = cal.threshold(c)
+        tau = cal.threshold(c, rule="paper")
         for sweep in (sweep64, sweep32):
             p = sweep.astype(np.float64)
             in_set_exactly_safe = (1.0 - p <= q_pos) & (p > q_neg)
@@ -339,3 +345,106 @@ def test_from_dict_rejects_corrupted_calibration(mutate, field):
         Calibration.from_dict(d)
     with pytest.raises(ValueError, match="calibration.json is corrupted"):
         Calibration.from_dict([1, 2, 3])
+
+
+# --- PAC thresholds (risk_level=alpha) and the monotone per-event rule ----------------------------------------------
+
+def exact_binomial_cdf(n, k, p):
+    p = Fraction(str(p))
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+def test_pac_allowance_is_the_clopper_pearson_count():
+    from lynx_hf.conformal import pac_allowance, pac_needed
+
+    for n in (1, 5, 22, 40, 97):
+        for delta in (0.05, 0.1, 0.2):
+            for alpha in (0.05, 0.1):
+                m = pac_allowance(n, delta, alpha)
+                expected = max([k for k in range(n + 1) if exact_binomial_cdf(n, k, delta) <= Fraction(str(alpha))],
+                               default=-1)
+                assert m == expected, (n, delta, alpha)
+        assert pac_needed(0.1, 0.1) == 22 and pac_allowance(21, 0.1, 0.1) == -1 and pac_allowance(22, 0.1, 0.1) == 0
+
+
+def test_pac_event_threshold_is_the_binomial_order_statistic():
+    unsafe = [i / 128 for i in range(1, 101)]
+    cal = one_event_per_question([0.99], unsafe)
+    # 100 unsafe events, delta = 0.1, alpha = 0.05: at most 4 calibration unsafe events may lie above tau.
+    assert cal.threshold(0.9, risk_level=0.05, rule="paper") == math.nextafter(sorted(unsafe)[-5], INF)
+    with pytest.warns(LynxCalibrationWarning, match=r"100 unsafe events .* at least 299"):
+        assert cal.threshold(0.99, risk_level=0.05) == INF
+
+
+def brute_force_ltt(questions, confidence, alpha):
+    """Fixed-sequence Learn-then-Test from tau = inf down, by direct evaluation and exact rational p-values."""
+    scores = sorted({p for q in questions for p, _ in q}, reverse=True)
+    n, delta = len(questions), float(1 - Fraction(str(confidence)))
+
+    def harmed(tau):
+        total = 0
+        for q in questions:
+            for p, safe in q:
+                if p >= tau:
+                    total += not safe
+                    break
+        return total
+
+    tau = INF
+    for v in scores:
+        if exact_binomial_cdf(n, harmed(v), delta) > Fraction(str(alpha)):
+            return tau
+        tau = v
+    return 0.0 if tau != INF else INF
+
+
+def test_question_pac_threshold_matches_brute_force_learn_then_test():
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        questions = []
+        for _ in range(int(rng.integers(25, 60))):
+            m = int(rng.integers(1, 5))
+            questions.append([(float(rng.integers(0, 40)) / 39, bool(rng.uniform() < 0.6)) for _ in range(m)])
+        cal = calibration_from_questions(questions)
+        for c, alpha in ((0.8, 0.1), (0.9, 0.05), (0.7, 0.2)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", LynxCalibrationWarning)
+                got = cal.threshold(c, "question", risk_level=alpha)
+            expected = brute_force_ltt(questions, c, alpha)
+            # the library returns the next float above the score where the walk stops, the brute force the last
+            # score that passed: the same exits at every calibration score
+            every = [s for q in questions for s, _ in q]
+            assert [s >= got for s in every] == [s >= expected for s in every], (c, alpha, got, expected)
+
+
+def test_envelope_threshold_is_min_of_paper_rule_over_higher_confidences():
+    rng = np.random.default_rng(6)
+    for _ in range(25):
+        n_pos, n_neg = int(rng.integers(3, 30)), int(rng.integers(3, 30))
+        cal = one_event_per_question((rng.integers(0, 64, n_pos) / 63).tolist(), (rng.integers(0, 64, n_neg) / 63).tolist())
+        breaks = sorted({Fraction(k, n_pos + 1) for k in range(n_pos + 2)} | {Fraction(k, n_neg + 1) for k in range(n_neg + 2)})
+        mids = [float((a + b) / 2) for a, b in zip(breaks, breaks[1:])]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LynxCalibrationWarning)
+            for c in (0.5, 0.6, 0.7, 0.8, 0.9):
+                higher = [c] + [m for m in mids if m > c]
+                expected = min(cal.threshold(x, rule="paper") for x in higher)
+                assert cal.threshold(c) == expected, (c, n_pos, n_neg)
+                for alpha in (0.1, 0.3):
+                    env, paper = cal.threshold(c, risk_level=alpha), cal.threshold(c, risk_level=alpha, rule="paper")
+                    assert env <= paper
+                    dense = [c + (1 - c) * k / 400 for k in range(400)]
+                    assert env <= min(cal.threshold(x, risk_level=alpha, rule="paper") for x in dense)
+            taus = [cal.threshold(c) for c in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)]
+            assert taus == sorted(taus)
+
+
+@pytest.mark.parametrize("risk_level", [0.0, 1.0, -0.1, "0.1", True])
+def test_threshold_rejects_bad_risk_level(risk_level):
+    with pytest.raises(ValueError, match="risk_level"):
+        one_event_per_question([0.9], [0.1]).threshold(0.5, risk_level=risk_level)
+
+
+def test_threshold_rejects_unknown_rule():
+    with pytest.raises(ValueError, match="rule"):
+        one_event_per_question([0.9], [0.1]).threshold(0.5, rule="strict")

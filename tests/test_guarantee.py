@@ -78,3 +78,125 @@ def test_delta_below_one_over_n_plus_one_never_exits(events):
     with pytest.warns(LynxCalibrationWarning):
         assert calibration.threshold(1 - tiny, "event") == math.inf
     assert not bool(exits(scores, math.inf).any())
+
+
+# --- the two per-event rules: same guarantee, the default never exits less when c is lowered -------------------------
+
+def test_envelope_rule_is_monotone_and_keeps_the_guarantee(events):
+    scores, safe, question = events
+    generator = torch.Generator().manual_seed(1)
+    grid = [0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+    realised = {(rule, c): [] for rule in ("envelope", "paper") for c in grid}
+    n_unsafe = []
+    non_monotone_paper = 0
+    for _ in range(100):
+        cal = _split(question, generator)
+        calibration = Calibration(scores=scores[cal], safe=safe[cal], question=_reindex(question[cal]))
+        test_scores, test_safe = scores[~cal], safe[~cal]
+        n_unsafe.append(int((~test_safe).sum()))
+        taus = {rule: [calibration.threshold(c, rule=rule) for c in grid] for rule in ("envelope", "paper")}
+        assert taus["envelope"] == sorted(taus["envelope"])  # lower c never exits less
+        assert all(e <= p for e, p in zip(taus["envelope"], taus["paper"]))
+        non_monotone_paper += taus["paper"] != sorted(taus["paper"])
+        for rule, values in taus.items():
+            for c, tau in zip(grid, values):
+                realised[rule, c].append(float(exits(test_scores[~test_safe], tau).double().mean()))
+    for (rule, c), rates in realised.items():
+        delta = 1 - c
+        tol = 3 * math.sqrt(delta * (1 - delta) / min(n_unsafe)) / math.sqrt(10)
+        assert sum(rates) / len(rates) <= delta + tol, (rule, c, sum(rates) / len(rates))
+    assert non_monotone_paper > 0, "the organism's paper-rule thresholds should show the non-monotonicity"
+
+
+# --- PAC (risk_level=alpha): the guarantee holds for the calibration set at hand, with probability >= 1 - alpha ------
+
+PAC_PAIRS = [(0.05, 0.1), (0.1, 0.05)]  # (delta, alpha)
+PAC_DRAWS = 300
+
+
+def _population(events):
+    """The held-out pool as a population: per-question event slices, so calibration sets can be drawn i.i.d."""
+    scores, safe, question = events
+    n = int(question.max()) + 1
+    starts = torch.searchsorted(question, torch.arange(n))
+    sizes = torch.searchsorted(question, torch.arange(n), right=True) - starts
+    return n, starts, sizes
+
+
+def _draw(events, population, n_cal, generator, unit):
+    """A calibration set drawn i.i.d. from the pool: `n_cal` questions (unit="question") or events (unit="event")."""
+    scores, safe, question = events
+    n, starts, sizes = population
+    if unit == "event":
+        idx = torch.randint(0, len(scores), (int(sizes[:n_cal].sum()),), generator=generator)
+        return Calibration(scores=scores[idx], safe=safe[idx], question=torch.arange(len(idx)))
+    pick = torch.randint(0, n, (n_cal,), generator=generator)
+    idx = torch.cat([torch.arange(int(starts[i]), int(starts[i] + sizes[i])) for i in pick.tolist()])
+    return Calibration(scores=scores[idx], safe=safe[idx],
+                       question=torch.repeat_interleave(torch.arange(n_cal), sizes[pick]))
+
+
+def _population_rates(events, calibration, delta, alpha, guarantee):
+    scores, safe, question = events
+    tau = calibration.threshold(1 - delta, guarantee, risk_level=alpha)
+    if guarantee == "event":
+        return float(exits(scores[~safe], tau).double().mean())
+    first = first_exit(scores, question, tau)
+    return float(((first >= 0) & ~safe[first.clamp_min(0)]).double().mean())
+
+
+def _exceedance(events, guarantee, unit, seed):
+    """Share of calibration draws (250 questions each) whose rate on the whole pool exceeds delta, per (delta, alpha),
+    for PAC and for the marginal threshold."""
+    population = _population(events)
+    generator = torch.Generator().manual_seed(seed)
+    shares = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LynxCalibrationWarning)
+        draws = [_draw(events, population, 250, generator, unit) for _ in range(PAC_DRAWS)]
+        for delta, alpha in PAC_PAIRS:
+            for level in (alpha, None):
+                rates = [_population_rates(events, cal, delta, level, guarantee) for cal in draws]
+                shares[delta, level] = sum(r > delta for r in rates) / PAC_DRAWS
+    return shares
+
+
+def _binomial_tolerance(alpha):
+    return 2.33 * math.sqrt(alpha * (1 - alpha) / PAC_DRAWS)  # one-sided 99%
+
+
+def test_pac_per_question_holds_for_the_calibration_set_at_hand(events):
+    # The pool of held-out questions is the population: a calibration set is 250 questions drawn i.i.d. from it, and
+    # the realised rate is computed exactly on the whole pool (no test-sample noise).
+    shares = _exceedance(events, "question", "question", seed=2)
+    print("per question, share of calibration draws above delta:", shares)
+    for delta, alpha in PAC_PAIRS:
+        assert shares[delta, alpha] <= alpha + _binomial_tolerance(alpha), (delta, alpha, shares)
+        assert shares[delta, None] > alpha + _binomial_tolerance(alpha), "marginal thresholds should exceed delta often"
+
+
+def test_pac_per_event_holds_when_unsafe_events_are_independent(events):
+    # The exact binomial bound treats unsafe calibration events as independent draws: here they are (events drawn
+    # i.i.d. from the pool).
+    shares = _exceedance(events, "event", "event", seed=3)
+    print("per event (i.i.d. events), share of calibration draws above delta:", shares)
+    for delta, alpha in PAC_PAIRS:
+        assert shares[delta, alpha] <= alpha + _binomial_tolerance(alpha), (delta, alpha, shares)
+
+
+@pytest.mark.xfail(strict=True, reason="known limitation: cues of one trace are correlated, so drawing calibration "
+                   "questions (not events) makes the per-event binomial bound optimistic; use guarantee='question'")
+def test_pac_per_event_with_calibration_drawn_by_question(events):
+    shares = _exceedance(events, "event", "question", seed=4)
+    print("per event (questions drawn), share of calibration draws above delta:", shares)
+    for delta, alpha in PAC_PAIRS:
+        assert shares[delta, alpha] <= alpha + _binomial_tolerance(alpha), (delta, alpha, shares)
+
+
+def test_pac_thresholds_are_at_least_as_conservative_as_marginal(events):
+    scores, safe, question = events
+    calibration = Calibration(scores=scores, safe=safe, question=question)
+    for guarantee in ("event", "question"):
+        for c in (0.8, 0.9, 0.95):
+            taus = [calibration.threshold(c, guarantee, risk_level=a) for a in (None, 0.1, 0.05, 0.01)]
+            assert taus == sorted(taus), (guarantee, c, taus)
