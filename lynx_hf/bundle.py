@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import StoppingCriteria
 
-from .conformal import GUARANTEES, Calibration, check_guarantee
+from .conformal import GUARANTEES, Calibration, check_guarantee, check_risk_level, check_rule
 from .config import LynxConfig, check_base_model
 from .cues import CueDetector
 from .errors import CorruptedBundleError, LynxConfigError, NotAttachedError
@@ -57,7 +58,10 @@ class Lynx(
     `confidence` c sets the exit threshold from the stored calibration scores: with `guarantee="event"` an unsafe
     cue (one where the forced answer would be wrong) triggers an exit with probability at most 1 - c; with
     `guarantee="question"` the share of questions whose exit is premature is at most 1 - c (conformal risk
-    control). Change `lynx.confidence` at any time without reloading. `shadow=True` never intervenes and only
+    control). Both hold on average over calibration sets; `risk_level=alpha` makes them hold with probability at
+    least 1 - alpha for this bundle's calibration set (PAC; fewer exits). `rule="paper"` uses the paper's exact
+    per-event rule instead of its monotone envelope (the default). Change `lynx.confidence` (and the others) at any
+    time without reloading. `shadow=True` never intervenes and only
     records in `last_exits` where it would have exited.
 
     Example:
@@ -83,6 +87,8 @@ class Lynx(
         *,
         confidence: float = 0.9,
         guarantee: str = "event",
+        risk_level: float | None = None,
+        rule: str = "envelope",
         shadow: bool = False,
         metadata: dict | None = None,
     ):
@@ -98,6 +104,8 @@ class Lynx(
         self.shadow = shadow
         self._guarantee = check_guarantee(guarantee)
         self._confidence = _check_confidence(confidence)
+        self._risk_level = check_risk_level(risk_level)
+        self._rule = check_rule(rule)
         self._threshold: float | None = None
         self.model = None
         self.tokenizer = None
@@ -130,10 +138,32 @@ class Lynx(
         self._threshold = None
 
     @property
+    def risk_level(self) -> float | None:
+        """None (the guarantee holds on average over calibration sets) or alpha: it holds with probability >= 1 - alpha
+        for this calibration set (PAC)."""
+        return self._risk_level
+
+    @risk_level.setter
+    def risk_level(self, value: float | None) -> None:
+        self._risk_level = check_risk_level(value)
+        self._threshold = None
+
+    @property
+    def rule(self) -> str:
+        """Per-event threshold rule: `"envelope"` (default, monotone in confidence) or `"paper"` (the paper's exact rule)."""
+        return self._rule
+
+    @rule.setter
+    def rule(self, value: str) -> None:
+        self._rule = check_rule(value)
+        self._threshold = None
+
+    @property
     def threshold(self) -> float:
-        """The probe-score threshold for the current confidence and guarantee (inf: never exit)."""
+        """The probe-score threshold for the current confidence, guarantee, risk level and rule (inf: never exit)."""
         if self._threshold is None:
-            self._threshold = self.calibration.threshold(self._confidence, self._guarantee)
+            self._threshold = self.calibration.threshold(self._confidence, self._guarantee, rule=self._rule,
+                                                         risk_level=self._risk_level)
         return self._threshold
 
     # ----- binding to a model ----------------------------------------------------------------------------------
@@ -330,6 +360,8 @@ class Lynx(
         tokenizer=None,
         confidence: float = 0.9,
         guarantee: str = "event",
+        risk_level: float | None = None,
+        rule: str = "envelope",
         shadow: bool = False,
         allow_base_model_mismatch: bool = False,
         revision: str | None = None,
@@ -352,14 +384,18 @@ class Lynx(
         if "calibration" not in payload:
             raise CorruptedBundleError(f"{folder / CALIBRATION_NAME} is corrupted: no 'calibration' entry; re-save it.")
         calibration = Calibration.from_dict(payload["calibration"])
-        lynx = cls(config, probe, calibration, confidence=confidence, guarantee=guarantee, shadow=shadow,
-                   metadata=payload.get("metadata"))
+        lynx = cls(config, probe, calibration, confidence=confidence, guarantee=guarantee, risk_level=risk_level,
+                   rule=rule, shadow=shadow, metadata=payload.get("metadata"))
         if model is not None:
             lynx.attach(model, tokenizer, allow_base_model_mismatch=allow_base_model_mismatch)
         return lynx
 
 
 def _check_confidence(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise LynxConfigError(
+            f"confidence must be a number in (0, 1), got {value!r} ({type(value).__name__}): pass e.g. confidence=0.9."
+        )
     value = float(value)
     if not 0.0 < value < 1.0:
         raise LynxConfigError(

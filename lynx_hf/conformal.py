@@ -95,10 +95,10 @@ def check_risk_level(risk_level: float | None) -> float | None:
     if risk_level is None:
         return None
     if isinstance(risk_level, bool) or not isinstance(risk_level, (int, float, np.floating, np.integer)):
-        raise ValueError(f"risk_level must be None or a number in (0, 1), got {risk_level!r}.")
+        raise LynxConfigError(f"risk_level must be None or a number in (0, 1), got {risk_level!r}.")
     value = float(risk_level)
     if not (0.0 < value < 1.0):
-        raise ValueError(
+        raise LynxConfigError(
             f"risk_level must be None (marginal guarantee) or in the open interval (0, 1), got {value!r}; e.g. "
             "risk_level=0.1 makes the guarantee hold for 90% of calibration draws."
         )

@@ -142,3 +142,27 @@ def test_corrupted_or_missing_files_are_clear_errors(parts, tmp_path, damage):
 def test_from_pretrained_of_a_path_that_is_not_a_bundle_says_so(tmp_path):
     with pytest.raises(CorruptedBundleError, match="missing"):
         Lynx.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["0.9", None, True, [0.9]])
+def test_confidence_that_is_not_a_number_is_refused(parts, tmp_path, bad):
+    _, _, lynx = parts
+    lynx.save_pretrained(tmp_path)
+    with pytest.raises(LynxConfigError, match="confidence must be a number"):
+        Lynx.from_pretrained(tmp_path, confidence=bad)
+    with pytest.raises(LynxConfigError, match="confidence must be a number"):
+        lynx.confidence = bad
+
+
+def test_risk_level_and_rule_pick_the_calibration_threshold(parts, tmp_path):
+    _, _, lynx = parts
+    lynx.save_pretrained(tmp_path)
+    loaded = Lynx.from_pretrained(tmp_path, confidence=0.8, guarantee="question", risk_level=0.1, rule="paper")
+    assert (loaded.risk_level, loaded.rule) == (0.1, "paper")
+    assert loaded.threshold == loaded.calibration.threshold(0.8, "question", rule="paper", risk_level=0.1)
+    loaded.guarantee, loaded.risk_level, loaded.rule = "event", None, "envelope"
+    assert loaded.threshold == loaded.calibration.threshold(0.8, "event")
+    with pytest.raises(LynxConfigError, match="risk_level"):
+        loaded.risk_level = "0.1"
+    with pytest.raises(LynxConfigError, match="rule"):
+        Lynx.from_pretrained(tmp_path, rule="strict")
