@@ -328,24 +328,32 @@ class Lynx(
         )
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
-        """The model card rendered from `hub_cards/lynx_probe.md`, with YAML metadata."""
+        """The model card rendered from `hub_cards/lynx_probe.md`, with YAML metadata: the guarantee types, the data
+        the calibration rests on, and thresholds and held-out results as tables of rounded numbers."""
         info = self._hub_mixin_info
+        meta = self.metadata
         data = ModelCardData(
             library_name="lynx-hf", license="apache-2.0", base_model=self.config.base_model,
-            tags=list(info.model_card_data.tags or []), datasets=self.metadata.get("datasets"),
+            tags=list(info.model_card_data.tags or []), datasets=meta.get("datasets"),
             metrics=["auroc", "premature_exit_rate"],
         )
-        rows = [
-            {**row, "tau_text": "never exit" if math.isinf(row["tau"]) else f"{row['tau']:.4f}"}
-            for guarantee in GUARANTEES for row in self.calibration.table(guarantee=guarantee)
-        ]
+        test_rows = _card_test_rows(meta.get("test_realised_rates") or [])
+        n_test = meta.get("test_questions")
         return ModelCard.from_template(
             card_data=data,
             template_str=CARD_TEMPLATE.read_text(encoding="utf-8"),
             config=self.config,
             calibration=self.calibration,
-            table=rows,
-            metadata=self.metadata,
+            table=_card_threshold_rows(self.calibration),
+            metadata=meta,
+            datasets=meta.get("datasets") or [],
+            auroc_rows=[(name, f"{meta[key]:.3f}") for name, key in (
+                ("validation", "probe_validation_auroc"), ("calibration", "calibration_auroc"), ("test", "test_auroc"))
+                if isinstance(meta.get(key), (int, float))],
+            test_rows=test_rows,
+            test_data=meta.get("test") or "held-out problems",
+            test_noise=(f"on {n_test} questions a per-question rate of 0.1 has a standard error of "
+                        f"{math.sqrt(0.1 * 0.9 / n_test):.3f}" if n_test else "its rates vary around the true ones"),
             repo_url=info.repo_url,
             paper_url=info.paper_url,
             **kwargs,
@@ -402,6 +410,45 @@ def _check_confidence(value: float) -> float:
             f"confidence={value} is outside (0, 1): pass e.g. confidence=0.9 for a premature-exit rate of at most 10%."
         )
     return value
+
+
+CARD_CONFIDENCES = (0.8, 0.9, 0.95)
+CARD_RISK_LEVELS = (None, 0.1)
+
+
+def _strength(risk_level: float | None) -> str:
+    return "marginal" if risk_level is None else f"PAC, α = {risk_level:g}"
+
+
+def _card_threshold_rows(calibration: Calibration) -> list[dict]:
+    """Threshold table rows for the card: per guarantee and strength, rates rounded to 3 decimals."""
+    rows = []
+    for guarantee in GUARANTEES:
+        for risk_level in CARD_RISK_LEVELS:
+            for row in calibration.table(CARD_CONFIDENCES, guarantee, risk_level=risk_level):
+                rows.append({
+                    "confidence": f"{row['confidence']:g}", "guarantee": guarantee, "strength": _strength(risk_level),
+                    "tau_text": "never exit" if math.isinf(row["tau"]) else f"{row['tau']:.4f}",
+                    "exit_text": f"{row['exit_rate']:.3f}", "premature_text": f"{row['premature_rate']:.3f}",
+                })
+    return rows
+
+
+def _card_test_rows(rates: Sequence[dict]) -> list[dict]:
+    """`metadata["test_realised_rates"]` as rounded table rows. Rows without a `rule` come from bundles built when the
+    paper's per-event rule was the only one."""
+    rows = []
+    for r in rates:
+        if not isinstance(r, dict) or "event" not in r or "question" not in r:
+            continue
+        rows.append({
+            "confidence": f"{r['confidence']:g}", "delta": f"{1 - r['confidence']:.2f}",
+            "strength": _strength(r.get("risk_level")), "rule": r.get("rule", "paper"),
+            "event": f"{r['event']['unsafe_event_exit_rate']:.3f}",
+            "question": f"{r['question']['question_premature_rate']:.3f}",
+            "exited": f"{r['question']['question_exit_rate']:.3f}",
+        })
+    return rows
 
 
 def _model_device(model) -> torch.device:

@@ -21,6 +21,7 @@ from .probe import LynxProbe, auroc, train_probe
 logger = logging.getLogger(__name__)
 
 REPORT_CONFIDENCES = (0.8, 0.9, 0.95)
+REPORT_RISK_LEVELS = (None, 0.1)
 
 
 def train(table: EventTable, *, seed: int = 0, **probe_kwargs):
@@ -51,28 +52,31 @@ def calibrate(probe: LynxProbe, table: EventTable) -> Calibration:
 
 
 def realised_rates(probe: LynxProbe, calibration: Calibration, table: EventTable,
-                   confidences: Sequence[float] = REPORT_CONFIDENCES) -> list[dict]:
-    """Premature-exit rates realised on held-out (test) events, per event and per question, at each confidence."""
+                   confidences: Sequence[float] = REPORT_CONFIDENCES,
+                   risk_levels: Sequence[float | None] = REPORT_RISK_LEVELS) -> list[dict]:
+    """Premature-exit rates realised on held-out (test) events, per event and per question, at each confidence and
+    risk level (None: the marginal guarantee; alpha: PAC). Each row names its `rule` and `risk_level`."""
     scores = score(probe, table).double()
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LynxCalibrationWarning)
-        for c in confidences:
-            row = {"confidence": c}
-            for guarantee in ("event", "question"):
-                tau = calibration.threshold(c, guarantee)
-                ex = exits(scores, tau)
-                unsafe = ~table.safe
-                first = first_exit(scores, table.trace, tau)
-                exited = first >= 0
-                premature = exited & ~table.safe[first.clamp_min(0)]
-                row[guarantee] = {
-                    "tau": tau,
-                    "unsafe_event_exit_rate": float(ex[unsafe].double().mean()) if bool(unsafe.any()) else 0.0,
-                    "question_premature_rate": float(premature.double().sum() / max(table.n_traces, 1)),
-                    "question_exit_rate": float(exited.double().sum() / max(table.n_traces, 1)),
-                }
-            rows.append(row)
+        for risk_level in risk_levels:
+            for c in confidences:
+                row = {"confidence": c, "risk_level": risk_level, "rule": "envelope"}
+                for guarantee in ("event", "question"):
+                    tau = calibration.threshold(c, guarantee, risk_level=risk_level)
+                    ex = exits(scores, tau)
+                    unsafe = ~table.safe
+                    first = first_exit(scores, table.trace, tau)
+                    exited = first >= 0
+                    premature = exited & ~table.safe[first.clamp_min(0)]
+                    row[guarantee] = {
+                        "tau": tau,
+                        "unsafe_event_exit_rate": float(ex[unsafe].double().mean()) if bool(unsafe.any()) else 0.0,
+                        "question_premature_rate": float(premature.double().sum() / max(table.n_traces, 1)),
+                        "question_exit_rate": float(exited.double().sum() / max(table.n_traces, 1)),
+                    }
+                rows.append(row)
     return rows
 
 
@@ -109,10 +113,12 @@ def calibrate_bundle(probe: LynxProbe, calibration_table: EventTable, test_table
         "train": train_note,
         "probe_validation_auroc": validation_auroc,
         "calibration_auroc": auroc(calibration.scores, calibration.safe),
+        "calibration_data": describe(calibration_table),
     }
     if test_table is not None and len(test_table):
         check_same_settings(settings, test_table.settings, where="the probe's and the test settings")
         metadata["test"] = f"{len(test_table)} events from {test_table.n_traces} traces"
+        metadata["test_questions"] = test_table.n_traces
         metadata["test_auroc"] = auroc(score(probe, test_table), test_table.safe)
         metadata["test_realised_rates"] = realised_rates(probe, calibration, test_table)
     logger.info("Probe: calibration AUROC %.3f", metadata["calibration_auroc"])

@@ -62,7 +62,7 @@ def main() -> None:
     print(f"layers {lynx.config.layers}; validation AUROC {meta['probe_validation_auroc']:.3f}, "
           f"calibration AUROC {meta['calibration_auroc']:.3f}, test AUROC {meta['test_auroc']:.3f}")
     for row in meta["test_realised_rates"]:
-        print(f"c={row['confidence']}: per event: unsafe cues that exit {row['event']['unsafe_event_exit_rate']:.3f}"
+        print(f"c={row['confidence']}, risk_level={row['risk_level']}: per event: unsafe cues that exit {row['event']['unsafe_event_exit_rate']:.3f}"
               f" (target <= {1 - row['confidence']:.2f}); per question: premature first exits "
               f"{row['question']['question_premature_rate']:.3f}, questions exited "
               f"{row['question']['question_exit_rate']:.3f}")

@@ -166,3 +166,17 @@ def test_risk_level_and_rule_pick_the_calibration_threshold(parts, tmp_path):
         loaded.risk_level = "0.1"
     with pytest.raises(LynxConfigError, match="rule"):
         Lynx.from_pretrained(tmp_path, rule="strict")
+
+
+def test_model_card_states_guarantee_data_and_results_as_rounded_tables():
+    import re
+
+    from lynx_hf import organism
+
+    text = Lynx.from_pretrained(organism.BUNDLE_DIR).generate_model_card().text
+    assert "500 calibration questions" in text and "risk_level=α" in text and "rule=\"paper\"" in text
+    assert "| 0.9 | per question | PAC, α = 0.1 |" in text
+    assert "## Held-out test results" in text and "| 0.9 | 0.10 | marginal | envelope |" in text
+    assert "| test | 0.933 |" in text
+    assert not re.search(r"\d\.\d{5,}", text), "numbers must be rounded"
+    assert "{'" not in text and "': " not in text, "no raw Python dicts"
