@@ -29,7 +29,20 @@ from .probe import LynxProbe, train_probe
 
 __version__ = "0.1.0"
 
+# evaluation-side names, imported on first use so `import lynx_hf` stays the small runtime
+_LAZY = {"AnswerStated": "baselines", "TextProbe": "baselines", "TextProbeExit": "baselines"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "AnswerStated",
     "BaseModelMismatchError",
     "Calibration",
     "CorruptedBundleError",
@@ -49,6 +62,8 @@ __all__ = [
     "LynxProbe",
     "LynxStoppingCriteria",
     "NotAttachedError",
+    "TextProbe",
+    "TextProbeExit",
     "UnsupportedGenerationError",
     "answer_after_exit",
     "answers_match",

@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/eval", help="folder for results.md/json and plots")
     p.add_argument("--confidences", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--live", type=int, default=0, help="also run the plug-ins live on this many problems")
+    p.add_argument("--text-probe-train", help="event table the bundle's probe was trained on: fits the TextProbe "
+                                              "control (text features, same MLP, split and calibration)")
+    p.add_argument("--text-probe-calibration", help="event table the bundle was calibrated on (with --text-probe-train)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
 

@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 
 from .baselines import (
-    BudgetForcing, DeerStyle, FirstCue, Full, LynxExit, Method, NoWait, Oracle, Outcome, Replay, matched_budget,
-    regenerate, shard_batches,
+    BudgetForcing, DeerStyle, FirstCue, Full, LynxExit, Method, NoWait, Oracle, Outcome, Replay, TextProbe,
+    TextProbeExit, answer_stated_rules, matched_budget, regenerate, shard_batches,
 )
 from .conformal import LynxCalibrationWarning, exits
 from .events import EventTable
 from .exit import eos_token_ids
+from .probe import auroc
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +97,67 @@ def lynx_methods(confidences: Sequence[float] = DEFAULT_CONFIDENCES,
     return [LynxExit(c, g) for g in guarantees for c in confidences]
 
 
+def text_probe_methods(text_probe: TextProbe, confidences: Sequence[float] = DEFAULT_CONFIDENCES,
+                       guarantees: Sequence[str] = ("event", "question")) -> list[Method]:
+    """`TextProbeExit` at every (confidence, guarantee): the text-only control at LYNX's own operating points.
+
+    Example:
+        >>> [m.name for m in text_probe_methods(text_probe, [0.9], ["event"])]  # doctest: +SKIP
+        ['TextProbe c=0.9 (event)']
+    """
+    return [TextProbeExit(text_probe, c, g) for g in guarantees for c in confidences]
+
+
 def replay_methods(confidences: Sequence[float] = DEFAULT_CONFIDENCES,
-                   lambdas: Sequence[float] = DEFAULT_LAMBDAS) -> list[Method]:
-    """Full, LYNX at each confidence and guarantee, FirstCue, Oracle and DEER at each lambda (no model needed).
+                   lambdas: Sequence[float] = DEFAULT_LAMBDAS, *, tokenizer=None,
+                   text_probe: TextProbe | None = None) -> list[Method]:
+    """Full, LYNX at each confidence and guarantee, the text-only baselines, FirstCue, Oracle and DEER at each lambda.
+
+    The text-only baselines need what they read: `AnswerStated` (see `answer_stated_rules`) needs the `tokenizer`
+    to decode the trace text, `TextProbeExit` a fitted `text_probe`; each is left out without it.
 
     Example:
         >>> [m.name for m in replay_methods([0.9], [0.95])][:2]
         ['Full', 'Lynx c=0.9 (event)']
     """
-    return [Full(), *lynx_methods(confidences), FirstCue(), Oracle(), *[DeerStyle(lam) for lam in lambdas]]
+    text: list[Method] = []
+    if text_probe is not None:
+        text += text_probe_methods(text_probe, confidences)
+    if tokenizer is not None:
+        text += answer_stated_rules(tokenizer)
+    return [Full(), *lynx_methods(confidences), *text, FirstCue(), Oracle(), *[DeerStyle(lam) for lam in lambdas]]
+
+
+def probe_aurocs(replay: Replay, text_probe: TextProbe | None = None) -> dict:
+    """AUROC of the LYNX probe and (if given) the `TextProbe` on the replay's events, with the event counts.
+
+    Example:
+        >>> probe_aurocs(replay, text_probe)["text_probe"]  # doctest: +SKIP
+        0.91
+    """
+    table = replay.table
+    safe = table.safe
+    defined = len(table) > 0 and 0 < int(safe.sum()) < len(table)
+    report = {"n_events": len(table), "n_safe": int(safe.sum()),
+              "lynx_probe": auroc(replay.scores, safe) if defined else None}
+    if text_probe is not None:
+        report["text_probe"] = auroc(text_probe.scores(table), safe) if defined else None
+        report["text_probe_window"] = text_probe.window
+    return report
+
+
+def format_aurocs(report: dict) -> str:
+    """One line from `probe_aurocs`.
+
+    Example:
+        >>> format_aurocs({"n_events": 10, "n_safe": 4, "lynx_probe": 0.9, "text_probe": 0.85, "text_probe_window": 8})
+        'probe AUROC on 10 held-out cue events (4 safe): LYNX probe (hidden states) 0.900, TextProbe (last 8 tokens) 0.850'
+    """
+    text = (f"probe AUROC on {report['n_events']} held-out cue events ({report['n_safe']} safe): "
+            f"LYNX probe (hidden states) {_fmt(report['lynx_probe'])}")
+    if "text_probe" in report:
+        text += f", TextProbe (last {report['text_probe_window']} tokens) {_fmt(report['text_probe'])}"
+    return text
 
 
 def evaluate(replay: Replay, methods: Sequence[Method], progress: bool = False) -> tuple[list[dict], list[Outcome]]:
@@ -367,6 +420,41 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def premature_text(row: dict) -> str:
+    """The compact table's premature-exit cell: the realised rate in the unit the row's guarantee bounds, with its
+    target; for exits without a guarantee, the share of questions answered wrongly at an exit; "–" without exits.
+
+    Example:
+        >>> premature_text({"guarantee": "event", "unsafe_event_exit_rate": 0.098, "target": 0.1, "exit_rate": 0.9})
+        '0.098 per unsafe cue (target 0.10)'
+        >>> premature_text({"guarantee": None, "premature_per_question": 0.5, "exit_rate": 0.9})
+        '0.500 per question'
+    """
+    if row.get("guarantee") == "event":
+        return f"{_fmt(row.get('unsafe_event_exit_rate'))} per unsafe cue (target {_fmt(row.get('target'), 2)})"
+    if row.get("guarantee") == "question":
+        return f"{_fmt(row.get('premature_per_question'))} per question (target {_fmt(row.get('target'), 2)})"
+    if not row.get("exit_rate"):
+        return "–"
+    return f"{_fmt(row.get('premature_per_question'))} per question"
+
+
+def format_compact(rows: Sequence[dict]) -> str:
+    """Results rows as a five-column markdown table that fits a terminal: method, accuracy, thinking tokens,
+    savings and the premature-exit rate against its target (`format_table` has every column; results.md holds it).
+
+    Example:
+        >>> print(format_compact([{"method": "Full", "accuracy": 0.5, "thinking_tokens": 10.0, "savings": 0.0,
+        ...     "exit_rate": 0.0, "guarantee": None}]).splitlines()[2])
+        | Full | 0.500 | 10.0 | 0.0% | – |
+    """
+    lines = ["| method | accuracy | thinking tokens | savings | premature exits (target) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {_fmt(r['accuracy'])} | {_fmt(r['thinking_tokens'], 1)} | "
+                     f"{100 * r['savings']:.1f}% | {premature_text(r)} |")
+    return "\n".join(lines)
+
+
 def format_agreement(report: dict) -> str:
     """A short text summary of `live_agreement`'s report.
 
@@ -397,8 +485,9 @@ def format_agreement(report: dict) -> str:
 
 
 def write_results(rows: Sequence[dict], out: str | Path, name: str = "results", title: str = "",
-                  extra: dict | None = None) -> Path:
-    """Write `name.md` (markdown table) and `name.json` (rows + `extra`) into `out`; returns the markdown path.
+                  extra: dict | None = None, notes: Sequence[str] = ()) -> Path:
+    """Write `name.md` (the full markdown table, then `notes` as lines) and `name.json` (rows + `extra`) into
+    `out`; returns the markdown path.
 
     Example:
         >>> write_results(rows, "outputs/eval")  # doctest: +SKIP
@@ -406,7 +495,8 @@ def write_results(rows: Sequence[dict], out: str | Path, name: str = "results", 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"{name}.md"
-    md.write_text((f"## {title}\n\n" if title else "") + format_table(rows) + "\n", encoding="utf-8")
+    md.write_text((f"## {title}\n\n" if title else "") + format_table(rows) + "\n"
+                  + "".join(f"\n{note}\n" for note in notes), encoding="utf-8")
     payload = {"rows": list(rows), **(extra or {})}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=_json_default) + "\n", encoding="utf-8")
     return md
@@ -450,16 +540,21 @@ def collector_for(model, tokenizer, lynx, prompt_fn=None, **options):
 
 
 def run_all(lynx, table: EventTable, model=None, tokenizer=None, *, confidences=DEFAULT_CONFIDENCES,
-            lambdas=DEFAULT_LAMBDAS, live: bool = True) -> tuple[list[dict], list[Outcome], Replay]:
-    """Replay methods, then (with a model) budget forcing at matched budgets and NoWait; returns rows, outcomes, replay.
+            lambdas=DEFAULT_LAMBDAS, live: bool = True,
+            text_probe: TextProbe | None = None) -> tuple[list[dict], list[Outcome], Replay]:
+    """Replay methods (with the text-only baselines), then (with a model) budget forcing at matched budgets and
+    NoWait; returns rows, outcomes, replay. `AnswerStated` reads the text with `tokenizer` (default: the attached
+    bundle's); `TextProbeExit` rows need a fitted `text_probe`.
 
     Example:
-        >>> rows, outcomes, replay = run_all(lynx, table, model, tok)  # doctest: +SKIP
+        >>> rows, outcomes, replay = run_all(lynx, table, model, tok, text_probe=text_probe)  # doctest: +SKIP
     """
+    tokenizer = tokenizer if tokenizer is not None else getattr(lynx, "tokenizer", None)
     replay = Replay.from_bundle(table, lynx, tokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LynxCalibrationWarning)
-        rows, outcomes = evaluate(replay, replay_methods(confidences, lambdas))
+        rows, outcomes = evaluate(replay, replay_methods(confidences, lambdas, tokenizer=tokenizer,
+                                                         text_probe=text_probe))
         if live and model is not None:
             methods = [Full(), *live_methods(replay, rows, model, tokenizer, lynx.exit_ids)]
             extra_rows, extra_outcomes = evaluate(replay, methods)
@@ -473,7 +568,8 @@ def main(args) -> None:
 
     Args (argparse namespace): `model`, `gguf_file`, `bundle` (default: the organism's), `events` (an existing table,
     or where to collect one), `problems` + `n` (collect first), `confidences`, `live` (traces for the live check),
-    `out`, `seed`.
+    `out`, `seed`, and optionally `text_probe_train` + `text_probe_calibration` (the bundle's own training and
+    calibration tables, to fit the `TextProbe` control on).
     """
     from .bundle import Lynx
     from .loading import load_model, load_problems, prompt_fn
@@ -499,16 +595,31 @@ def main(args) -> None:
     else:
         raise ValueError("Give --events (an existing event table) or --problems (to collect one into --out/events).")
     check_table_matches_bundle(table, lynx)
-    rows, _, replay = run_all(lynx, table, model, tokenizer, confidences=args.confidences)
-    extra = {"calibration_curve": calibration_curve(replay)}
+    text_probe = None
+    train_events, cal_events = getattr(args, "text_probe_train", None), getattr(args, "text_probe_calibration", None)
+    if bool(train_events) != bool(cal_events):
+        raise ValueError("Give both --text-probe-train and --text-probe-calibration (the event tables the bundle's "
+                         "probe was trained and calibrated on), or neither.")
+    if train_events:
+        train_table, cal_table = EventTable.load(train_events), EventTable.load(cal_events)
+        for t in (train_table, cal_table):
+            check_table_matches_bundle(t, lynx)
+        text_probe = TextProbe.fit(train_table, cal_table, model.get_input_embeddings().weight, seed=args.seed)
+    rows, _, replay = run_all(lynx, table, model, tokenizer, confidences=args.confidences, text_probe=text_probe)
+    aurocs = probe_aurocs(replay, text_probe)
+    extra = {"calibration_curve": calibration_curve(replay), "aurocs": aurocs}
     if args.live:
         lynx.confidence = args.confidences[len(args.confidences) // 2]
         report = live_agreement(lynx, replay, args.live)
         extra["live_agreement"] = report
-    write_results(rows, out, title=f"{args.model} on {args.events or args.problems}", extra=extra)
+    md = write_results(rows, out, title=f"{args.model} on {args.events or args.problems}", extra=extra,
+                       notes=[format_aurocs(aurocs)])
     pareto_plot(rows, out / "pareto.png", title=f"Accuracy vs tokens: {args.model}")
     calibration_plot(extra["calibration_curve"], out / "calibration.png", title=f"Calibration: {args.model}")
-    print(format_table(rows))
+    print(format_compact(rows))
+    print(format_aurocs(aurocs))
+    if text_probe is None:
+        print("(no TextProbe rows: pass --text-probe-train/--text-probe-calibration to fit the text-only control)")
     if args.live:
         print(format_agreement(extra["live_agreement"]))
-    print(f"results and plots in {out}")
+    print(f"every column in {md}; plots in {out}")

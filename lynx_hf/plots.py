@@ -1,7 +1,8 @@
 """PNG plots of an evaluation (matplotlib, Agg backend): accuracy vs tokens (Pareto) and calibration.
 
-The Pareto plot draws one curve per method family over its knob (LYNX over the confidence c per guarantee, DEER
-over lambda, budget forcing over B) and single points for Full, FirstCue, Oracle and NoWait. The calibration plot
+The Pareto plot draws one curve per method family over its knob (LYNX and its text-only control TextProbe over the
+confidence c per guarantee, DEER over lambda, budget forcing over B) and single points for Full, FirstCue, Oracle,
+NoWait and each AnswerStated text rule. The calibration plot
 draws the realised premature-exit rate against the target delta = 1 - c, per guarantee, with the diagonal.
 """
 
@@ -17,13 +18,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 _CURVES = {"Lynx (event)": ("tab:blue", "o"), "Lynx (question)": ("tab:cyan", "s"), "DEER": ("tab:orange", "^"),
-           "Budget forcing": ("tab:green", "v")}
+           "Budget forcing": ("tab:green", "v"), "TextProbe (event)": ("tab:olive", "o"),
+           "TextProbe (question)": ("tab:gray", "s")}
 _POINTS = {"Full": ("black", "*"), "FirstCue": ("tab:red", "X"), "Oracle": ("tab:purple", "P"),
            "NoWait": ("tab:brown", "D")}
+_TEXT_RULE_MARKERS = ("h", "p", "d", "8", "H")  # one per AnswerStated rule (all share the family's colour)
 
 
 def _knob_label(family: str, knob) -> str:
-    if family.startswith("Lynx"):
+    if family.startswith(("Lynx", "TextProbe")):
         return f"c={knob:g}"
     if family == "DEER":
         return f"λ={knob:g}"
@@ -55,11 +58,17 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, title: str = "Accuracy v
             labels[(round(r["total_tokens"], 3), round(r["accuracy"], 4))].append(_knob_label(family, r["knob"]))
         for (x, y), names in labels.items():
             ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    text_rules = 0
     for row in rows:
         if row["family"] in _POINTS:
             color, marker = _POINTS[row["family"]]
             ax.scatter([row["total_tokens"]], [row["accuracy"]], color=color, marker=marker, s=90, zorder=5,
                        label=row["family"])
+        elif row["family"] == "AnswerStated":  # text rules: one point each, labelled with its patterns
+            marker = _TEXT_RULE_MARKERS[text_rules % len(_TEXT_RULE_MARKERS)]
+            text_rules += 1
+            ax.scatter([row["total_tokens"]], [row["accuracy"]], color="tab:pink", marker=marker, s=80, zorder=5,
+                       edgecolors="black", linewidths=0.5, label=row["method"])
     ax.set_xlabel("mean total tokens per question (thinking + answer + trial decodes)")
     ax.set_ylabel("accuracy")
     return _finish(fig, ax, path, title, legend_loc="lower right")

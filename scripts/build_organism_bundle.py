@@ -1,7 +1,8 @@
 """Build the shipped LYNX bundle for the model organism: collect -> train -> calibrate -> save.
 
 Runs the same steps as the CLI (`lynx-hf collect/train/calibrate`) on the organism's arithmetic family, with
-disjoint train / calibration / test problems, writes the bundle into `lynx_hf/organism/bundle/`, and the test
+disjoint train / calibration / test problems, writes the bundle into `lynx_hf/organism/bundle/` (with the text side
+of its training and calibration tables, `text_events.safetensors`, for the demo's TextProbe control), and the test
 split's probe scores and labels into `tests/fixtures/organism_test_events.json` (for the statistical test of the
 guarantee). Prints the probe's AUROC and the realised premature-exit rates.
 
@@ -20,6 +21,7 @@ import torch
 
 from lynx_hf import organism
 from lynx_hf.collect import Collector
+from lynx_hf.demo import TEXT_EVENTS, write_text_events
 from lynx_hf.train import describe, fit, score
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,9 +49,14 @@ def main() -> None:
     lynx = fit(tables["train"], tables["calibration"], tables["test"], seed=args.seed, tokenizer=tok,
                datasets=["lynx_hf.organism arithmetic (synthetic)"])
     lynx.config.base_model = "lynx_hf/organism"
+    # the recipe of the training and calibration tables, so `make demo` can re-collect them for the TextProbe control
+    lynx.metadata["tables"] = {"family": "arithmetic", "seed": args.seed, "batch_size": 64, "max_new_tokens": 400,
+                               "splits": {"train": args.train, "calibration": args.calibration}}
     out = ROOT / "lynx_hf" / "organism" / "bundle"
     shutil.rmtree(out, ignore_errors=True)
     lynx.save_pretrained(out)
+    # the text side of the training and calibration tables: `make demo` trains the TextProbe control on it
+    write_text_events(out / TEXT_EVENTS, tables["train"], tables["calibration"])
     test = tables["test"]
     fixture = {
         "description": "probe scores of the shipped organism bundle on held-out arithmetic test problems",

@@ -1,12 +1,15 @@
-"""Exit methods on synthetic event tables: token accounting, who exits where, and how to add a baseline."""
+"""Exit methods on synthetic event tables: token accounting, who exits where, how to add a baseline, and the
+text-only baselines (a rule on the decoded thinking, a probe on text features) on tables with real token ids."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lynx_hf.baselines import (
-    BudgetForcing, CueSuppressor, DeerStyle, FirstCue, Full, LynxExit, Method, Oracle, Replay, cue_token_ids,
-    matched_budget, shard_batches,
+    DEFAULT_ANSWER_PATTERNS, AnswerStated, BudgetForcing, CueSuppressor, DeerStyle, FirstCue, Full, LynxExit, Method,
+    Oracle, Replay, TextProbe, TextProbeExit, answer_stated_rules, cue_token_ids, matched_budget, shard_batches,
+    text_features,
 )
 from lynx_hf.conformal import Calibration
 from lynx_hf.cues import _example_tokenizer
@@ -195,3 +198,149 @@ def test_budget_forcing_cuts_thinking_at_the_budget_and_answers(monkeypatch):
     assert out.total_tokens.tolist() == [50 + EXIT_LENGTH + 2, 45]
     assert out.correct.tolist() == [True, False]
     assert calls == [(torch.Size([1, 60]), [60], [60])]  # prompt (10) + 50 thinking tokens
+
+
+# ----- text-only baselines ----------------------------------------------------------------------------------------
+def _organism_tokenizer():
+    from transformers import AutoTokenizer
+
+    from lynx_hf import organism
+
+    return AutoTokenizer.from_pretrained(organism.MODEL_DIR, local_files_only=True)
+
+
+def text_table(tok, traces: list[tuple[str, list[str], list[bool]]], settings: dict | None = None,
+               prefix: str = "t") -> EventTable:
+    """An event table with real token ids: per trace (question, thinking lines, safe label per cue line); a line
+    that starts with a cue word ("Wait", "Hmm") is a cue event at its first token."""
+    from lynx_hf import organism
+
+    rows = {k: [] for k in ("safe", "trace", "start")}
+    records = []
+    for t, (question, lines, labels) in enumerate(traces):
+        ids = tok(organism.prompt(tok, question), add_special_tokens=False)["input_ids"]
+        prompt = len(ids)
+        cues = 0
+        for line in lines:
+            if line.startswith(("Wait", "Hmm")):
+                rows["start"].append(len(ids))
+                rows["safe"].append(labels[cues])
+                rows["trace"].append(t)
+                cues += 1
+            ids = ids + tok(line + "\n", add_special_tokens=False)["input_ids"]
+        assert cues == len(labels)
+        records.append({"id": f"{prefix}{t}", "gold": "7", "answer": "7", "correct": True, "prompt_length": prompt,
+                        "think_length": len(ids) - prompt, "length": len(ids) - prompt + 4, "token_ids": ids})
+    n = len(rows["safe"])
+    start = torch.tensor(rows["start"], dtype=torch.long)
+    return EventTable(settings=settings or {}, features=torch.zeros(n, 1), safe=torch.tensor(rows["safe"]),
+                      trace=torch.tensor(rows["trace"], dtype=torch.long), position=start, start=start.clone(),
+                      cue=torch.zeros(n, dtype=torch.long), answer_length=torch.full((n,), 2),
+                      answer_confidence=torch.full((n,), 0.9), answers=["7"] * n, traces=records)
+
+
+def test_answer_stated_exits_at_the_first_cue_after_the_thinking_states_an_answer():
+    tok = _organism_tokenizer()
+    table = text_table(tok, [
+        ("What is 3 + 4?", ["Start with 3.", "Wait, one step at a time.", "3 + 4 = 7", "So the answer is 7.",
+                            "Hmm, let me check.", "Wait, is the last step right?"], [False, True, True]),
+        # "answer is" only after the last cue, and "\boxed{}" only in the prompt: never read, never exits
+        ("What is 5 + 2?", ["Start with 5.", "Hmm, what comes next?", "5 + 2 = 7", "So the answer is 7."], [False]),
+    ])
+    replay = Replay(table, torch.zeros(len(table)), EXIT_LENGTH)
+    phrases = AnswerStated(tok, {"answer is": DEFAULT_ANSWER_PATTERNS["answer is"]})
+    out = phrases.run(replay)
+    assert out.event.tolist() == [1, -1] and out.correct.tolist() == [True, True]
+    assert out.info["family"] == "AnswerStated"
+    # the concluding "= number" line: the cue right after "3 + 4 = 7" is the 2nd one of trace 0, none in trace 1
+    number_line = AnswerStated(tok, {"= number line": DEFAULT_ANSWER_PATTERNS["= number line"]}).run(replay)
+    assert number_line.event.tolist() == [-1, -1]
+    lines = ["Start with 3.", "3 + 4 = 7", "Wait, one step at a time.", "Hmm, done."]
+    replay2 = Replay(text_table(tok, [("What is 3 + 4?", lines, [True, True])]), torch.zeros(2), EXIT_LENGTH)
+    assert AnswerStated(tok, {"n": DEFAULT_ANSWER_PATTERNS["= number line"]}).run(replay2).event.tolist() == [0]
+    assert phrases.run(replay2).event.tolist() == [-1]
+
+
+def test_answer_stated_reads_only_the_text_before_the_cue():
+    tok = _organism_tokenizer()
+    lines = ["Start with 3.", "Wait, one step at a time.", "3 + 4 = 7", "Hmm, so the answer is 7."]
+    table = text_table(tok, [("What is 3 + 4?", lines, [False, True])])
+    rule = answer_stated_rules(tok)[1]  # every answer phrase, including "so the answer" and "\boxed{"
+    seen = []
+    original = rule.stated
+    rule.stated = lambda text: seen.append(text) or original(text)
+    out = rule.run(Replay(table, torch.zeros(2), EXIT_LENGTH))
+    assert out.event.tolist() == [-1]  # the answer is stated only on the cue's own line
+    assert seen == ["Start with 3.\n", "Start with 3.\nWait, one step at a time.\n3 + 4 = 7\n"]
+    assert all("boxed" not in text and "Please" not in text for text in seen)  # the prompt is never read
+
+
+def test_answer_stated_patterns_are_configurable_and_validated():
+    tok = _organism_tokenizer()
+    rule = AnswerStated(tok, [r"\bone step\b"], name="custom")
+    table = text_table(tok, [("What is 3 + 4?", ["One step at a time.", "Wait, go on.", "Hmm, go on."], [True, True])])
+    assert rule.name == "custom" and rule.run(Replay(table, torch.zeros(2), EXIT_LENGTH)).event.tolist() == [0]
+    with pytest.raises(ValueError, match="at least one pattern"):
+        AnswerStated(tok, [])
+    with pytest.raises(ValueError, match="no token_ids"):
+        AnswerStated(tok).run(tiny_table())
+    assert [r.name for r in answer_stated_rules(tok)] == [
+        "AnswerStated (all defaults)", "AnswerStated (answer phrases)", "AnswerStated (= number line)"]
+
+
+def test_text_features_see_only_the_last_tokens_up_to_the_cue():
+    tok = _organism_tokenizer()
+    lines = ["Start with 3.", "3 + 4 = 7", "Wait, one step at a time.", "Hmm, done."]
+    table = text_table(tok, [("What is 3 + 4?", lines, [True, True])])
+    embeddings = torch.randn(len(tok), 6, generator=torch.Generator().manual_seed(0))
+    x = text_features(table, embeddings, window=4)
+    assert x.shape == (2, 4 * 6 + 2)
+    ids = table.traces[0]["token_ids"]
+    position = int(table.position[0])
+    assert torch.equal(x[0, :24].reshape(4, 6), embeddings[ids[position - 3:position + 1]])  # ends at the cue token
+    assert x[0, -1] == 0 and x[1, -1] == 1  # the cue's index in its trace
+    # tokens after the cue and before the window do not change the features; a token inside the window does
+    changed = [i + 1 if (j > position or j < position - 3) else i for j, i in enumerate(ids)]
+    table.traces[0]["token_ids"] = changed
+    assert torch.equal(text_features(table, embeddings, 4)[0], x[0])
+    changed[position - 1] = (changed[position - 1] + 1) % len(tok)
+    assert not torch.equal(text_features(table, embeddings, 4)[0], x[0])
+    with pytest.raises(ValueError, match="outside the embedding matrix"):
+        text_features(table, embeddings[:5], 4)
+
+
+def _stated_tables(tok, n: int, seed: int):
+    """Traces where a cue is safe exactly when the line before it states the answer (a text-visible label)."""
+    g = torch.Generator().manual_seed(seed)
+    traces = []
+    for i in range(n):
+        k = int(torch.randint(0, 3, (1,), generator=g))
+        lines, labels = [f"Start with {i % 9}."], []
+        for step in range(3):
+            if step == k:
+                lines.append("So the answer is 7.")
+            lines.append("Wait, let me check." if step % 2 else "Hmm, go on.")
+            labels.append(step >= k)
+        traces.append((f"What is {i} + {seed}?", lines, labels))
+    return text_table(tok, traces, prefix=f"s{seed}-")
+
+
+def test_text_probe_learns_text_visible_labels_with_lynx_calibration():
+    from lynx_hf.probe import auroc
+
+    tok = _organism_tokenizer()
+    train, cal, test = (_stated_tables(tok, n, seed) for n, seed in ((120, 0), (80, 1), (80, 2)))
+    embeddings = torch.randn(len(tok), 8, generator=torch.Generator().manual_seed(1))
+    text_probe = TextProbe.fit(train, cal, embeddings, windows=(2, 12), seed=0, max_epochs=60)
+    assert set(text_probe.reports) == {2, 12} and text_probe.window in (2, 12)
+    assert text_probe.calibration.scores.numel() == len(cal) and text_probe.calibration.n_questions == cal.n_traces
+    assert auroc(text_probe.scores(test), test.safe) > 0.9
+    # the same guarantee machinery as LYNX: equal scores and calibration give the very same exits
+    replay = Replay(test, text_probe.scores(test), EXIT_LENGTH, text_probe.calibration)
+    for guarantee in ("event", "question"):
+        text = TextProbeExit(text_probe, 0.9, guarantee).run(replay)
+        lynx = LynxExit(0.9, guarantee).run(replay)
+        assert torch.equal(text.event, lynx.event) and text.info["tau"] == lynx.info["tau"]
+        assert text.info["family"] == f"TextProbe ({guarantee})" and text.info["target"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="in both the training and calibration"):
+        TextProbe.fit(train, train, embeddings, windows=(2,))

@@ -13,11 +13,11 @@ from conftest import tiny_llama
 from lynx_hf.baselines import Full, LynxExit, Oracle, Replay, regenerate, shard_batches
 from lynx_hf.conformal import Calibration, LynxCalibrationWarning
 from lynx_hf.evaluate import (
-    calibration_curve, compare_exits, evaluate, format_agreement, format_table, live_agreement, metrics,
-    replay_methods, write_results,
+    calibration_curve, compare_exits, evaluate, format_agreement, format_aurocs, format_compact, format_table,
+    live_agreement, metrics, probe_aurocs, replay_methods, write_results,
 )
 from lynx_hf.plots import calibration_plot, pareto_plot
-from test_baselines import synthetic_replay, synthetic_table, tiny_table
+from test_baselines import _organism_tokenizer, _stated_tables, synthetic_replay, synthetic_table, tiny_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,18 +85,135 @@ def test_compare_exits_agreement_and_reasons_on_constructed_cases():
     assert compare_exits(replay, 1, 0.5, live_position=-1, live_score=None)["agree"]  # no cues, no exit
 
 
-def test_results_table_json_and_plots_are_written(tmp_path):
-    replay = synthetic_replay()
-    rows, _ = evaluate(replay, replay_methods([0.8, 0.9, 0.95], [0.8, 0.9]))
-    md = write_results(rows, tmp_path, title="synthetic", extra={"calibration_curve": calibration_curve(replay)})
+def test_results_table_json_and_plots_are_written(tmp_path, text_setup):
+    tok, text_probe, replay = text_setup
+    rows, _ = evaluate(replay, replay_methods([0.8, 0.9, 0.95], [0.8, 0.9], tokenizer=tok, text_probe=text_probe))
+    md = write_results(rows, tmp_path, title="synthetic", extra={"calibration_curve": calibration_curve(replay)},
+                       notes=["probe AUROC: a note"])
     text = md.read_text()
-    assert "| Oracle |" in text and "| DEER λ=0.9 |" in text and text.count("\n") == len(rows) + 4
+    assert "| Oracle |" in text and "| DEER λ=0.9 |" in text and "| TextProbe c=0.9 (event) |" in text
+    assert "| AnswerStated (answer phrases) |" in text and text.endswith("\nprobe AUROC: a note\n")
+    assert text.count("\n") == len(rows) + 4 + 2
     payload = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in payload["rows"]] == [r["method"] for r in rows] and payload["calibration_curve"]
     for path in (pareto_plot(rows, tmp_path / "pareto.png", "synthetic"),
                  calibration_plot(payload["calibration_curve"], tmp_path / "cal.png", "synthetic")):
         assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000
     assert "–" in format_table(rows[:1])  # no exits: no premature-exit rate
+
+
+@pytest.fixture(scope="module")
+def text_setup():
+    """Tables with real token ids whose labels the text shows, a fitted TextProbe and a replay with noisy scores."""
+    from lynx_hf.baselines import TextProbe
+
+    tok = _organism_tokenizer()
+    train, cal, test = (_stated_tables(tok, n, seed) for n, seed in ((120, 0), (80, 1), (80, 2)))
+    embeddings = torch.randn(len(tok), 8, generator=torch.Generator().manual_seed(1))
+    text_probe = TextProbe.fit(train, cal, embeddings, windows=(12,), seed=0, max_epochs=60)
+    g = torch.Generator().manual_seed(3)
+    noisy = (0.3 + 0.4 * test.safe.float() + 0.3 * torch.randn(len(test), generator=g)).clamp(0, 1)
+    replay = Replay(test, noisy, 5, text_probe.calibration)
+    return tok, text_probe, replay
+
+
+def test_replay_methods_add_the_text_baselines_when_they_can_read_the_text(text_setup):
+    tok, text_probe, replay = text_setup
+    plain = [m.name for m in replay_methods([0.9], [0.9])]
+    assert not any(n.startswith(("TextProbe", "AnswerStated")) for n in plain)
+    names = [m.name for m in replay_methods([0.8, 0.9], [0.9], tokenizer=tok, text_probe=text_probe)]
+    for c in (0.8, 0.9):  # the control at each of LYNX's operating points, under both guarantees
+        for g in ("event", "question"):
+            assert f"Lynx c={c:g} ({g})" in names and f"TextProbe c={c:g} ({g})" in names
+    assert [n for n in names if n.startswith("AnswerStated")] == [
+        "AnswerStated (all defaults)", "AnswerStated (answer phrases)", "AnswerStated (= number line)"]
+    rows, _ = evaluate(replay, replay_methods([0.9], [0.9], tokenizer=tok, text_probe=text_probe))
+    by = {r["method"]: r for r in rows}
+    assert by["TextProbe c=0.9 (event)"]["guarantee"] == "event" and by["TextProbe c=0.9 (event)"]["target"] == \
+        pytest.approx(0.1)
+    # the labels here are exactly "an answer was stated": the phrase rule is never premature
+    assert by["AnswerStated (answer phrases)"]["premature_per_exit"] == 0.0
+    assert by["AnswerStated (answer phrases)"]["exit_rate"] == 1.0
+
+
+def test_probe_aurocs_compare_the_lynx_probe_with_the_text_probe(text_setup):
+    from lynx_hf.probe import auroc
+
+    _, text_probe, replay = text_setup
+    report = probe_aurocs(replay, text_probe)
+    assert report["lynx_probe"] == pytest.approx(auroc(replay.scores, replay.table.safe))
+    assert report["text_probe"] == pytest.approx(auroc(text_probe.scores(replay.table), replay.table.safe))
+    assert report["text_probe"] > report["lynx_probe"]  # the noisy "hidden-state" scores lose to the clean text
+    assert report["n_events"] == len(replay.table) and report["text_probe_window"] == 12
+    assert "TextProbe (last 12 tokens)" in format_aurocs(report)
+    assert "text_probe" not in probe_aurocs(replay)
+
+
+def test_compact_table_has_five_columns_and_fits_a_terminal(text_setup):
+    tok, text_probe, replay = text_setup
+    rows, _ = evaluate(replay, replay_methods([0.8, 0.9, 0.95], [0.9], tokenizer=tok, text_probe=text_probe))
+    lines = format_compact(rows).splitlines()
+    assert len(lines) == len(rows) + 2
+    assert all(line.count("|") == 6 for line in lines)
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    by = {line.split(" | ")[0][2:]: line for line in lines[2:]}
+    assert "per unsafe cue (target 0.10)" in by["Lynx c=0.9 (event)"]
+    assert "per question (target 0.05)" in by["TextProbe c=0.95 (question)"]
+    assert by["Full"].endswith("| – |")
+    assert len(format_table(rows).splitlines()[0].split("|")) - 2 == 15  # the full table keeps every column
+
+
+def test_evaluation_never_imports_the_cli():
+    """The import graph reads runtime <- pipeline <- evaluation <- CLI: no library module imports `lynx_hf.cli`."""
+    import ast
+
+    offenders = []
+    for path in (ROOT / "lynx_hf").rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                module = ("." * node.level) + (node.module or "")
+                names = {a.name for a in node.names}
+                if module.endswith("cli") or (module in (".", "lynx_hf") and "cli" in names):
+                    offenders.append(f"{path.name}: from {module} import {', '.join(sorted(names))}")
+            elif isinstance(node, ast.Import) and any(a.name == "lynx_hf.cli" for a in node.names):
+                offenders.append(f"{path.name}: import lynx_hf.cli")
+    assert not offenders, offenders
+
+
+def test_shipped_text_events_belong_to_the_shipped_bundle():
+    """The demo's TextProbe trains on the bundle's own tables; a table with other labels is refused."""
+    from lynx_hf import organism
+    from lynx_hf.baselines import TextEvents, load_text_events
+    from lynx_hf.bundle import Lynx
+    from lynx_hf.demo import TEXT_EVENTS, is_bundle_table
+
+    path = organism.BUNDLE_DIR / TEXT_EVENTS
+    if not path.exists():
+        pytest.skip("the bundle ships no text events yet (scripts/build_organism_bundle.py writes them)")
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR)
+    splits, meta = load_text_events(path)
+    assert meta["weights_sample"] == list(lynx.config.weights_sample)
+    assert is_bundle_table(lynx, "calibration", splits["calibration"]) is True
+    assert is_bundle_table(lynx, "train", splits["train"]) is True
+    assert not set(splits["train"].trace_ids) & set(splits["calibration"].trace_ids)
+    cal = splits["calibration"]
+    flipped = TextEvents(cal.ids, cal.thought, cal.cue_index, ~cal.safe, cal.trace, cal.trace_ids)
+    assert is_bundle_table(lynx, "calibration", flipped) is False
+
+
+def test_text_events_round_trip_through_safetensors(tmp_path, text_setup):
+    from lynx_hf.baselines import TextEvents, load_text_events, save_text_events
+
+    _, text_probe, replay = text_setup
+    events = TextEvents.from_table(replay.table)
+    save_text_events(tmp_path / "t.safetensors", {"test": events}, metadata={"note": "x"})
+    splits, meta = load_text_events(tmp_path / "t.safetensors")
+    assert meta == {"note": "x"} and splits["test"].trace_ids == events.trace_ids
+    for name in ("ids", "thought", "cue_index", "safe", "trace"):
+        assert torch.equal(getattr(splits["test"], name), getattr(events, name)), name
+    assert torch.equal(text_probe.scores(splits["test"]), text_probe.scores(replay.table))
 
 
 # ----- live vs replay on a tiny random model ----------------------------------------------------------------------
@@ -208,3 +325,11 @@ def test_demo_runs_on_the_organism(tmp_path):
         rows = {r["method"]: r for r in results[family]["rows"]}
         assert rows["Oracle"]["accuracy"] >= rows["Full"]["accuracy"] - 1e-9
         assert (tmp_path / family / "pareto.png").exists() and (tmp_path / family / "calibration.png").exists()
+        # the text-only baselines sit beside LYNX, and the AUROC of both probes is reported
+        for name in ("TextProbe c=0.9 (event)", "TextProbe c=0.95 (question)", "AnswerStated (all defaults)",
+                     "AnswerStated (answer phrases)", "AnswerStated (= number line)"):
+            assert name in rows
+        aurocs = results[family]["aurocs"]
+        assert 0.5 < aurocs["lynx_probe"] <= 1 and 0 <= aurocs["text_probe"] <= 1
+        text = (tmp_path / family / "results.md").read_text()
+        assert "| TextProbe c=0.9 (event) |" in text and "TextProbe (last" in text
