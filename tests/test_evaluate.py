@@ -216,6 +216,34 @@ def test_text_events_round_trip_through_safetensors(tmp_path, text_setup):
     assert torch.equal(text_probe.scores(splits["test"]), text_probe.scores(replay.table))
 
 
+def test_eval_command_fits_the_text_probe_on_the_given_tables_and_prints_the_compact_table(tmp_path, capsys):
+    """`lynx-hf eval` on the organism: text-only rows and both AUROCs, every column in results.md."""
+    from lynx_hf import organism
+    from lynx_hf.bundle import Lynx
+    from lynx_hf.cli import main as cli_main
+    from lynx_hf.evaluate import collector_for
+
+    model, tok = organism.load()
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
+    collector = collector_for(model, tok, lynx, prompt_fn=organism.prompt, max_new_tokens=400)
+    for split, n in (("train", 16), ("calibration", 12), ("test", 8)):
+        collector.collect(organism.problems("arithmetic", split, n=n, seed=0), tmp_path / split, batch_size=16,
+                          seed=0, progress=False)
+    args = ["eval", "--events", str(tmp_path / "test"), "--out", str(tmp_path / "eval")]
+    assert cli_main(args + ["--text-probe-train", str(tmp_path / "train")]) == 2
+    assert "Give both --text-probe-train and --text-probe-calibration" in capsys.readouterr().err
+    assert cli_main(args + ["--text-probe-train", str(tmp_path / "train"),
+                            "--text-probe-calibration", str(tmp_path / "calibration")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == "| method | accuracy | thinking tokens | savings | premature exits (target) |"
+    assert "| TextProbe c=0.9 (event) |" in printed and "| AnswerStated (answer phrases) |" in printed
+    assert "LYNX probe (hidden states)" in printed and "TextProbe (last" in printed
+    payload = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(payload["aurocs"]) >= {"lynx_probe", "text_probe", "text_probe_window", "n_events"}
+    md = (tmp_path / "eval" / "results.md").read_text()
+    assert "| unsafe-event exits |" in md and "| TextProbe c=0.95 (question) |" in md
+
+
 # ----- live vs replay on a tiny random model ----------------------------------------------------------------------
 def _word_tokenizer():
     """A word-level tokenizer like the organism's: cue words are single tokens, other text is per character."""
