@@ -30,7 +30,8 @@ from .probe import LynxProbe, train_probe
 __version__ = "0.1.0"
 
 # evaluation-side names, imported on first use so `import lynx_hf` stays the small runtime
-_LAZY = {"AnswerStated": "baselines", "TextProbe": "baselines", "TextProbeExit": "baselines"}
+_LAZY = {"AnswerStated": "baselines", "AnswerStatedCriteria": "baselines", "TextProbe": "baselines",
+         "TextProbeExit": "baselines"}
 
 
 def __getattr__(name: str):
@@ -43,6 +44,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AnswerStated",
+    "AnswerStatedCriteria",
     "BaseModelMismatchError",
     "Calibration",
     "CorruptedBundleError",

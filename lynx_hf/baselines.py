@@ -35,7 +35,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, StoppingCriteria
 
 from .answers import answers_match, extract_boxed
 from .conformal import Calibration, LynxCalibrationWarning, exits, first_exit
@@ -45,7 +45,7 @@ from .exit import answer_after_exit, eos_token_ids, pad_token_id
 from .rollout import TransformersRollout, left_pad
 
 __all__ = [
-    "AnswerStated", "BudgetForcing", "CueSuppressor", "DEFAULT_ANSWER_PATTERNS", "DeerStyle", "FirstCue", "Full",
+    "AnswerStated", "AnswerStatedCriteria", "BudgetForcing", "CueSuppressor", "DEFAULT_ANSWER_PATTERNS", "DeerStyle", "FirstCue", "Full",
     "LynxExit", "Method", "NoWait", "Oracle", "Outcome", "Replay", "TextProbe", "TextProbeExit", "answer_stated_rules",
     "TextEvents", "conformal_exit", "load_text_events", "matched_budget", "regenerate", "save_text_events",
     "shard_batches", "text_features",
@@ -404,6 +404,68 @@ def answer_stated_rules(tokenizer) -> list[AnswerStated]:
     phrases = {k: v for k, v in DEFAULT_ANSWER_PATTERNS.items() if k != "= number line"}
     return [AnswerStated(tokenizer), AnswerStated(tokenizer, phrases, name="AnswerStated (answer phrases)"),
             AnswerStated(tokenizer, {"= number line": DEFAULT_ANSWER_PATTERNS["= number line"]})]
+
+
+class AnswerStatedCriteria(StoppingCriteria):
+    """`AnswerStated` live, inside `model.generate`: stops a row at the first cue after its thinking states an answer.
+
+    Cues come from the same `CueDetector` the LYNX plug-ins use and are confirmed by the token after them (as
+    `LynxStoppingCriteria` does: "wait" + "ing" is no cue); only then is the row's generated thinking before the cue
+    decoded and matched, so on the same tokens it stops exactly where replay exits. `exit_start[b]` (the cue word's
+    first token in the returned sequence, -1: no stop) is where to cut: answer with
+    `answer_after_exit(model, tokenizer, sequences, exit_start, exit_ids)`. A new `generate` call is recognised by
+    its input length (or call `reset()`). Decoding text costs a host sync at each cue, never between cues.
+
+    Example:
+        >>> criteria = AnswerStatedCriteria(AnswerStated(tok))  # doctest: +SKIP
+        >>> out = model.generate(**inputs, do_sample=False, stopping_criteria=[criteria])  # doctest: +SKIP
+        >>> criteria.exit_start  # doctest: +SKIP
+        tensor([57, -1])
+    """
+
+    def __init__(self, rule: AnswerStated, cues: Sequence[str] = ("hmm", "wait", "alternatively"),
+                 think_start: str | None = "<think>", think_end: str | None = "</think>"):
+        from .cues import CueDetector
+
+        self.rule = rule
+        self._markers = (tuple(cues), think_start, think_end)
+        self.detector = CueDetector.for_tokenizer(rule.tokenizer, *self._markers)  # fails early on a bad cue set
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current `generate` call (the next call starts afresh)."""
+        self._consumed, self.batch = -1, 0
+
+    def _start(self, input_ids: torch.LongTensor) -> None:
+        batch, device = input_ids.shape[0], input_ids.device
+        self.prompt_length = input_ids.shape[1] - 1  # stopping criteria first run after one generated token
+        from .cues import CueDetector
+
+        self.detector = CueDetector.for_tokenizer(self.rule.tokenizer, *self._markers, device=device)
+        self.state = self.detector.start(input_ids[:, :self.prompt_length])
+        self._consumed, self.batch = self.prompt_length, batch
+        self.pending_cue = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.pending_start = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.exit_start = torch.full((batch,), -1, dtype=torch.long, device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        length = input_ids.shape[1]
+        if input_ids.shape[0] != self.batch or length != self._consumed + 1:
+            self._start(input_ids)
+        cue, start = self.detector.step(self.state, input_ids[:, -1])
+        confirmed = (self.pending_cue >= 0) & ~self.state.retracted & ~self.stopped
+        if bool(confirmed.any()):
+            for b in confirmed.nonzero().flatten().tolist():
+                cut = int(self.pending_start[b])
+                text = self.rule.tokenizer.decode(input_ids[b, self.prompt_length:cut].tolist(),
+                                                  skip_special_tokens=True)
+                if self.rule.stated(text):
+                    self.stopped[b] = True
+                    self.exit_start[b] = cut
+        self.pending_cue, self.pending_start = cue, start
+        self._consumed = length
+        return self.stopped.clone()
 
 
 @dataclass

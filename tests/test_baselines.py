@@ -8,8 +8,8 @@ import torch
 
 from lynx_hf.baselines import (
     DEFAULT_ANSWER_PATTERNS, AnswerStated, BudgetForcing, CueSuppressor, DeerStyle, FirstCue, Full, LynxExit, Method,
-    Oracle, Replay, TextProbe, TextProbeExit, answer_stated_rules, cue_token_ids, matched_budget, shard_batches,
-    text_features,
+    Oracle, Replay, TextProbe, TextProbeExit, answer_stated_rules, cue_token_ids, matched_budget, regenerate,
+    shard_batches, text_features,
 )
 from lynx_hf.conformal import Calibration
 from lynx_hf.cues import _example_tokenizer
@@ -344,3 +344,31 @@ def test_text_probe_learns_text_visible_labels_with_lynx_calibration():
         assert text.info["family"] == f"TextProbe ({guarantee})" and text.info["target"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="in both the training and calibration"):
         TextProbe.fit(train, train, embeddings, windows=(2,))
+
+
+def test_answer_stated_live_stops_where_replay_exits_on_the_same_tokens(tmp_path):
+    """Regenerate sampled organism traces with the live criteria: every row stops at replay's AnswerStated cue."""
+    from lynx_hf import organism
+    from lynx_hf.baselines import AnswerStatedCriteria
+    from lynx_hf.collect import Collector
+
+    model, tok = organism.load()
+    table = Collector(model, tok, prompt_fn=organism.prompt, max_new_tokens=400).collect(
+        organism.problems("arithmetic", "test", n=12, seed=3), tmp_path, batch_size=12, seed=3, progress=False)
+    for rule in answer_stated_rules(tok):
+        replay_events = rule.run(Replay(table, torch.zeros(len(table)), EXIT_LENGTH)).event
+        criteria = AnswerStatedCriteria(rule, think_start=table.settings["think_start"],
+                                        think_end=table.settings["think_end"])
+        (indices, seed), = shard_batches(table)
+        out, width = regenerate(model, tok, table, indices, seed, stopping_criteria=[criteria])
+        assert bool((replay_events >= 0).any())  # each rule exits somewhere on these traces
+        for b, t in enumerate(indices):
+            e = int(replay_events[t])
+            offset = width - table.traces[t]["prompt_length"]
+            expected = int(table.start[e]) + offset if e >= 0 else -1
+            assert int(criteria.exit_start[b]) == expected, (rule.name, t)
+            if e >= 0:  # the row stopped right after the token that confirmed the cue
+                generated = out[b, width:].tolist()
+                assert generated[: int(table.position[e]) + 2 - table.traces[t]["prompt_length"]] == \
+                    table.traces[t]["token_ids"][table.traces[t]["prompt_length"]:int(table.position[e]) + 2]
+        assert int((criteria.exit_start >= 0).sum()) == int((replay_events >= 0).sum())
