@@ -45,10 +45,10 @@ from .exit import answer_after_exit, eos_token_ids, pad_token_id
 from .rollout import TransformersRollout, left_pad
 
 __all__ = [
-    "AnswerStated", "AnswerStatedCriteria", "BudgetForcing", "CueSuppressor", "DEFAULT_ANSWER_PATTERNS", "DeerStyle", "FirstCue", "Full",
-    "LynxExit", "Method", "NoWait", "Oracle", "Outcome", "Replay", "TextProbe", "TextProbeExit", "answer_stated_rules",
-    "TextEvents", "conformal_exit", "load_text_events", "matched_budget", "regenerate", "save_text_events",
-    "shard_batches", "text_features",
+    "AnswerStated", "AnswerStatedCriteria", "BudgetForcing", "CueSuppressor", "DEFAULT_ANSWER_PATTERNS",
+    "DeerStyle", "FirstCue", "Full", "LynxExit", "Method", "NoWait", "Oracle", "Outcome", "Replay", "TextEvents",
+    "TextProbe", "TextProbeExit", "answer_stated_rules", "conformal_exit", "load_text_events", "matched_budget",
+    "regenerate", "save_text_events", "shard_batches", "text_features",
 ]
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,8 @@ def conformal_exit(replay: Replay, scores: torch.Tensor, calibration: Calibratio
     `LynxExit` and `TextProbeExit`, so both are compared under the same guarantee machinery.
 
     Example:
-        >>> event, tau, unsafe = conformal_exit(replay, replay.scores, replay.calibration, 0.9, "event")  # doctest: +SKIP
+        >>> event, tau, unsafe = conformal_exit(replay, replay.scores, replay.calibration,  # doctest: +SKIP
+        ...                                     0.9, "event")
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LynxCalibrationWarning)
@@ -548,7 +549,7 @@ def save_text_events(path, splits: Mapping[str, TextEvents], metadata: dict | No
     """Write `TextEvents` of several splits (e.g. `train`, `calibration`) and JSON `metadata` into one safetensors file.
 
     Example:
-        >>> save_text_events("bundle/text_events.safetensors", {"train": TextEvents.from_table(train)})  # doctest: +SKIP
+        >>> save_text_events("text_events.safetensors", {"train": TextEvents.from_table(train)})  # doctest: +SKIP
     """
     import json
 

@@ -82,7 +82,7 @@ def write_text_events(path: Path, train: EventTable, calibration: EventTable) ->
     trains the TextProbe control on them without re-collecting. Called by `scripts/build_organism_bundle.py`.
 
     Example:
-        >>> write_text_events(organism.BUNDLE_DIR / TEXT_EVENTS, tables["train"], tables["calibration"])  # doctest: +SKIP
+        >>> write_text_events(organism.BUNDLE_DIR / TEXT_EVENTS, train, cal)  # doctest: +SKIP
     """
     from .baselines import TextEvents, save_text_events
     from .train import describe
@@ -111,7 +111,8 @@ def bundle_text_events(model, tok, lynx, out: Path, runs: Path = RUNS, bundle_di
     if path.exists():
         splits, meta = load_text_events(path)
         weights = list(lynx.config.weights_sample or [])
-        if (meta.get("weights_sample") or []) == weights and is_bundle_table(lynx, "calibration", splits["calibration"]) \
+        same_weights = (meta.get("weights_sample") or []) == weights
+        if same_weights and is_bundle_table(lynx, "calibration", splits["calibration"]) \
                 and is_bundle_table(lynx, "train", splits["train"]) is not False:
             return splits["train"], splits["calibration"], f"the bundle's own tables, shipped as {path.name} (verified)"
         logger.warning("%s does not belong to this bundle (rebuilt without it?): re-collecting the bundle's tables; "

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from lynx_hf.baselines import Full, LynxExit, Oracle, Replay, regenerate, shard_batches
+from lynx_hf.baselines import Full, LynxExit, Replay, regenerate, shard_batches
 from lynx_hf.conformal import Calibration, LynxCalibrationWarning
 from lynx_hf.evaluate import (
     calibration_curve, compare_exits, evaluate, format_agreement, format_aurocs, format_compact, format_table,
