@@ -217,6 +217,7 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
         write_results,
     )
     from .plots import calibration_plot, pareto_plot
+    from .splits import replay_split_rates
 
     say = (lambda *a: None) if quiet else print
     started = time.perf_counter()
@@ -241,7 +242,8 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
         "calibration_curve": curve, "live_agreement": reports, "n_traces": table.n_traces, "n_events": len(table),
         "aurocs": aurocs}, notes=(format_aurocs(aurocs), *notes))
     pareto_plot(rows, out / "pareto.png", title=f"Organism, {family}{transfer}: accuracy vs tokens")
-    calibration_plot(curve, out / "calibration.png", title=f"Organism, {family}: premature exits vs target")
+    calibration_plot(replay_split_rates(replay) or curve, out / "calibration.png",
+                     title=f"Organism, {family}: premature exits vs target")
     say(f"\n### {family}{transfer}: {table.n_traces} held-out problems\n")
     say(format_compact(rows))
     say(f"\n{format_aurocs(aurocs)}")

@@ -5,12 +5,14 @@ cue baselines cost nothing to evaluate; the live baselines (budget forcing, NoWa
 runs the real plug-ins inside `model.generate` (stop mode and shadow mode) on the collection's own batches and
 seeds and reports how often their exit decisions and answers agree with replay at the same threshold.
 
-Metrics are computed here directly: the Hugging Face `evaluate` library loads its metric scripts from the Hub,
-which offline machines cannot reach, and accuracy / token means need no library.
+Accuracy, thinking tokens saved and premature-exit rates come from the `lynx_exit` metric shipped inside the package
+(`evaluate.load(lynx_hf.metrics.LYNX_EXIT)`, a local path, so it works offline); the rest of a row (total tokens,
+helped / harmed) is counted here.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .answers import answers_match
 from .baselines import (
     BudgetForcing, DeerStyle, FirstCue, Full, LynxExit, Method, NoWait, Oracle, Outcome, Replay, TextProbe,
     TextProbeExit, answer_stated_rules, matched_budget, regenerate, shard_batches,
@@ -41,26 +44,56 @@ def _mean(x: torch.Tensor) -> float:
     return float(x.double().mean()) if x.numel() else float("nan")
 
 
-def metrics(outcome: Outcome, full: Outcome) -> dict:
+_checked = functools.lru_cache(maxsize=65536)(answers_match)
+
+
+@functools.cache
+def exit_metric():
+    """The `lynx_exit` `evaluate` metric shipped in the package, loaded once (offline: it is a local path)."""
+    import evaluate as hf_evaluate
+
+    from .metrics import LYNX_EXIT
+
+    return hf_evaluate.load(LYNX_EXIT)
+
+
+def metrics(outcome: Outcome, full: Outcome, references: Sequence[str] | None = None) -> dict:
     """One results row: accuracy, tokens, savings vs `full`, exit and premature-exit rates, helped / harmed.
 
-    `premature_per_exit` is the share of exits whose answer is wrong; `premature_per_question` the share of all
-    questions answered wrongly at an exit (what the per-question guarantee bounds); `unsafe_event_exit_rate` the
-    share of unsafe cue events the rule would exit at (what the per-event guarantee bounds; threshold rules only).
+    Accuracy, savings and premature-exit rates come from the `lynx_exit` metric: with `references` (gold answers)
+    it checks `outcome.answers` with the strict checker; without, it uses `outcome.correct` (the labels the collector
+    made with the same checker). `premature_per_exit` is the share of exits whose answer is wrong;
+    `premature_per_question` the share of all questions answered wrongly at an exit (what the per-question
+    guarantee bounds); `unsafe_event_exit_rate` the share of unsafe cue events the rule would exit at (what the
+    per-event guarantee bounds; threshold rules only).
 
     Example:
         >>> from lynx_hf.baselines import Outcome
         >>> t = torch.tensor
-        >>> full = Outcome("Full", t([False, False]), t([-1, -1]), t([True, False]), t([10, 10]), t([12, 12]), t([0, 0]))
-        >>> fast = Outcome("X", t([True, True]), t([0, 1]), t([True, True]), t([5, 5]), t([9, 9]), t([0, 0]))
-        >>> row = metrics(fast, full)
-        >>> row["savings"], row["helped"], row["harmed"], row["premature_per_exit"]
-        (0.5, 1, 0, 0.0)
+        >>> full = Outcome("Full", t([False, False]), t([-1, -1]), t([True, False]), t([10, 10]), t([12, 12]), t([0, 0]),
+        ...                answers=["1", "3"])
+        >>> fast = Outcome("X", t([True, True]), t([0, 1]), t([True, True]), t([5, 5]), t([9, 9]), t([0, 0]),
+        ...                answers=["1", "2"])
+        >>> row = metrics(fast, full, references=["1", "2"])
+        >>> row["accuracy"], row["savings"], row["helped"], row["harmed"], row["premature_per_exit"]
+        (1.0, 0.5, 1, 0, 0.0)
     """
     exited = outcome.exited
     info = outcome.info
-    wrong_exit = exited & ~outcome.correct
-    full_think = _mean(full.thinking_tokens)
+    n = outcome.n
+    answers = outcome.answers if outcome.answers is not None else [None] * n
+    extra = {} if references is not None else {"correct": outcome.correct.tolist()}
+    scores = exit_metric().compute(
+        predictions=[a or "" for a in answers], references=list(references) if references is not None else [""] * n,
+        exited=exited.tolist(), thinking_tokens=outcome.thinking_tokens.tolist(),
+        full_thinking_tokens=full.thinking_tokens.tolist(), **extra,
+    )
+    if references is not None:
+        correct = torch.tensor([_checked(a, r) for a, r in zip(answers, references)], dtype=torch.bool)
+        full_correct = torch.tensor([_checked(a, r) for a, r in zip(full.answers or [None] * n, references)],
+                                    dtype=torch.bool)
+    else:
+        correct, full_correct = outcome.correct, full.correct
     return {
         "method": outcome.method,
         "family": info.get("family", outcome.method),
@@ -70,18 +103,18 @@ def metrics(outcome: Outcome, full: Outcome) -> dict:
         "target": info.get("target"),
         "tau": info.get("tau"),
         "n": outcome.n,
-        "accuracy": _mean(outcome.correct),
-        "thinking_tokens": _mean(outcome.thinking_tokens),
+        "accuracy": scores["accuracy"],
+        "thinking_tokens": scores["thinking_tokens"],
         "total_tokens": _mean(outcome.total_tokens),
         "extra_tokens": _mean(outcome.extra_tokens),
-        "savings": 1.0 - _mean(outcome.thinking_tokens) / full_think if full_think > 0 else 0.0,
-        "exit_rate": _mean(exited),
-        "premature_per_exit": _mean(wrong_exit[exited]) if bool(exited.any()) else 0.0,
-        "premature_per_question": _mean(wrong_exit),
+        "savings": scores["savings"],
+        "exit_rate": scores["exit_rate"],
+        "premature_per_exit": scores["premature_per_exit"],
+        "premature_per_question": scores["premature_per_question"],
         "unsafe_event_exit_rate": info.get("unsafe_event_exit_rate"),
-        "exited_accuracy": _mean(outcome.correct[exited]) if bool(exited.any()) else float("nan"),
-        "helped": int((~full.correct & outcome.correct).sum()),
-        "harmed": int((full.correct & ~outcome.correct).sum()),
+        "exited_accuracy": scores["exited_accuracy"],
+        "helped": int((~full_correct & correct).sum()),
+        "harmed": int((full_correct & ~correct).sum()),
         "wall_time_s": outcome.wall_time,
     }
 
@@ -179,7 +212,7 @@ def evaluate(replay: Replay, methods: Sequence[Method], progress: bool = False) 
             logger.info("%s: %.2f s", method.name, time.perf_counter() - started)
         outcomes.append(outcome)
     full = next(o for o, m in zip(outcomes, methods) if isinstance(m, Full))
-    return [metrics(o, full) for o in outcomes], outcomes
+    return [metrics(o, full, replay.gold) for o in outcomes], outcomes
 
 
 def live_methods(replay: Replay, rows: Sequence[dict], model, tokenizer, exit_ids: Sequence[int],
@@ -214,7 +247,7 @@ def calibration_curve(replay: Replay, confidences: Sequence[float] = CALIBRATION
     full = Full().run(replay)
     points = []
     for method in lynx_methods(confidences, guarantees):
-        row = metrics(method.run(replay), full)
+        row = metrics(method.run(replay), full, replay.gold)
         realised = row["unsafe_event_exit_rate"] if method.guarantee == "event" else row["premature_per_question"]
         points.append({"guarantee": method.guarantee, "confidence": method.confidence,
                        "target": 1 - method.confidence, "realised": realised, "exit_rate": row["exit_rate"]})
@@ -574,6 +607,7 @@ def main(args) -> None:
     from .bundle import Lynx
     from .loading import load_model, load_problems, prompt_fn
     from .plots import calibration_plot, pareto_plot
+    from .splits import replay_split_rates
 
     out = Path(args.out)
     if args.model == "organism":
@@ -607,7 +641,8 @@ def main(args) -> None:
         text_probe = TextProbe.fit(train_table, cal_table, model.get_input_embeddings().weight, seed=args.seed)
     rows, _, replay = run_all(lynx, table, model, tokenizer, confidences=args.confidences, text_probe=text_probe)
     aurocs = probe_aurocs(replay, text_probe)
-    extra = {"calibration_curve": calibration_curve(replay), "aurocs": aurocs}
+    extra = {"calibration_curve": calibration_curve(replay), "calibration_splits": replay_split_rates(replay),
+             "aurocs": aurocs}
     if args.live:
         lynx.confidence = args.confidences[len(args.confidences) // 2]
         report = live_agreement(lynx, replay, args.live)
@@ -615,7 +650,8 @@ def main(args) -> None:
     md = write_results(rows, out, title=f"{args.model} on {args.events or args.problems}", extra=extra,
                        notes=[format_aurocs(aurocs)])
     pareto_plot(rows, out / "pareto.png", title=f"Accuracy vs tokens: {args.model}")
-    calibration_plot(extra["calibration_curve"], out / "calibration.png", title=f"Calibration: {args.model}")
+    calibration_plot(extra["calibration_splits"] or extra["calibration_curve"], out / "calibration.png",
+                     title=f"Calibration: {args.model}")
     print(format_compact(rows))
     print(format_aurocs(aurocs))
     if text_probe is None:

@@ -200,3 +200,21 @@ def test_pac_thresholds_are_at_least_as_conservative_as_marginal(events):
         for c in (0.8, 0.9, 0.95):
             taus = [calibration.threshold(c, guarantee, risk_level=a) for a in (None, 0.1, 0.05, 0.01)]
             assert taus == sorted(taus), (guarantee, c, taus)
+
+
+def test_split_rates_show_the_distribution_over_splits_and_the_plot_draws_it(events, tmp_path):
+    from lynx_hf.plots import calibration_plot
+    from lynx_hf.splits import split_rates
+
+    scores, safe, question = events
+    deltas = (0.05, 0.1, 0.2)
+    rows = split_rates(scores, safe, question, deltas=deltas, n_splits=100, seed=5)
+    by = {(r["guarantee"], r["risk_level"], r["rule"], r["delta"]): r for r in rows}
+    for d in deltas:
+        marginal, pac = by["question", None, "envelope", d], by["question", 0.1, "envelope", d]
+        assert marginal["p05"] <= marginal["mean"] <= marginal["p95"] and marginal["n_splits"] == 100
+        assert pac["mean"] < marginal["mean"] and pac["exceed_share"] < marginal["exceed_share"]
+        # the envelope never exits less than the paper's rule
+        assert by["event", None, "envelope", d]["mean"] >= by["event", None, "paper", d]["mean"]
+    path = calibration_plot(rows, tmp_path / "calibration.png", "organism")
+    assert path.stat().st_size > 10_000
