@@ -10,6 +10,7 @@ it stopped.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,15 +19,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .answers import answers_match, extract_boxed
+from .answers import answers_match, close_box, extract_boxed
 from .capture import HiddenStateCapture, default_layers
 from .config import model_fingerprint, tokenizer_fingerprint, weights_sample
 from .cues import DEFAULT_CUES, CueDetector, CueEvent
 from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
 from .exit import (
-    DEFAULT_EXIT_TEXT, answer_after_exit, cache_kwargs, eos_token_ids, exit_cut, exit_token_ids, last_logits_only,
-    pad_token_id,
+    DEFAULT_EXIT_TEXT, ExitAnswer, _truncate_at_close, answer_after_exit, brace_delta, cache_kwargs, eos_token_ids,
+    exit_cut, exit_token_ids, last_logits_only, pad_token_id,
 )
 from .rollout import Rollout, TransformersRollout
 
@@ -153,11 +154,15 @@ class Collector:
             hidden = capture.features()[0]
         features = hidden[[e.position for e in events]].float().cpu()
         cuts = [exit_cut(e.position, e.start, self.exit_construction) for e in events]
-        cache.batch_repeat_interleave(len(events))
-        answers = answer_after_exit(
-            self.model, self.tokenizer, ids.expand(len(events), -1), cuts, self.exit_ids,
-            past_key_values=cache, max_new_tokens=self.answer_max_new_tokens,
-        )
+        if supports_packed_answers(self.model):
+            answers = answer_from_shared_prefix(self.model, self.tokenizer, cache, cuts, self.exit_ids,
+                                                max_new_tokens=self.answer_max_new_tokens)
+        else:
+            cache.batch_repeat_interleave(len(events))
+            answers = answer_after_exit(
+                self.model, self.tokenizer, ids.expand(len(events), -1), cuts, self.exit_ids,
+                past_key_values=cache, max_new_tokens=self.answer_max_new_tokens,
+            )
         return events, features, answers
 
     def think_length(self, generated: list[int]) -> int:
@@ -245,6 +250,99 @@ class Collector:
         if cueless:
             logger.warning("%d of %d traces had no cue event (they contribute no labels).", cueless, table.n_traces)
         return table
+
+
+def supports_packed_answers(model) -> bool:
+    """Whether `answer_from_shared_prefix` is exact for `model`: full attention in every layer (no sliding window,
+    which a custom mask would override) through an attention kernel that takes a 4D mask (sdpa or eager)."""
+    config = model.config.get_text_config()
+    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    return all(t == "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"]))
+
+
+@torch.no_grad()
+def answer_from_shared_prefix(model, tokenizer, cache: DynamicCache, cuts: Sequence[int], exit_ids: Sequence[int],
+                              *, max_new_tokens: int = 16) -> list[ExitAnswer]:
+    """Forced-exit answers for many cuts of one trace from its batch-1 KV cache, without copying the cache per row.
+
+    Every row's tokens (first its exit tokens, then one answer token per step) are packed into one batch-1 sequence
+    appended to the cache; a 4D mask lets each token see the trace before its row's cut and its own row's earlier
+    tokens only, and positions continue from the cut. Each row therefore decodes exactly as from
+    `trace[:cut] + exit_ids` (`answer_after_exit`'s result), while the trace's keys and values are stored once
+    instead of once per row, and each step appends one token per unfinished row instead of re-concatenating a
+    `[rows, trace]` cache. The cache is consumed.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> from lynx_hf.exit import cache_kwargs, exit_token_ids
+        >>> model, tok = organism.load()
+        >>> ids = tok(organism.prompt(tok, "What is 2 + 3?"), return_tensors="pt").input_ids
+        >>> cache = DynamicCache(config=model.config)
+        >>> _ = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
+        >>> n = ids.shape[1]
+        >>> [a.answer is not None for a in answer_from_shared_prefix(model, tok, cache, [n - 1, n], exit_token_ids(tok))]
+        [True, True]
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    rows, width = len(cuts), len(exit_ids)
+    prefix_len = cache.get_seq_length()
+    cuts_t = torch.as_tensor(list(cuts), dtype=torch.long, device=device)
+    if rows and int(cuts_t.max()) > prefix_len:
+        raise ValueError(f"The KV cache holds {prefix_len} positions but a cut is at {int(cuts_t.max())}.")
+    eos = eos_token_ids(model, tokenizer)
+    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
+    delta = brace_delta(tokenizer).to(device)
+    vocab = int(model.config.get_text_config().vocab_size)
+    if vocab > len(delta):  # ids the embedding has beyond the tokenizer's (e.g. padded vocabularies) hold no brace
+        delta = torch.cat([delta, delta.new_zeros(vocab - len(delta))])
+    forward_options = cache_kwargs(model, cache)
+    keep_option = "logits_to_keep" in last_logits_only(model)
+    # owner[k]: the row a packed slot belongs to (-1 for the trace), so that a row sees its own tokens only
+    owner = torch.full((prefix_len,), -1, dtype=torch.long, device=device)
+    active = torch.arange(rows, device=device)
+    step_ids = torch.as_tensor(list(exit_ids), dtype=torch.long, device=device).repeat(rows)
+    step_rows = active.repeat_interleave(width)
+    positions = (cuts_t[:, None] + torch.arange(width, device=device)).reshape(-1)
+    last = torch.arange(1, rows + 1, device=device) * width - 1  # each row's last packed token this step
+    depth = torch.zeros(rows, dtype=torch.long, device=device)
+    generated = torch.full((rows, max_new_tokens), eos[0] if eos else 0, dtype=torch.long, device=device)
+    log_probs = torch.zeros((rows, max_new_tokens), device=device)
+    blocked = torch.finfo(dtype).min
+    for step in range(max_new_tokens if rows else 0):
+        start = owner.shape[0]
+        owner = torch.cat([owner, step_rows])
+        slots = torch.arange(owner.shape[0], device=device)
+        query_slots = slots[start:]
+        sees_trace = slots[None, :] < cuts_t[step_rows][:, None]
+        sees_own = (owner[None, :] == step_rows[:, None]) & (slots[None, :] <= query_slots[:, None])
+        mask = torch.zeros(sees_trace.shape, dtype=dtype, device=device).masked_fill_(~(sees_trace | sees_own), blocked)
+        keep = {"logits_to_keep": last} if keep_option else {}
+        logits = model(input_ids=step_ids[None], attention_mask=mask[None, None], position_ids=positions[None],
+                       use_cache=True, **forward_options, **keep).logits[0]
+        if not keep_option:
+            logits = logits[last]
+        token = logits.argmax(-1)
+        generated[active, step] = token
+        log_probs[active, step] = torch.log_softmax(logits.float(), -1).gather(1, token[:, None])[:, 0]
+        depth[active] += delta[token]
+        going = ~((depth[active] < 0) | torch.isin(token, eos_tensor))
+        if not bool(going.any()):
+            break
+        positions = positions[last][going] + 1
+        active, step_ids = active[going], token[going]
+        step_rows = active
+        last = torch.arange(len(active), device=device)
+    answers = []
+    for row, lp in zip(generated.tolist(), log_probs.tolist()):
+        ids = _truncate_at_close(row, delta, eos)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        confidence = math.exp(sum(lp[: len(ids)]) / len(ids)) if ids else float("nan")
+        answers.append(ExitAnswer(token_ids=ids, text=text, answer=close_box(text), confidence=confidence))
+    return answers
 
 
 def _process_position(rank: int | None, world_size: int | None) -> tuple[int, int]:

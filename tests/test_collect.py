@@ -10,6 +10,7 @@ import torch
 from lynx_hf import EventTable, Lynx, LynxConfigError, organism
 from lynx_hf.cli import main as cli_main
 from lynx_hf.collect import Collector
+from conftest import tiny_llama, tiny_qwen2
 from lynx_hf.exit import answer_after_exit, exit_cut, exit_prefix
 
 pytestmark = pytest.mark.skipif(not (organism.MODEL_DIR / "config.json").exists(), reason="organism not trained")
@@ -148,3 +149,102 @@ def test_a_missing_shard_at_merge_is_named(collector, problems, tmp_path):
     os.remove(tmp_path / "shard-00001.safetensors")
     with pytest.raises(CorruptedBundleError, match=r"shard\(s\) \[1\] are missing"):
         EventTable.load(tmp_path)
+
+
+def _reprefilled(model, tok, trace, cut, exit_ids, steps):
+    return answer_after_exit(model, tok, torch.tensor([trace[:cut]]), [cut], exit_ids, max_new_tokens=steps)[0]
+
+
+def _eos_that_ends_some_rows_early(model, tok, trace, cuts, exit_ids, steps):
+    """A token one row emits at its third step, made EOS: rows then finish at different steps."""
+    model.generation_config.eos_token_id = None
+    return _reprefilled(model, tok, trace, cuts[1], exit_ids, steps).token_ids[2]
+
+
+@pytest.mark.parametrize("make, attention", [(tiny_llama, "sdpa"), (tiny_llama, "eager"), (tiny_qwen2, "sdpa")])
+def test_packed_answers_equal_reprefilling_each_cut(smollm2_tokenizer, make, attention):
+    from transformers import DynamicCache
+
+    from lynx_hf.collect import answer_from_shared_prefix, supports_packed_answers
+    from lynx_hf.exit import cache_kwargs, exit_token_ids
+
+    tok = smollm2_tokenizer
+    model = make(vocab_size=len(tok), seed=7, attn_implementation=attention)
+    assert supports_packed_answers(model)
+    torch.manual_seed(2)
+    trace = torch.randint(100, 2000, (60,)).tolist()
+    cuts = [1, 9, 9, 23, 41, 59, 60]  # the first position, a repeated cut, the cache's full length
+    exit_ids, steps = exit_token_ids(tok), 8
+    model.generation_config.eos_token_id = _eos_that_ends_some_rows_early(model, tok, trace, cuts, exit_ids, steps)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([trace]), use_cache=True, **cache_kwargs(model, cache))
+    packed = answer_from_shared_prefix(model, tok, cache, cuts, exit_ids, max_new_tokens=steps)
+    fresh = [_reprefilled(model, tok, trace, cut, exit_ids, steps) for cut in cuts]
+    assert [a.token_ids for a in packed] == [a.token_ids for a in fresh]
+    assert len({len(a.token_ids) for a in fresh}) > 1  # rows left the packed batch at different steps
+    for a, b in zip(packed, fresh):
+        assert a.confidence == pytest.approx(b.confidence, rel=1e-4)
+
+
+def test_packed_answers_refuse_a_cut_beyond_the_cache(smollm2_tokenizer):
+    from transformers import DynamicCache
+
+    from lynx_hf.collect import answer_from_shared_prefix
+    from lynx_hf.exit import cache_kwargs, exit_token_ids
+
+    model = tiny_llama(vocab_size=len(smollm2_tokenizer), seed=1)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.arange(100, 110)[None], use_cache=True, **cache_kwargs(model, cache))
+    with pytest.raises(ValueError, match="holds 10 positions but a cut is at 11"):
+        answer_from_shared_prefix(model, smollm2_tokenizer, cache, [3, 11], exit_token_ids(smollm2_tokenizer))
+
+
+def test_sliding_window_and_flash_attention_models_use_the_repeated_cache():
+    from lynx_hf.collect import supports_packed_answers
+
+    assert not supports_packed_answers(tiny_qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=0))
+    flash = tiny_llama()
+    flash.config._attn_implementation = "flash_attention_2"
+    assert not supports_packed_answers(flash)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("construction", ["drop_cue", "keep_cue"])
+def test_labels_of_a_cue_dense_trace_equal_reprefilling_each_event(smollm2_tokenizer, monkeypatch, packed,
+                                                                   construction):
+    import lynx_hf.collect as collect
+
+    tok = smollm2_tokenizer
+    model = tiny_llama(vocab_size=len(tok), seed=5)
+    monkeypatch.setattr(collect, "supports_packed_answers", lambda m: packed)
+    collector = Collector(model, tok, layers=(1, 2), exit_construction=construction, answer_max_new_tokens=6)
+    text = "<think>\n" + " ".join(f"Step {i}: {i} plus {i} is {2 * i}. {cue}," for i, cue in
+                                   enumerate(["Wait", "Hmm", "Alternatively", "Wait", "Hmm"] * 3))
+    token_ids = tok(text, add_special_tokens=False)["input_ids"]
+    events, features, answers = collector.label_trace(token_ids, 0)
+    assert len(events) == 15 and features.shape[0] == 15
+    for event, answer in zip(events, answers):
+        cut = exit_cut(event.position, event.start, construction)
+        assert answer.token_ids == _reprefilled(model, tok, token_ids, cut, collector.exit_ids, 6).token_ids
+
+
+def test_packed_answers_accept_ids_beyond_the_tokenizer(smollm2_tokenizer):
+    """Models whose embedding is larger than the tokenizer (R1-Distill-Qwen: 151,936 vs 151,665) may emit the
+    extra ids; they hold no brace, so the answer runs to the token limit instead of failing."""
+    from transformers import DynamicCache
+
+    from lynx_hf.collect import answer_from_shared_prefix
+    from lynx_hf.exit import cache_kwargs, exit_token_ids
+
+    tok = smollm2_tokenizer
+    extra = len(tok) + 3
+    model = tiny_llama(vocab_size=len(tok) + 8, seed=1)
+    model.generation_config.eos_token_id = None
+    model.lm_head = torch.nn.Linear(32, len(tok) + 8, bias=True)
+    torch.nn.init.zeros_(model.lm_head.weight)
+    torch.nn.init.zeros_(model.lm_head.bias)
+    model.lm_head.bias.data[extra] = 1.0
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.arange(100, 110)[None], use_cache=True, **cache_kwargs(model, cache))
+    answers = answer_from_shared_prefix(model, tok, cache, [4, 10], exit_token_ids(tok), max_new_tokens=3)
+    assert [a.token_ids for a in answers] == [[extra] * 3] * 2
