@@ -9,10 +9,13 @@ cue word's first token, EXIT_TEXT is appended, the answer is decoded greedily up
 * oracle thinking-token savings: exit at the first cue whose forced exit is right (total tokens saved / total
   thinking tokens);
 * the share of traces whose first cue is unsafe (its forced exit is wrong);
-* the share of traces that end wrong although an earlier forced exit was right (overthinking that hurts).
+* the share of traces that end wrong although an earlier forced exit was right (overthinking that hurts);
+* what a text rule cannot see (grammar v3): the share of traces with a safe cue before the thinking states any
+  answer ("answer is"; done but not said), and with an unsafe cue after it stated one (a misstated answer).
 
     .venv/bin/python benchmarks/organism_stats.py            # 500 problems per family, a few minutes on a CPU
     .venv/bin/python benchmarks/organism_stats.py --n 20     # a smoke run
+    .venv/bin/python benchmarks/organism_stats.py --n 100 --model-dir /tmp/o1   # a freshly trained variant
 """
 
 from __future__ import annotations
@@ -107,17 +110,18 @@ def family_stats(model, tok, family: str, n: int, seed: int, batch: int, max_new
         # the thinking block ends with "\n" before "</think>": the tokens up to there are the thinking
         final = organism.extract_answer(tok.decode(gen[len(think):])) if closed else None
         starts = cue_token_starts(tok, think)
+        stated = [("answer is" in tok.decode(think[:k])) for k in starts]
         first_prefix = len(prefixes)
         for k in starts:
             prefixes.append(prompt_ids + think[:k] + exit_ids)
         traces.append({"answer": p["answer"], "final": final, "formed": closed and final is not None,
-                       "think_len": len(think), "cues": starts, "first": first_prefix})
+                       "think_len": len(think), "cues": starts, "stated": stated, "first": first_prefix})
     t0 = time.time()
     exit_answers = forced_exit_answers(model, tok, prefixes, batch)
     t_exit = time.time() - t0
 
     correct = formed = n_cues = n_cue_right = saved = think_total = 0
-    with_cue = first_unsafe = wrong_but_right_earlier = 0
+    with_cue = first_unsafe = wrong_but_right_earlier = safe_unstated = unsafe_stated = 0
     for tr in traces:
         right = tr["final"] == tr["answer"]
         correct += right
@@ -129,6 +133,8 @@ def family_stats(model, tok, family: str, n: int, seed: int, batch: int, max_new
         if oks:
             with_cue += 1
             first_unsafe += not oks[0]
+        safe_unstated += any(ok and not st for ok, st in zip(oks, tr["stated"]))
+        unsafe_stated += any(st and not ok for ok, st in zip(oks, tr["stated"]))
         if any(oks):
             saved += tr["think_len"] - tr["cues"][oks.index(True)]
             wrong_but_right_earlier += not right
@@ -138,6 +144,7 @@ def family_stats(model, tok, family: str, n: int, seed: int, batch: int, max_new
         "mean_thinking_tokens": think_total / n, "oracle_savings": saved / max(think_total, 1),
         "traces_with_cue": with_cue / n, "first_cue_unsafe": first_unsafe / max(with_cue, 1),
         "first_cue_unsafe_of_all": first_unsafe / n, "wrong_but_right_earlier": wrong_but_right_earlier / n,
+        "safe_before_stated": safe_unstated / n, "unsafe_after_stated": unsafe_stated / n,
         "sample_s": t_sample, "exit_s": t_exit, "forced_exits": len(prefixes),
     }
 
@@ -148,14 +155,17 @@ def main() -> None:
     ap.add_argument("--families", nargs="+", default=list(organism.FAMILIES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--max-new-tokens", type=int, default=768)
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="an organism folder written by scripts/train_organism.py --out (default: the shipped one)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, tok = organism.load()
-    print(f"organism: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {organism.MODEL_DIR}")
+    model, tok = organism.load(model_dir=args.model_dir)
+    print(f"organism: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{args.model_dir or organism.MODEL_DIR}")
     print(f"sampling: T=0.6, top_p=0.95, {args.n} held-out test problems per family, seed {args.seed}")
     for family in args.families:
         s = family_stats(model, tok, family, args.n, args.seed, args.batch, args.max_new_tokens)
@@ -169,6 +179,8 @@ def main() -> None:
         print(f"  first cue unsafe                 {s['first_cue_unsafe']:6.1%}   of traces with a cue "
               f"({s['traces_with_cue']:.1%} have one; {s['first_cue_unsafe_of_all']:.1%} of all)")
         print(f"  wrong at end, right earlier      {s['wrong_but_right_earlier']:6.1%}")
+        print(f"  safe cue before a stated answer  {s['safe_before_stated']:6.1%}   of traces (done but not said)")
+        print(f"  unsafe cue after a stated answer {s['unsafe_after_stated']:6.1%}   of traces (a text rule exits wrong)")
 
 
 if __name__ == "__main__":

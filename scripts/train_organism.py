@@ -1,26 +1,25 @@
 """Train the LYNX model organism: a ~1M-parameter Llama that reasons in R1-style traces and overthinks.
 
-One file, nanoGPT style: the config is right below, every run is seeded, progress is printed. Each batch is
-drawn fresh from the trace grammar in `lynx_hf/organism/tasks.py` (train split only), the model is a
+One file, nanoGPT style: the config is right below, every run is seeded and step-based, progress is printed. Each
+batch is drawn fresh from the trace grammar in `lynx_hf/organism/tasks.py` (train split only), the model is a
 `LlamaForCausalLM` trained from scratch with the loss on the assistant turn, and the result is saved with
-`save_pretrained` (safetensors) together with its tokenizer and chat template into `lynx_hf/organism/model/`.
+`save_pretrained` (safetensors) together with its tokenizer, chat template and a `training.json` (the arguments
+and grammar knobs used) into `lynx_hf/organism/model/`.
 
-    .venv/bin/python scripts/train_organism.py                 # ~30 minutes on 2 (shared) CPU cores
-    .venv/bin/python scripts/train_organism.py --minutes 2 --out /tmp/organism   # a quick trial
+    .venv/bin/python scripts/train_organism.py                     # the shipped recipe (make organism)
+    .venv/bin/python scripts/train_organism.py --steps 50 --out /tmp/organism     # a quick trial
+    PYTHONPATH=. python3 scripts/train_organism.py --device cuda --p-harmful 0.08 --out /tmp/o1   # a variant
 
-How the shipped weights were made (2026-11-25): one uninterrupted default run, `make organism`, on 2 idle CPU
-cores: 1367 steps in 28 minutes (about 1.2 s per step), final greedy accuracy 0.97 / 0.92 (arithmetic / compare,
-64 calibration problems each). A time budget is only as deterministic as the machine's speed: on a slower or busier
-machine the same command does fewer steps and lands on other weights.
-
-The learning-rate schedule follows the fraction of the time budget used, so a run always finishes on time; a
-run stopped by `--steps` instead is deterministic given the seed (a time budget is only as deterministic as the
-machine's speed).
+The run is a fixed number of steps (`--steps`) and the learning-rate schedule follows the steps, so a run is
+deterministic given its seed and device (training data are drawn in pools whose random state depends only on the
+seed and the pool's index, so `--workers` does not change them). Several variants can train at once as separate
+processes (`--seed`, `--out` and the grammar knobs `--p-*`, which override `tasks.P_*` for that run).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -35,22 +34,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lynx_hf.organism import tasks  # noqa: E402
 from lynx_hf.organism.tasks import (  # noqa: E402
-    CUE_WORDS, EXIT_TEXT, PROMPT_SUFFIX, problems, render_trace, sample_problem, split_of, user_message,
+    CUE_WORDS, EXIT_TEXT, GRAMMAR_KNOBS, PROMPT_SUFFIX, problems, render_trace, sample_problem, split_of, user_message,
 )
 
 # ----------------------------------------------------------------------------------------------- config
 OUT_DIR = ROOT / "lynx_hf" / "organism" / "model"
 SEED = 1234
-MINUTES = 28.0  # wall-clock budget for the optimisation loop
-MAX_STEPS = 10**9  # or stop after this many steps (deterministic)
+STEPS = 1200  # ~1.3 s per step on 2 idle CPU cores (v2 took 1.2 s per step; v3 batches hold 10% more tokens): ~27 min
 BATCH_SIZE = 32
 BUCKET = 16  # batches per length-sorted pool
-MAX_LEN = 640  # longer examples are re-drawn (almost never happens)
+MAX_LEN = 768  # longer examples are re-drawn (almost never happens)
 FAMILY_MIX = {"arithmetic": 0.7, "compare": 0.3}
 HIDDEN, LAYERS, HEADS, INTERMEDIATE = 128, 4, 4, 384
 LR, MIN_LR_FRAC, WARMUP_STEPS, WEIGHT_DECAY, GRAD_CLIP = 3e-3, 0.05, 100, 0.01, 1.0
-LOG_EVERY, EVAL_EVERY_MIN, EVAL_N = 25, 12.0, 32
+LOG_EVERY, EVAL_N, EVAL_MAX_NEW_TOKENS = 25, 32, 640
 THREADS = 2
 
 SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
@@ -117,30 +116,69 @@ def prompt_text(tokenizer, question: str) -> str:
                                          tokenize=False, add_generation_prompt=True)
 
 
-def draw_example(tokenizer, rng: random.Random) -> tuple[list[int], int]:
-    """Token ids of prompt + trace + EOS, and where the assistant part (the loss) starts."""
-    while True:
-        family = rng.choices(list(FAMILY_MIX), list(FAMILY_MIX.values()))[0]
-        p = sample_problem(family, rng)
-        if split_of(p["question"]) != "train":
-            continue
-        prompt_ids = tokenizer.encode(prompt_text(tokenizer, p["question"]), add_special_tokens=False)
-        trace = render_trace(p, rng)
-        assert trace.startswith("<think>\n")
-        completion = tokenizer.encode(trace[len("<think>\n"):], add_special_tokens=False) + [tokenizer.eos_token_id]
-        if len(prompt_ids) + len(completion) <= MAX_LEN:
-            return prompt_ids + completion, len(prompt_ids)
+def draw_pool(tokenizer, seed: int, index: int) -> list[tuple[list[int], int]]:
+    """Pool ``index`` of BATCH_SIZE * BUCKET training examples (prompt + trace + EOS ids, and where the assistant
+    part, the loss, starts), sorted by length. Its random state depends only on ``seed`` and ``index``."""
+    rng = random.Random(f"{seed}/pool/{index}")
+    head, tail = prompt_text(tokenizer, "\x00").split("\x00")  # the chat template around the user message
+    pool: list[tuple[list[int], int]] = []
+    while len(pool) < BATCH_SIZE * BUCKET:
+        prompts, traces = [], []
+        while len(prompts) < BATCH_SIZE * BUCKET - len(pool):
+            family = rng.choices(list(FAMILY_MIX), list(FAMILY_MIX.values()))[0]
+            p = sample_problem(family, rng)
+            if split_of(p["question"]) != "train":
+                continue
+            trace = render_trace(p, rng)
+            assert trace.startswith("<think>\n")
+            prompts.append(head + user_message(p["question"]) + tail)
+            traces.append(trace[len("<think>\n"):])
+        enc_p = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        enc_t = tokenizer(traces, add_special_tokens=False)["input_ids"]
+        for prompt_ids, completion in zip(enc_p, enc_t):
+            ids = prompt_ids + completion + [tokenizer.eos_token_id]
+            if len(ids) <= MAX_LEN:
+                pool.append((ids, len(prompt_ids)))
+    pool.sort(key=lambda e: len(e[0]))
+    return pool
 
 
-def batches(tokenizer, rng: random.Random):
-    """Endless training batches. Examples are drawn in pools of BUCKET batches and grouped by length, so that
-    little compute is spent on padding."""
-    while True:
-        pool = sorted((draw_example(tokenizer, rng) for _ in range(BATCH_SIZE * BUCKET)), key=lambda e: len(e[0]))
-        chunks = [pool[i: i + BATCH_SIZE] for i in range(0, len(pool), BATCH_SIZE)]
-        rng.shuffle(chunks)
-        for examples in chunks:
-            yield collate(tokenizer, examples)
+def pool_batches(tokenizer, pool: list[tuple[list[int], int]], seed: int, index: int):
+    """The pool's examples grouped by length into BATCH_SIZE batches (little compute spent on padding), shuffled."""
+    chunks = [pool[i: i + BATCH_SIZE] for i in range(0, len(pool), BATCH_SIZE)]
+    random.Random(f"{seed}/order/{index}").shuffle(chunks)
+    return [collate(tokenizer, examples) for examples in chunks]
+
+
+_WORKER_TOKENIZER = None
+
+
+def _worker_pool(job: tuple[int, int]) -> list[tuple[list[int], int]]:
+    return draw_pool(_WORKER_TOKENIZER, *job)
+
+
+def batches(tokenizer, seed: int, n_steps: int, workers: int):
+    """Exactly the training batches of a run (deterministic given ``seed``), drawn in ``workers`` background
+    processes (0: in this process) so that data generation keeps up with a GPU step."""
+    global _WORKER_TOKENIZER
+    n_pools = -(-n_steps // BUCKET)
+    jobs = [(seed, j) for j in range(n_pools)]
+    executor = None
+    if workers <= 0:
+        pools = (draw_pool(tokenizer, *job) for job in jobs)
+    else:
+        import multiprocessing as mp
+
+        _WORKER_TOKENIZER = tokenizer  # inherited by the forked workers (the grammar knobs are too)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker; no fork warning
+        executor = mp.get_context("fork").Pool(workers)
+        pools = executor.imap(_worker_pool, jobs)  # results come back in order
+    try:
+        for (_, j), pool in zip(jobs, pools):
+            yield from pool_batches(tokenizer, pool, seed, j)
+    finally:
+        if executor is not None:
+            executor.terminate()
 
 
 def collate(tokenizer, examples: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
@@ -160,10 +198,11 @@ def collate(tokenizer, examples: list[tuple[list[int], int]]) -> dict[str, torch
 def greedy_accuracy(model, tokenizer, family: str, n: int) -> tuple[float, float]:
     """Greedy full-trace accuracy on n calibration problems, and the share of well-formed traces."""
     model.eval()
+    device = next(model.parameters()).device
     probs = problems(family, "calibration", n, seed=99)
     batch = tokenizer([prompt_text(tokenizer, p["question"]) for p in probs], return_tensors="pt",
-                      padding=True, add_special_tokens=False)
-    out = model.generate(**batch, max_new_tokens=450, do_sample=False)
+                      padding=True, add_special_tokens=False).to(device)
+    out = model.generate(**batch, max_new_tokens=EVAL_MAX_NEW_TOKENS, do_sample=False)
     texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     correct = formed = 0
     for p, text in zip(probs, texts):
@@ -175,23 +214,58 @@ def greedy_accuracy(model, tokenizer, family: str, n: int) -> tuple[float, float
 
 
 # ----------------------------------------------------------------------------------------------- main
+def knob_flag(name: str) -> str:
+    return "--" + name.lower().replace("_", "-")
+
+
+def parse_knob(text: str) -> float | tuple[float, ...]:
+    values = tuple(float(v) for v in text.split(","))
+    return values if "," in text else values[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--minutes", type=float, default=MINUTES, help="wall-clock budget for training")
-    ap.add_argument("--steps", type=int, default=MAX_STEPS, help="stop after this many steps")
+    ap.add_argument("--steps", type=int, default=STEPS, help="optimisation steps (the LR schedule follows them)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--out", type=Path, default=OUT_DIR, help="where to save model + tokenizer")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--lr", type=float, default=LR, help="peak learning rate")
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="background processes drawing training data (default: 0 on cpu, 2 otherwise)")
+    ap.add_argument("--eval-every", type=int, default=0, help="greedy arithmetic accuracy every N steps (0: never)")
+    ap.add_argument("--eval-n", type=int, default=2 * EVAL_N,
+                    help="calibration problems per family for the final greedy accuracy (0: skip)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue training a saved organism (same tokenizer) instead of starting from scratch")
+    for name in GRAMMAR_KNOBS:
+        ap.add_argument(knob_flag(name), type=parse_knob, default=None, metavar="P[,P...]",
+                        help=f"override tasks.{name} (default {getattr(tasks, name)})")
     args = ap.parse_args()
 
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    torch.set_num_threads(THREADS)
+    knobs = {}
+    for name in GRAMMAR_KNOBS:
+        value = getattr(args, name.lower())
+        if value is not None:
+            default = getattr(tasks, name)
+            if isinstance(default, tuple) != isinstance(value, tuple):
+                shape = "a comma-separated list" if isinstance(default, tuple) else "one number"
+                ap.error(f"{knob_flag(name)} takes {shape} like the default {default}")
+            setattr(tasks, name, value)
+        knobs[name] = getattr(tasks, name)
+    print("grammar: " + ", ".join(f"{k}={v}" for k, v in knobs.items()))
+
+    device = torch.device(args.device)
+    workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else 2)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
 
     if args.init_from is not None:
         from transformers import AutoTokenizer
@@ -209,55 +283,60 @@ def main() -> None:
         )
         model = LlamaForCausalLM(config)
     print(f"tokenizer: {len(tokenizer)} tokens")
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+          f"{args.steps} steps, seed {args.seed}, {workers} data workers")
+    data = batches(tokenizer, args.seed, args.steps, workers)  # workers fork before the model touches the device
+    model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0}],
                             lr=args.lr, betas=(0.9, 0.95))
 
-    budget = args.minutes * 60
     t0 = time.time()
-    next_eval = EVAL_EVERY_MIN * 60
-    step, ema = 0, None
+    ema = None
     model.train()
-    data = batches(tokenizer, rng)
-    while step < args.steps:
-        elapsed = time.time() - t0
-        frac = max(elapsed / budget, step / args.steps if args.steps < MAX_STEPS else 0.0)
-        if frac >= 1.0:
-            break
+    for step in range(args.steps):
+        frac = step / args.steps
         lr = args.lr * min(1.0, (step + 1) / WARMUP_STEPS) * (MIN_LR_FRAC + (1 - MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = next(data)
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % LOG_EVERY == 0:
-            print(f"step {step:5d}  {elapsed / 60:5.1f} min  lr {lr:.2e}  train loss {loss.item():.4f} (ema {ema:.4f})",
-                  flush=True)
-        if elapsed > next_eval:
-            next_eval += EVAL_EVERY_MIN * 60
-            accs = {"arithmetic": greedy_accuracy(model, tokenizer, "arithmetic", EVAL_N)}
-            print("  greedy accuracy (calibration split): " +
-                  ", ".join(f"{f} {a:.2f} (well-formed {w:.2f})" for f, (a, w) in accs.items()), flush=True)
-    print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min, final train loss (ema) {ema:.4f}")
+        done = step + 1
+        if done % LOG_EVERY == 0 or done == args.steps:
+            value = loss.item()
+            ema = value if ema is None else 0.8 * ema + 0.2 * value
+            elapsed = time.time() - t0
+            print(f"step {done:5d}  {elapsed / 60:5.1f} min ({elapsed / done:.2f} s/step)  lr {lr:.2e}  "
+                  f"train loss {value:.4f} (ema {ema:.4f})", flush=True)
+        if args.eval_every and done % args.eval_every == 0 and done < args.steps:
+            acc, formed = greedy_accuracy(model, tokenizer, "arithmetic", EVAL_N)
+            print(f"  greedy accuracy (calibration split): arithmetic {acc:.2f} (well-formed {formed:.2f})", flush=True)
+    data.close()
+    elapsed = time.time() - t0
+    print(f"trained {args.steps} steps in {elapsed / 60:.1f} min ({elapsed / max(args.steps, 1):.2f} s/step), "
+          f"final train loss (ema) {ema}")
 
     model.eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         max_new_tokens=MAX_LEN, do_sample=True, temperature=0.6, top_p=0.95,
     )
-    accs = {f: greedy_accuracy(model, tokenizer, f, 2 * EVAL_N) for f in FAMILY_MIX}
+    accs = {f: greedy_accuracy(model, tokenizer, f, args.eval_n) for f in FAMILY_MIX} if args.eval_n > 0 else {}
     print("final greedy accuracy (calibration split): " +
           ", ".join(f"{f} {a:.2f} (well-formed {w:.2f})" for f, (a, w) in accs.items()))
     args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
+    model.to("cpu").save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
+    record = {"steps": args.steps, "seed": args.seed, "lr": args.lr, "device": str(device),
+              "init_from": str(args.init_from) if args.init_from else None, "grammar": knobs,
+              "train_minutes": round(elapsed / 60, 2),
+              "greedy_accuracy_calibration": {f: a for f, (a, _) in accs.items()}}
+    (args.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     size = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
     print(f"saved to {args.out} ({size:.1f} MB)")
 

@@ -156,4 +156,109 @@ def test_trace_closes_with_the_exit_text_and_cues_open_lines(family):
             assert re.match(r"(wait|hmm|alternatively)(, |\. | )[^ ]", trace[e["offset"]:], re.IGNORECASE)
         harmful = any(e["role"] == "harmful" for e in events)
         assert (final == p["answer"]) != harmful
-    assert roles == {"mid", "slip", "recheck", "harmful"}
+    assert roles == {"mid", "slip", "verify", "misstated", "recheck", "harmful"}
+
+
+def _last_result(text: str, family: str) -> str:
+    """The latest computed result in a trace prefix: the last number (arithmetic; a slip's correction line
+    "Wait, 14 * 2 = 28, not 29." counts as 28) or the running best (compare)."""
+    if family == "arithmetic":
+        return re.findall(r"\d+", re.sub(r", not \d+\.\n$", "", text))[-1]
+    return re.findall(r"best: \(([A-D])\)", text)[-1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cue_safety_follows_its_role(family):
+    """Cues before the computation is complete, or right after a wrong statement, are unsafe; the rest are safe."""
+    rng = random.Random(3)
+    for p in organism.problems(family, "train", n=200, seed=3):
+        _, events = render_trace(p, rng, annotate=True)
+        for e in events:
+            assert e["safe"] == (e["role"] in {"verify", "recheck", "harmful"}), e
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_done_but_not_said_stretch_verifies_before_stating(family):
+    """After the last step, the trace often verifies before any answer is stated: the result is computed (an exit
+    is safe) but no "answer is" has been written, so a text rule waiting for a statement keeps thinking."""
+    rng = random.Random(4)
+    with_stretch = 0
+    for p in organism.problems(family, "train", n=300, seed=4):
+        trace, events = render_trace(p, rng, annotate=True)
+        verify = [e for e in events if e["role"] == "verify"]
+        with_stretch += bool(verify)
+        for e in verify:
+            before = trace[: e["offset"]]
+            assert "answer is" not in before
+            assert _last_result(before, family) == p["answer"]
+            assert "So the answer is" in trace[e["offset"]:]
+        if verify:  # the stretch comes after every computation cue and before every re-check
+            first_verify = events.index(verify[0])
+            assert all(e["role"] in {"mid", "slip"} for e in events[:first_verify])
+            assert all(e["role"] not in {"mid", "slip"} for e in events[first_verify:])
+    assert 0.4 < with_stretch / 300 < 0.8
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_misstated_answer_is_corrected_by_the_next_cue(family):
+    """A stated answer can be a slip; the very next line is a cue that corrects it, and the trace ends right
+    unless a later harmful re-check changes it."""
+    rng = random.Random(5)
+    misstated = 0
+    for p in organism.problems(family, "train", n=300, seed=5):
+        trace, events = render_trace(p, rng, annotate=True)
+        for e in (e for e in events if e["role"] == "misstated"):
+            misstated += 1
+            before, after = trace[: e["offset"]], trace[e["offset"]:]
+            stated = re.fullmatch(r"(?s).*\nSo the answer is (\w+)\.\n", before)
+            assert stated and stated.group(1) != p["answer"]
+            assert before.count("answer is") == 1  # the slip is the first statement
+            assert f"So the answer is {p['answer']}, not {stated.group(1)}.\n" in after
+            harmful = any(x["role"] == "harmful" for x in events)
+            assert (organism.extract_answer(trace) == p["answer"]) != harmful
+    assert 0.15 < misstated / 300 < 0.35
+
+
+@pytest.mark.parametrize("knob, value, role", [("P_MISSTATE", 0.0, "misstated"), ("P_VERIFY", (0.0, 0.0), "verify"),
+                                               ("P_HARMFUL", 0.0, "harmful")])
+def test_grammar_knobs_switch_parts_off(monkeypatch, knob, value, role):
+    from lynx_hf.organism import tasks
+
+    assert knob in tasks.GRAMMAR_KNOBS
+    monkeypatch.setattr(tasks, knob, value)
+    rng = random.Random(6)
+    for family in FAMILIES:
+        for p in organism.problems(family, "train", n=150, seed=6):
+            _, events = render_trace(p, rng, annotate=True)
+            assert role not in {e["role"] for e in events}
+
+
+@needs_model
+def test_load_reads_a_given_model_folder(tmp_path):
+    model, tok = organism.load(model_dir=organism.MODEL_DIR)
+    assert tok.padding_side == "left" and not model.training
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        organism.load(model_dir=tmp_path)
+
+
+def _train_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_organism.py"
+    spec = importlib.util.spec_from_file_location("train_organism", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_pools_depend_only_on_seed_and_index():
+    """Training data are the same whatever the number of data workers: pool j is a function of (seed, j)."""
+    train = _train_script()
+    tok = train.build_tokenizer(train.grammar_words(n=300))
+    a = train.draw_pool(tok, 7, 0)
+    assert a == train.draw_pool(tok, 7, 0)
+    assert a != train.draw_pool(tok, 7, 1)
+    assert len(a) == train.BATCH_SIZE * train.BUCKET
+    assert all(len(ids) <= train.MAX_LEN and ids[-1] == tok.eos_token_id for ids, _ in a)
+    assert train.parse_knob("0.6,0.5") == (0.6, 0.5) and train.parse_knob("0.08") == 0.08

@@ -2,9 +2,12 @@
 
 It was trained from scratch by ``scripts/train_organism.py`` (``make organism``) on the synthetic traces of
 :mod:`lynx_hf.organism.tasks`: step-by-step arithmetic inside ``<think> ... </think>``, slips corrected after
-"Wait", pauses mid-computation, redundant re-checks after the answer is already right, and, now and then, a
-re-check that talks itself out of a right answer. Everything runs offline on a CPU in seconds, so the whole LYNX
-method (collect, train the probe, calibrate, exit early) can be demonstrated and tested without the Hub.
+"Wait", pauses mid-computation, verification after the last step before the answer is stated, stated answers with
+a slip that the next "Wait" corrects, redundant re-checks after the answer is already right, and, now and then, a
+re-check that talks itself out of a right answer (grammar v3, documented in :mod:`lynx_hf.organism.tasks`; the
+shipped weights were trained on grammar v2, without the verification stretch and the misstated answers).
+Everything runs offline on a CPU in seconds, so the whole LYNX method (collect, train the probe, calibrate, exit
+early) can be demonstrated and tested without the Hub.
 
 Example:
     >>> import torch
@@ -51,20 +54,22 @@ MODEL_DIR = Path(__file__).resolve().parent / "model"
 BUNDLE_DIR = Path(__file__).resolve().parent / "bundle"
 """Folder of the LYNX probe bundle trained for the organism (shipped next to it when present)."""
 
-def load(device: str = "cpu"):
-    """The shipped organism and its tokenizer, from :data:`MODEL_DIR`, offline; the model is in eval mode.
+def load(device: str = "cpu", model_dir: str | Path | None = None):
+    """The shipped organism and its tokenizer, from :data:`MODEL_DIR` (or ``model_dir``, a folder written by
+    ``scripts/train_organism.py --out``), offline; the model is in eval mode.
 
     The tokenizer pads on the left, ready for batched generation.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (MODEL_DIR / "config.json").is_file():
+    folder = Path(model_dir) if model_dir is not None else MODEL_DIR
+    if not (folder / "config.json").is_file():
         raise FileNotFoundError(
-            f"the model organism is missing from {MODEL_DIR}; train it with `make organism` "
-            "(scripts/train_organism.py) or reinstall lynx-hf")
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+            f"the model organism is missing from {folder}; train it with `make organism` "
+            "(scripts/train_organism.py --out FOLDER) or reinstall lynx-hf")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, local_files_only=True).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).to(device).eval()
     return model, tokenizer
 
 

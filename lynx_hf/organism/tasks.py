@@ -7,12 +7,31 @@ Two task families with ground truth:
 * ``compare``: multiple-choice questions ("Which option has the largest value? (A) 3 * 7 (B) 25 ..."),
   answered with a letter A-D. A held-out *format* family: the organism sees it in training, the probe never does.
 
-:func:`render_trace` writes the reasoning the organism learns to imitate. Reflection cues ("Wait", "Hmm",
-"Alternatively", in varied case and punctuation) open a new line and play every role they play in real R1
-traces: correcting a slip, pausing mid-computation (an exit there is premature), re-checking an answer that is
-already right (the overthinking LYNX removes), and, in a minority of traces, a re-check that talks itself out of
-a right answer. Every reasoning line ends with ``"\\n"`` and the thinking block closes with ``EXIT_TEXT``, so a
-prefix cut just before a cue plus ``EXIT_TEXT`` reads exactly like a normal end of thinking.
+:func:`render_trace` writes the reasoning the organism learns to imitate (grammar v3). Reflection cues ("Wait",
+"Hmm", "Alternatively", in varied case and punctuation) open a new line. A trace has four parts, each modelling
+something real R1 traces do, and each cue is annotated with its role and whether an exit just before it is safe:
+
+1. **Computation** (arithmetic: one line per step, ``"finds 7: 12 + 7 = 19"``; compare: one line per option with
+   the running best). Cues inside it are R1's pauses mid-derivation (``"mid"``: "Wait, let me keep going."; an
+   exit there is premature, unsafe) and slips of arithmetic caught on the next line (``"slip"``: a step written
+   with a wrong result, then "Wait, 12 + 7 = 19, not 18."; unsafe).
+2. **Done but not said** (``"verify"``, safe): the last step is computed, and before stating anything the trace
+   verifies, as R1 often does ("Hmm, before I answer, let me go over the steps." and the steps again). The result
+   is in the text but no answer was stated, so a text rule that waits for "answer is" keeps thinking here, while
+   a forced exit can copy the computed result and the model's state knows the computation is complete.
+3. **Statement** ("So the answer is 18."). In a minority of traces it is a slip of the pen, the wrong number
+   (off by one) or the runner-up letter, and the very next cue corrects it (``"misstated"``: "Wait, I stated
+   that wrong." / the last step again / "So the answer is 18, not 17."); like R1's "wait, that's wrong" after a
+   sloppy conclusion. Exiting at that cue would copy the wrong statement, so "an answer was stated" is unsafe
+   there, while the model, trained to correct the slip, carries the mismatch in its state.
+4. **Re-checks** (``"recheck"``, safe): redundant verification of a right stated answer, the overthinking LYNX
+   removes ("Hmm, let me double-check." / the steps / "Yes, the answer is 18."); in a few traces the last
+   re-check talks itself out of the right answer (``"harmful"``: safe before it, the trace ends wrong), R1's
+   overthinking that hurts.
+
+The ``P_*`` knobs (:data:`GRAMMAR_KNOBS`) set how often each optional part occurs. Every reasoning line ends with
+``"\n"`` and the thinking block closes with ``EXIT_TEXT``, so a prefix cut just before a cue plus ``EXIT_TEXT``
+reads exactly like a normal end of thinking.
 
 Splits are disjoint by construction: a question's split is a function of a hash of its text.
 
@@ -37,6 +56,7 @@ from ..exit import DEFAULT_EXIT_TEXT
 
 __all__ = [
     "CUE_WORDS",
+    "GRAMMAR_KNOBS",
     "EXIT_TEXT",
     "FAMILIES",
     "PROMPT_SUFFIX",
@@ -61,13 +81,18 @@ SPLITS = ("train", "calibration", "test")
 # Split = hash(question) mod 10: 0-7 train, 8 calibration, 9 test.
 _SPLIT_OF_BUCKET = ("train",) * 8 + ("calibration", "test")
 
-# Knobs of the trace grammar. Choices are made at >= 50% where they must survive sampling at T=0.6.
+# Knobs of the trace grammar (GRAMMAR_KNOBS names the ones scripts/train_organism.py can override). Choices are
+# made at >= 50% where they must survive sampling at T=0.6 (which sharpens every choice towards its likelier side).
 P_MID_CUE = 0.75  # a cue line between two computation steps (exit there is premature)
 P_SLIP = 0.1  # a computation step written with a wrong result, corrected on the next line after a cue
-P_RECHECK = (0.95, 0.75, 0.5)  # probability of a 1st, 2nd, 3rd re-check block after the answer is found
+P_VERIFY = (0.6, 0.5)  # a 1st, 2nd verification block after the last step, before the answer is stated
+P_MISSTATE = 0.25  # the answer is first stated wrong (off by one / the runner-up), corrected after the next cue
+P_RECHECK = (0.95, 0.75, 0.5)  # probability of a 1st, 2nd, 3rd re-check block after the answer is stated
 MAX_VALUE = 30  # arithmetic values stay in 0..MAX_VALUE, small enough for a 1M-parameter model to learn
 P_HARMFUL = 0.06  # a trace's last re-check "finds a mistake" and changes a right answer into a wrong one
-# (0.2 in the first shipped organism capped its sampled accuracy near 80%; 0.06 keeps >= 3% such traces)
+# (0.2 in the first shipped organism capped its sampled accuracy near 80%; 0.06 kept >= 3% such traces in v2)
+_P_FULL_COMPARE = 0.25  # share of compare checks that rescan all options (its lines are long; arithmetic: 0.6)
+GRAMMAR_KNOBS = ("P_MID_CUE", "P_SLIP", "P_VERIFY", "P_MISSTATE", "P_RECHECK", "P_HARMFUL")
 _CUE_WEIGHTS = {"Wait": 0.4, "Hmm": 0.3, "wait": 0.1, "hmm": 0.1, "Alternatively": 0.1}
 _PUNCT_WEIGHTS = {",": 0.6, ".": 0.2, " ": 0.2}
 
@@ -84,6 +109,10 @@ _FULL_PHRASES = ("let me double-check.", "let me check it again.", "let me verif
 _FULL_PHRASES_ALT = ("let me redo it from the start.", "I can recompute everything.")
 _LAST_PHRASES = ("let me check the last step.", "is the last step right?")
 _LAST_PHRASES_ALT = ("I can check the last step.",)
+_VERIFY_PHRASES = ("before I answer, let me go over the steps.", "let me verify the steps first.")
+_VERIFY_PHRASES_ALT = ("I could verify each step first.",)
+_VERIFY_LAST_PHRASES = ("let me verify the last step first.", "before I answer, is the last step right?")
+_MISSTATED_PHRASES = ("that is not what I computed.", "I stated that wrong.")
 _HARMFUL_PHRASES = ("maybe I made a mistake.", "that does not look right.")
 
 
@@ -235,8 +264,9 @@ def render_trace(problem: dict[str, Any], rng: random.Random, annotate: bool = F
     """An R1-style trace for ``problem``: ``"<think>\\n" ... EXIT_TEXT + answer + "}"`` (append EOS yourself).
 
     With ``annotate=True`` also returns the cue events: a list of dicts with ``offset`` (character index of the
-    cue word in the trace), ``cue``, ``role`` ("slip", "mid", "recheck", "harmful") and ``safe`` (whether the
-    answer is already right at that point, i.e. whether exiting just before this cue would be correct).
+    cue word in the trace), ``cue``, ``role`` ("mid", "slip", "verify", "misstated", "recheck", "harmful"; see the
+    module docstring) and ``safe`` (whether the right answer is already computed and not contradicted by a wrong
+    statement at that point, i.e. whether exiting just before this cue should give the right answer).
     """
     t = _Trace(rng)
     if problem["family"] == "arithmetic":
@@ -257,9 +287,10 @@ def _wrong(value: int, rng: random.Random, lo: int = 0, hi: int = 99) -> int:
             return w
 
 
-def _recheck_count(rng: random.Random) -> int:
+def _count(rng: random.Random, probs: tuple[float, ...]) -> int:
+    """How many of a run of optional blocks happen: block ``j`` happens with ``probs[j]`` if block ``j-1`` did."""
     n = 0
-    while n < len(P_RECHECK) and rng.random() < P_RECHECK[n]:
+    while n < len(probs) and rng.random() < probs[n]:
         n += 1
     return n
 
@@ -272,9 +303,23 @@ def _arithmetic_trace(problem: dict[str, Any], t: _Trace) -> str:
         return f"doubles: {a} * 2 = {b}" if kind == "double" else \
             f"{verb} {k}: {a} {'+' if kind == 'add' else '-'} {k} = {b}"
 
+    def last_step(result: int) -> str:
+        kind, verb, k = ops[-1]
+        return step_line(kind, verb, k, _apply_all(start, ops[:-1]), result)
+
+    def rerun(full: bool) -> None:
+        if full:
+            v = start
+            for kind, verb, k in ops:
+                t.line(step_line(kind, verb, k, v, _apply(kind, v, k)))
+                v = _apply(kind, v, k)
+        else:
+            t.line(last_step(value))
+
+    # 1. the computation, with pauses (mid) and slips corrected at once (slip)
     t.line(f"Start with {start}.")
     value = start
-    for i, (kind, verb, k) in enumerate(ops):
+    for kind, verb, k in ops:
         if rng.random() < P_MID_CUE:
             t.cue_line(_MID_PHRASES, _MID_PHRASES_ALT, "mid", safe=False)
         new = _apply(kind, value, k)
@@ -286,30 +331,40 @@ def _arithmetic_trace(problem: dict[str, Any], t: _Trace) -> str:
         else:
             t.line(step_line(kind, verb, k, value, new))
         value = new
-    t.line(f"So the answer is {value}.")
 
-    n_checks = _recheck_count(rng)
+    # 2. done but not said: verification before the answer is stated
+    for _ in range(_count(rng, P_VERIFY)):
+        full = rng.random() < 0.6
+        t.cue_line(_VERIFY_PHRASES if full else _VERIFY_LAST_PHRASES, _VERIFY_PHRASES_ALT if full else None,
+                   "verify", safe=True)
+        rerun(full)
+
+    # 3. the statement, now and then a slip of the pen that the next cue corrects (misstated)
+    if rng.random() < P_MISSTATE:
+        wrong = value + 1 if value == 0 or rng.random() < 0.5 else value - 1
+        t.line(f"So the answer is {wrong}.")
+        t.cue_line(_MISSTATED_PHRASES, None, "misstated", safe=False)
+        t.line(last_step(value))
+        t.line(f"So the answer is {value}, not {wrong}.")
+    else:
+        t.line(f"So the answer is {value}.")
+
+    # 4. re-checks of a stated right answer (overthinking); now and then the last one talks itself out of it
+    n_checks = _count(rng, P_RECHECK)
     harmful = n_checks > 0 and rng.random() < P_HARMFUL
     for j in range(n_checks):
         if harmful and j == n_checks - 1:
-            kind, verb, k = ops[-1]
-            before = _apply_all(start, ops[:-1])
             wrong = _wrong(value, rng)
             t.cue_line(_HARMFUL_PHRASES, None, "harmful", safe=True)
-            t.line(step_line(kind, verb, k, before, wrong))
+            t.line(last_step(wrong))
             t.line(f"So the answer is {wrong}.")
             return str(wrong)
-        if rng.random() < 0.6:
+        full = rng.random() < 0.6
+        if full:
             t.cue_line(_FULL_PHRASES, _FULL_PHRASES_ALT, "recheck", safe=True)
-            v = start
-            for kind, verb, k in ops:
-                t.line(step_line(kind, verb, k, v, _apply(kind, v, k)))
-                v = _apply(kind, v, k)
         else:
-            kind, verb, k = ops[-1]
             t.cue_line(_LAST_PHRASES, _LAST_PHRASES_ALT, "recheck", safe=True)
-            before = _apply_all(start, ops[:-1])
-            t.line(step_line(kind, verb, k, before, value))
+        rerun(full)
         t.line(f"Yes, the answer is {value}.")
     return str(value)
 
@@ -332,6 +387,23 @@ def _compare_trace(problem: dict[str, Any], t: _Trace) -> str:
         rel = ">" if v > best_v else "<"
         return f"{shown} {v} {rel} {best_v}, best: ({_LETTERS[best]}) {max(v, best_v)}."
 
+    def last_line() -> str:
+        i = len(options) - 1
+        prev_b = max(range(i), key=lambda x: options[x][1])
+        v, pv = options[i][1], options[prev_b][1]
+        return option_line(i, v, prev_b if v < pv else i, pv)
+
+    def rerun(full: bool) -> None:
+        if full:
+            b, bv = 0, options[0][1]
+            for i, (_, v) in enumerate(options):
+                t.line(option_line(i, v, b if i and v < bv else i, bv))
+                if i == 0 or v > bv:
+                    b, bv = i, v
+        else:
+            t.line(last_line())
+
+    # 1. the scan over the options, with pauses (mid) and slips corrected at once (slip)
     best, best_v = 0, options[0][1]
     for i, (expr, v) in enumerate(options):
         if i > 0 and rng.random() < P_MID_CUE:
@@ -347,9 +419,27 @@ def _compare_trace(problem: dict[str, Any], t: _Trace) -> str:
         if i == 0 or v > best_v:
             best, best_v = i, v
     answer = _LETTERS[best]
-    t.line(f"So the answer is {answer}.")
 
-    n_checks = _recheck_count(rng)
+    # 2. done but not said
+    for _ in range(_count(rng, P_VERIFY)):
+        full = rng.random() < _P_FULL_COMPARE
+        t.cue_line(_VERIFY_PHRASES if full else _VERIFY_LAST_PHRASES, _VERIFY_PHRASES_ALT if full else None,
+                   "verify", safe=True)
+        rerun(full)
+
+    # 3. the statement; a slip names the runner-up, and the next cue corrects it
+    if rng.random() < P_MISSTATE:
+        runner_up = max((x for x in range(4) if x != best), key=lambda x: options[x][1])
+        wrong = _LETTERS[runner_up]
+        t.line(f"So the answer is {wrong}.")
+        t.cue_line(_MISSTATED_PHRASES, None, "misstated", safe=False)
+        t.line(f"({answer}) {best_v} > ({wrong}) {options[runner_up][1]}.")
+        t.line(f"So the answer is {answer}, not {wrong}.")
+    else:
+        t.line(f"So the answer is {answer}.")
+
+    # 4. re-checks, the last one now and then harmful
+    n_checks = _count(rng, P_RECHECK)
     harmful = n_checks > 0 and rng.random() < P_HARMFUL
     for j in range(n_checks):
         if harmful and j == n_checks - 1:
@@ -362,18 +452,11 @@ def _compare_trace(problem: dict[str, Any], t: _Trace) -> str:
             t.line(f"{shown} {fake} > {best_v}, best: ({_LETTERS[i]}) {fake}.")
             t.line(f"So the answer is {_LETTERS[i]}.")
             return _LETTERS[i]
-        if rng.random() < 0.6:
+        full = rng.random() < _P_FULL_COMPARE
+        if full:
             t.cue_line(_FULL_PHRASES, _FULL_PHRASES_ALT, "recheck", safe=True)
-            b, bv = 0, options[0][1]
-            for i, (_, v) in enumerate(options):
-                t.line(option_line(i, v, b if i and v < bv else i, bv))
-                if i == 0 or v > bv:
-                    b, bv = i, v
         else:
             t.cue_line(_LAST_PHRASES, _LAST_PHRASES_ALT, "recheck", safe=True)
-            i = len(options) - 1
-            prev_b = max(range(i), key=lambda x: options[x][1])
-            v, pv = options[i][1], options[prev_b][1]
-            t.line(option_line(i, v, prev_b if v < pv else i, pv))
+        rerun(full)
         t.line(f"Yes, the answer is {answer}.")
     return answer
