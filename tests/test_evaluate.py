@@ -182,6 +182,23 @@ def test_evaluation_never_imports_the_cli():
     assert not offenders, offenders
 
 
+def test_importing_lynx_hf_loads_the_runtime_only():
+    """`import lynx_hf` (what a user of the plug-ins imports) loads no evaluation, demo, plotting or CLI code; the
+    text baselines it exports are imported on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lynx_hf; print(sorted(m for m in sys.modules if m.startswith(('lynx_hf.', 'matplotlib', "
+            "'evaluate', 'datasets')))); from lynx_hf import TextProbe; print(TextProbe.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout.splitlines()
+    loaded = eval(out[0])
+    for heavy in ("lynx_hf.baselines", "lynx_hf.evaluate", "lynx_hf.demo", "lynx_hf.plots", "lynx_hf.cli",
+                  "lynx_hf.collect", "matplotlib", "evaluate", "datasets"):
+        assert heavy not in loaded, loaded
+    assert out[1] == "lynx_hf.baselines"
+
+
 def test_shipped_text_events_belong_to_the_shipped_bundle():
     """The demo's TextProbe trains on the bundle's own tables; a table with other labels is refused."""
     from lynx_hf import organism
