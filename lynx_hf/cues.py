@@ -47,9 +47,11 @@ tokenizers and added tokens). Byte-level fragments of a multi-byte character dec
 letters. When the table is built, the detector also measures how far from a token's end any cue or marker can end
 inside that token (M; 3 for SmolLM2, because of tokens like ">'," that could end "</think>"); only those last M
 characters of each new token are matched, so the tail buffer holds `M + longest pattern` characters (16 for SmolLM2
-with the defaults) and every step costs the same few dozen tensor ops whatever the sequence length. Tokens longer
-than `MAX_TOKEN_CHARS` keep their last `MAX_TOKEN_CHARS` characters (in real vocabularies these are runs of spaces
-or punctuation). Token ids at or beyond `len(tokenizer)` (models often pad their embedding matrix) and negative ids
+with the defaults) and every step costs the same few dozen tensor ops whatever the sequence length. The table keeps
+only the last `M + longest` characters of each token (all the buffer can ever hold), as one-byte codes: 0 for a
+non-letter, 1 for a letter no pattern uses, 2.. for each character a cue or marker uses (4 MiB for QwQ's 151,669
+tokens instead of 155 MB of int64 code points). It is built once per tokenizer (`CueDetector.for_tokenizer`, which
+`attach` uses) in well under a second of CPU at 151k tokens. Token ids at or beyond `len(tokenizer)` (models often pad their embedding matrix) and negative ids
 are treated as empty strings.
 """
 
@@ -61,6 +63,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,8 @@ MAX_TOKEN_CHARS = 128
 
 __all__ = ["DEFAULT_CUES", "CueDetector", "CueEvent", "CueState"]
 
+_TABLES = ("_table", "_lengths", "_is_letter", "continues_word", "_continues_ext", "_patterns", "_pattern_mask",
+           "_cue_lengths", "_pattern_free", "_boundary", "_shift_index", "_new_in_buffer", "_new_in_region", "_region")
 # Detectors built per tokenizer (see `CueDetector.for_tokenizer`); dropped with the tokenizer.
 _DETECTORS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
@@ -138,6 +143,9 @@ class CueState:
 
 def _fold(text: str) -> str:
     """Lower-case character by character, keeping one character per character (so positions line up)."""
+    low = text.lower()
+    if len(low) == len(text) and "ς" not in low:  # no character grew, no context-dependent final sigma
+        return low
     out = []
     for ch in text:
         low = ch.lower()
@@ -150,7 +158,8 @@ def _token_strings(tokenizer, vocab_size: int) -> list[str]:
     prefix = tokenizer("a", add_special_tokens=False)["input_ids"][:1]
     kwargs = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
     prefix_text = tokenizer.decode(prefix, **kwargs) if prefix else ""
-    decoded = tokenizer.batch_decode([prefix + [i] for i in range(vocab_size)], **kwargs)
+    sequences = [prefix + [i] for i in range(vocab_size)]
+    decoded = _decode_batch(tokenizer, sequences, kwargs)
     strings = []
     for i, text in enumerate(decoded):
         if text.startswith(prefix_text):
@@ -158,6 +167,87 @@ def _token_strings(tokenizer, vocab_size: int) -> list[str]:
         else:
             strings.append(tokenizer.decode([i], **kwargs))
     return strings
+
+
+def _decode_batch(tokenizer, sequences: list[list[int]], kwargs: dict) -> list[str]:
+    """`tokenizer.batch_decode(sequences)`, straight through the Rust backend of a fast tokenizer when that gives the
+    same text (checked on a sample): transformers' per-sequence Python conversions cost seconds at 150k tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        try:
+            fast = backend.decode_batch(sequences, skip_special_tokens=False)
+        except Exception:  # noqa: BLE001 - any backend refusal: take the general path
+            fast = None
+        if fast is not None:
+            step = max(1, len(sequences) // 200)
+            sample = list(range(0, len(sequences), step))[:200] + list(range(max(0, len(sequences) - 50), len(sequences)))
+            reference = tokenizer.batch_decode([sequences[i] for i in sample], **kwargs)
+            if all(fast[i] == text for i, text in zip(sample, reference)):
+                return fast
+    return tokenizer.batch_decode(sequences, **kwargs)
+
+
+def _id_space(tokenizer) -> int:
+    """One more than the largest token id (added tokens may leave holes above the base vocabulary)."""
+    size = len(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    added = getattr(tokenizer, "added_tokens_decoder", None)
+    if backend is not None and added is not None:
+        return max([size, backend.get_vocab_size(with_added_tokens=False)] + [int(i) + 1 for i in added])
+    vocab = tokenizer.get_vocab()
+    return max(size, max(vocab.values()) + 1) if vocab else size
+
+
+def _fold_all(strings: list[str]) -> list[str]:
+    """`[_fold(s) for s in strings]`, lower-casing them all at once where that gives the same characters."""
+    joined = "".join(strings)
+    low = joined.lower()
+    if len(low) != len(joined) or "ς" in low:
+        return [_fold(s) for s in strings]
+    out, at = [], 0
+    for s in strings:
+        out.append(low[at: at + len(s)])
+        at += len(s)
+    return out
+
+
+def _cue_reach(tails: list[str], patterns: list[str], n_cues: int) -> int:
+    """How far from a token's end a pattern can end inside that token (a cue end followed by a letter in the same
+    token can never match, so it does not count). Searches all tokens at once in one joined string."""
+    import bisect
+
+    joined = "".join(tails)
+    starts, at = [], 0
+    for t in tails:
+        starts.append(at)
+        at += len(t)
+
+    def token_of(pos: int) -> tuple[str, int]:
+        index = bisect.bisect_right(starts, pos) - 1
+        return tails[index], pos - starts[index]
+
+    def count(s: str, end: int, is_cue: bool) -> int:
+        return -1 if is_cue and end + 1 < len(s) and s[end + 1].isalpha() else len(s) - 1 - end
+
+    by_first: dict[str, list[str]] = {}
+    for t in tails:
+        if t:
+            by_first.setdefault(t[0], []).append(t)
+    reach = 0
+    for index, p in enumerate(patterns):
+        is_cue = index < n_cues
+        pos = joined.find(p)
+        while pos >= 0:  # whole occurrences (they never span two tokens unless a token boundary splits them)
+            s, at = token_of(pos)
+            if at + len(p) <= len(s) and not (is_cue and at > 0 and s[at - 1].isalpha()):
+                reach = max(reach, count(s, at + len(p) - 1, is_cue))
+            pos = joined.find(p, pos + 1)
+        for k in range(1, len(p)):  # tokens that start with the rest of a pattern begun before them
+            suffix = p[-k:]
+            for s in by_first.get(suffix[0], ()):
+                if s.startswith(suffix):
+                    reach = max(reach, count(s, k - 1, is_cue))
+    return reach
 
 
 def _example_tokenizer():
@@ -232,13 +322,10 @@ class CueDetector:
         self._start_text = _fold(think_start) if think_start else None
         self._end_text = _fold(think_end) if think_end else None
 
-        vocab_size = len(tokenizer)
-        vocab = tokenizer.get_vocab()
-        if vocab:
-            vocab_size = max(vocab_size, max(vocab.values()) + 1)
+        vocab_size = _id_space(tokenizer)
         self.vocab_size = vocab_size
         raw = _token_strings(tokenizer, vocab_size)
-        self._strings: list[str] = [_fold(s) for s in raw]
+        self._strings: list[str] = _fold_all(raw)
 
         # Patterns: cues first, then the markers (matched without word boundaries).
         patterns = list(self.cues)
@@ -250,43 +337,32 @@ class CueDetector:
             self._close_index = len(patterns)
             patterns.append(self._end_text)
         longest = max(len(p) for p in patterns)
-        width = max(1, min(MAX_TOKEN_CHARS, max(len(s) for s in self._strings)))
-        tails = [s[-width:] for s in self._strings]
-        # How far from a token's end can a pattern end inside it? Only those last slots are ever matched.
-        # (A cue end followed by a letter in the same token can never match, so it does not count.)
-        reach = 0
-        for s in tails:
-            for index, p in enumerate(patterns):
-                is_cue = index < len(self.cues)
-                ends = []
-                at = s.find(p)
-                while at >= 0:
-                    if not (is_cue and at > 0 and s[at - 1].isalpha()):
-                        ends.append(at + len(p) - 1)
-                    at = s.find(p, at + 1)
-                ends += [k - 1 for k in range(1, len(p)) if s.startswith(p[-k:])]
-                for end in ends:
-                    if not (is_cue and end + 1 < len(s) and s[end + 1].isalpha()):
-                        reach = max(reach, len(s) - 1 - end)
-        self.max_token_chars = width
-        self._match_slots = reach + 1
+        cap = max(1, min(MAX_TOKEN_CHARS, max(len(s) for s in self._strings)))
+        tails = [s[-cap:] for s in self._strings]
+        # Only the last M characters of each new token are matched, so the buffer holds M + longest characters and
+        # the table stores only the characters the buffer can ever hold.
+        self._match_slots = _cue_reach(tails, patterns, len(self.cues)) + 1
         self.buffer_chars = self._match_slots + longest
+        width = max(1, min(cap, self.buffer_chars))
+        self.max_token_chars = width
         self._longest = longest
         window = longest + 2  # left neighbour + pattern + right neighbour
 
-        # Character table [V + 1, width], right-aligned; row V is the empty string (ids out of range).
-        flat: list[int] = []
-        for s in tails:
-            flat.extend([0] * (width - len(s)) + [ord(c) for c in s])
-        flat.extend([0] * width)
-        self._table = torch.tensor(flat, dtype=torch.long).view(vocab_size + 1, width)
-        self._lengths = torch.tensor([len(s) for s in tails] + [0], dtype=torch.long)
-        max_code = max([int(self._table.max())] + [ord(c) for p in patterns for c in p])
-        letters = torch.zeros(max_code + 1, dtype=torch.bool)
-        codes = {c for s in tails for c in s} | {c for p in patterns for c in p}
-        letters[torch.tensor([ord(c) for c in codes if c.isalpha()] or [0], dtype=torch.long)] = True
-        letters[0] = False
-        self._is_letter = letters
+        # Compact character codes: 0 = no character or a non-letter, 1 = a letter no pattern uses, 2.. = each
+        # character some pattern uses. Matching only ever compares with pattern characters and asks "letter?".
+        pattern_chars = sorted({c for p in patterns for c in p})
+        self._codes = {c: i + 2 for i, c in enumerate(pattern_chars)}
+        self._is_letter = torch.tensor([False, True] + [c.isalpha() for c in pattern_chars], dtype=torch.bool)
+        # Character table [V + 1, width] of codes, right-aligned; row V is the empty string (ids out of range).
+        padded = "".join(t[-width:].rjust(width, "\0") for t in tails) + "\0" * width
+        points = np.frombuffer(padded.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        present = np.zeros(0x110000, dtype=bool)
+        present[points] = True
+        lookup = np.zeros(0x110000, dtype=np.uint8)
+        distinct = np.flatnonzero(present)
+        lookup[distinct] = [self._char_code(chr(c)) for c in distinct.tolist()]
+        self._table = torch.from_numpy(lookup[points].reshape(vocab_size + 1, width))
+        self._lengths = torch.tensor([min(len(t), width) for t in tails] + [0], dtype=torch.uint8)
         self.continues_word: torch.Tensor = torch.tensor([s[:1].isalpha() for s in raw], dtype=torch.bool)
         self._continues_ext = torch.cat([self.continues_word, torch.zeros(1, dtype=torch.bool)])
 
@@ -294,7 +370,7 @@ class CueDetector:
         pat = torch.zeros(len(patterns), window, dtype=torch.long)
         mask = torch.zeros(len(patterns), window, dtype=torch.bool)
         for p, text in enumerate(patterns):
-            pat[p, window - 1 - len(text): window - 1] = torch.tensor([ord(c) for c in text])
+            pat[p, window - 1 - len(text): window - 1] = torch.tensor([self._codes[c] for c in text])
             mask[p, window - 1 - len(text): window - 1] = True
         self._patterns = pat
         self._pattern_mask = mask
@@ -315,6 +391,18 @@ class CueDetector:
         self.device = torch.device("cpu")
         logger.debug("CueDetector: %d tokens, %d table chars, matching the last %d chars of a %d-char buffer",
                      vocab_size, width, slots, buf)
+
+    def _char_code(self, ch: str) -> int:
+        """The compact code of one (case-folded) character."""
+        code = self._codes.get(ch)
+        if code is not None:
+            return code
+        return 1 if ch.isalpha() else 0
+
+    @property
+    def table_bytes(self) -> int:
+        """Bytes of the precomputed tables (what `to(device)` puts on the model's device)."""
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in _TABLES)
 
     # ------------------------------------------------------------------ setup
 
@@ -350,7 +438,7 @@ class CueDetector:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         placed = per_tokenizer.get((key, device))
-        if placed is None:
+        if placed is None or placed.device != device:  # (moved elsewhere in place by a caller: place it again)
             placed = per_tokenizer[(key, device)] = copy.copy(built).to(device)
         return placed
 
@@ -363,9 +451,7 @@ class CueDetector:
             device(type='cpu')
         """
         device = torch.device(device)
-        for name in ("_table", "_lengths", "_is_letter", "continues_word", "_continues_ext", "_patterns",
-                     "_pattern_mask", "_cue_lengths", "_pattern_free", "_boundary", "_shift_index", "_new_in_buffer",
-                     "_new_in_region", "_region"):
+        for name in _TABLES:
             setattr(self, name, getattr(self, name).to(device))
         self.device = device
         return self
@@ -450,14 +536,12 @@ class CueDetector:
             for t, s in reversed(pieces):
                 if len(tail_codes) >= width:
                     break
-                tail_codes[:0] = [ord(c) for c in s]
+                tail_codes[:0] = [self._char_code(c) for c in s]
                 tail_pos[:0] = [t] * len(s)
             tail_codes, tail_pos = tail_codes[-width:], tail_pos[-width:]
             if tail_codes:
                 chars[b, width - len(tail_codes):] = torch.tensor(tail_codes, dtype=torch.long)
                 char_pos[b, width - len(tail_pos):] = torch.tensor(tail_pos, dtype=torch.long)
-        # Unknown code points (not in the vocabulary) are irrelevant for matching; map them to 0 (a non-letter).
-        chars = torch.where(chars < self._is_letter.shape[0], chars, torch.zeros_like(chars))
         return CueState(
             in_think=torch.tensor(in_think, dtype=torch.bool, device=self.device),
             chars=chars.to(self.device),
@@ -493,14 +577,14 @@ class CueDetector:
                              "exactly one new token per row (input_ids[:, -1]).")
         buf, slots, longest, n_cues = self.buffer_chars, self._match_slots, self._longest, len(self.cues)
         ids = tokens.clamp(-1, self.vocab_size)  # -1 and V are both the empty row of the table
-        n_new = self._lengths[ids]  # [B]
+        n_new = self._lengths[ids].long()  # [B]
         # The previous step's event is void if this token continues its word.
         state.retracted = state.pending & self._continues_ext[ids]
 
         # Shift the new token's characters in from the right.
         shift = self._shift_index[n_new]  # [B, W]
         new_slot = self._new_in_buffer[n_new]  # [B, W]
-        chars = torch.cat([state.chars, self._table[ids]], 1).gather(1, shift)
+        chars = torch.cat([state.chars, self._table[ids].long()], 1).gather(1, shift)
         old = shift.clamp(max=buf - 1)
         char_pos = state.char_pos.gather(1, old).masked_fill(new_slot, state.length)
         think = state.char_think.gather(1, old) & ~new_slot
