@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lynx_hf import Calibration, Lynx, LynxConfig, LynxProbe
+from lynx_hf import DEFAULT_EXIT_TEXT, Calibration, Lynx, LynxConfig, LynxProbe
 from lynx_hf.capture import default_layers
 from lynx_hf.config import model_fingerprint, model_hidden_size, tokenizer_fingerprint
 
@@ -37,7 +37,9 @@ def smollm2():
 def shadow_bundle(model, tok) -> Lynx:
     """A bundle with a seeded random probe and a synthetic calibration: shadow mode runs the whole hot path."""
     layers = default_layers(model)
+    # SmolLM2 has no thinking tokens: the prompts spell "<think>" out, so the markers are explicit.
     config = LynxConfig(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", layers=list(layers),
+                        think_start="<think>", think_end="</think>", exit_text=DEFAULT_EXIT_TEXT,
                         hidden_size=model_hidden_size(model), model_fingerprint=model_fingerprint(model),
                         tokenizer_fingerprint=tokenizer_fingerprint(tok))
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ from .exit import DEFAULT_EXIT_TEXT, answer_after_exit
 from .monitor import ExitRecord
 from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
 from .probe import LynxProbe, train_probe
+from .thinking import ThinkingFormat, detect_thinking
 
 __version__ = "0.1.0"
 
@@ -66,9 +67,11 @@ __all__ = [
     "NotAttachedError",
     "TextProbe",
     "TextProbeExit",
+    "ThinkingFormat",
     "UnsupportedGenerationError",
     "answer_after_exit",
     "answers_match",
+    "detect_thinking",
     "extract_boxed",
     "train_probe",
 ]

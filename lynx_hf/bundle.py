@@ -25,11 +25,12 @@ from .conformal import GUARANTEES, Calibration, check_guarantee, check_risk_leve
 from .config import LynxConfig, check_base_model
 from .cues import CueDetector
 from .errors import CorruptedBundleError, LynxConfigError, NotAttachedError
-from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut, exit_token_ids
+from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut
 from .answers import extract_boxed
 from .monitor import ExitRecord, ModelTap
 from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
 from .probe import LynxProbe
+from .thinking import resolve_thinking, thinking_exit_ids
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class Lynx(
         self.tokenizer = None
         self.detector: CueDetector | None = None
         self.exit_ids: list[int] = []
+        self.thinking = None  # the ThinkingFormat chosen at attach time
         self._tap: ModelTap | None = None
         self._stopper: LynxStoppingCriteria | None = None
         self._processor: LynxExitProcessor | None = None
@@ -181,15 +183,20 @@ class Lynx(
             logger.warning("Using a probe for %s on a different model (%s): its guarantee may not hold.",
                            self.config.base_model, "; ".join(problems))
         device = _model_device(model)
-        detector = CueDetector.for_tokenizer(tokenizer, cues=self.config.cues, think_start=self.config.think_start,
-                                             think_end=self.config.think_end, device=device)
+        config = self.config
+        thinking = resolve_thinking(tokenizer, config.think_start, config.think_end, config.exit_text, config.thinking)
+        config.think_start, config.think_end, config.exit_text = \
+            thinking.think_start, thinking.think_end, thinking.exit_text
+        detector = CueDetector.for_tokenizer(tokenizer, cues=config.cues, think_start=thinking.think_start,
+                                             think_end=thinking.think_end, device=device)
         missing = detector.missing_cues()
         if missing:
             raise LynxConfigError(
                 f"The tokenizer cannot spell the cue(s) {missing}: give a bundle whose cues this tokenizer encodes, "
                 "or train one with cues it can spell (`lynx-hf collect --cues ...`)."
             )
-        self.exit_ids = exit_token_ids(tokenizer, self.config.exit_text)
+        self.exit_ids = thinking_exit_ids(tokenizer, thinking)
+        self.thinking = thinking
         self.probe.to(device)
         self.detector = detector
         self.brace_delta = brace_delta(tokenizer).to(device)

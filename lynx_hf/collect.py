@@ -26,10 +26,11 @@ from .cues import DEFAULT_CUES, CueDetector, CueEvent
 from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
 from .exit import (
-    DEFAULT_EXIT_TEXT, ExitAnswer, _truncate_at_close, answer_after_exit, brace_delta, cache_kwargs, eos_token_ids,
-    exit_cut, exit_token_ids, last_logits_only, pad_token_id,
+    ExitAnswer, _truncate_at_close, answer_after_exit, brace_delta, cache_kwargs, eos_token_ids, exit_cut,
+    last_logits_only, pad_token_id,
 )
 from .rollout import Rollout, TransformersRollout
+from .thinking import resolve_thinking, thinking_exit_ids
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,10 @@ class Collector:
         *,
         layers: Sequence[int] | None = None,
         cues: Sequence[str] = DEFAULT_CUES,
-        think_start: str = "<think>",
-        think_end: str = "</think>",
-        exit_text: str = DEFAULT_EXIT_TEXT,
+        think_start: str | None = None,
+        think_end: str | None = None,
+        exit_text: str | None = None,
+        thinking: str | None = None,
         exit_construction: str = "drop_cue",
         max_new_tokens: int = 1024,
         temperature: float = 0.6,
@@ -85,18 +87,23 @@ class Collector:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.layers = tuple(layers) if layers is not None else default_layers(model)
-        self.detector = CueDetector(tokenizer, cues=cues, think_start=think_start, think_end=think_end)
+        # Markers and exit text from the model's own tokenizer and chat template unless given (lynx_hf.thinking).
+        fmt = resolve_thinking(tokenizer, think_start, think_end, exit_text, thinking)
+        think_start, think_end, exit_text = fmt.think_start, fmt.think_end, fmt.exit_text
+        self.thinking = fmt
+        self.detector = CueDetector.for_tokenizer(tokenizer, cues=cues, think_start=think_start, think_end=think_end)
         missing = self.detector.missing_cues()
         if missing:
             raise ValueError(f"The tokenizer cannot spell the cue(s) {missing}: choose cues it can encode.")
-        self.exit_ids = exit_token_ids(tokenizer, exit_text)
+        self.exit_ids = thinking_exit_ids(tokenizer, fmt)
         self.exit_construction = exit_construction
         self.think_end_ids = tokenizer(think_end, add_special_tokens=False)["input_ids"]
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
         self.answer_max_new_tokens = answer_max_new_tokens
-        self.prompt_fn = prompt_fn or (lambda tok, q: build_prompt(tok, q, instruction))
+        template_kwargs = dict(fmt.chat_template_kwargs)
+        self.prompt_fn = prompt_fn or (lambda tok, q: build_prompt(tok, q, instruction, **template_kwargs))
         self.rollout = rollout if rollout is not None else \
             TransformersRollout(model, pad_token_id=pad_token_id(model, tokenizer))
         if hasattr(self.rollout, "check_tokenizer"):
@@ -112,6 +119,7 @@ class Collector:
             "think_start": think_start,
             "think_end": think_end,
             "exit_text": exit_text,
+            "thinking": fmt.name,
             "exit_construction": exit_construction,
             "temperature": temperature,
             "top_p": top_p,

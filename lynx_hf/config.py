@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .cues import DEFAULT_CUES
 from .errors import BaseModelMismatchError, CorruptedBundleError, LynxConfigError
-from .exit import DEFAULT_EXIT_TEXT, EXIT_CONSTRUCTIONS
+from .exit import EXIT_CONSTRUCTIONS
 
 FORMAT_VERSION = 1
 _CONFIG_KEYS = (
@@ -32,9 +32,11 @@ class LynxConfig:
     layers: list[int]
     hidden_size: int
     cues: list[str] = field(default_factory=lambda: list(DEFAULT_CUES))
-    think_start: str = "<think>"
-    think_end: str = "</think>"
-    exit_text: str = DEFAULT_EXIT_TEXT
+    # None: taken from the model's tokenizer and chat template when the bundle is attached (`lynx_hf.thinking`).
+    think_start: str | None = None
+    think_end: str | None = None
+    exit_text: str | None = None
+    thinking: str | None = None
     exit_construction: str = "drop_cue"
     probe_hidden_sizes: list[int] = field(default_factory=lambda: [256, 64])
     model_fingerprint: str = ""

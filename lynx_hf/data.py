@@ -13,8 +13,9 @@ R1_INSTRUCTION = "Please reason step by step, and put your final answer within \
 CHOICE_INSTRUCTION = "Please reason step by step, and put the letter of your final answer within \\boxed{}."
 
 
-def build_prompt(tokenizer, question: str, instruction: str = R1_INSTRUCTION) -> str:
-    """The R1 evaluation prompt through the tokenizer's chat template (problem, then the instruction).
+def build_prompt(tokenizer, question: str, instruction: str = R1_INSTRUCTION, **chat_template_kwargs) -> str:
+    """The R1 evaluation prompt through the tokenizer's chat template (problem, then the instruction);
+    `chat_template_kwargs` go to the template (e.g. Qwen3's `enable_thinking=True`).
 
     Example:
         >>> from lynx_hf import organism
@@ -29,7 +30,7 @@ def build_prompt(tokenizer, question: str, instruction: str = R1_INSTRUCTION) ->
         )
     content = f"{question} {instruction}" if instruction else question
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+                                         tokenize=False, **chat_template_kwargs)
 
 
 def _gsm8k(row: dict, i: int) -> dict:

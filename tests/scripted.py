@@ -7,7 +7,7 @@ import torch
 from transformers import LogitsProcessor
 
 from conftest import tiny_llama
-from lynx_hf import Calibration, Lynx, LynxConfig, LynxProbe
+from lynx_hf import DEFAULT_EXIT_TEXT, Calibration, Lynx, LynxConfig, LynxProbe
 from lynx_hf.config import model_fingerprint, tokenizer_fingerprint
 
 PROMPT = "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n<think>\n"
@@ -69,8 +69,10 @@ def calibration(n: int = 200, seed: int = 0) -> Calibration:
 
 
 def bundle(model, tokenizer, probe: LynxProbe | None = None, probability: float = 0.99, layers=(1, 3), **options):
+    # SmolLM2 has no thinking tokens: the scripts spell "<think>"/"</think>" out, so the markers are explicit.
     config = LynxConfig(
         base_model="tests/scripted", layers=list(layers), hidden_size=model.config.hidden_size,
+        think_start="<think>", think_end="</think>", exit_text=DEFAULT_EXIT_TEXT,
         model_fingerprint=model_fingerprint(model), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
     )
     probe = probe or constant_probe(config.feature_size, probability)
