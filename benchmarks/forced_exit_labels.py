@@ -167,7 +167,7 @@ def compare(collector: Collector, traces, timer: PhaseTimer | None = None) -> tu
 
 def run_synthetic(args) -> None:
     model, tok = smollm2()
-    collector = Collector(model, tok)
+    collector = Collector(model, tok, thinking="think")  # SmolLM2 has no thinking tokens: traces spell them out
     timer = PhaseTimer(model)
     warm_ids, warm_n = synthetic_trace(tok, 200, args.cue_every, seed=0)
     compare(collector, [(warm_ids, warm_n, collector.detector.find_events(warm_ids, warm_n))], timer)
@@ -216,7 +216,7 @@ def main() -> None:
     sampled = organism_traces(collector, args.traces, args.min_events)
     if args.model == "smollm2":
         smol, smol_tok = smollm2()
-        collector = Collector(smol, smol_tok)
+        collector = Collector(smol, smol_tok, thinking="think")
         pairs = retokenized(sampled, tok, smol_tok)
     else:
         pairs = [(token_ids, prompt_length) for _, token_ids, prompt_length in sampled]

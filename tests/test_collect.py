@@ -217,7 +217,8 @@ def test_labels_of_a_cue_dense_trace_equal_reprefilling_each_event(smollm2_token
     tok = smollm2_tokenizer
     model = tiny_llama(vocab_size=len(tok), seed=5)
     monkeypatch.setattr(collect, "supports_packed_answers", lambda m: packed)
-    collector = Collector(model, tok, layers=(1, 2), exit_construction=construction, answer_max_new_tokens=6)
+    collector = Collector(model, tok, layers=(1, 2), exit_construction=construction, answer_max_new_tokens=6,
+                          thinking="think")  # SmolLM2 has no thinking tokens: the trace spells <think> out
     text = "<think>\n" + " ".join(f"Step {i}: {i} plus {i} is {2 * i}. {cue}," for i, cue in
                                    enumerate(["Wait", "Hmm", "Alternatively", "Wait", "Hmm"] * 3))
     token_ids = tok(text, add_special_tokens=False)["input_ids"]
