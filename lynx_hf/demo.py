@@ -213,7 +213,8 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
         >>> result = run_family(model, tok, lynx, "arithmetic", 50, Path("outputs/demo/arithmetic"), 0, 32)  # doctest: +SKIP
     """
     from .evaluate import (
-        calibration_curve, format_agreement, format_aurocs, format_compact, live_agreement, probe_aurocs, run_all,
+        calibration_curve, format_agreement, format_aurocs, format_compact, format_text_margin, live_agreement,
+        probe_aurocs, run_all, text_only_margin,
         write_results,
     )
     from .plots import calibration_plot, pareto_plot
@@ -228,6 +229,7 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
     rows, outcomes, replay = run_all(lynx, table, model, tok, confidences=CONFIDENCES, lambdas=LAMBDAS,
                                      text_probe=text_probe)
     aurocs = probe_aurocs(replay, text_probe)
+    margin = text_only_margin(rows, f"Lynx c={LIVE_CONFIDENCE:g} (event)")
     reports = []
     if live:
         lynx.confidence, lynx.guarantee = LIVE_CONFIDENCE, "event"
@@ -240,13 +242,14 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
     transfer = " (held-out format: probe never trained on it)" if family == "compare" else ""
     write_results(rows, out, title=f"organism, {family} test{transfer}", extra={
         "calibration_curve": curve, "live_agreement": reports, "n_traces": table.n_traces, "n_events": len(table),
-        "aurocs": aurocs}, notes=(format_aurocs(aurocs), *notes))
+        "aurocs": aurocs, "text_margin": margin}, notes=(format_aurocs(aurocs), format_text_margin(margin), *notes))
     pareto_plot(rows, out / "pareto.png", title=f"Organism, {family}{transfer}: accuracy vs tokens")
     calibration_plot(replay_split_rates(replay) or curve, out / "calibration.png",
                      title=f"Organism, {family}: premature exits vs target")
     say(f"\n### {family}{transfer}: {table.n_traces} held-out problems\n")
     say(format_compact(rows))
     say(f"\n{format_aurocs(aurocs)}")
+    say(format_text_margin(margin))
     say(f"every column: {out / 'results.md'}")
     for report in reports:
         say(format_agreement(report))
@@ -256,7 +259,7 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
                         key=lambda o: o.method != preferred)
     example = next((show_trace(tok, lynx, replay, o) for o in candidates if bool((o.exited & o.correct).any())),
                    "(no LYNX exit answered correctly, so there is no before/after example)")
-    return {"rows": rows, "live_agreement": reports, "example": example, "aurocs": aurocs,
+    return {"rows": rows, "live_agreement": reports, "example": example, "aurocs": aurocs, "text_margin": margin,
             "seconds": time.perf_counter() - started}
 
 

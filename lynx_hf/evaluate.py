@@ -193,6 +193,97 @@ def format_aurocs(report: dict) -> str:
     return text
 
 
+TEXT_ONLY_FAMILIES = ("Full", "FirstCue", "AnswerStated", "TextProbe (event)", "TextProbe (question)",
+                      "Budget forcing")
+"""Exit rules whose decision reads only the text (or nothing): the frontier LYNX is compared against."""
+
+
+def _text_frontier_accuracy(points: list[tuple[float, float]], tokens: float) -> float:
+    """Best accuracy a random per-question mix of the `(thinking tokens, accuracy)` points reaches on average
+    with at most `tokens` thinking tokens (the upper hull); -inf if none is that cheap."""
+    best = max((a for t, a in points if t <= tokens), default=-math.inf)
+    for ti, ai in points:
+        for tj, aj in points:
+            if ti <= tokens < tj:
+                best = max(best, ai + (aj - ai) * (tokens - ti) / (tj - ti))
+    return best
+
+
+def _text_frontier_tokens(points: list[tuple[float, float]], accuracy: float) -> float:
+    """Fewest mean thinking tokens with which a mix of the points reaches `accuracy` on average (inf: never)."""
+    best = min((t for t, a in points if a >= accuracy), default=math.inf)
+    for ti, ai in points:
+        for tj, aj in points:
+            if ai < accuracy <= aj:
+                best = min(best, ti + (tj - ti) * (accuracy - ai) / (aj - ai))
+    return best
+
+
+def text_only_margin(rows: Sequence[dict], method: str = "Lynx c=0.9 (event)") -> dict:
+    """How far `method` is ahead of the best text-only exit rule (issue 12's targets), on one results table.
+
+    The text-only frontier holds every row whose exit decision reads only the text (`TEXT_ONLY_FAMILIES`: full
+    reasoning, first cue, the AnswerStated rules, TextProbe at every confidence and guarantee, budget forcing) and
+    every random per-question mix of two of them, which makes the baseline as strong as those rules allow. Returns
+    `savings_margin` (method's savings minus the frontier's at the method's accuracy; None when no text-only mix
+    reaches that accuracy) and `accuracy_margin` (method's accuracy minus the frontier's at the method's mean
+    thinking tokens), both in absolute points (0.10 = 10 points).
+
+    Example:
+        >>> rows = [{"method": "Full", "family": "Full", "accuracy": 0.8, "thinking_tokens": 100.0},
+        ...         {"method": "R", "family": "AnswerStated", "accuracy": 0.6, "thinking_tokens": 40.0},
+        ...         {"method": "L", "family": "Lynx (event)", "accuracy": 0.8, "thinking_tokens": 40.0}]
+        >>> m = text_only_margin(rows, "L")
+        >>> round(m["savings_margin"], 3), round(m["accuracy_margin"], 3)  # the text mix needs 100 tokens at 0.8
+        (0.6, 0.2)
+    """
+    by = {r["method"]: r for r in rows}
+    if method not in by:
+        raise ValueError(f"{method!r} is not in the results table: pick one of {sorted(by)}.")
+    full = next((r for r in rows if r["family"] == "Full"), None)
+    if full is None:
+        raise ValueError("The results table has no Full row: savings are measured against it.")
+    text = [r for r in rows if r["family"] in TEXT_ONLY_FAMILIES]
+    points = [(float(r["thinking_tokens"]), float(r["accuracy"])) for r in text]
+    row, full_tokens = by[method], float(full["thinking_tokens"])
+    tokens = _text_frontier_tokens(points, float(row["accuracy"]))
+    accuracy = _text_frontier_accuracy(points, float(row["thinking_tokens"]))
+    savings = 1.0 - float(row["thinking_tokens"]) / full_tokens
+    return {
+        "method": method, "accuracy": float(row["accuracy"]), "savings": savings,
+        "text_savings_at_equal_accuracy": None if math.isinf(tokens) else 1.0 - tokens / full_tokens,
+        "text_accuracy_at_equal_tokens": None if math.isinf(accuracy) else accuracy,
+        "savings_margin": None if math.isinf(tokens) else savings - (1.0 - tokens / full_tokens),
+        "accuracy_margin": None if math.isinf(accuracy) else float(row["accuracy"]) - accuracy,
+        "text_methods": [r["method"] for r in text],
+    }
+
+
+def format_text_margin(margin: dict) -> str:
+    """One line from `text_only_margin`, against issue 12's targets (+10 points savings at equal accuracy, or +5
+    points accuracy at equal thinking tokens).
+
+    Example:
+        >>> line = format_text_margin({"method": "L", "savings_margin": 0.12, "accuracy_margin": 0.01,
+        ...     "text_savings_at_equal_accuracy": 0.4, "text_accuracy_at_equal_tokens": 0.8, "text_methods": ["Full"]})
+        >>> print(line.replace("; ", ";\\n").replace("), ", "),\\n"))
+        L vs the best text-only exit (mixes of 1 rules): +12.0 points savings at equal accuracy (text 40.0%),
+        +1.0 points accuracy at equal thinking tokens (text 0.800);
+        target +10 or +5: met
+    """
+    def points(x):
+        return "n/a" if x is None else f"{100 * x:+.1f} points"
+
+    savings, accuracy = margin["savings_margin"], margin["accuracy_margin"]
+    met = (savings is not None and savings >= 0.10 - 1e-9) or (accuracy is not None and accuracy >= 0.05 - 1e-9)
+    text_savings = margin["text_savings_at_equal_accuracy"]
+    reach = "no text rule reaches its accuracy" if text_savings is None else f"text {100 * text_savings:.1f}%"
+    return (f"{margin['method']} vs the best text-only exit (mixes of {len(margin['text_methods'])} rules): "
+            f"{points(savings)} savings at equal accuracy ({reach}), {points(accuracy)} accuracy at equal thinking "
+            f"tokens (text {_fmt(margin['text_accuracy_at_equal_tokens'])}); target +10 or +5: "
+            f"{'met' if met else 'missed'}")
+
+
 def evaluate(replay: Replay, methods: Sequence[Method], progress: bool = False) -> tuple[list[dict], list[Outcome]]:
     """Run each method on the replay; returns (results rows, outcomes). `Full` is added if missing (the reference).
 

@@ -163,6 +163,37 @@ def test_compact_table_has_five_columns_and_fits_a_terminal(text_setup):
     assert len(format_table(rows).splitlines()[0].split("|")) - 2 == 15  # the full table keeps every column
 
 
+def test_text_only_margin_compares_with_the_best_mix_of_text_rules():
+    from lynx_hf.evaluate import format_text_margin, text_only_margin
+
+    def row(method, family, accuracy, tokens):
+        return {"method": method, "family": family, "accuracy": accuracy, "thinking_tokens": tokens}
+
+    rows = [row("Full", "Full", 0.80, 200.0), row("Rule", "AnswerStated", 0.70, 100.0),
+            row("Lynx c=0.9 (event)", "Lynx (event)", 0.80, 100.0), row("DEER λ=0.9", "DEER", 0.95, 10.0)]
+    m = text_only_margin(rows)
+    # half Rule, half Full per question: 150 tokens at 0.75; reaching 0.80 takes Full alone (200 tokens)
+    assert m["text_accuracy_at_equal_tokens"] == pytest.approx(0.70) and m["accuracy_margin"] == pytest.approx(0.10)
+    assert m["text_savings_at_equal_accuracy"] == pytest.approx(0.0) and m["savings_margin"] == pytest.approx(0.5)
+    assert "DEER λ=0.9" not in m["text_methods"]  # DEER reads the model's answer probabilities, not the text
+    assert format_text_margin(m).endswith("met")
+    # a better text rule can only shrink the margin: the baseline is never weakened by adding rules
+    probe = row("TextProbe c=0.9 (event)", "TextProbe (event)", 0.78, 90.0)
+    stronger = text_only_margin(rows + [probe])
+    assert stronger["accuracy_margin"] < m["accuracy_margin"] and stronger["savings_margin"] <= m["savings_margin"]
+    # mixes: between (90, 0.78) and (200, 0.80), accuracy 0.79 costs 145 tokens on average
+    lynx = row("Lynx c=0.9 (event)", "Lynx (event)", 0.79, 100.0)
+    mixed = text_only_margin([rows[0], rows[1], probe, lynx])
+    assert mixed["text_savings_at_equal_accuracy"] == pytest.approx(1 - 145 / 200)
+    assert mixed["text_accuracy_at_equal_tokens"] == pytest.approx(0.78 + 0.02 * 10 / 110)
+    ahead = text_only_margin([row("Full", "Full", 0.5, 100.0), row("First", "FirstCue", 0.1, 20.0),
+                              row("L", "Lynx (event)", 0.9, 60.0)], "L")
+    assert ahead["savings_margin"] is None and ahead["accuracy_margin"] == pytest.approx(0.9 - 0.3)
+    assert "no text rule reaches its accuracy" in format_text_margin(ahead)
+    with pytest.raises(ValueError, match="not in the results table"):
+        text_only_margin(rows, "Lynx c=0.5 (event)")
+
+
 def test_evaluation_never_imports_the_cli():
     """The import graph reads runtime <- pipeline <- evaluation <- CLI: no library module imports `lynx_hf.cli`."""
     import ast
@@ -374,6 +405,7 @@ def test_demo_runs_on_the_organism(tmp_path):
         for name in ("TextProbe c=0.9 (event)", "TextProbe c=0.95 (question)", "AnswerStated (all defaults)",
                      "AnswerStated (answer phrases)", "AnswerStated (= number line)"):
             assert name in rows
+        assert results[family]["text_margin"]["method"] == "Lynx c=0.9 (event)"
         aurocs = results[family]["aurocs"]
         assert 0.5 < aurocs["lynx_probe"] <= 1 and 0 <= aurocs["text_probe"] <= 1
         text = (tmp_path / family / "results.md").read_text()
