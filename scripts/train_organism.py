@@ -235,6 +235,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None,
                     help="background processes drawing training data (default: 0 on cpu, 2 otherwise)")
     ap.add_argument("--eval-every", type=int, default=0, help="greedy arithmetic accuracy every N steps (0: never)")
+    ap.add_argument("--stop-after-min", type=float, default=None,
+                    help="safety net: stop (and save) after this many minutes of training even if steps remain; "
+                         "the schedule still follows --steps, so such a run is cut short and recorded as such")
     ap.add_argument("--eval-n", type=int, default=2 * EVAL_N,
                     help="calibration problems per family for the final greedy accuracy (0: skip)")
     ap.add_argument("--init-from", type=Path, default=None,
@@ -293,7 +296,7 @@ def main() -> None:
                             lr=args.lr, betas=(0.9, 0.95))
 
     t0 = time.time()
-    ema = None
+    ema, done = None, 0
     model.train()
     for step in range(args.steps):
         frac = step / args.steps
@@ -313,12 +316,15 @@ def main() -> None:
             elapsed = time.time() - t0
             print(f"step {done:5d}  {elapsed / 60:5.1f} min ({elapsed / done:.2f} s/step)  lr {lr:.2e}  "
                   f"train loss {value:.4f} (ema {ema:.4f})", flush=True)
+        if args.stop_after_min is not None and time.time() - t0 > 60 * args.stop_after_min and done < args.steps:
+            print(f"stopping early after {done} of {args.steps} steps (--stop-after-min {args.stop_after_min})")
+            break
         if args.eval_every and done % args.eval_every == 0 and done < args.steps:
             acc, formed = greedy_accuracy(model, tokenizer, "arithmetic", EVAL_N)
             print(f"  greedy accuracy (calibration split): arithmetic {acc:.2f} (well-formed {formed:.2f})", flush=True)
     data.close()
     elapsed = time.time() - t0
-    print(f"trained {args.steps} steps in {elapsed / 60:.1f} min ({elapsed / max(args.steps, 1):.2f} s/step), "
+    print(f"trained {done} steps in {elapsed / 60:.1f} min ({elapsed / max(done, 1):.2f} s/step), "
           f"final train loss (ema) {ema}")
 
     model.eval()
@@ -332,7 +338,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
-    record = {"steps": args.steps, "seed": args.seed, "lr": args.lr, "device": str(device),
+    record = {"steps": args.steps, "steps_done": done, "seed": args.seed, "lr": args.lr, "device": str(device),
               "init_from": str(args.init_from) if args.init_from else None, "grammar": knobs,
               "train_minutes": round(elapsed / 60, 2),
               "greedy_accuracy_calibration": {f: a for f, (a, _) in accs.items()}}
