@@ -12,6 +12,9 @@ import logging
 import math
 import numbers
 import os
+import sys
+import warnings
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,9 +28,9 @@ from .conformal import GUARANTEES, Calibration, check_guarantee, check_risk_leve
 from .config import LynxConfig, check_base_model
 from .cues import CueDetector
 from .errors import CorruptedBundleError, LynxConfigError, NotAttachedError
-from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut
+from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut, reusable_cache, vocab_size
 from .answers import extract_boxed
-from .monitor import ExitRecord, ModelTap
+from .monitor import ExitRecord, GenerateCall, ModelTap
 from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
 from .probe import LynxProbe
 from .thinking import resolve_thinking, thinking_exit_ids
@@ -43,6 +46,8 @@ CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "lynx_probe.md"
 CUSTOM_GENERATE_DIR = "custom_generate"
 CUSTOM_GENERATE_SOURCE = Path(__file__).parent / "custom_generate" / "generate.py"
 CUSTOM_GENERATE_REQUIREMENTS = "lynx-hf\n"
+# How many recent stop-mode generate calls `Lynx.answer` can match an output against.
+ANSWERABLE_CALLS = 8
 
 
 class Lynx(
@@ -62,8 +67,14 @@ class Lynx(
     control). Both hold on average over calibration sets; `risk_level=alpha` makes them hold with probability at
     least 1 - alpha for this bundle's calibration set (PAC; fewer exits). `rule="paper"` uses the paper's exact
     per-event rule instead of its monotone envelope (the default). Change `lynx.confidence` (and the others) at any
-    time without reloading. `shadow=True` never intervenes and only
-    records in `last_exits` where it would have exited.
+    time without reloading: each `generate` call uses the settings it started with. `shadow=True` never
+    intervenes and only records in `last_exits` where it would have exited.
+
+    Which model: `Lynx.from_pretrained(repo, model=model)` (or `lynx.attach(model)`) binds it explicitly; without
+    it, the first `generate` call that uses one of its plug-ins attaches it to the model running that call (found
+    from transformers' decoding loop), with the tokenizer loaded from `model.name_or_path` (else the bundle's base
+    model id), and it follows that model if later used by another one. An explicitly attached `Lynx` used in
+    another model's `generate` raises an error instead of reading the wrong hidden states.
 
     Example:
 
@@ -114,9 +125,12 @@ class Lynx(
         self.exit_ids: list[int] = []
         self.thinking = None  # the ThinkingFormat chosen at attach time
         self._tap: ModelTap | None = None
-        self._stopper: LynxStoppingCriteria | None = None
-        self._processor: LynxExitProcessor | None = None
-        self._active = None
+        self._auto_attached = False
+        self._stopper = LynxStoppingCriteria(self)
+        self._processor = LynxExitProcessor(self)
+        # Recent stop-mode calls, so that `answer(outputs)` finds the call that produced `outputs`.
+        self._stop_calls: deque[GenerateCall] = deque(maxlen=ANSWERABLE_CALLS)
+        self._last_call: GenerateCall | None = None
 
     # ----- confidence and thresholds -------------------------------------------------------------------------
     @property
@@ -170,14 +184,18 @@ class Lynx(
 
     # ----- binding to a model ----------------------------------------------------------------------------------
     def attach(self, model, tokenizer=None, *, allow_base_model_mismatch: bool = False) -> "Lynx":
-        """Bind to `model` (hooks on the chosen layers) and its tokenizer; returns self, usable as a context manager.
+        """Bind to `model` and its tokenizer; returns self, usable as a context manager.
 
-        `tokenizer` defaults to `AutoTokenizer.from_pretrained(model.name_or_path)`.
+        `tokenizer` defaults to `AutoTokenizer.from_pretrained(model.name_or_path)`. No hook is placed on the model
+        here: the capture hooks exist only while a `generate` call that uses this bundle runs.
         """
-        if self.model is not None:
-            self.detach()
+        self._bind(model, tokenizer, allow_base_model_mismatch=allow_base_model_mismatch)
+        self._auto_attached = False
+        return self
+
+    def _bind(self, model, tokenizer=None, *, allow_base_model_mismatch: bool = False) -> None:
         if tokenizer is None:
-            tokenizer = _tokenizer_for(model)
+            tokenizer = _tokenizer_for(model, self.config.base_model)
         problems = check_base_model(self.config, model, tokenizer, allow_mismatch=allow_base_model_mismatch)
         if problems:
             logger.warning("Using a probe for %s on a different model (%s): its guarantee may not hold.",
@@ -199,57 +217,86 @@ class Lynx(
         self.thinking = thinking
         self.probe.to(device)
         self.detector = detector
-        self.brace_delta = brace_delta(tokenizer).to(device)
+        self.brace_delta = brace_delta(tokenizer, vocab_size(model)).to(device)
         self._tap = ModelTap(model, self.config.layers, device=device)
         self.model, self.tokenizer = model, tokenizer
-        self._stopper = LynxStoppingCriteria(self)
-        self._processor = LynxExitProcessor(self)
-        return self
 
     def detach(self) -> None:
-        """Remove the hooks from the model."""
-        if self._tap is not None:
-            self._tap.remove()
+        """Unbind from the model (a later `generate` call that uses this bundle attaches it again)."""
         self._tap = None
         self.model = None
 
     def __enter__(self) -> "Lynx":
-        self._require_tap()
         return self
 
     def __exit__(self, *exc) -> None:
         self.detach()
 
-    def _require_tap(self) -> ModelTap:
-        if self._tap is None:
-            raise NotAttachedError(
-                "This Lynx is not attached to a model: use Lynx.from_pretrained(..., model=model) or lynx.attach(model)."
+    def _start_call(self, mode: str, model, input_ids: torch.LongTensor, attention_mask, call_class=GenerateCall,
+                    *, confidence: float | None = None, guarantee: str | None = None, shadow: bool | None = None,
+                    risk_level: float | None = None, rule: str | None = None) -> GenerateCall:
+        """A new `generate` call of `model` uses one of this bundle's plug-ins: bind to `model` if needed, and start
+        the call's own state with the settings in force now (or the given per-call overrides)."""
+        if self.model is None:
+            self._bind(model)
+            self._auto_attached = True
+        elif self.model is not model:
+            if not self._auto_attached:
+                raise NotAttachedError(
+                    f"This Lynx is attached to another model object ({type(self.model).__name__} at "
+                    f"{id(self.model):#x}) than the one running this generate call ({type(model).__name__} at "
+                    f"{id(model):#x}), so it would read the wrong hidden states. Call lynx.attach(model) with the "
+                    "generating model (e.g. after reloading it), or load the bundle without model= to let it "
+                    "follow the model it is used with."
+                )
+            tokenizer = self.tokenizer if _name(model) == _name(self.model) else None
+            self._bind(model, tokenizer)
+        if confidence is None and guarantee is None and risk_level is None and rule is None:
+            threshold = self.threshold
+        else:
+            threshold = self.calibration.threshold(
+                _check_confidence(self._confidence if confidence is None else confidence),
+                check_guarantee(self._guarantee if guarantee is None else guarantee),
+                rule=check_rule(self._rule if rule is None else rule),
+                risk_level=check_risk_level(self._risk_level if risk_level is None else risk_level),
             )
-        return self._tap
+        call = call_class(self, mode, model, input_ids, attention_mask, threshold=threshold,
+                          shadow=self.shadow if shadow is None else bool(shadow))
+        if mode == "stop":
+            self._stop_calls.append(call)
+        self._last_call = call
+        return call
 
     # ----- generate plug-ins --------------------------------------------------------------------------------
     def stopping_criteria(self) -> LynxStoppingCriteria:
         """The stop-mode plug-in (what `stopping_criteria=[lynx]` uses)."""
-        self._require_tap()
         return self._stopper
 
     def exit_processor(self) -> LynxExitProcessor:
         """The in-stream plug-in: forces the exit text at a confident cue, then lets the model answer."""
-        self._require_tap()
         return self._processor
 
     def answer_stopper(self) -> LynxAnswerStopper:
         """Stops rows that `exit_processor()` made exit once their boxed answer closes."""
-        return LynxAnswerStopper(self.exit_processor())
+        return LynxAnswerStopper(self._processor)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return self.stopping_criteria()(input_ids, scores, **kwargs)
+        return self._stopper.step(input_ids, sys._getframe(1))
 
     @property
     def last_exits(self) -> list[ExitRecord]:
         """Per-row telemetry of the last `generate` call that used one of this bundle's plug-ins."""
-        monitor = self._active
-        return [] if monitor is None else monitor.records(self.shadow)
+        return [] if self._last_call is None else self._last_call.records()
+
+    def _call_of(self, sequences: torch.Tensor) -> GenerateCall:
+        for call in reversed(self._stop_calls):
+            if call.matches(sequences):
+                return call
+        raise ValueError(
+            f"answer() got sequences of shape {tuple(sequences.shape)} that none of this Lynx's last "
+            f"{ANSWERABLE_CALLS} stop-mode generate calls produced. Pass the unchanged output of "
+            "model.generate(..., stopping_criteria=[lynx]) (a tensor or the return_dict_in_generate output)."
+        )
 
     @torch.no_grad()
     def answer(self, outputs, max_new_tokens: int | None = None) -> list[ExitAnswer]:
@@ -257,33 +304,41 @@ class Lynx(
         appended, greedy answer); the others' answers are read from their own text.
 
         `outputs` is what `generate` returned: a tensor, or a `GenerateDecoderOnlyOutput` from
-        `return_dict_in_generate=True`, whose KV cache is then reused (and consumed).
+        `return_dict_in_generate=True`, whose KV cache is then reused where that is exact (a full-attention
+        `DynamicCache`) and consumed. The exits, prompt mask and model are those of the call that produced
+        `outputs` (found among this bundle's recent calls), whatever ran since; calling it again gives the same
+        answers (a consumed cache is recomputed, with a warning).
         """
-        self._require_tap()
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        call = self._call_of(sequences)
         cache = None
         if not isinstance(outputs, torch.Tensor):
             cache = getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
-        monitor = self._stopper.monitor
-        records = self._stopper.last_exits
-        if len(records) != sequences.shape[0]:
-            raise ValueError("answer() needs the output of the last stop-mode generate call of this Lynx.")
+        if cache is not None and id(cache) in call.consumed_caches:
+            warnings.warn("The KV cache in these outputs was consumed by an earlier answer(); recomputing the "
+                          "prefix instead (same answers, slower).", stacklevel=2)
+            cache = None
+        records = call.records()
         results: list[ExitAnswer | None] = [None] * len(records)
         rows = [i for i, r in enumerate(records) if r.exited]
         if rows:
-            cuts = [exit_cut(records[i].position, records[i].start, self.config.exit_construction) for i in rows]
-            mask = _generation_mask(self._tap.prompt_mask, sequences, monitor.prompt_length)
-            if cache is not None and len(rows) != sequences.shape[0]:
-                cache.batch_select_indices(torch.tensor(rows, device=sequences.device))
+            cuts = [exit_cut(records[i].position, records[i].start, call.exit_construction) for i in rows]
+            mask = _generation_mask(call.prompt_mask, sequences, call.prompt_length)
+            if cache is not None and not reusable_cache(call.model, cache, sequences.shape[0], max(cuts)):
+                cache = None
+            if cache is not None:
+                call.consumed_caches.add(id(cache))
+                if len(rows) != sequences.shape[0]:
+                    cache.batch_select_indices(torch.tensor(rows, device=sequences.device))
             answered = answer_after_exit(
-                self.model, self.tokenizer, sequences[rows], cuts, self.exit_ids, attention_mask=mask[rows],
+                call.model, self.tokenizer, sequences[rows], cuts, self.exit_ids, attention_mask=mask[rows],
                 past_key_values=cache, max_new_tokens=max_new_tokens or self.config.answer_max_new_tokens,
             )
             for i, a in zip(rows, answered):
                 results[i] = a
         for i, r in enumerate(results):
             if r is None:
-                text = self.tokenizer.decode(sequences[i, monitor.prompt_length:], skip_special_tokens=True)
+                text = self.tokenizer.decode(sequences[i, call.prompt_length:], skip_special_tokens=True)
                 results[i] = ExitAnswer(token_ids=[], text=text, answer=extract_boxed(text))
         return results
 
@@ -463,16 +518,25 @@ def _model_device(model) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
-def _tokenizer_for(model):
+def _name(model) -> str | None:
+    return getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+
+
+def _tokenizer_for(model, base_model: str | None = None):
+    """The tokenizer of `model.name_or_path`, else of the bundle's base model id."""
     from transformers import AutoTokenizer
 
-    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as error:  # noqa: BLE001 - any failure means the same fix
-        raise LynxConfigError(
-            f"Could not load the tokenizer of {name!r} ({error.__class__.__name__}); pass tokenizer=... explicitly."
-        ) from error
+    names = [n for n in dict.fromkeys([_name(model), base_model]) if n]
+    errors = []
+    for name in names:
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except Exception as error:  # noqa: BLE001 - any failure means the same fix
+            errors.append(f"{name!r}: {error.__class__.__name__}")
+    raise LynxConfigError(
+        f"Could not load a tokenizer for this model (tried {', '.join(errors) or 'no name: the model has no name_or_path'}); "
+        "attach it explicitly: Lynx.from_pretrained(repo, model=model, tokenizer=tokenizer) or lynx.attach(model, tokenizer)."
+    )
 
 
 def _resolve_folder(name_or_path, **hub_kwargs) -> Path:

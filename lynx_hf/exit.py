@@ -7,7 +7,14 @@ sampled) the prefix keeps the cue-completing token.
 
 The answer pass reuses a KV cache of the full sequence instead of re-prefilling each prefix: cached positions at
 or after a row's cut are masked out and the exit tokens get the positions they would have had right after the cut,
-so every row decodes exactly as from `sequence[:cut] + exit_ids`, and rows with different cuts share one batch.
+so every row computes the same function as from `sequence[:cut] + exit_ids`, and rows with different cuts share one
+batch. Where masking cannot give that function (sliding-window attention that the sequence outgrows, linear or
+hybrid linear-attention layers whose state cannot be masked), each row is answered alone from its own prefix; a
+cache that is not a plain full-attention `DynamicCache` (static, quantised, sliding) is never reused.
+
+"Same function" is exact in real arithmetic; in floating point, a cache filled one token at a time and one filled
+by a single prefill round differently, which in bfloat16 can flip a greedy choice between near-tied tokens
+(`benchmarks/answer_paths.py` measures how often).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import weakref
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .answers import close_box
 from .errors import LynxConfigError
@@ -88,10 +96,11 @@ def answer_after_exit(
 ) -> list[ExitAnswer]:
     """Greedy-decode each row's answer from `sequences[b, :cuts[b]] + exit_ids`, reusing one KV cache.
 
-    `sequences` is `[B, T]` (left padding allowed, given by `attention_mask`). `past_key_values`, when given, must
-    cover the first `cache_len >= max(cuts)` positions of `sequences` (e.g. the cache `generate` returns);
-    otherwise one forward over `sequences[:, :max(cuts)]` builds it; either way the cache is consumed (extended
-    and narrowed to the unfinished rows). Decoding stops per row at the box's closing brace or EOS.
+    `sequences` is `[B, T]` (left padding allowed, given by `attention_mask`). `past_key_values`, when given and
+    reusable (a full-attention `DynamicCache` of these `B` rows covering at least `max(cuts)` positions, e.g. the
+    cache `generate` returns), is consumed (extended and narrowed to the unfinished rows); otherwise one forward over
+    `sequences[:, :max(cuts)]` builds a fresh one, or each row is answered alone where masking would not be exact
+    (see the module docstring). Decoding stops per row at the box's closing brace or EOS.
 
     Example:
         >>> from lynx_hf import organism
@@ -101,13 +110,28 @@ def answer_after_exit(
         [True]
     """
     device = sequences.device
-    batch, length = sequences.shape
+    batch = sequences.shape[0]
     cuts = torch.as_tensor(cuts, dtype=torch.long, device=device).reshape(-1)
     if cuts.numel() != batch:
         raise ValueError(f"Got {cuts.numel()} cuts for {batch} sequences: give one cut per row.")
     if attention_mask is None:
         attention_mask = torch.ones_like(sequences)
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if past_key_values is not None and not reusable_cache(model, past_key_values, batch, int(cuts.max())):
+        past_key_values = None
+    if past_key_values is None and _rows_answered_alone(model, int(cuts.max()) + len(exit_ids) + max_new_tokens):
+        answers = []
+        for row, cut in zip(sequences, cuts.tolist()):
+            prefix = row[:cut][attention_mask[len(answers), :cut].bool()][None]
+            answers += _answer_batch(model, tokenizer, prefix, torch.tensor([prefix.shape[1]], device=device),
+                                     exit_ids, torch.ones_like(prefix), None, max_new_tokens)
+        return answers
+    return _answer_batch(model, tokenizer, sequences, cuts, exit_ids, attention_mask, past_key_values, max_new_tokens)
+
+
+def _answer_batch(model, tokenizer, sequences, cuts, exit_ids, attention_mask, past_key_values, max_new_tokens):
+    device = sequences.device
+    batch = sequences.shape[0]
     if past_key_values is None:
         cache_len = int(cuts.max())
         past_key_values = DynamicCache(config=model.config)
@@ -121,14 +145,12 @@ def answer_after_exit(
         )
     else:
         cache_len = past_key_values.get_seq_length()
-        if cache_len < int(cuts.max()):
-            raise ValueError(f"The KV cache holds {cache_len} positions but a cut is at {int(cuts.max())}.")
     mask = attention_mask[:, :cache_len] * (torch.arange(cache_len, device=device) < cuts[:, None])
     next_position = mask.sum(-1)
     step_ids = torch.as_tensor(list(exit_ids), dtype=torch.long, device=device).expand(batch, -1)
     eos = eos_token_ids(model, tokenizer)
     eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
-    delta = brace_delta(tokenizer).to(device)
+    delta = brace_delta(tokenizer, vocab_size(model)).to(device)
     # Rows leave the batch (and the cache) as soon as their answer is complete, so one long answer does not make
     # every other row decode to max_new_tokens.
     active = torch.arange(batch, device=device)
@@ -163,6 +185,43 @@ def answer_after_exit(
         confidence = math.exp(sum(lp[: len(ids)]) / len(ids)) if ids else float("nan")
         answers.append(ExitAnswer(token_ids=ids, text=text, answer=close_box(text), confidence=confidence))
     return answers
+
+
+def vocab_size(model) -> int:
+    """Rows of the model's output layer, which can exceed `len(tokenizer)` (R1-Distill-Qwen: 151,936 vs 151,665)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.vocab_size)
+
+
+def reusable_cache(model, cache, batch: int, needed: int) -> bool:
+    """Whether `cache` (e.g. the one `generate` returned) can serve the masked answer pass exactly: a
+    `DynamicCache` of plain full-attention layers, for `batch` rows, holding at least `needed` positions."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, DynamicCache) or not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return False
+    keys = getattr(layers[0], "keys", None)
+    if keys is None or keys.dim() != 4 or keys.shape[0] != batch:
+        return False
+    return cache.get_seq_length() >= needed
+
+
+def _rows_answered_alone(model, longest: int) -> bool:
+    """Whether masking cached positions would change the function for this model: linear-attention layers (their
+    state cannot be masked) or sliding windows shorter than the longest answer context."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    layers = DynamicCache(config=model.config).layers
+    if any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers):
+        return True
+    if any(getattr(layer, "is_sliding", False) for layer in layers):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        window = getattr(config, "sliding_window", None)
+        return window is None or longest > int(window)
+    return False
 
 
 def cache_kwargs(model, cache) -> dict:
@@ -209,11 +268,23 @@ def _truncate_at_close(row: list[int], delta: torch.Tensor, eos: list[int]) -> l
 _BRACE_DELTA_CACHE: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.WeakKeyDictionary()
 
 
-def brace_delta(tokenizer) -> torch.Tensor:
-    """Per token id, the number of `{` minus `}` in its text (computed once per tokenizer)."""
+def brace_delta(tokenizer, size: int | None = None) -> torch.Tensor:
+    """Per token id, the number of `{` minus `}` in its text (computed once per tokenizer), zero-padded to `size`
+    entries for models whose output layer is larger than the tokenizer.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> _, tok = organism.load()
+        >>> delta = brace_delta(tok, size=len(tok) + 5)
+        >>> int(delta[tok.convert_tokens_to_ids("{")]), int(delta[-1]), delta.shape[0] == len(tok) + 5
+        (1, 0, True)
+    """
     if tokenizer not in _BRACE_DELTA_CACHE:
         pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         _BRACE_DELTA_CACHE[tokenizer] = torch.tensor(
             [(p or "").count("{") - (p or "").count("}") for p in pieces], dtype=torch.long
         )
-    return _BRACE_DELTA_CACHE[tokenizer]
+    delta = _BRACE_DELTA_CACHE[tokenizer]
+    if size is not None and size > delta.shape[0]:
+        delta = torch.nn.functional.pad(delta, (0, size - delta.shape[0]))
+    return delta

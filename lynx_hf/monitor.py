@@ -1,33 +1,67 @@
-"""The online side of LYNX: per-row cue tracking, probe scoring and exit decisions inside `model.generate`.
+"""The online side of LYNX: one `GenerateCall` per `model.generate` call, holding that call's settings and per-row
+state, so that nothing a later call (or any other forward of the model) does can change what an earlier call
+decided or how its output is answered.
 
 Timeline of one `_sample` step: forward on the last token (the hooks capture its hidden state) → logits processors
-→ sample → append → stopping criteria. A cue sampled at step t has its hidden state computed by the forward of step
-t+1, so the decision comes one step after the cue is emitted: the stopping criterion sees it together with the next
-token (which also confirms that the cue word ended), the logits processor sees it before the next token is sampled.
+→ sample → append → stopping criteria. A cue word is an event only once the token after it shows that the word
+ended ("Wait" + "ress" is no cue), exactly as the calibration events were found offline, so both plug-ins decide
+one token after the cue: the stopping criterion when that token has been appended (the same step's forward computed
+the cue's hidden state), the logits processor before the token after it is sampled (it scored the cue's hidden
+state one call earlier).
+
+How a call is recognised: transformers builds a fresh `StoppingCriteriaList` / `LogitsProcessorList` for every
+`generate` call and calls the plug-ins through it from its decoding loop. The plug-ins key their state by that
+list, so a new list is a new call whatever the sequence lengths (`use_cache=False`, continuing from an earlier
+output, a pre-filled prefix cache, chunked prefill). Once per call they read, from the loop's frame, the model that
+is generating, the prompt's attention mask and the decoding mode; the capture hooks are installed on that model
+for the duration of the call only (removed when transformers drops the list), and they keep hidden states per
+thread, so concurrent calls in different threads never read each other's states.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
+import weakref
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from torch import nn
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from .capture import HiddenStateCapture
+from .capture import layer_modules
 from .conformal import float32_threshold
 from .errors import UnsupportedGenerationError
 
 if TYPE_CHECKING:
     from .bundle import Lynx
 
+Mode = Literal["stop", "stream"]
+
+_REFUSED_LOOPS = {
+    "_beam_search": "beam search (and other modes that reorder rows) is not supported: use greedy or sampling "
+                    "(num_beams=1).",
+    "_assisted_decoding": "assisted/speculative decoding and prompt lookup (several tokens per forward) are not "
+                          "supported: drop `assistant_model` / `prompt_lookup_num_tokens` from this generate call.",
+}
+
 
 @dataclass(frozen=True)
 class ExitRecord:
-    """What happened to one row in the last `generate` call.
+    """What happened to one row in one `generate` call.
 
     `would_exit` says whether the exit rule fired; `exited` whether the plug-in acted on it (never in shadow mode).
     `position` is the index (in the returned sequence) of the token that completed that cue, `start` the index of
-    the cue word's first token; -1 and None when the rule never fired.
+    the cue word's first token; -1 and None when the rule never fired. `answered` (in-stream mode only) says
+    whether the row closed its forced answer before the token budget ran out; None in stop mode, where
+    `Lynx.answer(...)` writes the answer.
+
+    Example:
+        >>> ExitRecord(exited=True, would_exit=True, position=12, start=11, cue="wait", score=0.97, threshold=0.9,
+        ...            cues_seen=2, shadow=False).cue
+        'wait'
     """
 
     exited: bool
@@ -39,134 +73,206 @@ class ExitRecord:
     threshold: float
     cues_seen: int
     shadow: bool
+    answered: bool | None = None
 
 
 class ModelTap:
-    """Hooks on the attached model: hidden-state capture plus a pre-hook that notices each new generation.
+    """Forward hooks on the decoder layers the probe reads, installed only while a `generate` call that uses a Lynx
+    plug-in runs, with the captured states (last position of each forward) kept per thread.
 
-    A forward with an empty KV cache is a prefill, i.e. a new `generate` call: plug-ins reset their per-row state
-    when they see the generation counter move. A forward that feeds several tokens on top of a cache is assisted or
-    speculative decoding, which the plug-ins cannot follow.
+    A model's plain forwards and plain `generate` calls pay nothing: no hook is registered outside Lynx calls.
     """
 
-    def __init__(self, model, layers, device=None):
-        self.capture = HiddenStateCapture(model, layers, last_only=True, device=device)
-        self.generation = 0
-        self.prompt_mask: torch.Tensor | None = None
-        self.forward_batch: int | None = None
-        self.multi_token_step = False
-        self._last_length = -1
-        self._handle = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+    def __init__(self, model: nn.Module, layers, device: torch.device | None = None):
+        self.model = model
+        self.layers = tuple(int(i) for i in layers)
+        self.device = device
+        self._modules = layer_modules(model, self.layers)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._users = 0
+        self._handles: list = []
 
-    def _pre_hook(self, module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        length = ids.shape[1] if ids is not None else 0
-        # Without a cache (use_cache=False) every step re-feeds the whole sequence, one token longer each time.
-        uncached_step = cache is None and length == self._last_length + 1
-        if past == 0 and not uncached_step:
-            self.generation += 1
-            self.prompt_mask = kwargs.get("attention_mask")
-            self.multi_token_step = False
-        elif past > 0 and length > 1:
-            self.multi_token_step = True
-        self._last_length = past + length
-        if ids is not None:
-            self.forward_batch = ids.shape[0]
+    def acquire(self) -> None:
+        """Start capturing in this thread (hooks registered when the first user arrives)."""
+        local = self._local
+        local.states = [None] * len(self.layers)
+        local.forwards = 0
+        with self._lock:
+            if self._users == 0:
+                self._handles = [m.register_forward_hook(self._make_hook(slot)) for slot, m in enumerate(self._modules)]
+            self._users += 1
 
-    def remove(self) -> None:
-        self.capture.remove()
-        self._handle.remove()
+    def release(self) -> None:
+        """One user fewer; the hooks go away with the last one."""
+        with self._lock:
+            self._users = max(self._users - 1, 0)
+            if self._users == 0:
+                for handle in self._handles:
+                    handle.remove()
+                self._handles = []
+
+    @property
+    def active(self) -> bool:
+        """Whether hooks are registered on the model now."""
+        return bool(self._handles)
+
+    def _make_hook(self, slot: int):
+        local = self._local
+
+        def hook(module: nn.Module, args, output) -> None:
+            states = getattr(local, "states", None)
+            if states is None:  # a thread with no Lynx call running
+                return
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            states[slot] = hidden[:, -1]
+            if slot == 0:
+                local.forwards += 1
+
+        return hook
+
+    def forwards(self) -> int:
+        """Forwards of the model seen by this thread since its last `acquire`."""
+        return getattr(self._local, "forwards", 0)
+
+    def features(self) -> torch.Tensor:
+        """This thread's captured layers concatenated, `[batch, sum(hidden)]`, on the probe's device."""
+        states = getattr(self._local, "states", None)
+        if states is None or any(s is None for s in states):
+            raise UnsupportedGenerationError(
+                "Lynx found no hidden states from this generate call's forward: the model ran no forward through "
+                "its decoder layers since the last step (a compiled or otherwise hook-free forward is not supported)."
+            )
+        device = self.device or states[0].device
+        return torch.cat([s.to(device) for s in states], dim=-1)
 
 
-class ExitMonitor:
-    """Per-row state of one plug-in across a `generate` call; resets itself when a new call starts.
+def caller_list(frame: FrameType | None) -> tuple[object, FrameType] | None:
+    """The `StoppingCriteriaList` / `LogitsProcessorList` whose `__call__` is at or above `frame` (a few frames at
+    most), and the frame of the loop that called it; None when the plug-in was called directly."""
+    for _ in range(4):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "__call__":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, (StoppingCriteriaList, LogitsProcessorList)):
+                return owner, frame.f_back
+        frame = frame.f_back
+    return None
 
-    `mode="stop"` confirms each cue with the token after it (stopping-criteria timing); `mode="stream"` decides as
-    soon as the cue's hidden state exists (logits-processor timing).
+
+def loop_context(loop: FrameType | None) -> tuple[nn.Module, torch.Tensor | None, dict]:
+    """(generating model, attention mask so far, the loop's locals) from transformers' decoding-loop frame."""
+    name = loop.f_code.co_name if loop is not None else "<unknown>"
+    if name in _REFUSED_LOOPS:
+        raise UnsupportedGenerationError(f"Lynx cannot follow this generate call: {_REFUSED_LOOPS[name]}")
+    local = loop.f_locals if loop is not None else {}
+    model = local.get("self")
+    if name != "_sample" or not isinstance(model, nn.Module):
+        raise UnsupportedGenerationError(
+            f"Lynx follows transformers' greedy/sampling loop (`_sample`), but was called from `{name}`: use "
+            "greedy or sampling with num_beams=1, or call the plug-in through model.generate(...)."
+        )
+    model_kwargs = local.get("model_kwargs") or {}
+    return model, model_kwargs.get("attention_mask"), local
+
+
+class GenerateCall:
+    """One `generate` call seen by one plug-in: the settings it ran with, per-row state, and what it produced.
+
+    Settings (confidence, guarantee, threshold, shadow) are read once when the call starts, so changing them on the
+    `Lynx` later never rewrites a finished call's records.
     """
 
-    def __init__(self, lynx: "Lynx", mode: Literal["stop", "stream"]):
+    def __init__(self, lynx: "Lynx", mode: Mode, model: nn.Module, input_ids: torch.LongTensor,
+                 attention_mask: torch.Tensor | None, *, threshold: float, shadow: bool):
         self.lynx = lynx
         self.mode = mode
-        self._generation = -1
-        self._consumed = 0
-        self.batch = 0
-
-    def _tap(self) -> ModelTap:
-        return self.lynx._require_tap()
-
-    def _reset(self, input_ids: torch.LongTensor, tap: ModelTap) -> None:
+        self.model = model
+        self.shadow = shadow
+        self.threshold = threshold
+        self.tap = lynx._tap
+        self.detector = lynx.detector
+        self.cues = lynx.detector.cues
+        self.exit_construction = lynx.config.exit_construction
         device = input_ids.device
         batch = input_ids.shape[0]
-        prompt_len = input_ids.shape[1] - (1 if self.mode == "stop" else 0)
-        mask = tap.prompt_mask
-        if mask is not None and (mask.shape[0] != batch or mask.shape[1] != prompt_len):
-            mask = None
-        detector = self.lynx.detector.to(device)
-        self.state = detector.start(input_ids[:, :prompt_len], mask)
-        self._generation = tap.generation
-        self.lynx._active = self
-        self._consumed = prompt_len
-        self.prompt_length = prompt_len
         self.batch = batch
+        self.prompt_length = input_ids.shape[1] - (1 if mode == "stop" else 0)
+        if self.prompt_length == 0:
+            raise UnsupportedGenerationError(
+                "generate(inputs_embeds=...) without input_ids: Lynx cannot read the prompt's tokens, so it cannot "
+                "tell whether the thinking block is open. Pass the prompt's ids too: "
+                "model.generate(input_ids=ids, inputs_embeds=embeds, ...)."
+            )
+        mask = attention_mask[:, : self.prompt_length] if attention_mask is not None else None
+        self.prompt_mask = mask.to(device=device, dtype=torch.long) if mask is not None else None
+        self.state = self.detector.start(input_ids[:, : self.prompt_length], self.prompt_mask)
+        self._consumed = self.prompt_length
+        self.sequences = input_ids
+        self._forwards: int | None = None
+        self._cpu = device.type == "cpu"
         long = dict(dtype=torch.long, device=device)
         self.pending_cue = torch.full((batch,), -1, **long)
         self.pending_start = torch.full((batch,), -1, **long)
+        self.pending_score = torch.zeros(batch, dtype=torch.float32, device=device)
         self.exited = torch.zeros(batch, dtype=torch.bool, device=device)
         self.exit_position = torch.full((batch,), -1, **long)
         self.exit_start = torch.full((batch,), -1, **long)
         self.exit_cue = torch.full((batch,), -1, **long)
         self.exit_score = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
         self.cues_seen = torch.zeros(batch, **long)
-        self.threshold = self.lynx.threshold
-        self._tau = torch.tensor(float32_threshold(self.threshold), dtype=torch.float32, device=device)
+        self._tau = torch.tensor(float32_threshold(threshold), dtype=torch.float32, device=device)
+        self.consumed_caches: set[int] = set()  # ids of KV caches that `Lynx.answer` already used up
+        self.tap.acquire()
+        self._released = False
 
-    def _check_supported(self, input_ids: torch.LongTensor, tap: ModelTap) -> None:
-        if tap.multi_token_step:
-            raise UnsupportedGenerationError(
-                "Lynx cannot follow assisted/speculative decoding or prompt lookup (several tokens per forward): "
-                "drop `assistant_model`/`prompt_lookup_num_tokens` from this generate call."
-            )
-        if tap.forward_batch is not None and input_ids.shape[0] != tap.forward_batch:
-            raise UnsupportedGenerationError(
-                f"Lynx got {input_ids.shape[0]} rows but the model ran on {tap.forward_batch}: beam search (and other "
-                "modes that reorder rows) is not supported. Use greedy or sampling (num_beams=1)."
-            )
+    def release(self) -> None:
+        """The call is over: its hooks may go (idempotent)."""
+        if not self._released:
+            self._released = True
+            self.tap.release()
+
+    def _score(self, event: torch.Tensor) -> torch.Tensor:
+        # On a CPU a step without any cue skips the probe (a host check is free there); on accelerators the step
+        # stays branchless so that decoding never waits for the host.
+        if self._cpu and not bool(event.any()):
+            return torch.zeros_like(self.pending_score)
+        return self.lynx.probe.predict_proba(self.tap.features()).to(event.device, torch.float32)
 
     def observe(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Consume the tokens appended since the last call; return this step's exit decisions `[batch]` (bool)."""
-        tap = self._tap()
-        self._check_supported(input_ids, tap)
-        if tap.generation != self._generation or input_ids.shape[0] != self.batch:
-            self._reset(input_ids, tap)
+        """Consume the token appended since the last step; return this step's exit decisions `[batch]` (bool)."""
         length = input_ids.shape[1]
         new = length - self._consumed
         if new == 0:
             return torch.zeros_like(self.exited)
-        if new != 1:
+        if new != 1 or input_ids.shape[0] != self.batch:
             raise UnsupportedGenerationError(
-                f"Lynx expected one new token per step but got {new}: assisted/speculative decoding and other "
-                "multi-token modes are not supported; use greedy or sampling without `assistant_model`."
+                f"Lynx expected one new token per row per step but got {new} on {input_ids.shape[0]} rows "
+                f"(started with {self.batch}): only greedy and sampling decoding are supported."
             )
-        detector = self.lynx.detector
+        forwards = self.tap.forwards()
+        if self._forwards is not None and forwards != self._forwards + 1:
+            raise UnsupportedGenerationError(
+                f"The model ran {forwards - self._forwards} forwards between two decoding steps of this generate "
+                "call (expected 1): Lynx supports plain greedy or sampling decoding."
+            )
+        self._forwards = forwards
+        self.sequences = input_ids
         token = input_ids[:, -1]
-        cue, start = detector.step(self.state, token)
+        cue, start = self.detector.step(self.state, token)
         self._consumed = length
-        if self.mode == "stop":
-            # The cue completed at the previous token; its hidden state was computed by this step's forward and
-            # the token just appended tells whether the cue word really ended there.
-            event_cue = torch.where(self.state.retracted, -1, self.pending_cue)
-            event_start = self.pending_start
-            position = length - 2
-            self.pending_cue, self.pending_start = cue, start
-        else:
-            event_cue, event_start, position = cue, start, length - 1
+        # The cue completed at the previous token; the token just appended says whether its word really ended.
+        event_cue = torch.where(self.state.retracted, -1, self.pending_cue)
+        event_start = self.pending_start
         event = event_cue >= 0
-        score = self.lynx.probe.predict_proba(tap.capture.features()).to(event.device, torch.float32)
+        position = length - 2
+        if self.mode == "stop":
+            score = self._score(event)  # this step's forward fed the cue token: its hidden state is the cue's
+        else:
+            score = self.pending_score  # scored one step ago, when the cue token's forward ran
+            self.pending_score = self._score(cue >= 0)
+        self.pending_cue, self.pending_start = cue, start
         decide = event & ~self.exited & (score >= self._tau)
         self.cues_seen += event.long()
         self.exited |= decide
@@ -176,17 +282,85 @@ class ExitMonitor:
         self.exit_score = torch.where(decide, score, self.exit_score)
         return decide
 
-    def records(self, shadow: bool) -> list[ExitRecord]:
-        """Per-row telemetry of the last call."""
-        if self._generation < 0:
-            return []
-        cues = self.lynx.detector.cues
+    def answered(self) -> list[bool | None]:
+        """Per row, whether its forced answer closed (in-stream mode); None in stop mode."""
+        return [None] * self.batch
+
+    def records(self) -> list[ExitRecord]:
+        """Per-row telemetry of this call."""
         rows = zip(self.exited.tolist(), self.exit_position.tolist(), self.exit_start.tolist(),
-                   self.exit_cue.tolist(), self.exit_score.tolist(), self.cues_seen.tolist())
+                   self.exit_cue.tolist(), self.exit_score.tolist(), self.cues_seen.tolist(), self.answered())
         return [
             ExitRecord(
-                exited=bool(exited) and not shadow, would_exit=bool(exited), position=pos, start=start, cue=cues[cue] if cue >= 0 else None,
-                score=score if exited else None, threshold=self.threshold, cues_seen=seen, shadow=shadow,
+                exited=bool(exited) and not self.shadow, would_exit=bool(exited), position=pos, start=start,
+                cue=self.cues[cue] if cue >= 0 else None, score=score if exited else None,
+                threshold=self.threshold, cues_seen=seen, shadow=self.shadow,
+                answered=answered if exited and not self.shadow else None,
             )
-            for exited, pos, start, cue, score, seen in rows
+            for exited, pos, start, cue, score, seen, answered in rows
         ]
+
+    def matches(self, sequences: torch.Tensor) -> bool:
+        """Whether `sequences` is this call's output (what generate returned: the ids it saw, possibly with
+        trailing steps undone)."""
+        seen = self.sequences
+        if sequences.shape[0] != seen.shape[0] or not self.prompt_length < sequences.shape[1] <= seen.shape[1]:
+            return False
+        if int(self.exit_position.max()) >= sequences.shape[1]:
+            return False
+        return torch.equal(seen[:, : sequences.shape[1]], sequences.to(seen.device))
+
+
+class CallTracker:
+    """Finds (or starts) the `GenerateCall` of the running `generate` call for one plug-in."""
+
+    def __init__(self, lynx: "Lynx", mode: Mode, call_class: type[GenerateCall] = GenerateCall):
+        self.lynx = lynx
+        self.mode = mode
+        self.call_class = call_class
+        self._owner: weakref.ref | None = None
+        self._current: GenerateCall | None = None
+        self._calls: dict[int, tuple[weakref.ref, GenerateCall]] = {}
+        self._lock = threading.Lock()
+        self.last: GenerateCall | None = None
+
+    def current(self, input_ids: torch.LongTensor, frame: FrameType | None) -> GenerateCall:
+        """The call this step belongs to. `frame` is the plug-in's caller."""
+        found = caller_list(frame)
+        if found is None:
+            raise UnsupportedGenerationError(
+                "Lynx plug-ins must run inside model.generate(...) (stopping_criteria=[...] / logits_processor=[...]); "
+                "to decode with your own loop use the custom_generate recipe shipped in the bundle."
+            )
+        owner, loop = found
+        if self._owner is not None and self._owner() is owner:
+            return self._current
+        with self._lock:
+            entry = self._calls.get(id(owner))
+            if entry is not None and entry[0]() is owner:
+                call = entry[1]
+            else:
+                call = self._start(owner, loop, input_ids)
+            self._owner, self._current = weakref.ref(owner), call
+        return call
+
+    def _start(self, owner, loop: FrameType | None, input_ids: torch.LongTensor) -> GenerateCall:
+        model, mask, _ = loop_context(loop)
+        call = self.lynx._start_call(self.mode, model, input_ids, mask, self.call_class)
+        key = id(owner)
+        self._calls[key] = (weakref.ref(owner), call)
+        weakref.finalize(owner, self._finish, key, call)
+        self.last = call
+        return call
+
+    def _finish(self, key: int, call: GenerateCall) -> None:
+        call.release()
+        with self._lock:
+            entry = self._calls.get(key)
+            if entry is not None and entry[1] is call:
+                del self._calls[key]
+
+
+def plugin_frame() -> FrameType:
+    """The frame that called the plug-in's `__call__` (two levels above this helper)."""
+    return sys._getframe(2)

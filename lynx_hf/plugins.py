@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from .monitor import ExitMonitor, ExitRecord
+from .monitor import CallTracker, ExitRecord, GenerateCall
+from .errors import UnsupportedGenerationError
 
 if TYPE_CHECKING:
     from .bundle import Lynx
@@ -16,10 +19,11 @@ if TYPE_CHECKING:
 class LynxStoppingCriteria(StoppingCriteria):
     """Halts a row at the first reflection cue where the probe is confident that exiting is safe.
 
-    At each cue inside the thinking block the probe scores the hidden state of the cue token; a row stops when the
-    score reaches the conformal threshold for the bundle's confidence. The trace then ends just after the cue
-    (stop mode); `Lynx.answer(...)` drops the cue, closes the thinking block and lets the model answer, reusing
-    the KV cache. In shadow mode nothing stops and `last_exits` records where it would have.
+    At each cue inside the thinking block the probe scores the hidden state of the cue token; once the next token
+    shows that the cue word ended, the row stops if the score reaches the conformal threshold for the bundle's
+    confidence. The trace then ends one token after the cue (stop mode); `Lynx.answer(outputs)` drops the cue,
+    closes the thinking block and lets the model answer. In shadow mode nothing stops and `last_exits` records
+    where it would have. Each `generate` call keeps its own state, bound to its output.
 
     Examples:
 
@@ -37,26 +41,48 @@ class LynxStoppingCriteria(StoppingCriteria):
 
     def __init__(self, lynx: "Lynx"):
         self.lynx = lynx
-        self.monitor = ExitMonitor(lynx, mode="stop")
+        self.calls = CallTracker(lynx, mode="stop")
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        decide = self.monitor.observe(input_ids)
-        if self.lynx.shadow:
-            return torch.zeros_like(decide)
-        return decide
+        return self.step(input_ids, sys._getframe(1))
+
+    def step(self, input_ids: torch.LongTensor, caller) -> torch.BoolTensor:
+        """One decoding step of the call that `caller` (the frame calling the plug-in) belongs to."""
+        call = self.calls.current(input_ids, caller)
+        decide = call.observe(input_ids)
+        return torch.zeros_like(decide) if call.shadow else decide
 
     @property
     def last_exits(self) -> list[ExitRecord]:
-        """Per-row telemetry of the last `generate` call."""
-        return self.monitor.records(self.lynx.shadow)
+        """Per-row telemetry of the last `generate` call that used this plug-in."""
+        return [] if self.calls.last is None else self.calls.last.records()
+
+
+class StreamCall(GenerateCall):
+    """A `GenerateCall` of the in-stream plug-in: also forces the exit text and follows the forced answer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        device = self.exited.device
+        self.exit_ids = torch.tensor(self.lynx.exit_ids, dtype=torch.long, device=device)
+        self.brace_delta = self.lynx.brace_delta.to(device)
+        self.forcing = torch.full((self.batch,), -1, dtype=torch.long, device=device)
+        self.answering = torch.zeros(self.batch, dtype=torch.bool, device=device)
+        self.closed = torch.zeros(self.batch, dtype=torch.bool, device=device)
+        self.depth = torch.zeros(self.batch, dtype=torch.long, device=device)
+
+    def answered(self) -> list[bool | None]:
+        return self.closed.tolist()
 
 
 class LynxExitProcessor(LogitsProcessor):
     """At a confident cue, forces the exit text (e.g. `</think> ... \\boxed{`) token by token, then lets the model answer.
 
-    The cue was already sampled when its hidden state becomes available, so this processor keeps the cue and
-    forces the exit text right after it (`keep_cue` construction); pair it with `lynx.answer_stopper()` to end each
-    row once its boxed answer closes. In shadow mode it never forces anything.
+    It decides on the same events as stop mode and the calibration data: a cue whose word the next token ended, scored
+    on the cue token's hidden state. As that next token is already sampled when the decision is made, the in-stream
+    exit keeps the cue word and that one token before the exit text (stop mode and `Lynx.answer` drop the cue, as
+    the labels did). Pair it with `lynx.answer_stopper()` to end each row once its boxed answer closes; a row whose
+    token budget runs out before that is recorded with `answered=False`. In shadow mode it never forces anything.
 
     Examples:
 
@@ -75,48 +101,46 @@ class LynxExitProcessor(LogitsProcessor):
 
     def __init__(self, lynx: "Lynx"):
         self.lynx = lynx
-        self.monitor = ExitMonitor(lynx, mode="stream")
-        self._exit_ids: torch.Tensor | None = None
-        self.forcing: torch.Tensor | None = None
-        self.answering: torch.Tensor | None = None
-        self.depth: torch.Tensor | None = None
-        self._generation = -1
-
-    def _ensure_state(self, input_ids: torch.LongTensor) -> None:
-        if self.monitor._generation != self._generation or self.forcing is None:
-            device = input_ids.device
-            batch = input_ids.shape[0]
-            self._exit_ids = torch.tensor(self.lynx.exit_ids, dtype=torch.long, device=device)
-            self.forcing = torch.full((batch,), -1, dtype=torch.long, device=device)
-            self.answering = torch.zeros(batch, dtype=torch.bool, device=device)
-            self.depth = torch.zeros(batch, dtype=torch.long, device=device)
-            self._generation = self.monitor._generation
+        self.calls = CallTracker(lynx, mode="stream", call_class=StreamCall)
+        self._by_thread: dict[int, StreamCall] = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        decide = self.monitor.observe(input_ids)
-        self._ensure_state(input_ids)
+        call: StreamCall = self.calls.current(input_ids, sys._getframe(1))
+        self._by_thread[threading.get_ident()] = call
+        decide = call.observe(input_ids)
         # Rows that finished forcing are answering: track the box's brace depth for the answer stopper.
-        delta = self.lynx.brace_delta.to(input_ids.device)[input_ids[:, -1]]
-        self.depth = torch.where(self.answering, self.depth + delta, self.depth)
-        if self.lynx.shadow:
+        last = input_ids[:, -1]
+        call.depth = torch.where(call.answering, call.depth + call.brace_delta[last], call.depth)
+        if call.shadow:
             return scores
-        self.forcing = torch.where(decide, torch.zeros_like(self.forcing), self.forcing)
-        forcing = self.forcing >= 0
-        target = self._exit_ids[self.forcing.clamp(0, self._exit_ids.numel() - 1)]
+        call.forcing = torch.where(decide, torch.zeros_like(call.forcing), call.forcing)
+        forcing = call.forcing >= 0
+        n_exit = call.exit_ids.numel()
+        target = call.exit_ids[call.forcing.clamp(0, n_exit - 1)]
         forced = torch.full_like(scores, -float("inf")).scatter_(1, target[:, None], 0.0)
         scores = torch.where(forcing[:, None], forced, scores)
-        advanced = self.forcing + 1
-        finished = forcing & (advanced >= self._exit_ids.numel())
-        self.answering = self.answering | finished
+        advanced = call.forcing + 1
+        finished = forcing & (advanced >= n_exit)
+        call.answering = call.answering | finished
         # The last exit token (holding the box's `{`) is counted on the next call: start from minus its delta.
-        self.depth = torch.where(finished, -self.lynx.brace_delta.to(target.device)[target], self.depth)
-        self.forcing = torch.where(forcing & ~finished, advanced, torch.where(finished, -1, self.forcing))
+        call.depth = torch.where(finished, -call.brace_delta[target], call.depth)
+        call.forcing = torch.where(forcing & ~finished, advanced, torch.where(finished, -1, call.forcing))
         return scores
+
+    def running_call(self, input_ids: torch.LongTensor) -> StreamCall:
+        """This thread's running call, checked to be the one `input_ids` continues."""
+        call = self._by_thread.get(threading.get_ident())
+        if call is None or call.batch != input_ids.shape[0] or call._consumed != input_ids.shape[1] - 1:
+            raise UnsupportedGenerationError(
+                "lynx.answer_stopper() only works together with lynx.exit_processor() in the same generate call: "
+                "pass logits_processor=[lynx.exit_processor()] too."
+            )
+        return call
 
     @property
     def last_exits(self) -> list[ExitRecord]:
-        """Per-row telemetry of the last `generate` call."""
-        return self.monitor.records(self.lynx.shadow)
+        """Per-row telemetry of the last `generate` call that used this plug-in."""
+        return [] if self.calls.last is None else self.calls.last.records()
 
 
 class LynxAnswerStopper(StoppingCriteria):
@@ -139,8 +163,7 @@ class LynxAnswerStopper(StoppingCriteria):
         self.processor = processor
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        processor = self.processor
-        if processor.answering is None or processor.answering.shape[0] != input_ids.shape[0]:
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        delta = processor.lynx.brace_delta.to(input_ids.device)[input_ids[:, -1]]
-        return processor.answering & (processor.depth + delta < 0)
+        call = self.processor.running_call(input_ids)
+        done = call.answering & (call.depth + call.brace_delta[input_ids[:, -1]] < 0)
+        call.closed |= done
+        return done

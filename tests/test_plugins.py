@@ -64,14 +64,17 @@ def test_shadow_mode_records_the_exit_but_never_changes_the_output(setup):
     assert record.would_exit and not record.exited and record.position == _cue_index(tok, enc, plain, "Wait")
 
 
-def test_exit_processor_forces_the_exit_text_after_the_cue_and_stops_when_the_box_closes(setup):
+def test_exit_processor_forces_the_exit_text_once_the_cue_word_has_ended_and_stops_when_the_box_closes(setup):
     model, tok, enc = setup
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)
     script = _script(tok, enc, exit_len=len(lynx.exit_ids))
     out = _generate(model, enc, [script, lynx.exit_processor()], [lynx.answer_stopper()])
     text = tok.decode(out[0, enc.input_ids.shape[1]:])
-    assert text == "3 + 4 = 7. Wait" + lynx.config.exit_text + "7}"
-    assert lynx.last_exits[0].exited and lynx.last_exits[0].cue == "wait"
+    # The "," after "Wait" shows the cue word ended (the calibrated event); the exit text follows it.
+    assert text == "3 + 4 = 7. Wait," + lynx.config.exit_text + "7}"
+    record = lynx.last_exits[0]
+    assert record.exited and record.cue == "wait" and record.answered is True
+    assert record.position == _cue_index(tok, enc, out, "Wait")
 
 
 def test_state_resets_by_itself_on_a_new_generate_call(setup):
