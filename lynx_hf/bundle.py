@@ -15,7 +15,6 @@ import os
 import sys
 import warnings
 from collections import deque
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -569,9 +568,12 @@ def _load_probe(path: Path, config: LynxConfig) -> LynxProbe:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CorruptedBundleError(f"{path} is corrupted ({error}); re-download or re-save the bundle.") from error
-    probe = LynxProbe(config.feature_size, hidden_sizes=config.probe_hidden_sizes)
+    # Built on the meta device: no random initialisation, so loading a bundle never moves the global RNG (a
+    # seeded sampling run gives the same tokens with or without Lynx loaded).
+    with torch.device("meta"):
+        probe = LynxProbe(config.feature_size, hidden_sizes=config.probe_hidden_sizes)
     try:
-        probe.load_state_dict(state)
+        probe.load_state_dict(state, assign=True)
     except RuntimeError as error:
         raise CorruptedBundleError(
             f"{path} does not match config.json (layers {config.layers}, hidden size {config.hidden_size}, probe "

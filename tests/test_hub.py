@@ -19,6 +19,7 @@ from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from safetensors.torch import load, load_file
 
 import lynx_hf
+from lynx_hf import organism
 from lynx_hf import Lynx
 from lynx_hf.bundle import CUSTOM_GENERATE_SOURCE
 from lynx_hf.exit import exit_cut
@@ -230,6 +231,74 @@ def test_custom_generate_refuses_beam_search_and_assisted_decoding(parts):
         _custom(model, tok, enc, str(folders["v1"]), [SCRIPT], [enc.input_ids.shape[1]], num_beams=2)
     with pytest.raises(lynx_hf.UnsupportedGenerationError, match="assistant_model"):
         _custom(model, tok, enc, str(folders["v1"]), [SCRIPT], [enc.input_ids.shape[1]], assistant_model=model)
+
+
+@pytest.fixture(scope="module")
+def organism_parts():
+    model, tok = organism.load()
+    questions = [p["question"] for p in organism.problems("arithmetic", "test", n=3)]
+    enc = tok([organism.prompt(tok, q) for q in questions], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    return model, tok, enc
+
+
+@pytest.mark.parametrize("options", [
+    {"repetition_penalty": 1.3},
+    {"no_repeat_ngram_size": 3},
+    {"stop_strings": ["Wait"]},
+    {"do_sample": True, "temperature": 0.7, "top_k": 20, "num_return_sequences": 2},
+], ids=["repetition_penalty", "no_repeat_ngram_size", "stop_strings", "num_return_sequences"])
+def test_custom_generate_options_act_as_in_plain_generate(organism_parts, options):
+    model, tok, enc = organism_parts
+    common = {"do_sample": False, "max_new_tokens": 80, **options}
+    torch.manual_seed(0)
+    plain = model.generate(**enc, tokenizer=tok, **common)
+    torch.manual_seed(0)
+    out = model.generate(**enc, custom_generate=str(organism.BUNDLE_DIR), trust_remote_code=True,
+                         tokenizer=tok, shadow=True, return_dict_in_generate=True, **common)
+    assert out.sequences.shape[0] == enc.input_ids.shape[0] * options.get("num_return_sequences", 1)
+    assert torch.equal(out.sequences[:, : plain.shape[1]], plain)
+    assert (out.sequences[:, plain.shape[1]:] == tok.pad_token_id).all()
+
+
+@pytest.mark.parametrize("option", [{"output_scores": True}, {"cache_implementation": "static"},
+                                    {"guidance_scale": 2.0}, {"prefill_chunk_size": 8}],
+                         ids=lambda o: next(iter(o)))
+def test_custom_generate_refuses_options_it_cannot_honour_by_name(organism_parts, option):
+    model, tok, enc = organism_parts
+    with pytest.raises(lynx_hf.UnsupportedGenerationError, match=next(iter(option))):
+        model.generate(**enc, custom_generate=str(organism.BUNDLE_DIR), trust_remote_code=True,
+                       tokenizer=tok, max_new_tokens=5, **option)
+
+
+def test_custom_generate_applies_per_call_settings_to_a_given_lynx_for_that_call_only(organism_parts):
+    model, tok, enc = organism_parts
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.9)
+    common = dict(custom_generate=str(organism.BUNDLE_DIR), trust_remote_code=True, tokenizer=tok,
+                  lynx=lynx, max_new_tokens=300, do_sample=False, return_dict_in_generate=True)
+    live = model.generate(**enc, **common)
+    assert any(r.exited for r in live.exits)
+    shadow = model.generate(**enc, shadow=True, confidence=0.8, guarantee="question", **common)
+    assert not any(r.exited for r in shadow.exits) and any(r.would_exit for r in shadow.exits)
+    assert {r.threshold for r in shadow.exits} == {lynx.calibration.threshold(0.8, "question")}
+    assert not lynx.shadow and lynx.confidence == 0.9 and lynx.guarantee == "event"
+
+
+@pytest.mark.hub
+def test_the_used_by_line_pulls_the_bundle_from_the_hub_and_attaches_on_first_use(parts, hub, tmp_path):
+    model, tok, enc, folders = parts
+    width = enc.input_ids.shape[1]
+    reference = Lynx.from_pretrained(folders["v1"], model=model, tokenizer=tok)
+    expected = model.generate(**enc, logits_processor=[ScriptProcessor(tok, [width], [SCRIPT])],
+                              stopping_criteria=[reference], max_new_tokens=60, do_sample=False)
+    tok.save_pretrained(tmp_path)  # where the user's model was loaded from: its tokenizer lives there
+    user_model = scripted_model(tok)
+    user_model.name_or_path = user_model.config._name_or_path = str(tmp_path)
+    lynx = Lynx.from_pretrained(REPO, cache_dir=str(hub.cache_dir))
+    out = user_model.generate(**enc, logits_processor=[ScriptProcessor(tok, [width], [SCRIPT])],
+                              stopping_criteria=[lynx], max_new_tokens=60, do_sample=False)
+    assert torch.equal(out, expected) and lynx.model is user_model
+    assert lynx.last_exits == reference.last_exits and lynx.last_exits[0].exited
 
 
 @pytest.mark.hub

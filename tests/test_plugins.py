@@ -4,7 +4,7 @@ what they refuse."""
 import pytest
 import torch
 
-from lynx_hf import LynxProbe, NotAttachedError, UnsupportedGenerationError
+from lynx_hf import LynxConfigError, LynxProbe, UnsupportedGenerationError
 from lynx_hf.exit import answer_after_exit, exit_cut
 from scripted import PROMPT, SCRIPT, ScriptProcessor, bundle, scripted_model
 
@@ -159,12 +159,77 @@ def test_assisted_decoding_is_refused_with_a_clear_error(setup):
         model.generate(**enc, stopping_criteria=[lynx], assistant_model=model, max_new_tokens=8, do_sample=False)
 
 
-def test_a_detached_bundle_says_how_to_attach(setup):
+def test_a_bundle_whose_model_has_no_findable_tokenizer_says_how_to_attach(setup):
     model, tok, enc = setup
     lynx = bundle(model, tok)
-    with pytest.raises(NotAttachedError, match="attach"):
+    lynx.config.base_model = "/no/such/folder"
+    with pytest.raises(LynxConfigError, match=r"lynx.attach\(model, tokenizer\)"):
         model.generate(**enc, stopping_criteria=[lynx], max_new_tokens=3)
-    lynx.attach(model, tok)
-    lynx.detach()
-    with pytest.raises(NotAttachedError):
-        lynx.exit_processor()
+
+
+def test_answering_twice_with_left_padded_rows_gives_the_same_answers(setup):
+    model, tok, _ = setup
+    lynx = bundle(model, tok, probability=0.99).attach(model, tok)
+    prompts = [PROMPT, "<|im_start|>user\nHi there, a much longer question?<|im_end|>\n<|im_start|>assistant\n<think>\n"]
+    tok.padding_side = "left"
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    width = batch.input_ids.shape[1]
+    out = _generate(model, batch, [ScriptProcessor(tok, [width, width], [SCRIPT, SCRIPT])], [lynx])
+    first = [a.token_ids for a in lynx.answer(out, max_new_tokens=8)]
+    model(input_ids=batch.input_ids[:1, :5])  # any forward in between
+    assert [a.token_ids for a in lynx.answer(out, max_new_tokens=8)] == first
+    alone = tok(prompts[1], return_tensors="pt", add_special_tokens=False)
+    n = alone.input_ids.shape[1]
+    single = _generate(model, alone, [ScriptProcessor(tok, [n], [SCRIPT])], [lynx])
+    assert [a.token_ids for a in lynx.answer(single, max_new_tokens=8)] == first[1:]  # padding is masked
+
+
+def test_cue_words_inside_longer_words_never_trigger_an_exit_in_either_mode(setup):
+    model, tok, enc = setup
+    script = "3 + 4 = 7. Waitress Hmmm awaited. Wait, 7.\n</think>\n\nFinal Answer: \\boxed{7}"
+    lynx = bundle(model, tok, probability=0.99).attach(model, tok)
+    stop = _generate(model, enc, [ScriptProcessor(tok, [enc.input_ids.shape[1]], [script])], [lynx])
+    stop_record = lynx.last_exits[0]
+    assert stop_record.cue == "wait" and stop_record.cues_seen == 1
+    assert stop_record.position == _cue_index(tok, enc, stop, "Hmmm awaited. Wait")
+    script_proc = ScriptProcessor(tok, [enc.input_ids.shape[1]], [script], exit_len=len(lynx.exit_ids))
+    stream = _generate(model, enc, [script_proc, lynx.exit_processor()], [lynx.answer_stopper()])
+    record = lynx.last_exits[0]
+    assert (record.position, record.start, record.cue) == (stop_record.position, stop_record.start, "wait")
+    assert tok.decode(stream[0, enc.input_ids.shape[1]:]).startswith("3 + 4 = 7. Waitress Hmmm awaited. Wait,\n</think>")
+
+
+def test_an_in_stream_exit_whose_token_budget_ends_before_the_answer_is_reported_unanswered(setup):
+    model, tok, enc = setup
+    lynx = bundle(model, tok, probability=0.99).attach(model, tok)
+    script = _script(tok, enc, exit_len=len(lynx.exit_ids))
+    full = _generate(model, enc, [script, lynx.exit_processor()], [lynx.answer_stopper()])
+    assert lynx.last_exits[0].answered is True
+    budget = full.shape[1] - enc.input_ids.shape[1] - 3  # ends inside the forced exit text / answer
+    model.generate(**enc, logits_processor=[_script(tok, enc, exit_len=len(lynx.exit_ids)), lynx.exit_processor()],
+                   stopping_criteria=[lynx.answer_stopper()], max_new_tokens=budget, do_sample=False)
+    record = lynx.last_exits[0]
+    assert record.exited and record.answered is False
+
+
+def test_token_ids_beyond_the_tokenizer_never_index_out_of_bounds(setup):
+    _, tok, enc = setup
+    from conftest import tiny_llama
+
+    model = tiny_llama(vocab_size=len(tok) + 64, seed=1, num_hidden_layers=3)  # output layer larger than the tokenizer
+    model.generation_config.eos_token_id = tok.eos_token_id
+    beyond = len(tok) + 5
+    lynx = bundle(model, tok, probability=0.99).attach(model, tok)
+    width = enc.input_ids.shape[1]
+    script = ScriptProcessor(tok, [width], [SCRIPT], exit_len=len(lynx.exit_ids))
+    script.scripts = [[beyond] + script.scripts[0]]  # the trace itself holds an id the tokenizer does not know
+    out = _generate(model, enc, [script], [lynx], return_dict_in_generate=True)
+    assert lynx.last_exits[0].exited
+    favour = model.lm_head.register_forward_hook(lambda m, a, logits: logits.index_fill(-1, torch.tensor([beyond]), 1e4))
+    try:  # the model's greedy answers are ids beyond the tokenizer
+        answers = lynx.answer(out, max_new_tokens=4)
+        assert answers[0].token_ids == [beyond] * 4 and answers[0].answer is None
+        _generate(model, enc, [script, lynx.exit_processor()], [lynx.answer_stopper()])
+    finally:
+        favour.remove()
+    assert lynx.last_exits[0].exited

@@ -192,13 +192,13 @@ def test_two_threads_each_with_its_own_lynx_exit_as_when_run_one_after_the_other
 def test_continuing_from_an_output_without_a_cache_is_a_new_call(setup):
     model, tok, lynx, (enc, _) = setup
     row = {k: v[:1, v.shape[1] - int(enc.attention_mask[0].sum()):] for k, v in enc.items()}
-    first = model.generate(**row, stopping_criteria=[lynx], do_sample=False, max_new_tokens=300, use_cache=False)
+    greedy = dict(stopping_criteria=[lynx], do_sample=False, use_cache=False)
+    first = model.generate(**row, max_new_tokens=300, **greedy)
     assert lynx.last_exits[0].exited
+    uncached = model.generate(input_ids=first, max_new_tokens=60, **greedy)  # one token longer than the last step
+    records = lynx.last_exits
     cached = model.generate(input_ids=first, stopping_criteria=[lynx], do_sample=False, max_new_tokens=60)
-    expected = lynx.last_exits
-    uncached = model.generate(input_ids=first, stopping_criteria=[lynx], do_sample=False, max_new_tokens=60,
-                              use_cache=False)
-    assert torch.equal(uncached, cached) and lynx.last_exits == expected
+    assert torch.equal(uncached, cached) and records == lynx.last_exits
 
 
 def test_static_cache_outputs_are_answered_like_dynamic_ones(setup):

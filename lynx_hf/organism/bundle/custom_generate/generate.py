@@ -37,16 +37,29 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.utils import ModelOutput
 
 import lynx_hf
-from lynx_hf.exit import brace_delta, cache_kwargs, exit_cut
+from lynx_hf.exit import cache_kwargs, exit_cut
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+_CALL_OPTIONS = ("confidence", "guarantee", "shadow")
 _UNSUPPORTED = ("assistant_model", "streamer", "prefix_allowed_tokens_fn", "negative_prompt_ids",
-                "negative_prompt_attention_mask")
-_IGNORED = ("synced_gpus", "proxies", "use_cache", "trust_remote_code", "custom_generate")
+                "negative_prompt_attention_mask", "inputs_embeds", "past_key_values", "cache")
+_IGNORED = ("synced_gpus", "proxies", "trust_remote_code", "custom_generate")
+# Generation options that transformers' own processor and stopping-criteria builders implement, used here as
+# they are in plain `generate` (while the model thinks), or that change nothing in this loop.
+_HANDLED = {
+    "max_new_tokens", "max_length", "min_length", "min_new_tokens", "max_time", "do_sample", "temperature", "top_k",
+    "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+    "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens",
+    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "renormalize_logits", "watermarking_config", "stop_strings", "eos_token_id", "pad_token_id", "bos_token_id",
+    "decoder_start_token_id", "num_return_sequences", "return_dict_in_generate", "use_cache", "transformers_version",
+    "_from_model_config", "disable_compile", "compile_config",
+    # beam-search-only settings, inert at num_beams=1 in plain generate too
+    "length_penalty", "early_stopping", "diversity_penalty", "num_beam_groups",
+}
 
 
 @dataclass
@@ -92,36 +105,27 @@ def _load_lynx(model, source, tokenizer, hub_kwargs: dict, options: dict):
 
 
 def _generation_config(model, generation_config, kwargs: dict) -> GenerationConfig:
-    config = GenerationConfig.from_dict((generation_config or model.generation_config).to_dict())
-    for key in list(kwargs):
-        if hasattr(config, key):
-            setattr(config, key, kwargs.pop(key))
-    if kwargs:
-        raise TypeError(f"Lynx custom_generate got unexpected arguments {sorted(kwargs)}.")
+    """The call's generation config as plain `generate` builds it, refusing by name what this recipe cannot do."""
+    config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
+    unexpected = sorted(k for k in model_kwargs if k not in ("output_attentions", "output_hidden_states"))
+    if unexpected:
+        raise TypeError(f"Lynx custom_generate got unexpected arguments {unexpected}.")
     if (config.num_beams or 1) > 1:
         raise lynx_hf.UnsupportedGenerationError("Lynx custom_generate supports greedy and sampling only (num_beams=1).")
+    baseline = GenerationConfig()
+    baseline.update(**model.generation_config._get_default_generation_params(), defaults_only=True)
+    defaults = baseline.to_dict()
+    refused = sorted(
+        key for key, value in config.to_dict().items()
+        if key not in _HANDLED and key != "num_beams" and value != defaults.get(key)
+        and (value or defaults.get(key))  # False, 0 and None all mean "off"
+    )
+    if refused:
+        raise lynx_hf.UnsupportedGenerationError(
+            f"Lynx custom_generate does not support {', '.join(f'{k}={config.to_dict()[k]!r}' for k in refused)}: "
+            "drop these options, or use stop mode (stopping_criteria=[lynx]) with plain generate."
+        )
     return config
-
-
-def _warpers(config: GenerationConfig) -> LogitsProcessorList:
-    warpers = LogitsProcessorList()
-    if not config.do_sample:
-        return warpers
-    if config.temperature is not None and config.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_k is not None and config.top_k != 0:
-        warpers.append(TopKLogitsWarper(top_k=config.top_k))
-    if config.top_p is not None and config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p=config.top_p))
-    return warpers
-
-
-def _as_list(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.reshape(-1).tolist()]
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
 @torch.no_grad()
@@ -129,11 +133,14 @@ def generate(model, *args, **kwargs) -> torch.LongTensor | LynxGenerateOutput:
     """Decode with LYNX's exact exit (cue dropped, cache cut, exit text, greedy answer) in one call.
 
     Takes the arguments of `model.generate` (`input_ids`/`inputs`, `attention_mask`, `generation_config`,
-    `max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `logits_processor`, `stopping_criteria`,
-    `eos_token_id`, `pad_token_id`, `return_dict_in_generate`) plus `tokenizer=` (default: loaded from
-    `model.name_or_path`), `lynx=` (a `Lynx`, folder or repo id; default: where this recipe was loaded from),
-    `confidence=`, `guarantee=`, `shadow=`, `allow_base_model_mismatch=` and the Hub options `revision=`,
-    `cache_dir=`, `token=`, `local_files_only=`.
+    `logits_processor`, `stopping_criteria` and the generation options that shape sampling or stopping, built by
+    transformers' own helpers so they act as in plain `generate`: `do_sample`, `temperature`, `top_k`, `top_p`,
+    `min_p`, `repetition_penalty`, `no_repeat_ngram_size`, `bad_words_ids`, `stop_strings` (with `tokenizer=`),
+    `num_return_sequences`, `max_new_tokens`, ...) plus `tokenizer=` (default: loaded from `model.name_or_path`),
+    `lynx=` (a `Lynx`, folder or repo id; default: where this recipe was loaded from), the per-call settings
+    `confidence=`, `guarantee=`, `shadow=` (also applied to a given `Lynx`, for this call only),
+    `allow_base_model_mismatch=` and the Hub options `revision=`, `cache_dir=`, `token=`, `local_files_only=`.
+    Options it cannot honour are refused by name.
     """
     input_ids = kwargs.pop("input_ids", None)
     inputs = kwargs.pop("inputs", None)
@@ -147,42 +154,49 @@ def generate(model, *args, **kwargs) -> torch.LongTensor | LynxGenerateOutput:
     tokenizer = kwargs.pop("tokenizer", None)
     source = _bundle_source(kwargs.pop("lynx", None))
     hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if kwargs.get(k) is not None}
-    options = {k: kwargs.pop(k) for k in ("confidence", "guarantee", "shadow", "allow_base_model_mismatch")
-               if k in kwargs}
+    call_options = {k: kwargs.pop(k) for k in _CALL_OPTIONS if kwargs.get(k) is not None}
+    attach_options = {k: kwargs.pop(k) for k in ("allow_base_model_mismatch",) if k in kwargs}
     for key in _UNSUPPORTED:
         if kwargs.pop(key, None) is not None:
             raise lynx_hf.UnsupportedGenerationError(f"Lynx custom_generate does not support {key}=.")
     for key in _IGNORED:
         kwargs.pop(key, None)
-    processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-    criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
-    return_dict = kwargs.pop("return_dict_in_generate", False)
+    user_processors = kwargs.pop("logits_processor", None)
+    user_criteria = kwargs.pop("stopping_criteria", None)
     config = _generation_config(model, kwargs.pop("generation_config", None), kwargs)
-    return_dict = return_dict or bool(config.return_dict_in_generate)
 
-    lynx, attached_here = _load_lynx(model, source, tokenizer, hub_kwargs, options)
+    lynx, attached_here = _load_lynx(model, source, tokenizer, hub_kwargs, attach_options)
+    tokenizer = tokenizer or lynx.tokenizer
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    n = config.num_return_sequences or 1
+    input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+    model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=input_ids.device)
+    if config.max_new_tokens is not None:
+        config.max_length = config.max_new_tokens + input_ids.shape[1]
+    processors = model._get_logits_processor(
+        generation_config=config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
+        logits_processor=LogitsProcessorList(user_processors or []), device=input_ids.device,
+        model_kwargs={"attention_mask": attention_mask},
+    )
+    criteria = model._get_stopping_criteria(config, StoppingCriteriaList(user_criteria or []), tokenizer=tokenizer)
     try:
-        sequences, exits = _decode(model, lynx, input_ids, attention_mask, config, processors, criteria)
+        sequences, exits = _decode(model, lynx, input_ids, attention_mask, config, processors, criteria, call_options)
     finally:
         if attached_here:
             lynx.detach()
-    return LynxGenerateOutput(sequences=sequences, exits=exits) if return_dict else sequences
+    return LynxGenerateOutput(sequences=sequences, exits=exits) if config.return_dict_in_generate else sequences
 
 
-def _decode(model, lynx, input_ids, attention_mask, config, processors, criteria):
+def _decode(model, lynx, input_ids, attention_mask, config, processors, criteria, call_options):
+    """Think with `processors` and `criteria` (as plain generate), exit where Lynx decides, answer greedily."""
     device = input_ids.device
     batch, prompt_length = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
     mask = attention_mask.to(device=device, dtype=torch.long)
-    eos = torch.tensor(_as_list(config.eos_token_id) or _as_list(lynx.tokenizer.eos_token_id), device=device)
-    pad = _as_list(config.pad_token_id) or eos.tolist()[:1] or [0]
-    pad = pad[0]
-    max_new = config.max_new_tokens if config.max_new_tokens is not None else max(config.max_length - prompt_length, 0)
+    eos = config._eos_token_tensor if config._eos_token_tensor is not None else torch.tensor([], device=device)
+    eos = eos.reshape(-1).to(device)
+    pad = int(config._pad_token_tensor) if config._pad_token_tensor is not None else (int(eos[0]) if eos.numel() else 0)
     answer_budget = lynx.config.answer_max_new_tokens
-    warpers = _warpers(config)
-    stopper = lynx.stopping_criteria()
-    delta = brace_delta(lynx.tokenizer).to(device)
     exit_ids = torch.tensor(lynx.exit_ids, dtype=torch.long, device=device)
     ckw = lambda cache: cache_kwargs(model, cache)  # noqa: E731
 
@@ -198,93 +212,101 @@ def _decode(model, lynx, input_ids, attention_mask, config, processors, criteria
     depth = torch.zeros(batch, dtype=torch.long, device=device)
     answered = torch.zeros(batch, dtype=torch.long, device=device)
     exit_rows: dict[int, tuple[int, int]] = {}  # row -> (cut in kept coordinates, position of the cue's last token)
-    thinking_steps = 0
-    while True:
-        thinking = phase == 0
-        if thinking.any():
-            scores = warpers(ids, processors(ids, logits.float()))
-            if config.do_sample:
-                token = torch.multinomial(torch.softmax(scores, -1), 1)[:, 0]
+    delta = lynx.brace_delta.to(device)
+    call = None
+    try:
+        while True:
+            thinking = phase == 0
+            if thinking.any():
+                scores = processors(ids, logits.float())
+                if config.do_sample:
+                    token = torch.multinomial(torch.softmax(scores, -1), 1)[:, 0]
+                else:
+                    token = scores.argmax(-1)
             else:
-                token = scores.argmax(-1)
-        else:
-            token = logits.argmax(-1)
-        greedy = logits.argmax(-1)
-        exit_token = exit_ids[forced.clamp(max=exit_ids.numel() - 1)]
-        token = torch.where(phase == 2, greedy, torch.where(phase == 1, exit_token, token))
-        token = torch.where(phase == 3, torch.full_like(token, pad), token)
-        ids = torch.cat([ids, token[:, None]], dim=-1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        thinking_steps += int(thinking.any())
-        for row in torch.nonzero(phase != 3)[:, 0].tolist():
-            kept[row].append(int(token[row]))
+                token = logits.argmax(-1)
+            greedy = logits.argmax(-1)
+            exit_token = exit_ids[forced.clamp(max=exit_ids.numel() - 1)]
+            token = torch.where(phase == 2, greedy, torch.where(phase == 1, exit_token, token))
+            token = torch.where(phase == 3, torch.full_like(token, pad), token)
+            ids = torch.cat([ids, token[:, None]], dim=-1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            for row in torch.nonzero(phase != 3)[:, 0].tolist():
+                kept[row].append(int(token[row]))
 
-        # Answering rows: stop at the box's closing brace or EOS (counted from the token after the exit text).
-        is_eos = torch.isin(token, eos)
-        answering = phase == 2
-        depth = torch.where(answering, depth + delta[token], depth)
-        answered = answered + answering.long()
-        finish_answer = answering & ((depth < 0) | is_eos | (answered >= answer_budget))
-        # Forcing rows move on through the exit text; after its last token they answer.
-        forcing = phase == 1
-        forced = torch.where(forcing, forced + 1, forced)
-        start_answer = forcing & (forced >= exit_ids.numel())
+            # Answering rows: stop at the box's closing brace or EOS (counted from the token after the exit text).
+            is_eos = torch.isin(token, eos)
+            answering = phase == 2
+            depth = torch.where(answering, depth + delta[token], depth)
+            answered = answered + answering.long()
+            finish_answer = answering & ((depth < 0) | is_eos | (answered >= answer_budget))
+            # Forcing rows move on through the exit text; after its last token they answer.
+            forcing = phase == 1
+            forced = torch.where(forcing, forced + 1, forced)
+            start_answer = forcing & (forced >= exit_ids.numel())
 
-        # Thinking rows: Lynx's stop-mode decision, then EOS, the caller's stopping criteria and the token budget.
-        decide = torch.zeros(batch, dtype=torch.bool, device=device)
-        if thinking.any():
-            decide = stopper(ids, scores) & thinking  # all False in shadow mode
-        user_stop = criteria(ids, scores) if (thinking.any() and len(criteria)) else torch.zeros_like(decide)
-        finish_thinking = thinking & ~decide & (is_eos | user_stop | (thinking_steps >= max_new))
+            # Thinking rows: Lynx's stop-mode decision, then EOS and the stopping criteria (token budget, stop strings,
+            # yours), as plain generate applies them.
+            decide = torch.zeros(batch, dtype=torch.bool, device=device)
+            user_stop = torch.zeros_like(decide)
+            if thinking.any():
+                if call is None:
+                    call = lynx._start_call("stop", model, ids, mask, **call_options)
+                decide = call.observe(ids) & thinking & (not call.shadow)
+                user_stop = criteria(ids, scores)
+            finish_thinking = thinking & ~decide & (is_eos | user_stop)
 
-        phase = torch.where(finish_answer | finish_thinking, torch.full_like(phase, 3), phase)
-        phase = torch.where(start_answer, torch.full_like(phase, 2), phase)
-        depth = torch.where(start_answer, torch.zeros_like(depth), depth)
-        if decide.any():
-            records = stopper.last_exits
-            rows = torch.nonzero(decide)[:, 0].tolist()
-            for row in rows:
-                record = records[row]
-                cut = exit_cut(record.position, record.start, lynx.config.exit_construction)
-                drop = ids.shape[1] - cut  # dropped positions, counting the token just appended
-                exit_rows[row] = (cut - prompt_length, record.position)
-                del kept[row][len(kept[row]) - drop:]
-                kept[row].extend(lynx.exit_ids if batch == 1 else lynx.exit_ids[:1])
-            if batch == 1:
-                # One row: cut the cache back to the prefix and feed the whole exit text in one forward.
-                cut = ids.shape[1] - drop
-                surplus = cache.get_seq_length() - cut
-                if surplus > 0:
-                    cache.crop(-surplus)  # transformers >= 5.2x: a negative count removes that many positions
-                ids = torch.cat([ids[:, :cut], exit_ids[None]], dim=-1)
-                mask = torch.cat([mask[:, :cut], torch.ones_like(exit_ids)[None]], dim=-1)
-                logits = model(input_ids=exit_ids[None], attention_mask=mask,
-                               position_ids=(mask.cumsum(-1) - 1)[:, cut:], use_cache=True, **ckw(cache)).logits[:, -1]
-                phase[:] = 2
-                depth[:] = 0
-                continue
-            # Several rows: mask the dropped positions of exiting rows (the cache keeps them, unattended) and force
-            # the exit text one token per step from the next step on.
-            for row in rows:
-                cut = exit_rows[row][0] + prompt_length
-                mask[row, cut:] = 0
-                # The token just appended is replaced by the first exit token, fed now.
-                ids[row, -1] = exit_ids[0]
-                mask[row, -1] = 1
-            forced = torch.where(decide, torch.ones_like(forced), forced)
-            phase = torch.where(decide, torch.where(forced >= exit_ids.numel(), 2, 1), phase)
-            depth = torch.where(decide, torch.zeros_like(depth), depth)
-        if bool((phase == 3).all()):
-            break
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
-        logits = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=position_ids, use_cache=True,
-                       **ckw(cache)).logits[:, -1]
+            phase = torch.where(finish_answer | finish_thinking, torch.full_like(phase, 3), phase)
+            phase = torch.where(start_answer, torch.full_like(phase, 2), phase)
+            depth = torch.where(start_answer, torch.zeros_like(depth), depth)
+            if decide.any():
+                records = call.records()
+                rows = torch.nonzero(decide)[:, 0].tolist()
+                for row in rows:
+                    record = records[row]
+                    cut = exit_cut(record.position, record.start, lynx.config.exit_construction)
+                    drop = ids.shape[1] - cut  # dropped positions, counting the token just appended
+                    exit_rows[row] = (cut - prompt_length, record.position)
+                    del kept[row][len(kept[row]) - drop:]
+                    kept[row].extend(lynx.exit_ids if batch == 1 else lynx.exit_ids[:1])
+                if batch == 1:
+                    # One row: cut the cache back to the prefix and feed the whole exit text in one forward.
+                    cut = ids.shape[1] - drop
+                    surplus = cache.get_seq_length() - cut
+                    if surplus > 0:
+                        cache.crop(-surplus)  # transformers >= 5.2x: a negative count removes that many positions
+                    ids = torch.cat([ids[:, :cut], exit_ids[None]], dim=-1)
+                    mask = torch.cat([mask[:, :cut], torch.ones_like(exit_ids)[None]], dim=-1)
+                    logits = model(input_ids=exit_ids[None], attention_mask=mask,
+                                   position_ids=(mask.cumsum(-1) - 1)[:, cut:], use_cache=True, **ckw(cache)).logits[:, -1]
+                    phase[:] = 2
+                    depth[:] = 0
+                    continue
+                # Several rows: mask the dropped positions of exiting rows (the cache keeps them, unattended) and force
+                # the exit text one token per step from the next step on.
+                for row in rows:
+                    cut = exit_rows[row][0] + prompt_length
+                    mask[row, cut:] = 0
+                    # The token just appended is replaced by the first exit token, fed now.
+                    ids[row, -1] = exit_ids[0]
+                    mask[row, -1] = 1
+                forced = torch.where(decide, torch.ones_like(forced), forced)
+                phase = torch.where(decide, torch.where(forced >= exit_ids.numel(), 2, 1), phase)
+                depth = torch.where(decide, torch.zeros_like(depth), depth)
+            if bool((phase == 3).all()):
+                break
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+            logits = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=position_ids, use_cache=True,
+                           **ckw(cache)).logits[:, -1]
 
-    records = list(stopper.last_exits)
-    width = max(len(k) for k in kept)
-    out = torch.full((batch, prompt_length + width), pad, dtype=torch.long, device=device)
-    out[:, :prompt_length] = input_ids
-    for row, tokens in enumerate(kept):
-        out[row, prompt_length:prompt_length + len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
-    return out, records
+        records = call.records()
+        width = max(len(k) for k in kept)
+        out = torch.full((batch, prompt_length + width), pad, dtype=torch.long, device=device)
+        out[:, :prompt_length] = input_ids
+        for row, tokens in enumerate(kept):
+            out[row, prompt_length:prompt_length + len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
+        return out, records
+    finally:
+        if call is not None:
+            call.release()
 
