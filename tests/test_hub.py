@@ -294,7 +294,7 @@ def test_the_used_by_line_pulls_the_bundle_from_the_hub_and_attaches_on_first_us
     tok.save_pretrained(tmp_path)  # where the user's model was loaded from: its tokenizer lives there
     user_model = scripted_model(tok)
     user_model.name_or_path = user_model.config._name_or_path = str(tmp_path)
-    lynx = Lynx.from_pretrained(REPO, cache_dir=str(hub.cache_dir))
+    lynx = Lynx.from_pretrained(REPO, revision=hub.shas[0], cache_dir=str(hub.cache_dir))
     out = user_model.generate(**enc, logits_processor=[ScriptProcessor(tok, [width], [SCRIPT])],
                               stopping_criteria=[lynx], max_new_tokens=60, do_sample=False)
     assert torch.equal(out, expected) and lynx.model is user_model
