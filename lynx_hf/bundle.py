@@ -15,6 +15,7 @@ import os
 import sys
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch

@@ -43,7 +43,7 @@ import lynx_hf
 from lynx_hf.exit import cache_kwargs, exit_cut
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
-_CALL_OPTIONS = ("confidence", "guarantee", "shadow")
+_CALL_OPTIONS = ("confidence", "guarantee", "shadow", "risk_level", "rule")
 _UNSUPPORTED = ("assistant_model", "streamer", "prefix_allowed_tokens_fn", "negative_prompt_ids",
                 "negative_prompt_attention_mask", "inputs_embeds", "past_key_values", "cache")
 _IGNORED = ("synced_gpus", "proxies", "trust_remote_code", "custom_generate")
@@ -138,7 +138,8 @@ def generate(model, *args, **kwargs) -> torch.LongTensor | LynxGenerateOutput:
     `min_p`, `repetition_penalty`, `no_repeat_ngram_size`, `bad_words_ids`, `stop_strings` (with `tokenizer=`),
     `num_return_sequences`, `max_new_tokens`, ...) plus `tokenizer=` (default: loaded from `model.name_or_path`),
     `lynx=` (a `Lynx`, folder or repo id; default: where this recipe was loaded from), the per-call settings
-    `confidence=`, `guarantee=`, `shadow=` (also applied to a given `Lynx`, for this call only),
+    `confidence=`, `guarantee=`, `shadow=`, `risk_level=`, `rule=` (also applied to a given `Lynx`, for this
+    call only),
     `allow_base_model_mismatch=` and the Hub options `revision=`, `cache_dir=`, `token=`, `local_files_only=`.
     Options it cannot honour are refused by name.
     """
