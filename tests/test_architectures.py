@@ -47,14 +47,9 @@ FAMILIES = {
                         linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                         linear_value_head_dim=16, full_attention_interval=2, **MOE)),
 }
-# Known failures of `lynx.answer` (issue 14 fixes the answer path): (family, check) -> reason.
-KNOWN = {
-    ("exaone4", "answer"): "sliding-window cache: the answer pass reuses a cache whose sliding layers dropped the "
-                           "positions before the cut, so it differs from the re-prefilled exit (issue 14)",
-    ("qwen3_next", "answer"): "linear-attention cache: LinearAttentionLayer has no batch_select_indices (answer "
-                              "narrows the cache to the exited rows) and its recurrent state cannot be cropped to "
-                              "the cut (issue 14)",
-}
+# Known failures: (family, check) -> reason. None today: sliding-window and linear-attention caches used to fail in
+# `lynx.answer` (issue 14); the answer pass now answers such rows alone from a fresh cache.
+KNOWN: dict[tuple[str, str], str] = {}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PROMPT = "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n<think>\n"
 SCRIPT = "3 + 4 = 7. Wait, is that right? Yes. Hmm, 7 - 4 = 3.\n</think>\n\nFinal Answer: \\boxed{7}"
@@ -185,5 +180,6 @@ def test_in_stream_mode_forces_the_exit_text_after_the_cue(family, dtype, tok):
         record = lynx.last_exits[0]
     finally:
         lynx.detach()
-    generated = out[0, record.position + 1: record.position + 1 + len(lynx.exit_ids)].tolist()
+    # The token after the cue showed that the word ended (the calibrated event); the exit text follows it.
+    generated = out[0, record.position + 2: record.position + 2 + len(lynx.exit_ids)].tolist()
     assert record.exited and generated == lynx.exit_ids
