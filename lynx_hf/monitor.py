@@ -147,6 +147,12 @@ class ModelTap:
         return torch.cat([s.to(device) for s in states], dim=-1)
 
 
+def probe_only_at_cues(device: torch.device) -> bool:
+    """Whether steps without a completed cue skip the probe: on a CPU (checking costs nothing there), not on
+    accelerators, where the check would make the host wait for the device every step."""
+    return device.type == "cpu"
+
+
 def caller_list(frame: FrameType | None) -> tuple[object, FrameType] | None:
     """The `StoppingCriteriaList` / `LogitsProcessorList` whose `__call__` is at or above `frame` (a few frames at
     most), and the frame of the loop that called it; None when the plug-in was called directly."""
@@ -211,7 +217,7 @@ class GenerateCall:
         self._consumed = self.prompt_length
         self.sequences = input_ids
         self._forwards: int | None = None
-        self._cpu = device.type == "cpu"
+        self._probe_only_at_cues = probe_only_at_cues(device)
         long = dict(dtype=torch.long, device=device)
         self.pending_cue = torch.full((batch,), -1, **long)
         self.pending_start = torch.full((batch,), -1, **long)
@@ -234,9 +240,10 @@ class GenerateCall:
             self.tap.release()
 
     def _score(self, event: torch.Tensor) -> torch.Tensor:
-        # On a CPU a step without any cue skips the probe (a host check is free there); on accelerators the step
-        # stays branchless so that decoding never waits for the host.
-        if self._cpu and not bool(event.any()):
+        # Before this call's first captured forward there is no generated token to score (the hooks arrive after the
+        # prefill). On a CPU a step without any cue skips the probe (a host check is free there); on accelerators the
+        # step stays branchless so that decoding never waits for the host.
+        if self.tap.forwards() == 0 or (self._probe_only_at_cues and not bool(event.any())):
             return torch.zeros_like(self.pending_score)
         return self.lynx.probe.predict_proba(self.tap.features()).to(event.device, torch.float32)
 

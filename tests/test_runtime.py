@@ -278,3 +278,22 @@ def test_sliding_window_rows_are_answered_as_if_alone(setup, family):
         alone_ids = sequences[row, :cut][mask[row, :cut].bool()][None]
         alone = answer_after_exit(model, tok, alone_ids, [alone_ids.shape[1]], exit_ids, max_new_tokens=6)
         assert together[row].token_ids == alone[0].token_ids
+
+
+def test_the_branchless_accelerator_path_exits_like_the_cpu_path(setup, monkeypatch):
+    model, tok, lynx, (enc, _) = setup
+    out = _sample(model, enc, [lynx], seed=8)
+    expected, answers = lynx.last_exits, _answers(lynx.answer(out))
+    import lynx_hf.monitor
+
+    monkeypatch.setattr(lynx_hf.monitor, "probe_only_at_cues", lambda device: False)  # the probe runs every step
+    assert torch.equal(_sample(model, enc, [lynx], seed=8), out)
+    assert lynx.last_exits == expected and _answers(lynx.answer(out)) == answers
+    processed = model.generate(**enc, logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()],
+                               do_sample=False, max_new_tokens=300)
+    stream = lynx.last_exits
+    monkeypatch.undo()
+    assert torch.equal(model.generate(**enc, logits_processor=[lynx.exit_processor()],
+                                      stopping_criteria=[lynx.answer_stopper()], do_sample=False, max_new_tokens=300),
+                       processed)
+    assert lynx.last_exits == stream and any(r.exited for r in stream)
