@@ -6,6 +6,7 @@
     lynx-hf calibrate --probe probe/ --events events/cal --test events/test --out bundle/
     lynx-hf push      --bundle bundle/ --repo-id you/lynx-organism
     lynx-hf eval      --model organism --bundle bundle/ --events events/test
+    lynx-hf build     --model organism --problems organism:arithmetic:train --out runs/build [--dry-run] [--push REPO]
     lynx-hf demo
 """
 
@@ -94,6 +95,20 @@ def cmd_push(args) -> None:
     print(url)
 
 
+def cmd_build(args) -> None:
+    from .build import BuildPlan, build
+
+    plan = BuildPlan(
+        model=args.model, problems=args.problems, seed=args.seed, gguf_file=args.gguf_file, layers=args.layers,
+        sizes={"train": args.train, "calibration": args.calibration, "test": args.test}, cues=args.cues,
+        think_start=args.think_start, think_end=args.think_end, exit_text=args.exit_text, thinking=args.thinking,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        answer_max_new_tokens=args.answer_max_new_tokens, batch_size=args.batch_size,
+    )
+    build(plan, args.out, device=args.device, dry_run=args.dry_run, pilot=args.pilot, push=args.push,
+          private=args.private, token=args.token, say=print)
+
+
 def cmd_eval(args) -> None:
     from .evaluate import main as evaluate_main
 
@@ -160,6 +175,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", default="Upload LYNX probe bundle")
     p.add_argument("--token")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("build", help="model id -> calibrated bundle with its card: collect, train, calibrate, "
+                                     "card, optional --push (resumable; --dry-run estimates first)")
+    p.add_argument("--model", required=True, help="`organism`, a local folder or a Hub id")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model, for quantised checkpoints")
+    p.add_argument("--device", help="cpu, cuda, ... (default: the model's)")
+    p.add_argument("--problems", required=True, help=PROBLEM_SOURCES + "; split into disjoint train / calibration "
+                                                     "/ test problems")
+    p.add_argument("--train", type=int, default=400, help="training problems")
+    p.add_argument("--calibration", type=int, default=400, help="calibration problems")
+    p.add_argument("--test", type=int, default=200, help="test problems (realised rates in the card; 0: none)")
+    p.add_argument("--out", required=True, help="build folder (events, probe, bundle); re-running resumes it")
+    p.add_argument("--dry-run", action="store_true", help="sample a small pilot and print what the full run "
+                                                           "will generate and how long it takes here")
+    p.add_argument("--pilot", type=int, default=4, help="pilot problems for --dry-run")
+    p.add_argument("--push", metavar="REPO", help="push the bundle to this Hub repo when done")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token")
+    p.add_argument("--layers", type=int, nargs="+", help="hidden-state indices (default: ~1/3, 1/2, 3/4, last)")
+    p.add_argument("--cues", nargs="+", default=["hmm", "wait", "alternatively"])
+    p.add_argument("--thinking", choices=["think", "magistral", "harmony"],
+                   help="thinking-format preset (default: from the model's tokenizer and chat template)")
+    p.add_argument("--think-start", help="text that opens thinking (default: from the model)")
+    p.add_argument("--think-end", help="text that closes thinking (default: from the model)")
+    p.add_argument("--exit-text", help="text that closes thinking and opens the answer (default: from the model)")
+    p.add_argument("--batch-size", type=int, default=16, help="problems per shard")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--answer-max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("eval", help="evaluate exits on a benchmark: replay over event tables, baselines, plots")
     p.add_argument("--model", default="organism")
