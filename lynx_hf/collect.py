@@ -2,9 +2,10 @@
 
 For each batch of problems: sample one trace per problem (R1 settings by default), find the cue events with the
 same `CueDetector` the plug-ins use, run one teacher-forced forward over each trace that yields both the features
-at the configured layers and a KV cache, then answer every event's forced exit from that cache in one batch (the
-same `answer_after_exit` the plug-ins use). Each batch is written as a shard, so an interrupted run resumes where
-it stopped.
+at the configured layers and a KV cache, then answer every event's forced exit from that cache in one batch: the
+same construction (`exit_cut`, exit text) and greedy decoding as the plug-ins' `answer_after_exit`, with the events'
+rows packed after the one shared cache (`answer_from_shared_prefix`) where the model's attention allows it, tested
+equal to re-prefilling each prefix. Each batch is written as a shard, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ class Collector:
     @torch.no_grad()
     def label_trace(self, token_ids: list[int], prompt_length: int, events: list[CueEvent] | None = None):
         """Events of one finished trace, their features and forced-exit answers (one forward up to the last cue,
-        whose KV cache answers every event in one batch).
+        whose KV cache answers every event in one batch: packed into one sequence by `answer_from_shared_prefix`
+        where `supports_packed_answers`, else copied once per event for `answer_after_exit`).
 
         `events` may be passed when already found (`find_events_batch` over a whole batch is faster).
         """
@@ -278,10 +280,11 @@ def answer_from_shared_prefix(model, tokenizer, cache: DynamicCache, cuts: Seque
 
     Every row's tokens (first its exit tokens, then one answer token per step) are packed into one batch-1 sequence
     appended to the cache; a 4D mask lets each token see the trace before its row's cut and its own row's earlier
-    tokens only, and positions continue from the cut. Each row therefore decodes exactly as from
-    `trace[:cut] + exit_ids` (`answer_after_exit`'s result), while the trace's keys and values are stored once
-    instead of once per row, and each step appends one token per unfinished row instead of re-concatenating a
-    `[rows, trace]` cache. The cache is consumed.
+    tokens only, and positions continue from the cut. Each row therefore computes the same function as greedy
+    decoding from `trace[:cut] + exit_ids` (`answer_after_exit` on that prefix; equal answers are tested, floating
+    point aside), while the trace's keys and values are stored once instead of once per row, and each step appends
+    one token per unfinished row instead of re-concatenating a `[rows, trace]` cache. The cache is consumed. Only
+    for models where `supports_packed_answers` holds.
 
     Example:
         >>> from lynx_hf import organism
