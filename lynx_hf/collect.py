@@ -28,7 +28,7 @@ from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
 from .exit import (
     ExitAnswer, _truncate_at_close, answer_after_exit, brace_delta, cache_kwargs, eos_token_ids, exit_cut,
-    last_logits_only, pad_token_id,
+    last_logits_only, pad_token_id, vocab_size,
 )
 from .rollout import Rollout, TransformersRollout
 from .thinking import resolve_thinking, thinking_exit_ids
@@ -306,10 +306,7 @@ def answer_from_shared_prefix(model, tokenizer, cache: DynamicCache, cuts: Seque
         raise ValueError(f"The KV cache holds {prefix_len} positions but a cut is at {int(cuts_t.max())}.")
     eos = eos_token_ids(model, tokenizer)
     eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
-    delta = brace_delta(tokenizer).to(device)
-    vocab = int(model.config.get_text_config().vocab_size)
-    if vocab > len(delta):  # ids the embedding has beyond the tokenizer's (e.g. padded vocabularies) hold no brace
-        delta = torch.cat([delta, delta.new_zeros(vocab - len(delta))])
+    delta = brace_delta(tokenizer, vocab_size(model)).to(device)
     forward_options = cache_kwargs(model, cache)
     keep_option = "logits_to_keep" in last_logits_only(model)
     # owner[k]: the row a packed slot belongs to (-1 for the trace), so that a row sees its own tokens only
