@@ -263,21 +263,27 @@ def test_sliding_window_rows_are_answered_as_if_alone(setup, family):
 
     torch.manual_seed(0)
     common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, sliding_window=8, max_position_embeddings=256)
+                  num_attention_heads=4, num_key_value_heads=2, sliding_window=16, max_position_embeddings=256)
     if family == "mistral":
         model = MistralForCausalLM(MistralConfig(**common)).eval()
     else:
         model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, max_window_layers=0, **common)).eval()
     exit_ids = exit_token_ids(tok)
-    sequences = torch.randint(5, len(tok), (3, 40))
-    mask = torch.ones_like(sequences)
+    prompts = torch.randint(5, len(tok), (3, 40))
+    mask = torch.ones(3, 50, dtype=torch.long)
     mask[2, :9] = 0  # left padding
-    cuts = [12, 40, 30]
-    together = answer_after_exit(model, tok, sequences, cuts, exit_ids, attention_mask=mask, max_new_tokens=6)
+    out = model.generate(input_ids=prompts, attention_mask=mask[:, :40], max_new_tokens=10, min_new_tokens=10,
+                         do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    sequences = out.sequences
+    cuts = [14, 49, 40]  # row 0's window before its cut is long gone from the sliding cache generate returns
+    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+    together = answer_after_exit(model, tok, sequences, cuts, exit_ids, attention_mask=mask, past_key_values=cache,
+                                 max_new_tokens=6)
     for row, cut in enumerate(cuts):
         alone_ids = sequences[row, :cut][mask[row, :cut].bool()][None]
         alone = answer_after_exit(model, tok, alone_ids, [alone_ids.shape[1]], exit_ids, max_new_tokens=6)
         assert together[row].token_ids == alone[0].token_ids
+        assert together[row].confidence == pytest.approx(alone[0].confidence, abs=1e-5)
 
 
 def test_the_branchless_accelerator_path_exits_like_the_cpu_path(setup, monkeypatch):
