@@ -27,7 +27,8 @@ def cmd_collect(args) -> None:
 
     model, tokenizer = load_model(args.model, args.gguf_file, args.device)
     problems = load_problems(args.problems, args.n, args.seed)
-    options = {"exit_text": args.exit_text} if args.exit_text else {}
+    options = {"exit_text": args.exit_text, "think_start": args.think_start, "think_end": args.think_end,
+               "thinking": args.thinking}
     if args.rollout == "vllm":
         from . import organism
         from .rollout import VllmRollout
@@ -121,6 +122,29 @@ def cmd_demo(args) -> None:
     demo_main(args)
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="`organism`, a local folder or a Hub id")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model, for quantised checkpoints")
+    p.add_argument("--device", help="cpu, cuda, ... (default: the model's)")
+
+
+def _collection_arguments(p: argparse.ArgumentParser) -> None:
+    """How traces are sampled and labelled (`collect` and `build`)."""
+    p.add_argument("--layers", type=int, nargs="+", help="hidden-state indices (default: ~1/3, 1/2, 3/4, last)")
+    p.add_argument("--cues", nargs="+", default=["hmm", "wait", "alternatively"])
+    p.add_argument("--thinking", choices=["think", "magistral", "harmony"],
+                   help="thinking-format preset (default: from the model's tokenizer and chat template)")
+    p.add_argument("--think-start", help="text that opens thinking (default: from the model)")
+    p.add_argument("--think-end", help="text that closes thinking (default: from the model)")
+    p.add_argument("--exit-text", help="text that closes thinking and opens the answer (default: from the model)")
+    p.add_argument("--batch-size", type=int, default=16, help="problems per shard")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--answer-max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lynx-hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,21 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("collect", help="sample traces, force an exit at every cue, label it (resumable)")
-    p.add_argument("--model", required=True, help="`organism`, a local folder or a Hub id")
-    p.add_argument("--gguf-file", help="GGUF file name inside --model, for quantised checkpoints")
-    p.add_argument("--device", help="cpu, cuda, ... (default: the model's)")
+    _model_arguments(p)
     p.add_argument("--problems", required=True, help=PROBLEM_SOURCES)
     p.add_argument("--n", type=int, help="number of problems (default: all, or 500 for the organism)")
     p.add_argument("--out", required=True, help="output folder (re-running resumes it)")
-    p.add_argument("--layers", type=int, nargs="+", help="hidden-state indices (default: ~1/3, 1/2, 3/4, last)")
-    p.add_argument("--cues", nargs="+", default=["hmm", "wait", "alternatively"])
-    p.add_argument("--exit-text", help="text that closes thinking and opens the answer")
-    p.add_argument("--batch-size", type=int, default=16, help="problems per shard")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--answer-max-new-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    _collection_arguments(p)
     p.add_argument("--rollout", choices=["transformers", "vllm"], default="transformers",
                    help="who samples the traces: transformers, or a vLLM engine (GPU, `pip install 'lynx-hf[vllm]'`); "
                         "features and forced exits always run in transformers")
@@ -178,9 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="model id -> calibrated bundle with its card: collect, train, calibrate, "
                                      "card, optional --push (resumable; --dry-run estimates first)")
-    p.add_argument("--model", required=True, help="`organism`, a local folder or a Hub id")
-    p.add_argument("--gguf-file", help="GGUF file name inside --model, for quantised checkpoints")
-    p.add_argument("--device", help="cpu, cuda, ... (default: the model's)")
+    _model_arguments(p)
     p.add_argument("--problems", required=True, help=PROBLEM_SOURCES + "; split into disjoint train / calibration "
                                                      "/ test problems")
     p.add_argument("--train", type=int, default=400, help="training problems")
@@ -193,19 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push", metavar="REPO", help="push the bundle to this Hub repo when done")
     p.add_argument("--private", action="store_true")
     p.add_argument("--token")
-    p.add_argument("--layers", type=int, nargs="+", help="hidden-state indices (default: ~1/3, 1/2, 3/4, last)")
-    p.add_argument("--cues", nargs="+", default=["hmm", "wait", "alternatively"])
-    p.add_argument("--thinking", choices=["think", "magistral", "harmony"],
-                   help="thinking-format preset (default: from the model's tokenizer and chat template)")
-    p.add_argument("--think-start", help="text that opens thinking (default: from the model)")
-    p.add_argument("--think-end", help="text that closes thinking (default: from the model)")
-    p.add_argument("--exit-text", help="text that closes thinking and opens the answer (default: from the model)")
-    p.add_argument("--batch-size", type=int, default=16, help="problems per shard")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--answer-max-new-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    _collection_arguments(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("eval", help="evaluate exits on a benchmark: replay over event tables, baselines, plots")

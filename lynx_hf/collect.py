@@ -11,7 +11,6 @@ equal to re-prefilling each prefix. Each batch is written as a shard, so an inte
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,14 +19,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .answers import answers_match, close_box, extract_boxed
+from .answers import answers_match, extract_boxed
 from .capture import HiddenStateCapture, default_layers
 from .config import model_fingerprint, tokenizer_fingerprint, weights_sample
 from .cues import DEFAULT_CUES, CueDetector, CueEvent
 from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
 from .exit import (
-    ExitAnswer, _truncate_at_close, answer_after_exit, brace_delta, cache_kwargs, eos_token_ids, exit_cut,
+    ExitAnswer, answer_after_exit, answers_from_tokens, brace_delta, cache_kwargs, eos_token_ids, exit_cut,
     last_logits_only, pad_token_id, vocab_size,
 )
 from .rollout import Rollout, TransformersRollout
@@ -344,13 +343,7 @@ def answer_from_shared_prefix(model, tokenizer, cache: DynamicCache, cuts: Seque
         active, step_ids = active[going], token[going]
         step_rows = active
         last = torch.arange(len(active), device=device)
-    answers = []
-    for row, lp in zip(generated.tolist(), log_probs.tolist()):
-        ids = _truncate_at_close(row, delta, eos)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        confidence = math.exp(sum(lp[: len(ids)]) / len(ids)) if ids else float("nan")
-        answers.append(ExitAnswer(token_ids=ids, text=text, answer=close_box(text), confidence=confidence))
-    return answers
+    return answers_from_tokens(tokenizer, generated, log_probs, delta, eos)
 
 
 def _process_position(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -178,6 +178,13 @@ def _answer_batch(model, tokenizer, sequences, cuts, exit_ids, attention_mask, p
             past_key_values.batch_select_indices(going)
             active, mask, next_position, depth, token = (t[going] for t in (active, mask, next_position, depth, token))
         step_ids = token[:, None]
+    return answers_from_tokens(tokenizer, generated, log_probs, delta, eos)
+
+
+def answers_from_tokens(tokenizer, generated: torch.Tensor, log_probs: torch.Tensor, delta: torch.Tensor,
+                        eos: Sequence[int]) -> list[ExitAnswer]:
+    """Each row's greedy answer tokens `[B, N]` (with their log-probabilities) as an `ExitAnswer`, cut after the
+    box's closing brace or before EOS; confidence is the geometric mean of the kept tokens' probabilities."""
     answers = []
     for row, lp in zip(generated.tolist(), log_probs.tolist()):
         ids = _truncate_at_close(row, delta, eos)
