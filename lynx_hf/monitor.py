@@ -20,7 +20,6 @@ thread, so concurrent calls in different threads never read each other's states.
 
 from __future__ import annotations
 
-import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -84,7 +83,6 @@ class ModelTap:
     """
 
     def __init__(self, model: nn.Module, layers, device: torch.device | None = None):
-        self.model = model
         self.layers = tuple(int(i) for i in layers)
         self.device = device
         self._modules = layer_modules(model, self.layers)
@@ -111,11 +109,6 @@ class ModelTap:
                 for handle in self._handles:
                     handle.remove()
                 self._handles = []
-
-    @property
-    def active(self) -> bool:
-        """Whether hooks are registered on the model now."""
-        return bool(self._handles)
 
     def _make_hook(self, slot: int):
         local = self._local
@@ -167,8 +160,8 @@ def caller_list(frame: FrameType | None) -> tuple[object, FrameType] | None:
     return None
 
 
-def loop_context(loop: FrameType | None) -> tuple[nn.Module, torch.Tensor | None, dict]:
-    """(generating model, attention mask so far, the loop's locals) from transformers' decoding-loop frame."""
+def loop_context(loop: FrameType | None) -> tuple[nn.Module, torch.Tensor | None]:
+    """(generating model, attention mask so far) from transformers' decoding-loop frame."""
     name = loop.f_code.co_name if loop is not None else "<unknown>"
     if name in _REFUSED_LOOPS:
         raise UnsupportedGenerationError(f"Lynx cannot follow this generate call: {_REFUSED_LOOPS[name]}")
@@ -180,7 +173,7 @@ def loop_context(loop: FrameType | None) -> tuple[nn.Module, torch.Tensor | None
             "greedy or sampling with num_beams=1, or call the plug-in through model.generate(...)."
         )
     model_kwargs = local.get("model_kwargs") or {}
-    return model, model_kwargs.get("attention_mask"), local
+    return model, model_kwargs.get("attention_mask")
 
 
 class GenerateCall:
@@ -194,7 +187,8 @@ class GenerateCall:
                  attention_mask: torch.Tensor | None, *, threshold: float, shadow: bool):
         self.lynx = lynx
         self.mode = mode
-        self.model = model
+        # Held weakly: a bundle's recent calls must not keep a model the user dropped (e.g. reloaded) in memory.
+        self._model = weakref.ref(model)
         self.shadow = shadow
         self.threshold = threshold
         self.tap = lynx._tap
@@ -233,11 +227,23 @@ class GenerateCall:
         self.tap.acquire()
         self._released = False
 
+    @property
+    def model(self) -> nn.Module:
+        """The model that ran this call."""
+        model = self._model()
+        if model is None:
+            raise UnsupportedGenerationError(
+                "The model that produced these outputs no longer exists (it was deleted or reloaded): answer "
+                "outputs of the model you are using now."
+            )
+        return model
+
     def release(self) -> None:
         """The call is over: its hooks may go (idempotent)."""
         if not self._released:
             self._released = True
             self.tap.release()
+            self.tap = None  # nor the hooks' modules
 
     def _score(self, event: torch.Tensor) -> torch.Tensor:
         # Before this call's first captured forward there is no generated token to score (the hooks arrive after the
@@ -352,7 +358,7 @@ class CallTracker:
         return call
 
     def _start(self, owner, loop: FrameType | None, input_ids: torch.LongTensor) -> GenerateCall:
-        model, mask, _ = loop_context(loop)
+        model, mask = loop_context(loop)
         call = self.lynx._start_call(self.mode, model, input_ids, mask, self.call_class)
         key = id(owner)
         self._calls[key] = (weakref.ref(owner), call)
@@ -366,8 +372,3 @@ class CallTracker:
             entry = self._calls.get(key)
             if entry is not None and entry[1] is call:
                 del self._calls[key]
-
-
-def plugin_frame() -> FrameType:
-    """The frame that called the plug-in's `__call__` (two levels above this helper)."""
-    return sys._getframe(2)

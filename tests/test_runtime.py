@@ -303,3 +303,20 @@ def test_the_branchless_accelerator_path_exits_like_the_cpu_path(setup, monkeypa
                                       stopping_criteria=[lynx.answer_stopper()], do_sample=False, max_new_tokens=300),
                        processed)
     assert lynx.last_exits == stream and any(r.exited for r in stream)
+
+
+def test_a_bundles_recent_calls_do_not_keep_a_dropped_model_alive(setup):
+    import gc
+    import weakref
+
+    _, tok, _, (enc, _) = setup
+    model, _ = organism.load()
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, confidence=0.9)
+    out = _sample(model, enc, [lynx])
+    gone = weakref.ref(model)
+    lynx.detach()
+    del model
+    gc.collect()
+    assert gone() is None
+    with pytest.raises(UnsupportedGenerationError, match="no longer exists"):
+        lynx.answer(out)
