@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lynx_hf import organism
+from lynx_hf.organism import tasks
 from lynx_hf.organism.tasks import CUE_WORDS, EXIT_TEXT, FAMILIES, SPLITS, render_trace, split_of
 
 needs_model = pytest.mark.skipif(not (organism.MODEL_DIR / "config.json").is_file(),
@@ -216,7 +217,7 @@ def test_misstated_answer_is_corrected_by_the_next_cue(family):
             assert f"So the answer is {p['answer']}, not {stated.group(1)}.\n" in after
             harmful = any(x["role"] == "harmful" for x in events)
             assert (organism.extract_answer(trace) == p["answer"]) != harmful
-    assert 0.15 < misstated / 300 < 0.35
+    assert abs(misstated / 300 - tasks.P_MISSTATE) < 0.1  # one trace in P_MISSTATE has its answer misstated
 
 
 @pytest.mark.parametrize("knob, value, role", [("P_MISSTATE", 0.0, "misstated"), ("P_VERIFY", (0.0, 0.0), "verify"),

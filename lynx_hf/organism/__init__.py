@@ -5,7 +5,7 @@ It was trained from scratch by ``scripts/train_organism.py`` (``make organism``)
 "Wait", pauses mid-computation, verification after the last step before the answer is stated, stated answers with
 a slip that the next "Wait" corrects, redundant re-checks after the answer is already right, and, now and then, a
 re-check that talks itself out of a right answer (grammar v3, documented in :mod:`lynx_hf.organism.tasks`; the
-shipped weights were trained on grammar v2, without the verification stretch and the misstated answers).
+shipped weights: 2400 steps on one GPU, recorded in ``model/training.json``).
 Everything runs offline on a CPU in seconds, so the whole LYNX method (collect, train the probe, calibrate, exit
 early) can be demonstrated and tested without the Hub.
 
@@ -16,7 +16,7 @@ Example:
     >>> problem = organism.problems("arithmetic", "test", n=1)[0]
     >>> inputs = tokenizer(organism.prompt(tokenizer, problem["question"]), return_tensors="pt",
     ...                    add_special_tokens=False)
-    >>> out = model.generate(**inputs, do_sample=False, max_new_tokens=400)
+    >>> out = model.generate(**inputs, do_sample=False, max_new_tokens=768)
     >>> text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     >>> "</think>" in text and organism.extract_answer(text) is not None
     True

@@ -86,11 +86,12 @@ _SPLIT_OF_BUCKET = ("train",) * 8 + ("calibration", "test")
 P_MID_CUE = 0.75  # a cue line between two computation steps (exit there is premature)
 P_SLIP = 0.1  # a computation step written with a wrong result, corrected on the next line after a cue
 P_VERIFY = (0.6, 0.5)  # a 1st, 2nd verification block after the last step, before the answer is stated
-P_MISSTATE = 0.25  # the answer is first stated wrong (off by one / the runner-up), corrected after the next cue
+P_MISSTATE = 0.35  # the answer is first stated wrong (off by one / the runner-up), corrected after the next cue
 P_RECHECK = (0.95, 0.75, 0.5)  # probability of a 1st, 2nd, 3rd re-check block after the answer is stated
 MAX_VALUE = 30  # arithmetic values stay in 0..MAX_VALUE, small enough for a 1M-parameter model to learn
-P_HARMFUL = 0.06  # a trace's last re-check "finds a mistake" and changes a right answer into a wrong one
-# (0.2 in the first shipped organism capped its sampled accuracy near 80%; 0.06 kept >= 3% such traces in v2)
+P_HARMFUL = 0.08  # a trace's last re-check "finds a mistake" and changes a right answer into a wrong one
+# (0.2 in the first shipped organism capped its sampled accuracy near 80%; 0.06 kept >= 3% such traces in v2;
+# the shipped v3 weights were trained with P_HARMFUL = 0.08 and P_MISSTATE = 0.35, the variant picked on a GPU)
 _P_FULL_COMPARE = 0.25  # share of compare checks that rescan all options (its lines are long; arithmetic: 0.6)
 GRAMMAR_KNOBS = ("P_MID_CUE", "P_SLIP", "P_VERIFY", "P_MISSTATE", "P_RECHECK", "P_HARMFUL")
 _CUE_WEIGHTS = {"Wait": 0.4, "Hmm": 0.3, "wait": 0.1, "hmm": 0.1, "Alternatively": 0.1}
