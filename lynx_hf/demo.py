@@ -32,13 +32,13 @@ logger = logging.getLogger(__name__)
 FAMILIES = ("arithmetic", "compare")
 CONFIDENCES = (0.8, 0.9, 0.95)
 LAMBDAS = (0.9, 0.95, 0.99, 0.999)
-MAX_NEW_TOKENS = 400  # the organism's traces are 100-300 tokens; the shipped bundle was collected with 400
+MAX_NEW_TOKENS = 768  # v3 traces average 203 (arithmetic) and 275 (compare) thinking tokens; 768 is its training length
 BATCH_SIZE = 50  # problems per collection batch (= shard); the live check regenerates whole batches
 LIVE_CONFIDENCE = 0.9
 RUNS = Path("runs/organism")  # where scripts/build_organism_bundle.py keeps the bundle's event tables
 TEXT_EVENTS = "text_events.safetensors"  # the text side of those tables, shipped next to the bundle
 # how scripts/build_organism_bundle.py collects the bundle's tables (a bundle that records `tables` overrides it)
-BUNDLE_RECIPE = {"family": "arithmetic", "seed": 0, "batch_size": 64, "max_new_tokens": 400,
+BUNDLE_RECIPE = {"family": "arithmetic", "seed": 0, "batch_size": 64, "max_new_tokens": MAX_NEW_TOKENS,
                  "splits": {"train": 700, "calibration": 500}}
 
 

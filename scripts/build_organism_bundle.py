@@ -21,7 +21,7 @@ import torch
 
 from lynx_hf import organism
 from lynx_hf.collect import Collector
-from lynx_hf.demo import TEXT_EVENTS, write_text_events
+from lynx_hf.demo import MAX_NEW_TOKENS, TEXT_EVENTS, write_text_events
 from lynx_hf.train import describe, fit, score
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = organism.load()
-    collector = Collector(model, tok, layers=args.layers, prompt_fn=organism.prompt, max_new_tokens=400)
+    collector = Collector(model, tok, layers=args.layers, prompt_fn=organism.prompt, max_new_tokens=MAX_NEW_TOKENS)
     tables = {}
     for split, n in (("train", args.train), ("calibration", args.calibration), ("test", args.test)):
         start = time.perf_counter()
@@ -50,7 +50,7 @@ def main() -> None:
                datasets=["lynx_hf.organism arithmetic (synthetic)"])
     lynx.config.base_model = "lynx_hf/organism"
     # the recipe of the training and calibration tables, so `make demo` can re-collect them for the TextProbe control
-    lynx.metadata["tables"] = {"family": "arithmetic", "seed": args.seed, "batch_size": 64, "max_new_tokens": 400,
+    lynx.metadata["tables"] = {"family": "arithmetic", "seed": args.seed, "batch_size": 64, "max_new_tokens": MAX_NEW_TOKENS,
                                "splits": {"train": args.train, "calibration": args.calibration}}
     out = ROOT / "lynx_hf" / "organism" / "bundle"
     shutil.rmtree(out, ignore_errors=True)

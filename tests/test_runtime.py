@@ -4,6 +4,7 @@ every transformers option either works or is refused with a message that says wh
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 
 import pytest
@@ -234,7 +235,12 @@ def test_a_prefilled_prefix_cache_gives_the_same_exits_and_answers(setup):
         model(input_ids=ids[:, :6], **cache_kwargs(model, prefix), use_cache=True)
     reused = model.generate(input_ids=ids, **cache_kwargs(model, copy.deepcopy(prefix)), stopping_criteria=[lynx],
                             do_sample=False, max_new_tokens=300, return_dict_in_generate=True)
-    assert torch.equal(reused.sequences, plain) and lynx.last_exits == expected
+    assert torch.equal(reused.sequences, plain)
+    # same decisions, positions and cues; the probe score is computed from a prefill-then-decode cache here, so it
+    # may differ in the last float32 bits (it did on the v3 organism: 0.93790770 vs 0.93790781)
+    assert [dataclasses.replace(r, score=0.0) for r in lynx.last_exits] == [
+        dataclasses.replace(r, score=0.0) for r in expected]
+    assert [r.score for r in lynx.last_exits] == pytest.approx([r.score for r in expected], rel=1e-5)
     assert _answers(lynx.answer(reused)) == answers
 
 
