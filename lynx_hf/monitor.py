@@ -94,8 +94,9 @@ class ModelTap:
     def acquire(self) -> None:
         """Start capturing in this thread (hooks registered when the first user arrives)."""
         local = self._local
-        local.states = [None] * len(self.layers)
-        local.forwards = 0
+        if getattr(local, "states", None) is None:
+            local.states = [None] * len(self.layers)
+            local.forwards = 0  # counts up for the thread's lifetime; each call remembers where it started
         with self._lock:
             if self._users == 0:
                 self._handles = [m.register_forward_hook(self._make_hook(slot)) for slot, m in enumerate(self._modules)]
@@ -125,7 +126,7 @@ class ModelTap:
         return hook
 
     def forwards(self) -> int:
-        """Forwards of the model seen by this thread since its last `acquire`."""
+        """Forwards of the model this thread has run while the hooks were on."""
         return getattr(self._local, "forwards", 0)
 
     def features(self) -> torch.Tensor:
@@ -225,6 +226,7 @@ class GenerateCall:
         self._tau = torch.tensor(float32_threshold(threshold), dtype=torch.float32, device=device)
         self.consumed_caches: set[int] = set()  # ids of KV caches that `Lynx.answer` already used up
         self.tap.acquire()
+        self._start_forwards = self.tap.forwards()
         self._released = False
 
     @property
@@ -249,7 +251,7 @@ class GenerateCall:
         # Before this call's first captured forward there is no generated token to score (the hooks arrive after the
         # prefill). On a CPU a step without any cue skips the probe (a host check is free there); on accelerators the
         # step stays branchless so that decoding never waits for the host.
-        if self.tap.forwards() == 0 or (self._probe_only_at_cues and not bool(event.any())):
+        if self.tap.forwards() == self._start_forwards or (self._probe_only_at_cues and not bool(event.any())):
             return torch.zeros_like(self.pending_score)
         return self.lynx.probe.predict_proba(self.tap.features()).to(event.device, torch.float32)
 
@@ -331,8 +333,7 @@ class CallTracker:
         self.lynx = lynx
         self.mode = mode
         self.call_class = call_class
-        self._owner: weakref.ref | None = None
-        self._current: GenerateCall | None = None
+        self._recent: tuple[weakref.ref, GenerateCall] | None = None  # (owner, call), replaced as one object
         self._calls: dict[int, tuple[weakref.ref, GenerateCall]] = {}
         self._lock = threading.Lock()
         self.last: GenerateCall | None = None
@@ -346,15 +347,16 @@ class CallTracker:
                 "to decode with your own loop use the custom_generate recipe shipped in the bundle."
             )
         owner, loop = found
-        if self._owner is not None and self._owner() is owner:
-            return self._current
+        recent = self._recent
+        if recent is not None and recent[0]() is owner:
+            return recent[1]
         with self._lock:
             entry = self._calls.get(id(owner))
             if entry is not None and entry[0]() is owner:
                 call = entry[1]
             else:
                 call = self._start(owner, loop, input_ids)
-            self._owner, self._current = weakref.ref(owner), call
+            self._recent = (weakref.ref(owner), call)
         return call
 
     def _start(self, owner, loop: FrameType | None, input_ids: torch.LongTensor) -> GenerateCall:

@@ -326,3 +326,13 @@ def test_a_bundles_recent_calls_do_not_keep_a_dropped_model_alive(setup):
     assert gone() is None
     with pytest.raises(UnsupportedGenerationError, match="no longer exists"):
         lynx.answer(out)
+
+
+def test_both_plug_ins_of_one_lynx_in_one_call_keep_their_own_state(setup):
+    model, tok, lynx, (enc, _) = setup
+    stop_only = model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=300)
+    expected = lynx.stopping_criteria().last_exits
+    both = model.generate(**enc, logits_processor=[lynx.exit_processor()],
+                          stopping_criteria=[lynx.answer_stopper(), lynx], do_sample=False, max_new_tokens=300)
+    # stop mode decides at the same step, before the processor could force anything: the same output and records
+    assert torch.equal(both, stop_only) and lynx.stopping_criteria().last_exits == expected
