@@ -11,14 +11,15 @@ and grammar knobs used) into `lynx_hf/organism/model/`.
     PYTHONPATH=. python3 scripts/train_organism.py --device cuda --p-harmful 0.08 --out /tmp/o1   # a variant
 
 The shipped weights (`lynx_hf/organism/model/`, grammar v3) come from this script's defaults on one NVIDIA H100:
-`--device cuda --steps 2400 --seed 1234 --p-harmful 0.08 --p-misstate 0.35` (plus `--eval-n 32 --stop-after-min 2.9`,
-which only shorten the final evaluation and never stopped the run), 2400 steps in 1.4 min (0.04 s/step); final
+`--device cuda --steps 2400 --seed 1234 --p-harmful 0.08 --p-misstate 0.35` (plus `--eval-n 32`, a shorter final
+evaluation, and `--stop-after-min 2.9`, which never triggered), 2400 steps in 1.4 min (0.04 s/step); final
 greedy accuracy on 32 calibration problems: arithmetic 0.88, compare 0.97. Its `training.json` ships next to the
 weights. Plain `make organism` reproduces those settings (on a GPU if one is there; a run is deterministic given
-seed and device, so CPU weights differ numerically). On 2 CPU cores it is slow: a 10-step CPU run measured
-4.15 s/step on 2026-11-26 (2 shared cores, load ~2.6 from other jobs, first data pool included), so the 2400 steps
-take about 2400 x 4.15 s = 2.8 h there (about 1 h at the ~1.3 s/step of idle cores): issue 12's "make organism
-<= 30 min on 2 cores" is missed. 1200 steps (the earlier default, ~27 min on idle cores) gave an organism with
+seed and device, so CPU weights differ numerically). On 2 CPU cores it is slow: CPU runs of 10 and 32 steps
+(`--device cpu --steps N --eval-n 0 --out /tmp/x`, 2 threads, 2026-11-26, cores shared with other jobs at load
+~2.6-2.9, data pools included) measured 4.15 and 5.71 s/step, so the 2400 steps take about 2.8-3.8 h there (about
+50 min at the ~1.2-1.3 s/step that v2 batches took on idle cores): issue 12's "make organism <= 30 min on 2 cores"
+is missed. 1200 steps (the earlier default, ~27 min on idle cores) gave an organism with
 90% sampled arithmetic accuracy but 37.6% oracle savings (the shipped one: 99% and 62.6%, n=100).
 
 The run is a fixed number of steps (`--steps`) and the learning-rate schedule follows the steps, so a run is
@@ -53,7 +54,7 @@ from lynx_hf.organism.tasks import (  # noqa: E402
 # ----------------------------------------------------------------------------------------------- config
 OUT_DIR = ROOT / "lynx_hf" / "organism" / "model"
 SEED = 1234
-STEPS = 2400  # the shipped run (H100: 1.4 min); ~1.3-4 s per step on 2 CPU cores (idle-shared): 1-3 h
+STEPS = 2400  # the shipped run (H100: 1.4 min); 1.3-5.7 s per step on 2 CPU cores (idle-shared): 1-3.8 h
 BATCH_SIZE = 32
 BUCKET = 16  # batches per length-sorted pool
 MAX_LEN = 768  # longer examples are re-drawn (almost never happens)
