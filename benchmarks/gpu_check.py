@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import LogitsProcessor, Qwen2Config, Qwen2ForCausalLM, StoppingCriteria
+from transformers import Qwen2Config, Qwen2ForCausalLM, StoppingCriteria
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from lynx_hf import Calibration, Lynx, LynxConfig, LynxProbe  # noqa: E402
 from lynx_hf.capture import HiddenStateCapture, default_layers  # noqa: E402
 from lynx_hf.exit import answer_after_exit, exit_cut  # noqa: E402
+from forcing import ForceScript  # noqa: E402  (tests/forcing.py)
 
 # Shapes from the models' config.json on the Hub (Qwen2 architecture).
 SHAPES = {
@@ -284,19 +285,6 @@ def sync_checks(report: Report, model, tokenizer, lynx: Lynx, device) -> None:
     lynx.detach()
 
 
-class ForceScript(LogitsProcessor):
-    """Forces every row to write `ids` after its prompt (then keeps repeating the last id)."""
-
-    def __init__(self, ids: list[int], prompt_length: int):
-        self.ids, self.prompt_length = ids, prompt_length
-
-    def __call__(self, input_ids, scores):
-        k = min(input_ids.shape[1] - self.prompt_length, len(self.ids) - 1)
-        forced = torch.full_like(scores, -float("inf"))
-        forced[:, self.ids[k]] = 0.0
-        return forced
-
-
 def functional_checks(report: Report, tokenizer, device, dtype: torch.dtype) -> None:
     """Small random Qwen2 on `device` in `dtype`: capture, shadow, stop mode + answer, in-stream mode."""
     tag = str(dtype).replace("torch.", "")
@@ -320,7 +308,7 @@ def functional_checks(report: Report, tokenizer, device, dtype: torch.dtype) -> 
     # Stop mode with a probe that is always confident: the row stops one token after the first cue ("Wait").
     prompt = tokenizer(PROMPT.format(q=QUESTIONS[0]), return_tensors="pt", add_special_tokens=False).to(device)
     script = tokenizer(SCRIPT, add_special_tokens=False).input_ids
-    force = ForceScript(script, prompt.input_ids.shape[1])
+    force = ForceScript([script], prompt.input_ids.shape[1])
     stop = random_bundle(model, tokenizer, shadow=False, probability=0.999).attach(model, tokenizer)
     out = model.generate(**prompt, logits_processor=[force], stopping_criteria=[stop], max_new_tokens=len(script),
                          do_sample=False, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)

@@ -2,9 +2,9 @@
 in float32 and bfloat16, on CPU here and on a GPU through `LYNX_TEST_DEVICE=cuda` (benchmarks/gpu_check.py).
 
 Per family and dtype: the hooks capture exactly `output_hidden_states`; shadow mode is token-identical to plain
-`generate`; stop mode + `lynx.answer` (KV cache reused) equals the re-prefilled exit (`sequence[:cut] + exit text`
-from scratch); in-stream mode forces the exit text right after the cue. Known failures are `xfail(strict=True)` with
-the reason, so a fix shows up as an unexpected pass.
+`generate`; stop mode + `lynx.answer` (KV cache reused where exact) equals the re-prefilled exit (`sequence[:cut] +
+exit text` from scratch); in-stream mode forces the exit text after the token that ended the cue word. Known failures
+would be `xfail(strict=True)` with the reason, so a fix shows up as an unexpected pass.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import os
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import real_tokenizers as rt
+from forcing import ForceScript
 from lynx_hf import Calibration, Lynx, LynxConfig, LynxProbe
 from lynx_hf.capture import HiddenStateCapture
 from lynx_hf.exit import answer_after_exit, exit_cut
@@ -97,20 +98,6 @@ def bundle(model, *, shadow: bool, probability: float | None = None) -> Lynx:
     scores = torch.linspace(0, 1, 200, dtype=torch.float64)
     return Lynx(config, probe, Calibration(scores=scores, safe=scores > 0.5, question=torch.arange(200)),
                 shadow=shadow, confidence=0.9)
-
-
-class ForceScript(LogitsProcessor):
-    """Forces row b to write scripts[b] after the prompt (then repeats its last token)."""
-
-    def __init__(self, scripts, prompt_length):
-        self.scripts, self.prompt_length = scripts, prompt_length
-
-    def __call__(self, input_ids, scores):
-        k = input_ids.shape[1] - self.prompt_length
-        forced = torch.full_like(scores, -float("inf"))
-        for row, ids in enumerate(self.scripts):
-            forced[row, ids[min(k, len(ids) - 1)]] = 0.0
-        return forced
 
 
 def _mark(family, check):

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessor
-
 import real_tokenizers as rt
 from conftest import tiny_qwen2
+from forcing import ForceScript
 from lynx_hf import Calibration, Lynx, LynxConfig, LynxProbe
 from lynx_hf.cues import CueDetector
 from lynx_hf.exit import answer_after_exit, exit_cut
@@ -47,17 +46,6 @@ def test_generation_that_opens_its_own_thinking_block_is_gated_by_it(tok):
     assert [e.cue for e in events] == ["hmm"]
 
 
-class ForceScript(LogitsProcessor):
-    def __init__(self, ids, prompt_length):
-        self.ids, self.prompt_length = ids, prompt_length
-
-    def __call__(self, input_ids, scores):
-        k = min(input_ids.shape[1] - self.prompt_length, len(self.ids) - 1)
-        forced = torch.full_like(scores, -float("inf"))
-        forced[:, self.ids[k]] = 0.0
-        return forced
-
-
 def test_stop_mode_exits_at_the_first_cue_and_answers_with_the_models_own_end_of_thinking(tok):
     model = tiny_qwen2(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id,
                        eos_token_id=tok.eos_token_id, num_hidden_layers=3)
@@ -76,7 +64,7 @@ def test_stop_mode_exits_at_the_first_cue_and_answers_with_the_models_own_end_of
 
     prompt = tok("<think>\n", add_special_tokens=False, return_tensors="pt")
     script = tok("2 + 2 = 4. Wait, is it? Yes.\n</think>\n\n4", add_special_tokens=False).input_ids
-    out = model.generate(**prompt, logits_processor=[ForceScript(script, prompt.input_ids.shape[1])],
+    out = model.generate(**prompt, logits_processor=[ForceScript([script], prompt.input_ids.shape[1])],
                          stopping_criteria=[lynx], max_new_tokens=len(script), do_sample=False,
                          pad_token_id=tok.pad_token_id, return_dict_in_generate=True)
     record = lynx.last_exits[0]
