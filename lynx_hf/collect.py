@@ -289,7 +289,8 @@ def answer_from_shared_prefix(model, tokenizer, cache: DynamicCache, cuts: Seque
         >>> from lynx_hf import organism
         >>> from lynx_hf.exit import cache_kwargs, exit_token_ids
         >>> model, tok = organism.load()
-        >>> ids = tok(organism.prompt(tok, "What is 2 + 3?"), return_tensors="pt").input_ids
+        >>> question = organism.problems("arithmetic", "test", n=1)[0]["question"]
+        >>> ids = tok(organism.prompt(tok, question), return_tensors="pt").input_ids
         >>> cache = DynamicCache(config=model.config)
         >>> _ = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
         >>> n = ids.shape[1]

@@ -105,7 +105,8 @@ def answer_after_exit(
     Example:
         >>> from lynx_hf import organism
         >>> model, tok = organism.load()
-        >>> ids = tok(organism.prompt(tok, "What is 2 + 3?"), return_tensors="pt").input_ids
+        >>> question = organism.problems("arithmetic", "test", n=1)[0]["question"]
+        >>> ids = tok(organism.prompt(tok, question), return_tensors="pt").input_ids
         >>> [a.answer is not None for a in answer_after_exit(model, tok, ids, [ids.shape[1]], exit_token_ids(tok))]
         [True]
     """
