@@ -306,8 +306,8 @@ class Lynx(
         `outputs` is what `generate` returned: a tensor, or a `GenerateDecoderOnlyOutput` from
         `return_dict_in_generate=True`, whose KV cache is then reused where that is exact (a full-attention
         `DynamicCache`) and consumed. The exits, prompt mask and model are those of the call that produced
-        `outputs` (found among this bundle's recent calls), whatever ran since; calling it again gives the same
-        answers (a consumed cache is recomputed, with a warning).
+        `outputs` (found among this bundle's recent calls), and so are its tokenizer and exit text, whatever ran
+        since; calling it again gives the same answers (a consumed cache is recomputed, with a warning).
         """
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
         call = self._call_of(sequences)
@@ -331,14 +331,14 @@ class Lynx(
                 if len(rows) != sequences.shape[0]:
                     cache.batch_select_indices(torch.tensor(rows, device=sequences.device))
             answered = answer_after_exit(
-                call.model, self.tokenizer, sequences[rows], cuts, self.exit_ids, attention_mask=mask[rows],
+                call.model, call.tokenizer, sequences[rows], cuts, call.exit_ids, attention_mask=mask[rows],
                 past_key_values=cache, max_new_tokens=max_new_tokens or self.config.answer_max_new_tokens,
             )
             for i, a in zip(rows, answered):
                 results[i] = a
         for i, r in enumerate(results):
             if r is None:
-                text = self.tokenizer.decode(sequences[i, call.prompt_length:], skip_special_tokens=True)
+                text = call.tokenizer.decode(sequences[i, call.prompt_length:], skip_special_tokens=True)
                 results[i] = ExitAnswer(token_ids=[], text=text, answer=extract_boxed(text))
         return results
 

@@ -192,9 +192,12 @@ class GenerateCall:
         self._model = weakref.ref(model)
         self.shadow = shadow
         self.threshold = threshold
+        # What the bundle is bound to now, kept with the call: answering its output later uses these even if the
+        # bundle has since followed another model.
         self.tap = lynx._tap
         self.detector = lynx.detector
-        self.cues = lynx.detector.cues
+        self.tokenizer = lynx.tokenizer
+        self.exit_ids = list(lynx.exit_ids)
         self.exit_construction = lynx.config.exit_construction
         device = input_ids.device
         batch = input_ids.shape[0]
@@ -308,7 +311,7 @@ class GenerateCall:
         return [
             ExitRecord(
                 exited=bool(exited) and not self.shadow, would_exit=bool(exited), position=pos, start=start,
-                cue=self.cues[cue] if cue >= 0 else None, score=score if exited else None,
+                cue=self.detector.cues[cue] if cue >= 0 else None, score=score if exited else None,
                 threshold=self.threshold, cues_seen=seen, shadow=self.shadow,
                 answered=answered if exited and not self.shadow else None,
             )

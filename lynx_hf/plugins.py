@@ -64,7 +64,7 @@ class StreamCall(GenerateCall):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         device = self.exited.device
-        self.exit_ids = torch.tensor(self.lynx.exit_ids, dtype=torch.long, device=device)
+        self.forced_ids = torch.tensor(self.exit_ids, dtype=torch.long, device=device)
         self.brace_delta = self.lynx.brace_delta.to(device)
         self.forcing = torch.full((self.batch,), -1, dtype=torch.long, device=device)
         self.answering = torch.zeros(self.batch, dtype=torch.bool, device=device)
@@ -115,8 +115,8 @@ class LynxExitProcessor(LogitsProcessor):
             return scores
         call.forcing = torch.where(decide, torch.zeros_like(call.forcing), call.forcing)
         forcing = call.forcing >= 0
-        n_exit = call.exit_ids.numel()
-        target = call.exit_ids[call.forcing.clamp(0, n_exit - 1)]
+        n_exit = call.forced_ids.numel()
+        target = call.forced_ids[call.forcing.clamp(0, n_exit - 1)]
         forced = torch.full_like(scores, -float("inf")).scatter_(1, target[:, None], 0.0)
         scores = torch.where(forcing[:, None], forced, scores)
         advanced = call.forcing + 1
