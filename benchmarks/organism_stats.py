@@ -52,7 +52,7 @@ def sample_traces(model, tok, prompts: list[list[int]], batch: int, max_new_toke
     out: list[list[int]] = []
     for s in range(0, len(prompts), batch):
         chunk = prompts[s: s + batch]
-        enc = left_pad(chunk, tok.pad_token_id)
+        enc = {k: v.to(model.device) for k, v in left_pad(chunk, tok.pad_token_id).items()}
         gen = model.generate(**enc, do_sample=True, temperature=0.6, top_p=0.95, max_new_tokens=max_new_tokens,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         for row in gen[:, enc["input_ids"].shape[1]:].tolist():
@@ -70,7 +70,7 @@ def forced_exit_answers(model, tok, prefixes: list[list[int]], batch: int) -> li
     by_index: dict[int, str | None] = {}
     for s in range(0, len(order), batch):
         idx = order[s: s + batch]
-        enc = left_pad([prefixes[i] for i in idx], tok.pad_token_id)
+        enc = {k: v.to(model.device) for k, v in left_pad([prefixes[i] for i in idx], tok.pad_token_id).items()}
         gen = model.generate(**enc, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
         for i, row in zip(idx, tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
@@ -159,11 +159,13 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=None,
                     help="an organism folder written by scripts/train_organism.py --out (default: the shipped one)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--device", default="cpu", help="torch device for sampling and forced exits (e.g. cuda)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tok = organism.load(model_dir=args.model_dir)
+    model.to(args.device)
     print(f"organism: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{args.model_dir or organism.MODEL_DIR}")
     print(f"sampling: T=0.6, top_p=0.95, {args.n} held-out test problems per family, seed {args.seed}")

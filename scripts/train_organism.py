@@ -236,6 +236,7 @@ def parse_knob(text: str) -> float | tuple[float, ...]:
 
 
 def main() -> None:
+    global BATCH_SIZE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=STEPS, help="optimisation steps (the LR schedule follows them)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -243,6 +244,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT_DIR, help="where to save model + tokenizer")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--lr", type=float, default=LR, help="peak learning rate")
+    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training sequences per step")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bfloat16 autocast for the forward pass (weights and optimizer stay float32)")
     ap.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads")
     ap.add_argument("--workers", type=int, default=None,
                     help="background processes drawing training data (default: 0 on cpu, 2 otherwise)")
@@ -258,6 +262,7 @@ def main() -> None:
         ap.add_argument(knob_flag(name), type=parse_knob, default=None, metavar="P[,P...]",
                         help=f"override tasks.{name} (default {getattr(tasks, name)})")
     args = ap.parse_args()
+    BATCH_SIZE = args.batch_size  # read by draw_pool / pool_batches (and by the forked data workers)
 
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -316,7 +321,8 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
-        loss = model(**batch).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -350,7 +356,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
-    record = {"steps": args.steps, "steps_done": done, "seed": args.seed, "lr": args.lr, "device": str(device),
+    record = {"steps": args.steps, "steps_done": done, "seed": args.seed, "lr": args.lr,
+              "batch_size": BATCH_SIZE, "bf16": args.bf16, "device": str(device),
               "init_from": str(args.init_from) if args.init_from else None, "grammar": knobs,
               "train_minutes": round(elapsed / 60, 2),
               "greedy_accuracy_calibration": {f: a for f, (a, _) in accs.items()}}
