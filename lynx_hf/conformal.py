@@ -10,9 +10,13 @@ calibration questions:
 * ``guarantee="question"`` (conformal risk control on the first-exit rule): the share of questions whose first exit
   is unsafe is at most ``delta``, on average over calibration draws ("fraction of questions harmed").
 * either of them with ``risk_level=alpha`` (PAC, "probably approximately correct"): with probability at least
-  ``1 - alpha`` over the calibration draw, the rate is at most ``delta`` for *this* calibration set. Per event: an
-  exact binomial (Clopper-Pearson) upper confidence bound on the unsafe-event exit rate; per question:
+  ``1 - alpha`` over the calibration draw, the rate is at most ``delta`` for *this* calibration set. Per question:
   Learn-then-Test with fixed-sequence testing from the most conservative threshold down and exact binomial p-values.
+  Per event: the unsafe cues of one trace are correlated, so the draws are questions, not events. When no question
+  has more than one unsafe cue, they are independent and an exact binomial (Clopper-Pearson) upper bound applies;
+  otherwise Learn-then-Test runs on question-level sums (unsafe cues that exit minus ``delta`` times unsafe cues)
+  with betting p-values (Waudby-Smith & Ramdas), which are valid for any dependence inside a trace provided no new
+  trace has more unsafe cues than the calibration maximum (the bound's range).
 
 The per-event threshold has two rules. The paper's (``rule="paper"``) also asks that "safe" be in the conformal
 prediction set, and at low ``c`` that half can bind, so lowering ``c`` can make it exit *less*. The default
@@ -156,6 +160,35 @@ def pac_needed(delta: float, alpha: float) -> int:
     while pac_allowance(n, delta, alpha) < 0:
         n += 1
     return n
+
+
+def betting_p_values(y: np.ndarray, m0: float, cap: float = 0.9) -> np.ndarray:
+    """One p-value per row of ``y`` for the null "the mean of ``y`` is at least ``m0``", the row's values in [0, 1].
+
+    Testing by betting (Waudby-Smith & Ramdas, JRSS-B 2024): the wealth ``prod_t (1 + lambda_t (m0 - y_t))`` is a
+    non-negative supermartingale under the null when the columns are i.i.d. draws taken in a fixed order and
+    ``lambda_t`` depends on earlier columns only, so ``p = min(1, 1 / max_t wealth_t)`` is valid (Ville's inequality).
+    ``lambda_t`` is the aGRAPA bet ``(m0 - mean) / (variance + (m0 - mean)^2)`` from the earlier columns, truncated to
+    ``[0, cap / (1 - m0)]`` so that one draw at 1 cannot take more than the share ``cap`` of the wealth.
+
+    Example:
+        >>> import numpy as np
+        >>> p = betting_p_values(np.array([[0.0] * 30, [1.0] * 30]), m0=0.2)
+        >>> bool(p[0] < 0.01), float(p[1])
+        (True, 1.0)
+    """
+    y = np.atleast_2d(np.asarray(y, dtype=np.float64))
+    log_wealth = np.zeros(len(y))
+    best = np.zeros(len(y))
+    total, squares = np.full(len(y), 0.5), np.full(len(y), 0.25)  # prior pseudo-draw: mean 1/2, variance 1/4
+    for t in range(y.shape[1]):
+        gap = m0 - total / (t + 1)
+        bet = np.clip(gap / (squares / (t + 1) + gap * gap), 0.0, cap / (1.0 - m0))
+        log_wealth += np.log1p(bet * (m0 - y[:, t]))
+        np.maximum(best, log_wealth, out=best)
+        total += y[:, t]
+        squares += (y[:, t] - total / (t + 2)) ** 2
+    return np.minimum(1.0, np.exp(-best))
 
 
 def _conformal_quantile(sorted_scores: np.ndarray, confidence: Fraction) -> float:
@@ -415,6 +448,7 @@ class Calibration:
             # A harmful record is the first exit of its question exactly for tau in (earlier max, p]: the first-exit
             # loss as a function of tau, for Learn-then-Test.
             values = np.unique(p)
+            unsafe_order = np.argsort(-p[~safe], kind="stable")
             earlier_max = np.where(first_in_block, -np.inf, values[np.clip(earlier - blocks * (len(p) + 1), 0, None)])
             self._cache["stats"] = {
                 "n_questions": n_q,
@@ -424,6 +458,9 @@ class Calibration:
                 "s_pos": np.sort(1.0 - p[safe]),
                 "s_neg": np.sort(p[~safe]),
                 "envelope_desc": np.sort(envelope[np.isfinite(envelope)])[::-1].copy(),
+                "unsafe_desc": p[~safe][unsafe_order],
+                "unsafe_desc_block": blocks[~safe][unsafe_order],
+                "unsafe_per_question": np.bincount(blocks[~safe], minlength=n_q),
             }
         return self._cache["stats"][name]
 
@@ -451,7 +488,8 @@ class Calibration:
         any exit. Cached per (confidence, guarantee, rule, risk_level).
 
         Per event, the paper's rule (``rule="paper"``) is ``tau = max(min{p : 1 - p <= q_pos}, U)`` with ``U`` the
-        unsafe-side bound (the next float above ``q_neg``, or above the order statistic the binomial bound allows).
+        unsafe-side bound (the next float above ``q_neg``, above the order statistic the binomial bound allows, or
+        the clustered PAC bound's threshold when some calibration question has several unsafe cues).
         ``U`` grows with ``c``; the first term (the paper's "safe must be in the prediction set") shrinks, and at low
         confidence it can bind, so the paper's ``tau`` is not monotone in ``c``. ``rule="envelope"`` (default) returns
         ``min over c' >= c`` of the paper's ``tau(c')``, which is ``>= U(c)`` (same guarantee) and monotone. Per
@@ -482,15 +520,18 @@ class Calibration:
     def _event_threshold(self, c: Fraction, rule: str, alpha: float | None) -> tuple[float, str | None]:
         s_pos, s_neg = self._stat("s_pos"), self._stat("s_neg")
         n_pos, n_neg = len(s_pos), len(s_neg)
+        clustered = alpha is not None and int(self._stat("unsafe_per_question").max(initial=0)) > 1
 
-        def allowance(x: Fraction, strict: bool) -> int:
-            """Unsafe calibration events allowed above the threshold at confidence x (just above x if strict)."""
+        def unsafe_tau(x: Fraction, strict: bool) -> float:
+            """Lowest threshold the unsafe side allows at confidence x (just above x if strict): every unsafe
+            calibration score at or above it counts against the bound."""
+            if clustered:
+                return self._clustered_unsafe_bound(float(1 - x), alpha)
             if alpha is not None:
-                return pac_allowance(n_neg, float(1 - x), alpha, strict=strict)
-            rank = math.floor((n_neg + 1) * x) + 1 if strict else math.ceil((n_neg + 1) * x)
-            return max(n_neg - rank, -1)
-
-        def unsafe_bound(m: int) -> float:
+                m = pac_allowance(n_neg, float(1 - x), alpha, strict=strict)
+            else:
+                rank = math.floor((n_neg + 1) * x) + 1 if strict else math.ceil((n_neg + 1) * x)
+                m = max(n_neg - rank, -1)
             if m < 0:
                 return math.inf
             return 0.0 if m >= n_neg else math.nextafter(float(s_neg[n_neg - m - 1]), math.inf)
@@ -498,43 +539,83 @@ class Calibration:
         def safe_bound(rank: int) -> float:  # min{p : 1 - p <= q_pos} at the safe-class rank
             return -math.inf if rank > n_pos else _min_p_with_complement_at_most(float(s_pos[rank - 1]))
 
-        m0 = allowance(c, strict=False)
-        if m0 < 0:
+        u0 = unsafe_tau(c, strict=False)
+        if u0 == math.inf:
             delta = float(1 - c)
             if alpha is None:
-                needed, how = _needed_events(c), "split conformal needs at least {} (delta >= 1/(n_unsafe + 1))"
+                how = f"split conformal needs at least {_needed_events(c)} (delta >= 1/(n_unsafe + 1))"
+            elif clustered:
+                how = (f"at risk_level={alpha:g} the bound on its {self.n_questions} questions (up to "
+                       f"{int(self._stat('unsafe_per_question').max())} unsafe cues each) cannot certify even "
+                       "never exiting")
             else:
-                needed, how = pac_needed(delta, alpha), (f"the binomial bound at risk_level={alpha:g} needs at least "
-                                                         "{} ((1 - delta)^n_unsafe <= risk_level)")
+                how = (f"the binomial bound at risk_level={alpha:g} needs at least {pac_needed(delta, alpha)} "
+                       "((1 - delta)^n_unsafe <= risk_level)")
             return math.inf, (
                 f"confidence {float(c)} (delta = {delta:.4g}) cannot be certified per event: the calibration set has "
-                f"{n_neg} unsafe events and {how.format(needed)}. Never exiting (tau = inf); calibrate on more "
-                "problems or lower the confidence."
+                f"{n_neg} unsafe events and {how}. Never exiting (tau = inf); calibrate on more problems or lower the "
+                "confidence."
             )
         r0 = math.ceil((n_pos + 1) * c)
 
-        def tau_at(r: int) -> float:
-            # The paper's threshold on the r-th cell of safe ranks (c' in ((r-1)/(n_pos+1), r/(n_pos+1)] and >= c),
-            # where the unsafe bound is lowest at the cell's left end.
-            m = m0 if r == r0 else allowance(Fraction(r - 1, n_pos + 1), strict=True)
-            return max(safe_bound(r), unsafe_bound(m))
+        def unsafe_at(r: int) -> float:
+            # the unsafe side on the r-th cell of safe ranks (c' in ((r-1)/(n_pos+1), r/(n_pos+1)] and >= c), lowest
+            # at the cell's left end
+            return u0 if r == r0 else unsafe_tau(Fraction(r - 1, n_pos + 1), strict=True)
 
         if rule == "paper":
-            return tau_at(r0), None
-        # min over r >= r0 of max(safe_bound(r), unsafe_bound(r)): a non-increasing and a non-decreasing function,
-        # so the minimum sits where they cross; binary-search the first r where the unsafe bound is the larger.
+            return max(safe_bound(r0), u0), None
+        # min over r >= r0 of max(safe_bound(r), unsafe_at(r)): a non-increasing and a non-decreasing function, so the
+        # minimum sits where they cross; binary-search the first r where the unsafe side is the larger. (The clustered
+        # bound is monotone in the confidence only up to its betting noise: max with u0 keeps the guarantee at c.)
         lo, hi = r0, n_pos + 1
         while lo < hi:
             mid = (lo + hi) // 2
-            m = m0 if mid == r0 else allowance(Fraction(mid - 1, n_pos + 1), strict=True)
-            if unsafe_bound(m) >= safe_bound(mid):
+            if unsafe_at(mid) >= safe_bound(mid):
                 hi = mid
             else:
                 lo = mid + 1
-        best = tau_at(lo)
+        best = max(safe_bound(lo), unsafe_at(lo))
         if lo > r0:
-            best = min(best, tau_at(lo - 1))
-        return best, None
+            best = min(best, max(safe_bound(lo - 1), unsafe_at(lo - 1)))
+        return max(best, u0), None
+
+    def _clustered_unsafe_bound(self, delta: float, alpha: float) -> float:
+        """Smallest ``tau`` certified by Learn-then-Test for "the pooled rate at which unsafe cues exit is <= delta".
+
+        For question ``q`` with ``N_q`` unsafe cues, ``X_q(tau)`` of them at or above ``tau``, and ``M = max N_q``:
+        the rate ``E[X] / E[N]`` is <= delta iff ``E[Y] >= delta`` fails, with ``Y = (X - delta N) / M + delta`` in
+        [0, 1]. Walking the thresholds from ``inf`` down through the unsafe scores (``X`` only changes there), each
+        null "rate > delta" is tested with :func:`betting_p_values` over the questions in a fixed random order; the
+        walk stops at the first threshold it cannot reject (fixed-sequence testing needs no multiplicity correction).
+        ``inf`` when even never exiting cannot be certified.
+        """
+        key = ("clustered", delta, alpha)
+        if key not in self._cache:
+            unsafe, block = self._stat("unsafe_desc"), self._stat("unsafe_desc_block")
+            per_question = self._stat("unsafe_per_question")
+            order = np.random.default_rng(0).permutation(len(per_question))  # data-independent, fixed
+            grid = np.unique(unsafe)[::-1]
+            grid_index = np.searchsorted(-grid, -unsafe)  # unsafe is sorted descending: so is grid_index
+            rows_all = np.arange(-1, len(grid))  # row -1: tau above every score, nothing exits; row r: tau = grid[r]
+            exited = np.zeros(len(per_question))  # X at the last row of the previous chunk
+            tau, start = 0.0, 0
+            for first in range(0, len(rows_all), 512):
+                rows = rows_all[first: first + 512]
+                stop = int(np.searchsorted(grid_index, rows[-1], side="right"))
+                counts = np.zeros((len(rows), len(per_question)))
+                np.add.at(counts, (grid_index[start:stop] - rows[0], block[start:stop]), 1.0)
+                start = stop
+                x = exited + np.cumsum(counts, axis=0)
+                exited = x[-1]
+                y = (x - delta * per_question) / per_question.max() + delta
+                failing = np.flatnonzero(betting_p_values(y[:, order], delta) > alpha)
+                if len(failing):
+                    row = int(rows[failing[0]])
+                    tau = math.inf if row < 0 else math.nextafter(float(grid[row]), math.inf)
+                    break
+            self._cache[key] = tau
+        return self._cache[key]
 
     def _question_threshold(self, c: Fraction) -> tuple[float, str | None]:
         n = self.n_questions

@@ -417,6 +417,79 @@ def test_question_pac_threshold_matches_brute_force_learn_then_test():
             assert [s >= got for s in every] == [s >= expected for s in every], (c, alpha, got, expected)
 
 
+def test_betting_p_values_are_valid_under_the_null_and_reject_far_below_it():
+    from lynx_hf.conformal import betting_p_values
+
+    rng = np.random.default_rng(0)
+    m0, alpha, runs = 0.1, 0.1, 4000
+    for null in (rng.uniform(size=(runs, 200)) < m0, rng.beta(1, 9, size=(runs, 200))):  # both have mean m0
+        share = float((betting_p_values(null.astype(float), m0) <= alpha).mean())
+        assert share <= alpha + 2.33 * math.sqrt(alpha * (1 - alpha) / runs), share
+    below = (rng.uniform(size=(200, 200)) < m0 / 4).astype(float)
+    assert float((betting_p_values(below, m0) <= alpha).mean()) > 0.9
+
+
+def clustered_questions(rng, n):
+    """Traces of 1-5 cues whose unsafe cues share a trace-level score offset (correlated, as in real traces)."""
+    questions = []
+    for _ in range(n):
+        offset = float(rng.uniform(-0.3, 0.3))
+        questions.append([(min(max(float(rng.integers(0, 40)) / 39 + offset, 0.0), 1.0), bool(rng.uniform() < 0.5))
+                          for _ in range(int(rng.integers(1, 6)))])
+    return questions
+
+
+def brute_force_clustered_walk(questions, delta, alpha):
+    """Fixed-sequence walk from tau = inf down over the unsafe scores, each null tested on the question-level sums."""
+    from lynx_hf.conformal import betting_p_values
+
+    order = np.random.default_rng(0).permutation(len(questions))
+    n_unsafe = [sum(not s for _, s in q) for q in questions]
+    big = max(n_unsafe)
+
+    def p_value(tau):
+        exited = [sum(p >= tau and not s for p, s in q) for q in questions]
+        y = np.array([(exited[i] - delta * n_unsafe[i]) / big + delta for i in order])
+        return float(betting_p_values(y[None, :], delta)[0])
+
+    tau = INF
+    for v in sorted({p for q in questions for p, s in q if not s}, reverse=True) + [-1.0]:
+        if p_value(tau) > alpha:
+            return INF if tau == INF else math.nextafter(tau, INF)
+        tau = v
+    return 0.0
+
+
+def test_clustered_pac_event_threshold_matches_a_brute_force_walk():
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        questions = clustered_questions(rng, int(rng.integers(60, 150)))
+        cal = calibration_from_questions(questions)
+        for c, alpha in ((0.8, 0.1), (0.9, 0.05)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", LynxCalibrationWarning)
+                got = cal.threshold(c, risk_level=alpha, rule="paper")
+            unsafe_side = brute_force_clustered_walk(questions, float(1 - Fraction(str(c))), alpha)
+            q_pos = cal.event_quantiles(c)[0]
+            every = [p for q in questions for p, _ in q]
+            # the paper's rule: "safe" in the prediction set, and the unsafe side's bound
+            expected = [p >= unsafe_side and 1 - p <= q_pos for p in every]
+            assert [p >= got for p in every] == expected, (c, alpha, got, unsafe_side)
+
+
+def test_copying_every_trace_does_not_loosen_the_per_event_pac_bound():
+    # Perfectly correlated cues: each trace's events written k times. Counting them as independent events would
+    # shrink the bound as if there were k times more data; the question-level bound is unchanged.
+    rng = np.random.default_rng(6)
+    questions = clustered_questions(rng, 300)
+    once = calibration_from_questions(questions)
+    thrice = calibration_from_questions([q * 3 for q in questions])
+    as_events = Calibration(scores=thrice.scores, safe=thrice.safe, question=torch.arange(thrice.n_events))
+    for c, alpha in ((0.8, 0.1), (0.9, 0.1)):
+        assert thrice.threshold(c, risk_level=alpha) == once.threshold(c, risk_level=alpha)
+        assert as_events.threshold(c, risk_level=alpha) < thrice.threshold(c, risk_level=alpha)
+
+
 def test_envelope_threshold_is_min_of_paper_rule_over_higher_confidences():
     rng = np.random.default_rng(6)
     for _ in range(25):

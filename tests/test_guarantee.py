@@ -176,27 +176,22 @@ def test_pac_per_question_holds_for_the_calibration_set_at_hand(events):
 
 
 def test_pac_per_event_holds_when_unsafe_events_are_independent(events):
-    # The exact binomial bound treats unsafe calibration events as independent draws: here they are (events drawn
-    # i.i.d. from the pool).
+    # Events drawn i.i.d. from the pool: one unsafe cue per "question", so the exact binomial bound applies.
     shares = _exceedance(events, "event", "event", seed=3)
     print("per event (i.i.d. events), share of calibration draws above delta:", shares)
     for delta, alpha in PAC_PAIRS:
         assert shares[delta, alpha] <= alpha + _binomial_tolerance(alpha), (delta, alpha, shares)
 
 
-def test_pac_per_event_is_optimistic_when_calibration_is_drawn_by_question(events):
-    # Known limitation: the cues of one trace are correlated, so when calibration sets are drawn by question (as they
-    # are in practice) the per-event binomial bound is optimistic: more draws land above delta than when the same
-    # number of events is drawn i.i.d., and more than alpha (use guarantee="question" where PAC matters). On the v2
-    # organism the share was significantly above alpha (0.135-0.16, a strict xfail here); on v3 it is 0.11-0.14, above
-    # alpha but within its binomial tolerance at 300 draws, so the test states the effect as this comparison.
-    delta, alpha = PAC_PAIRS[0]
-    by_question = sum(_exceedance(events, "event", "question", seed=s)[delta, alpha] for s in (4, 5)) / 2
-    by_event = sum(_exceedance(events, "event", "event", seed=s)[delta, alpha] for s in (4, 5)) / 2
-    print(f"per event, share of calibration draws above delta={delta} at alpha={alpha}: questions drawn "
-          f"{by_question:.3f}, events drawn {by_event:.3f}")
-    assert by_question > alpha  # the bound's promise (at most alpha of the draws above delta) is not kept
-    assert by_question > by_event + _binomial_tolerance(alpha) / 2  # and correlation is why
+def test_pac_per_event_holds_when_calibration_is_drawn_by_question(events):
+    # Calibration sets drawn by question, as in practice: a trace's unsafe cues are correlated. Treating them as
+    # independent binomial draws was optimistic here (0.11-0.15 of the draws above delta=0.05 at alpha=0.1); the bound
+    # on question-level sums keeps the promise.
+    for seed in (4, 5):
+        shares = _exceedance(events, "event", "question", seed=seed)
+        print(f"per event (questions drawn, seed {seed}), share of calibration draws above delta:", shares)
+        for delta, alpha in PAC_PAIRS:
+            assert shares[delta, alpha] <= alpha + _binomial_tolerance(alpha), (delta, alpha, shares)
 
 
 def test_pac_thresholds_are_at_least_as_conservative_as_marginal(events):
