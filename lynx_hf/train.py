@@ -56,7 +56,15 @@ def realised_rates(probe: LynxProbe, calibration: Calibration, table: EventTable
                    risk_levels: Sequence[float | None] = REPORT_RISK_LEVELS) -> list[dict]:
     """Premature-exit rates realised on held-out (test) events, per event and per question, at each confidence and
     risk level (None: the marginal guarantee; alpha: PAC). Each row names its `rule` and `risk_level`."""
-    scores = score(probe, table).double()
+    return rates_on_scores(score(probe, table).double(), table.safe, table.trace, table.n_traces, calibration,
+                           confidences, risk_levels)
+
+
+def rates_on_scores(scores: torch.Tensor, safe: torch.Tensor, trace: torch.Tensor, n_traces: int,
+                    calibration: Calibration, confidences: Sequence[float] = REPORT_CONFIDENCES,
+                    risk_levels: Sequence[float | None] = REPORT_RISK_LEVELS) -> list[dict]:
+    """:func:`realised_rates` from the probe's scores on held-out events of `n_traces` traces (per-question rates
+    count traces without a cue as not exiting)."""
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LynxCalibrationWarning)
@@ -66,15 +74,15 @@ def realised_rates(probe: LynxProbe, calibration: Calibration, table: EventTable
                 for guarantee in ("event", "question"):
                     tau = calibration.threshold(c, guarantee, risk_level=risk_level)
                     ex = exits(scores, tau)
-                    unsafe = ~table.safe
-                    first = first_exit(scores, table.trace, tau)
+                    unsafe = ~safe
+                    first = first_exit(scores, trace, tau)
                     exited = first >= 0
-                    premature = exited & ~table.safe[first.clamp_min(0)]
+                    premature = exited & ~safe[first.clamp_min(0)]
                     row[guarantee] = {
                         "tau": tau,
                         "unsafe_event_exit_rate": float(ex[unsafe].double().mean()) if bool(unsafe.any()) else 0.0,
-                        "question_premature_rate": float(premature.double().sum() / max(table.n_traces, 1)),
-                        "question_exit_rate": float(exited.double().sum() / max(table.n_traces, 1)),
+                        "question_premature_rate": float(premature.double().sum() / max(n_traces, 1)),
+                        "question_exit_rate": float(exited.double().sum() / max(n_traces, 1)),
                     }
                 rows.append(row)
     return rows

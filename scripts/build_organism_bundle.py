@@ -7,6 +7,10 @@ split's probe scores and labels into `tests/fixtures/organism_test_events.json` 
 guarantee). Prints the probe's AUROC and the realised premature-exit rates.
 
     .venv/bin/python scripts/build_organism_bundle.py [--train 700 --calibration 500 --test 500] [--runs runs/organism]
+    .venv/bin/python scripts/build_organism_bundle.py --card-only   # after a change to how thresholds are computed
+
+`--card-only` keeps the probe, calibration and test events, and recomputes the held-out rates in the bundle's
+metadata and its model card from `tests/fixtures/organism_test_events.json`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,9 +27,11 @@ import torch
 from lynx_hf import organism
 from lynx_hf.collect import Collector
 from lynx_hf.demo import MAX_NEW_TOKENS, TEXT_EVENTS, write_text_events
-from lynx_hf.train import describe, fit, score
+from lynx_hf import Lynx
+from lynx_hf.train import describe, fit, rates_on_scores, score
 
 ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "organism_test_events.json"
 
 
 def main() -> None:
@@ -36,8 +43,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny model: 1 is fastest here)")
+    parser.add_argument("--card-only", action="store_true",
+                        help="recompute the held-out rates and the card of the shipped bundle from the test fixture")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.card_only:
+        refresh_card()
+        return
     model, tok = organism.load()
     collector = Collector(model, tok, layers=args.layers, prompt_fn=organism.prompt, max_new_tokens=MAX_NEW_TOKENS)
     tables = {}
@@ -62,18 +74,38 @@ def main() -> None:
         "description": "probe scores of the shipped organism bundle on held-out arithmetic test problems",
         "scores": score(lynx.probe, test).tolist(), "safe": test.safe.tolist(), "question": test.trace.tolist(),
     }
-    path = ROOT / "tests" / "fixtures" / "organism_test_events.json"
+    path = FIXTURE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(fixture) + "\n", encoding="utf-8")
     meta = lynx.metadata
     print(f"layers {lynx.config.layers}; validation AUROC {meta['probe_validation_auroc']:.3f}, "
           f"calibration AUROC {meta['calibration_auroc']:.3f}, test AUROC {meta['test_auroc']:.3f}")
+    print_rates(meta)
+    print(f"bundle written to {out}; test scores to {path}")
+
+
+def refresh_card() -> None:
+    """Held-out rates and card of the shipped bundle, recomputed with the current thresholds (probe unchanged)."""
+    out = ROOT / "lynx_hf" / "organism" / "bundle"
+    lynx = Lynx.from_pretrained(out)
+    events = json.loads(FIXTURE.read_text(encoding="utf-8"))
+    lynx.metadata["test_realised_rates"] = rates_on_scores(
+        torch.tensor(events["scores"], dtype=torch.float64), torch.tensor(events["safe"]),
+        torch.tensor(events["question"]), lynx.metadata["test_questions"], lynx.calibration)
+    with tempfile.TemporaryDirectory() as tmp:  # rewrite only what changes (the weights file stays byte-identical)
+        lynx.save_pretrained(tmp)
+        shutil.copy(Path(tmp) / "calibration.json", out / "calibration.json")
+    lynx.generate_model_card().save(out / "README.md")
+    print_rates(lynx.metadata)
+    print(f"metadata and card of {out} refreshed")
+
+
+def print_rates(meta: dict) -> None:
     for row in meta["test_realised_rates"]:
         print(f"c={row['confidence']}, risk_level={row['risk_level']}: per event: unsafe cues that exit {row['event']['unsafe_event_exit_rate']:.3f}"
               f" (target <= {1 - row['confidence']:.2f}); per question: premature first exits "
               f"{row['question']['question_premature_rate']:.3f}, questions exited "
               f"{row['question']['question_exit_rate']:.3f}")
-    print(f"bundle written to {out}; test scores to {path}")
 
 
 if __name__ == "__main__":
