@@ -7,6 +7,7 @@ rendered from `hub_cards/`. Hub I/O goes through huggingface_hub's `ModelHubMixi
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -267,6 +268,36 @@ class Lynx(
         self._last_call = call
         return call
 
+    # ----- copies and pickles ------------------------------------------------------------------------------
+    def __copy__(self) -> "Lynx":
+        """A new `Lynx` sharing this one's config, probe and calibration, with the same settings and binding (model
+        and tokenizer) but its own plug-ins and no call history (a plain attribute copy would keep using this
+        bundle's plug-ins, settings and records)."""
+        return self._replica(self.config, self.probe, self.calibration, copy.copy(self.metadata))
+
+    def __deepcopy__(self, memo: dict) -> "Lynx":
+        """Like `copy.copy`, with the config, probe and calibration copied too; the model and tokenizer it is bound
+        to are shared, never copied."""
+        return self._replica(copy.deepcopy(self.config, memo), copy.deepcopy(self.probe, memo),
+                             copy.deepcopy(self.calibration, memo), copy.deepcopy(self.metadata, memo))
+
+    def _replica(self, config: LynxConfig, probe: LynxProbe, calibration: Calibration, metadata: dict) -> "Lynx":
+        new = type(self)(config, probe, calibration, confidence=self._confidence, guarantee=self._guarantee,
+                         risk_level=self._risk_level, rule=self._rule, shadow=self.shadow, metadata=metadata)
+        if self.model is not None:
+            new.model, new.tokenizer, new.detector, new.thinking = self.model, self.tokenizer, self.detector, self.thinking
+            new.exit_ids, new.brace_delta = list(self.exit_ids), self.brace_delta
+            new._tap = ModelTap(self.model, config.layers, device=self._tap.device)
+            new._auto_attached = self._auto_attached
+        return new
+
+    def __reduce__(self):
+        """Pickled: the bundle (config, probe, calibration, metadata) and its settings; not the model binding or the
+        call history, so an unpickled `Lynx` attaches on first use like one loaded without `model=`."""
+        options = dict(confidence=self._confidence, guarantee=self._guarantee, risk_level=self._risk_level,
+                       rule=self._rule, shadow=self.shadow, metadata=self.metadata)
+        return _unpickle, (type(self), self.config, self.probe, self.calibration, options)
+
     # ----- generate plug-ins --------------------------------------------------------------------------------
     def stopping_criteria(self) -> LynxStoppingCriteria:
         """The stop-mode plug-in (what `stopping_criteria=[lynx]` uses)."""
@@ -292,6 +323,13 @@ class Lynx(
         for call in reversed(self._stop_calls):
             if call.matches(sequences):
                 return call
+        stream = self._processor.calls.last
+        if stream is not None and _continues(sequences, stream.sequences):
+            raise ValueError(
+                "answer() got the output of an in-stream call (logits_processor=[lynx.exit_processor()]), whose exited "
+                "rows already end with their answer: decode them (lynx.last_exits says which rows exited and whether "
+                "their answer closed). answer() is for stop mode: model.generate(..., stopping_criteria=[lynx])."
+            )
         raise ValueError(
             f"answer() got sequences of shape {tuple(sequences.shape)} that none of this Lynx's last "
             f"{ANSWERABLE_CALLS} stop-mode generate calls produced. Pass the unchanged output of "
@@ -309,8 +347,9 @@ class Lynx(
         `outputs` (found among this bundle's recent calls), and so are its tokenizer and exit text, whatever ran
         since; calling it again gives the same answers (a consumed cache is recomputed, with a warning).
         """
-        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        sequences = _sequences_of(outputs)
         call = self._call_of(sequences)
+        sequences = sequences.to(call.sequences.device)  # e.g. `out.cpu()` or `out.tolist()` of a GPU call
         cache = None
         if not isinstance(outputs, torch.Tensor):
             cache = getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
@@ -461,6 +500,10 @@ class Lynx(
         return lynx
 
 
+def _unpickle(cls, config: LynxConfig, probe: LynxProbe, calibration: Calibration, options: dict) -> Lynx:
+    return cls(config, probe, calibration, **options)
+
+
 def _check_confidence(value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise LynxConfigError(
@@ -581,6 +624,34 @@ def _load_probe(path: Path, config: LynxConfig) -> LynxProbe:
             f"{config.probe_hidden_sizes}): {error}"
         ) from error
     return probe
+
+
+def _sequences_of(outputs) -> torch.Tensor:
+    """The `[B, T]` token ids of a `generate` output: a tensor, a `return_dict_in_generate` output, or the same ids
+    as nested lists / a NumPy array (e.g. `out.tolist()`)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    sequences = getattr(outputs, "sequences", None)
+    if isinstance(sequences, torch.Tensor):
+        return sequences
+    try:
+        ids = torch.as_tensor(outputs)
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is None or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(
+            f"answer() takes what model.generate(..., stopping_criteria=[lynx]) returned (a [batch, length] tensor of "
+            f"token ids, or its return_dict_in_generate output), got {type(outputs).__name__}"
+            + (f" of shape {tuple(ids.shape)} and dtype {ids.dtype}" if ids is not None else "")
+            + ": pass the output itself, unchanged."
+        )
+    return ids.long()
+
+
+def _continues(sequences: torch.Tensor, seen: torch.Tensor) -> bool:
+    """Whether `sequences` starts with `seen` (the ids a plug-in saw last in a call)."""
+    return (sequences.shape[0] == seen.shape[0] and sequences.shape[1] >= seen.shape[1]
+            and torch.equal(sequences[:, : seen.shape[1]].to(seen.device), seen))
 
 
 def _generation_mask(prompt_mask: torch.Tensor | None, sequences: torch.Tensor, prompt_length: int) -> torch.Tensor:

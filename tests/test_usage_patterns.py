@@ -1,0 +1,149 @@
+"""Usage patterns a demanding transformers user tries, beyond those in test_runtime.py, on the shipped organism: each
+gives the same result as its plain equivalent, or a clear error naming the fix (one test per pattern)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from lynx_hf import Lynx, organism
+
+GREEDY = dict(do_sample=False, max_new_tokens=300)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tok = organism.load()
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.9)
+    questions = [p["question"] for p in organism.problems("arithmetic", "test", n=8)]
+    enc = tok([organism.prompt(tok, q) for q in questions], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    assert (enc.attention_mask == 0).any()  # left padding in every pattern
+    out = model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+    reference = (out, lynx.last_exits, _answers(lynx.answer(out)))
+    assert sum(r.exited for r in reference[1]) >= 4
+    return model, tok, lynx, enc, reference
+
+
+def _answers(answers):
+    return [(a.token_ids, a.answer) for a in answers]
+
+
+def test_answer_accepts_the_output_as_nested_lists_or_a_numpy_array(setup):
+    model, tok, lynx, enc, (out, _, expected) = setup
+    assert _answers(lynx.answer(out.tolist())) == expected
+    assert _answers(lynx.answer(out.numpy())) == expected
+
+
+@pytest.mark.parametrize("bad", ["some text", [[0.5, 1.5]], [[1, 2], [3]]])
+def test_answer_on_something_that_is_not_token_ids_is_a_type_error_naming_the_fix(setup, bad):
+    _, _, lynx, _, _ = setup
+    with pytest.raises(TypeError, match="pass the output itself, unchanged"):
+        lynx.answer(bad)
+
+
+def test_answer_on_an_in_stream_output_says_that_it_already_holds_the_answer(setup):
+    model, tok, lynx, enc, _ = setup
+    out = model.generate(**enc, logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()],
+                         **GREEDY)
+    with pytest.raises(ValueError, match="already end with their answer"):
+        lynx.answer(out)
+
+
+def test_a_lynx_and_its_own_stopping_criteria_in_one_list_decide_once(setup):
+    model, tok, lynx, enc, (out, records, _) = setup
+    both = model.generate(**enc, stopping_criteria=[lynx, lynx.stopping_criteria()], **GREEDY)
+    assert torch.equal(both, out) and lynx.last_exits == records
+
+
+def test_return_dict_with_hidden_states_attentions_and_logits_exits_and_answers_as_plain(setup):
+    model, tok, lynx, enc, (out, records, expected) = setup
+    full = model.generate(**enc, stopping_criteria=[lynx], return_dict_in_generate=True, output_hidden_states=True,
+                          output_logits=True, output_scores=True, **GREEDY)
+    assert torch.equal(full.sequences, out) and lynx.last_exits == records
+    assert len(full.hidden_states) == len(full.logits) == out.shape[1] - enc.input_ids.shape[1]
+    assert _answers(lynx.answer(full)) == expected
+
+
+def test_an_output_generated_under_inference_mode_is_answered_outside_it(setup):
+    model, tok, lynx, enc, (out, records, expected) = setup
+    with torch.inference_mode():
+        inferred = model.generate(**enc, stopping_criteria=[lynx], return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(inferred.sequences, out) and lynx.last_exits == records
+    assert _answers(lynx.answer(inferred)) == expected  # reuses (and extends) the inference-mode cache
+
+
+def test_a_model_cast_to_bfloat16_after_attach_exits_as_one_attached_in_bfloat16(setup):
+    _, tok, _, enc, _ = setup
+    cast, _ = organism.load()
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=cast, tokenizer=tok, confidence=0.9)
+    cast.generate(**enc, stopping_criteria=[lynx], max_new_tokens=20, do_sample=False)  # a float32 call first
+    cast.to(torch.bfloat16)
+    out = cast.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+    records, answers = lynx.last_exits, _answers(lynx.answer(out))
+    fresh_model, _ = organism.load()
+    fresh_model.to(torch.bfloat16)
+    fresh = Lynx.from_pretrained(organism.BUNDLE_DIR, model=fresh_model, tokenizer=tok, confidence=0.9)
+    assert torch.equal(fresh_model.generate(**enc, stopping_criteria=[fresh], **GREEDY), out)
+    assert fresh.last_exits == records and any(r.exited for r in records)
+    assert _answers(fresh.answer(out)) == answers
+
+
+def test_a_shallow_copy_has_its_own_settings_plug_ins_and_records(setup):
+    model, tok, lynx, enc, (out, records, expected) = setup
+    strict = copy.copy(lynx)
+    strict.confidence = 0.99
+    assert strict.threshold > lynx.threshold and strict.stopping_criteria() is not lynx.stopping_criteria()
+    model.generate(**enc, stopping_criteria=[strict], **GREEDY)
+    assert {r.threshold for r in strict.last_exits} == {strict.threshold}
+    assert lynx.last_exits == records  # the original neither ran that call nor changed its settings
+    assert lynx.confidence == 0.9 and _answers(lynx.answer(out)) == expected
+    with pytest.raises(ValueError, match="none of this Lynx's last"):
+        strict.answer(out)  # the copy has no record of the original's calls
+
+
+def test_a_deep_copy_shares_the_model_and_exits_like_the_original(setup):
+    model, tok, lynx, enc, (out, records, expected) = setup
+    twin = copy.deepcopy(lynx)
+    assert twin.model is model and twin.tokenizer is tok and twin.probe is not lynx.probe
+    assert torch.equal(model.generate(**enc, stopping_criteria=[twin], **GREEDY), out)
+    assert twin.last_exits == records and _answers(twin.answer(out)) == expected
+
+
+def test_an_unpickled_lynx_attaches_on_first_use_and_exits_like_the_original(setup):
+    model, tok, lynx, enc, (out, records, expected) = setup
+    lynx.confidence = 0.95
+    try:
+        restored = pickle.loads(pickle.dumps(lynx))
+    finally:
+        lynx.confidence = 0.9
+    assert restored.model is None and restored.confidence == 0.95
+    restored.confidence = 0.9
+    assert torch.equal(model.generate(**enc, stopping_criteria=[restored], **GREEDY), out)
+    assert restored.model is model and restored.last_exits == records
+    assert _answers(restored.answer(out)) == expected
+
+
+@pytest.mark.parametrize("options", [
+    dict(do_sample=True, typical_p=0.9, eta_cutoff=3e-4, renormalize_logits=True),
+    dict(do_sample=True, top_k=5, min_p=0.1, epsilon_cutoff=3e-4, top_h=0.5),
+    dict(do_sample=False, bad_words_ids="exit"),
+])
+def test_the_in_stream_exit_text_survives_the_processors_transformers_runs_after_it(setup, options):
+    model, tok, lynx, enc, _ = setup
+    options = dict(options)
+    if options.get("bad_words_ids") == "exit":  # the user bans the end of thinking (budget forcing), Lynx forces it
+        options["bad_words_ids"] = [tok("</think>", add_special_tokens=False).input_ids]
+    torch.manual_seed(0)
+    out = model.generate(**enc, logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()],
+                         max_new_tokens=300, **options)
+    exited = [(row, r) for row, r in enumerate(lynx.last_exits) if r.exited]
+    assert len(exited) >= 4
+    n = len(lynx.exit_ids)
+    for row, record in exited:
+        forced = out[row, record.position + 2: record.position + 2 + n].tolist()
+        assert forced == lynx.exit_ids  # cue, the token that ended its word, then the exit text verbatim
