@@ -177,18 +177,23 @@ def betting_p_values(y: np.ndarray, m0: float, cap: float = 0.9) -> np.ndarray:
         >>> bool(p[0] < 0.01), float(p[1])
         (True, 1.0)
     """
-    y = np.atleast_2d(np.asarray(y, dtype=np.float64))
-    log_wealth = np.zeros(len(y))
-    best = np.zeros(len(y))
+    running = _betting_log_wealth(np.atleast_2d(np.asarray(y, dtype=np.float64)), m0, cap)
+    return np.minimum(1.0, np.exp(-np.maximum(running.max(axis=1, initial=0.0), 0.0)))
+
+
+def _betting_log_wealth(y: np.ndarray, m0: float, cap: float = 0.9) -> np.ndarray:
+    """The log-wealth of :func:`betting_p_values` after each column, per row."""
+    log_wealth = np.zeros(y.shape)
+    current = np.zeros(len(y))
     total, squares = np.full(len(y), 0.5), np.full(len(y), 0.25)  # prior pseudo-draw: mean 1/2, variance 1/4
     for t in range(y.shape[1]):
         gap = m0 - total / (t + 1)
         bet = np.clip(gap / (squares / (t + 1) + gap * gap), 0.0, cap / (1.0 - m0))
-        log_wealth += np.log1p(bet * (m0 - y[:, t]))
-        np.maximum(best, log_wealth, out=best)
+        current += np.log1p(bet * (m0 - y[:, t]))
+        log_wealth[:, t] = current
         total += y[:, t]
         squares += (y[:, t] - total / (t + 2)) ** 2
-    return np.minimum(1.0, np.exp(-best))
+    return log_wealth
 
 
 def _conformal_quantile(sorted_scores: np.ndarray, confidence: Fraction) -> float:
@@ -547,7 +552,7 @@ class Calibration:
             elif clustered:
                 how = (f"at risk_level={alpha:g} the bound on its {self.n_questions} questions (up to "
                        f"{int(self._stat('unsafe_per_question').max())} unsafe cues each) cannot certify even "
-                       "never exiting")
+                       f"never exiting; {self._clustered_needed(delta, alpha)} questions like these would")
             else:
                 how = (f"the binomial bound at risk_level={alpha:g} needs at least {pac_needed(delta, alpha)} "
                        "((1 - delta)^n_unsafe <= risk_level)")
@@ -616,6 +621,16 @@ class Calibration:
                     break
             self._cache[key] = tau
         return self._cache[key]
+
+    def _clustered_needed(self, delta: float, alpha: float) -> str:
+        """How many questions like the calibration ones certify never exiting (the betting walk's first step), as
+        text: the calibration questions repeated in the walk's order until the wealth reaches ``1 / alpha``."""
+        per_question = self._stat("unsafe_per_question")
+        order = np.random.default_rng(0).permutation(len(per_question))
+        y = delta * (1.0 - per_question[order] / per_question.max())  # nothing exits: Y = (0 - delta N) / M + delta
+        reps = 100
+        reached = np.flatnonzero(_betting_log_wealth(np.tile(y, reps)[None, :], delta)[0] >= math.log(1 / alpha))
+        return f"about {int(reached[0]) + 1}" if len(reached) else f"more than {reps * len(y)}"
 
     def _question_threshold(self, c: Fraction) -> tuple[float, str | None]:
         n = self.n_questions

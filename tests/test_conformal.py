@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from fractions import Fraction
 
@@ -488,6 +489,18 @@ def test_copying_every_trace_does_not_loosen_the_per_event_pac_bound():
     for c, alpha in ((0.8, 0.1), (0.9, 0.1)):
         assert thrice.threshold(c, risk_level=alpha) == once.threshold(c, risk_level=alpha)
         assert as_events.threshold(c, risk_level=alpha) < thrice.threshold(c, risk_level=alpha)
+
+
+def test_clustered_pac_event_threshold_warns_with_the_questions_needed():
+    # 10 questions of 2 unsafe cues each cannot certify delta = 0.05 at alpha = 0.05; the warning says how many would,
+    # and that many copies of them do certify it
+    unit = [(0.1, False), (0.2, False), (0.9, True)]
+    with pytest.warns(LynxCalibrationWarning, match=r"10 questions \(up to 2 unsafe cues each\).*about (\d+) questions") as record:
+        assert calibration_from_questions([unit] * 10).threshold(0.95, risk_level=0.05) == INF
+    needed = int(re.search(r"about (\d+) questions", str(record[0].message)).group(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LynxCalibrationWarning)
+        assert calibration_from_questions([unit] * needed).threshold(0.95, risk_level=0.05) < INF
 
 
 def test_envelope_threshold_is_min_of_paper_rule_over_higher_confidences():
