@@ -52,6 +52,7 @@ __all__ = ["Calibration", "LynxCalibrationWarning", "exits", "first_exit"]
 GUARANTEES = ("event", "question")
 RULES = ("envelope", "paper")
 _FORMAT = "lynx-hf/calibration"
+_WALK_CELLS = 2 ** 22  # thresholds x questions the clustered PAC walk holds at once (~32 MB of float64)
 _VERSION = 1
 
 
@@ -466,6 +467,7 @@ class Calibration:
                 "unsafe_desc": p[~safe][unsafe_order],
                 "unsafe_desc_block": blocks[~safe][unsafe_order],
                 "unsafe_per_question": np.bincount(blocks[~safe], minlength=n_q),
+                "question_order": np.random.default_rng(0).permutation(n_q),  # the betting walk's: fixed, data-free
             }
         return self._cache["stats"][name]
 
@@ -589,7 +591,7 @@ class Calibration:
         """Smallest ``tau`` certified by Learn-then-Test for "the pooled rate at which unsafe cues exit is <= delta".
 
         For question ``q`` with ``N_q`` unsafe cues, ``X_q(tau)`` of them at or above ``tau``, and ``M = max N_q``:
-        the rate ``E[X] / E[N]`` is <= delta iff ``E[Y] >= delta`` fails, with ``Y = (X - delta N) / M + delta`` in
+        the rate ``E[X] / E[N]`` exceeds delta iff ``E[Y] > delta``, with ``Y = (X - delta N) / M + delta`` in
         [0, 1]. Walking the thresholds from ``inf`` down through the unsafe scores (``X`` only changes there), each
         null "rate > delta" is tested with :func:`betting_p_values` over the questions in a fixed random order; the
         walk stops at the first threshold it cannot reject (fixed-sequence testing needs no multiplicity correction).
@@ -598,15 +600,15 @@ class Calibration:
         key = ("clustered", delta, alpha)
         if key not in self._cache:
             unsafe, block = self._stat("unsafe_desc"), self._stat("unsafe_desc_block")
-            per_question = self._stat("unsafe_per_question")
-            order = np.random.default_rng(0).permutation(len(per_question))  # data-independent, fixed
+            per_question, order = self._stat("unsafe_per_question"), self._stat("question_order")
             grid = np.unique(unsafe)[::-1]
             grid_index = np.searchsorted(-grid, -unsafe)  # unsafe is sorted descending: so is grid_index
             rows_all = np.arange(-1, len(grid))  # row -1: tau above every score, nothing exits; row r: tau = grid[r]
             exited = np.zeros(len(per_question))  # X at the last row of the previous chunk
             tau, start = 0.0, 0
-            for first in range(0, len(rows_all), 512):
-                rows = rows_all[first: first + 512]
+            chunk = max(1, min(512, _WALK_CELLS // len(per_question)))
+            for first in range(0, len(rows_all), chunk):
+                rows = rows_all[first: first + chunk]
                 stop = int(np.searchsorted(grid_index, rows[-1], side="right"))
                 counts = np.zeros((len(rows), len(per_question)))
                 np.add.at(counts, (grid_index[start:stop] - rows[0], block[start:stop]), 1.0)
@@ -625,8 +627,7 @@ class Calibration:
     def _clustered_needed(self, delta: float, alpha: float) -> str:
         """How many questions like the calibration ones certify never exiting (the betting walk's first step), as
         text: the calibration questions repeated in the walk's order until the wealth reaches ``1 / alpha``."""
-        per_question = self._stat("unsafe_per_question")
-        order = np.random.default_rng(0).permutation(len(per_question))
+        per_question, order = self._stat("unsafe_per_question"), self._stat("question_order")
         y = delta * (1.0 - per_question[order] / per_question.max())  # nothing exits: Y = (0 - delta N) / M + delta
         reps = 100
         reached = np.flatnonzero(_betting_log_wealth(np.tile(y, reps)[None, :], delta)[0] >= math.log(1 / alpha))

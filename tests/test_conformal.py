@@ -430,12 +430,14 @@ def test_betting_p_values_are_valid_under_the_null_and_reject_far_below_it():
     assert float((betting_p_values(below, m0) <= alpha).mean()) > 0.9
 
 
-def clustered_questions(rng, n):
-    """Traces of 1-5 cues whose unsafe cues share a trace-level score offset (correlated, as in real traces)."""
+def clustered_questions(rng, n, levels=40):
+    """Traces of 1-5 cues whose scores share a trace-level offset (correlated, as in real traces), on a grid of
+    `levels` values (None: continuous, every score distinct)."""
     questions = []
     for _ in range(n):
         offset = float(rng.uniform(-0.3, 0.3))
-        questions.append([(min(max(float(rng.integers(0, 40)) / 39 + offset, 0.0), 1.0), bool(rng.uniform() < 0.5))
+        draw = (lambda: float(rng.uniform())) if levels is None else (lambda: float(rng.integers(0, levels)) / (levels - 1))
+        questions.append([(min(max(draw() + offset, 0.0), 1.0), bool(rng.uniform() < 0.5))
                           for _ in range(int(rng.integers(1, 6)))])
     return questions
 
@@ -461,10 +463,11 @@ def brute_force_clustered_walk(questions, delta, alpha):
     return 0.0
 
 
-def test_clustered_pac_event_threshold_matches_a_brute_force_walk():
+@pytest.mark.parametrize("cells", [2 ** 22, 300])  # 300: the walk holds 2-5 thresholds at a time (chunk edges)
+def test_clustered_pac_event_threshold_matches_a_brute_force_walk(monkeypatch, cells):
+    monkeypatch.setattr("lynx_hf.conformal._WALK_CELLS", cells)
     rng = np.random.default_rng(5)
-    for _ in range(10):
-        questions = clustered_questions(rng, int(rng.integers(60, 150)))
+    for questions in [clustered_questions(rng, int(rng.integers(60, 150))) for _ in range(10)]:
         cal = calibration_from_questions(questions)
         for c, alpha in ((0.8, 0.1), (0.9, 0.05)):
             with warnings.catch_warnings():
