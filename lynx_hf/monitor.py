@@ -270,6 +270,13 @@ class GenerateCall:
                 f"(started with {self.batch}): only greedy and sampling decoding are supported."
             )
         forwards = self.tap.forwards()
+        if self._forwards is not None and forwards == self._forwards:
+            raise UnsupportedGenerationError(
+                "The model's forward ran without Lynx's capture hooks in this generate call, so Lynx cannot read the "
+                "hidden states it scores: a compiled forward (torch.compile, or generate's own compilation, which skips "
+                "forward hooks added after compiling) is not supported. Generate without compiling (restore "
+                "model.forward, or pass disable_compile=True)."
+            )
         if self._forwards is not None and forwards != self._forwards + 1:
             raise UnsupportedGenerationError(
                 f"The model ran {forwards - self._forwards} forwards between two decoding steps of this generate "

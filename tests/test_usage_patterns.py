@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lynx_hf import Lynx, organism
+from lynx_hf import Lynx, UnsupportedGenerationError, organism
 
 GREEDY = dict(do_sample=False, max_new_tokens=300)
 
@@ -147,3 +147,21 @@ def test_the_in_stream_exit_text_survives_the_processors_transformers_runs_after
     for row, record in exited:
         forced = out[row, record.position + 2: record.position + 2 + n].tolist()
         assert forced == lynx.exit_ids  # cue, the token that ended its word, then the exit text verbatim
+
+
+def test_a_compiled_forward_either_exits_as_uncompiled_or_is_refused_naming_compilation(setup):
+    _, tok, _, enc, _ = setup
+    model, _ = organism.load()
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
+    row = {k: v[:1, v.shape[1] - int(enc.attention_mask[0].sum()):] for k, v in enc.items()}
+    plain = model.generate(**row, stopping_criteria=[lynx], **GREEDY)
+    records = lynx.last_exits
+    assert records[0].exited
+    model.forward = torch.compile(model.forward, backend="eager")
+    model.generate(**row, do_sample=False, max_new_tokens=2)  # compiled without hooks: dynamo (torch 2.x) then
+    try:                                                      # skips hooks added later, by default
+        compiled = model.generate(**row, stopping_criteria=[lynx], **GREEDY)
+    except UnsupportedGenerationError as error:
+        assert "compiled forward" in str(error)
+    else:
+        assert torch.equal(compiled, plain) and lynx.last_exits == records
