@@ -31,7 +31,7 @@ from .cues import CueDetector
 from .errors import CorruptedBundleError, LynxConfigError, NotAttachedError
 from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut, reusable_cache, vocab_size
 from .answers import extract_boxed
-from .monitor import ExitRecord, GenerateCall, ModelTap
+from .monitor import ExitRecord, GenerateCall, LastCall, ModelTap
 from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
 from .probe import LynxProbe
 from .thinking import resolve_thinking, thinking_exit_ids
@@ -131,7 +131,7 @@ class Lynx(
         self._processor = LynxExitProcessor(self)
         # Recent stop-mode calls, so that `answer(outputs)` finds the call that produced `outputs`.
         self._stop_calls: deque[GenerateCall] = deque(maxlen=ANSWERABLE_CALLS)
-        self._last_call: GenerateCall | None = None
+        self._last_call = LastCall()
 
     # ----- confidence and thresholds -------------------------------------------------------------------------
     @property
@@ -265,7 +265,7 @@ class Lynx(
                           shadow=self.shadow if shadow is None else bool(shadow))
         if mode == "stop":
             self._stop_calls.append(call)
-        self._last_call = call
+        self._last_call.set(call)
         return call
 
     # ----- copies and pickles ------------------------------------------------------------------------------
@@ -316,8 +316,10 @@ class Lynx(
 
     @property
     def last_exits(self) -> list[ExitRecord]:
-        """Per-row telemetry of the last `generate` call that used one of this bundle's plug-ins."""
-        return [] if self._last_call is None else self._last_call.records()
+        """Per-row telemetry of the last `generate` call that used one of this bundle's plug-ins in this thread (in a
+        thread that ran none: in any thread), so threads sharing one `Lynx` each read their own call's records."""
+        call = self._last_call.get()
+        return [] if call is None else call.records()
 
     def _call_of(self, sequences: torch.Tensor) -> GenerateCall:
         for call in reversed(self._stop_calls):

@@ -336,6 +336,24 @@ class GenerateCall:
         return torch.equal(seen[:, : sequences.shape[1]], sequences.to(seen.device))
 
 
+class LastCall:
+    """The last `GenerateCall` started in each thread: `get()` gives this thread's, else (a thread that started none,
+    e.g. the main thread reading a worker's result) the last one started anywhere. Per thread, so that threads
+    sharing one `Lynx` each read their own call's records."""
+
+    def __init__(self):
+        self._local = threading.local()
+        self._any: GenerateCall | None = None
+
+    def set(self, call: GenerateCall) -> None:
+        self._local.call = call
+        self._any = call
+
+    def get(self) -> GenerateCall | None:
+        call = getattr(self._local, "call", None)
+        return call if call is not None else self._any
+
+
 class CallTracker:
     """Finds (or starts) the `GenerateCall` of the running `generate` call for one plug-in."""
 
@@ -346,7 +364,12 @@ class CallTracker:
         self._recent: tuple[weakref.ref, GenerateCall] | None = None  # (owner, call), replaced as one object
         self._calls: dict[int, tuple[weakref.ref, GenerateCall]] = {}
         self._lock = threading.Lock()
-        self.last: GenerateCall | None = None
+        self._last = LastCall()
+
+    @property
+    def last(self) -> GenerateCall | None:
+        """The last call this plug-in started in this thread (else in any thread)."""
+        return self._last.get()
 
     def current(self, input_ids: torch.LongTensor, frame: FrameType | None) -> GenerateCall:
         """The call this step belongs to. `frame` is the plug-in's caller."""
@@ -375,7 +398,7 @@ class CallTracker:
         key = id(owner)
         self._calls[key] = (weakref.ref(owner), call)
         weakref.finalize(owner, self._finish, key, call)
-        self.last = call
+        self._last.set(call)
         return call
 
     def _finish(self, key: int, call: GenerateCall) -> None:

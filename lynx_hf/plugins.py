@@ -54,8 +54,9 @@ class LynxStoppingCriteria(StoppingCriteria):
 
     @property
     def last_exits(self) -> list[ExitRecord]:
-        """Per-row telemetry of the last `generate` call that used this plug-in."""
-        return [] if self.calls.last is None else self.calls.last.records()
+        """Per-row telemetry of the last `generate` call that used this plug-in in this thread (else in any thread)."""
+        call = self.calls.last
+        return [] if call is None else call.records()
 
 
 class StreamCall(GenerateCall):
@@ -139,8 +140,9 @@ class LynxExitProcessor(LogitsProcessor):
 
     @property
     def last_exits(self) -> list[ExitRecord]:
-        """Per-row telemetry of the last `generate` call that used this plug-in."""
-        return [] if self.calls.last is None else self.calls.last.records()
+        """Per-row telemetry of the last `generate` call that used this plug-in in this thread (else in any thread)."""
+        call = self.calls.last
+        return [] if call is None else call.records()
 
 
 class LynxAnswerStopper(StoppingCriteria):

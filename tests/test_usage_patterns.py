@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -165,3 +166,28 @@ def test_a_compiled_forward_either_exits_as_uncompiled_or_is_refused_naming_comp
         assert "compiled forward" in str(error)
     else:
         assert torch.equal(compiled, plain) and lynx.last_exits == records
+
+
+def test_threads_sharing_one_lynx_each_read_their_own_calls_records(setup):
+    model, tok, lynx, enc, (out, records, _) = setup
+    halves = [{k: v[rows] for k, v in enc.items()} for rows in (slice(0, 4), slice(4, 8))]
+    expected = [records[:4], records[4:]]
+    first_done, second_done = threading.Event(), threading.Event()
+    seen: dict[int, list] = {}
+
+    def work(index: int) -> None:
+        if index == 1:
+            first_done.wait()
+        model.generate(**halves[index], stopping_criteria=[lynx], **GREEDY)
+        (first_done if index == 0 else second_done).set()
+        second_done.wait()  # thread 0 reads its records after thread 1's call ran
+        seen[index] = (lynx.last_exits, lynx.stopping_criteria().last_exits)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for index in range(2):
+        assert seen[index][0] == seen[index][1] == expected[index]
+    assert seen[0][0] != seen[1][0]
