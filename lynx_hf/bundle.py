@@ -357,7 +357,7 @@ class Lynx(
             cache = getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
         if cache is not None and id(cache) in call.consumed_caches:
             warnings.warn("The KV cache in these outputs was consumed by an earlier answer(); recomputing the "
-                          "prefix instead (same answers, slower).", stacklevel=2)
+                          "prefix instead (same answers, slower).", stacklevel=3)
             cache = None
         records = call.records()
         results: list[ExitAnswer | None] = [None] * len(records)
@@ -366,6 +366,12 @@ class Lynx(
             cuts = [exit_cut(records[i].position, records[i].start, call.exit_construction) for i in rows]
             mask = _generation_mask(call.prompt_mask, sequences, call.prompt_length)
             if cache is not None and not reusable_cache(call.model, cache, sequences.shape[0], max(cuts)):
+                cache = None
+            if cache is not None and cache.get_seq_length() != sequences.shape[1] - 1:
+                warnings.warn(f"The KV cache in these outputs holds {cache.get_seq_length()} positions where generate "
+                              f"left {sequences.shape[1] - 1}: it was changed after generate returned it (e.g. "
+                              "passed to another generate call); recomputing the prefix instead (same answers, "
+                              "slower).", stacklevel=3)
                 cache = None
             if cache is not None:
                 call.consumed_caches.add(id(cache))

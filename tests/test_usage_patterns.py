@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lynx_hf import Lynx, UnsupportedGenerationError, organism
+from lynx_hf.exit import cache_kwargs
 
 GREEDY = dict(do_sample=False, max_new_tokens=300)
 
@@ -191,3 +192,15 @@ def test_threads_sharing_one_lynx_each_read_their_own_calls_records(setup):
     for index in range(2):
         assert seen[index][0] == seen[index][1] == expected[index]
     assert seen[0][0] != seen[1][0]
+
+
+def test_an_outputs_cache_reused_by_a_later_generate_call_is_recomputed_with_a_warning(setup):
+    model, tok, lynx, enc, (out, records, expected) = setup
+    full = model.generate(**enc, stopping_criteria=[lynx], return_dict_in_generate=True, **GREEDY)
+    cache = full.cache if getattr(full, "cache", None) is not None else full.past_key_values
+    follow_up = torch.cat([full.sequences, full.sequences[:, -3:]], dim=1)  # the next turn, reusing the cache
+    mask = torch.cat([enc.attention_mask, torch.ones_like(follow_up[:, enc.input_ids.shape[1]:])], dim=1)
+    model.generate(input_ids=follow_up, attention_mask=mask, **cache_kwargs(model, cache), do_sample=False,
+                   max_new_tokens=4)
+    with pytest.warns(UserWarning, match="changed after generate returned it"):
+        assert _answers(lynx.answer(full)) == expected
