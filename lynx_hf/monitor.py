@@ -24,6 +24,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 from types import FrameType
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -357,10 +358,12 @@ class LastCall:
 class CallTracker:
     """Finds (or starts) the `GenerateCall` of the running `generate` call for one plug-in."""
 
-    def __init__(self, lynx: "Lynx", mode: Mode, call_class: type[GenerateCall] = GenerateCall):
+    def __init__(self, lynx: "Lynx", mode: Mode, call_class: type[GenerateCall] = GenerateCall,
+                 check_list: Callable[[object], None] | None = None):
         self.lynx = lynx
         self.mode = mode
         self.call_class = call_class
+        self.check_list = check_list  # called with the call's criteria/processor list when a call starts
         self._recent: tuple[weakref.ref, GenerateCall] | None = None  # (owner, call), replaced as one object
         self._calls: dict[int, tuple[weakref.ref, GenerateCall]] = {}
         self._lock = threading.Lock()
@@ -394,6 +397,8 @@ class CallTracker:
 
     def _start(self, owner, loop: FrameType | None, input_ids: torch.LongTensor) -> GenerateCall:
         model, mask = loop_context(loop)
+        if self.check_list is not None:
+            self.check_list(owner)
         call = self.lynx._start_call(self.mode, model, input_ids, mask, self.call_class)
         key = id(owner)
         self._calls[key] = (weakref.ref(owner), call)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
+from transformers.generation import logits_process
+
 
 from .monitor import CallTracker, ExitRecord, GenerateCall
 from .errors import UnsupportedGenerationError
@@ -59,6 +61,15 @@ class LynxStoppingCriteria(StoppingCriteria):
         return [] if call is None else call.records()
 
 
+# transformers' processors that keep a one-hot forced distribution one-hot (a -inf mask stays -inf, the forced token
+# stays the only finite one): the sampling warpers `generate` appends after the user's processors, and the like.
+_KEEP_FORCED = tuple(getattr(logits_process, name) for name in (
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TopHLogitsWarper",
+    "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper", "LogitNormalization",
+    "WatermarkLogitsProcessor", "SynthIDTextWatermarkLogitsProcessor",
+) if hasattr(logits_process, name))
+
+
 class StreamCall(GenerateCall):
     """A `GenerateCall` of the in-stream plug-in: also forces the exit text and follows the forced answer."""
 
@@ -84,6 +95,8 @@ class LynxExitProcessor(LogitsProcessor):
     exit keeps the cue word and that one token before the exit text (stop mode and `Lynx.answer` drop the cue, as
     the labels did). Pair it with `lynx.answer_stopper()` to end each row once its boxed answer closes; a row whose
     token budget runs out before that is recorded with `answered=False`. In shadow mode it never forces anything.
+    Put it last among your logits processors (a later one could change the forced tokens, so it is refused);
+    transformers' sampling warpers, which `generate` runs after yours, keep the forced token.
 
     Examples:
 
@@ -102,7 +115,7 @@ class LynxExitProcessor(LogitsProcessor):
 
     def __init__(self, lynx: "Lynx"):
         self.lynx = lynx
-        self.calls = CallTracker(lynx, mode="stream", call_class=StreamCall)
+        self.calls = CallTracker(lynx, mode="stream", call_class=StreamCall, check_list=self._check_order)
         self._by_thread: dict[int, StreamCall] = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -127,6 +140,19 @@ class LynxExitProcessor(LogitsProcessor):
         call.depth = torch.where(finished, -call.brace_delta[target], call.depth)
         call.forcing = torch.where(forcing & ~finished, advanced, torch.where(finished, -1, call.forcing))
         return scores
+
+    def _check_order(self, processors) -> None:
+        """Refuse processors that run after this one and could change the tokens it forces (a ban on `</think>`
+        there would turn the exit text into whatever token the empty distribution yields first)."""
+        processors = list(processors)
+        index = next(i for i, p in enumerate(processors) if p is self)
+        later = [type(p).__name__ for p in processors[index + 1:]
+                 if not isinstance(p, (*_KEEP_FORCED, LynxExitProcessor))]
+        if later:
+            raise UnsupportedGenerationError(
+                f"The logits processor(s) {later} run after lynx.exit_processor() and could change the exit text it "
+                "forces: put lynx.exit_processor() last in logits_processor=[...]."
+            )
 
     def running_call(self, input_ids: torch.LongTensor) -> StreamCall:
         """This thread's running call, checked to be the one `input_ids` continues."""

@@ -204,3 +204,20 @@ def test_an_outputs_cache_reused_by_a_later_generate_call_is_recomputed_with_a_w
                    max_new_tokens=4)
     with pytest.warns(UserWarning, match="changed after generate returned it"):
         assert _answers(lynx.answer(full)) == expected
+
+
+def test_a_processor_of_yours_after_the_exit_processor_is_refused_naming_the_order(setup):
+    model, tok, lynx, enc, _ = setup
+    think_end = tok("</think>", add_special_tokens=False).input_ids
+
+    def ban_think_end(input_ids, scores):  # after the exit processor it would turn the forced "</think>" into "<s>"
+        return scores.index_fill(-1, torch.tensor(think_end), -float("inf"))
+
+    with pytest.raises(UnsupportedGenerationError, match=r"put lynx.exit_processor\(\) last"):
+        model.generate(**enc, logits_processor=[lynx.exit_processor(), ban_think_end],
+                       stopping_criteria=[lynx.answer_stopper()], **GREEDY)
+    out = model.generate(**enc, logits_processor=[ban_think_end, lynx.exit_processor()],
+                         stopping_criteria=[lynx.answer_stopper()], **GREEDY)
+    exited = [(row, r) for row, r in enumerate(lynx.last_exits) if r.exited]
+    assert exited and all(out[row, r.position + 2: r.position + 2 + len(lynx.exit_ids)].tolist() == lynx.exit_ids
+                          for row, r in exited)
