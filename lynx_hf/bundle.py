@@ -285,7 +285,8 @@ class Lynx(
         new = type(self)(config, probe, calibration, confidence=self._confidence, guarantee=self._guarantee,
                          risk_level=self._risk_level, rule=self._rule, shadow=self.shadow, metadata=metadata)
         if self.model is not None:
-            new.model, new.tokenizer, new.detector, new.thinking = self.model, self.tokenizer, self.detector, self.thinking
+            new.model, new.tokenizer, new.detector = self.model, self.tokenizer, self.detector
+            new.thinking = self.thinking
             new.exit_ids, new.brace_delta = list(self.exit_ids), self.brace_delta
             new._tap = ModelTap(self.model, config.layers, device=self._tap.device)
             new._auto_attached = self._auto_attached
@@ -349,6 +350,10 @@ class Lynx(
         `outputs` (found among this bundle's recent calls), and so are its tokenizer and exit text, whatever ran
         since; calling it again gives the same answers (a consumed cache is recomputed, with a warning).
         """
+        integral = isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)
+        if max_new_tokens is not None and not (integral and max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: give a positive number of answer tokens, or None "
+                             f"for the bundle's {self.config.answer_max_new_tokens}.")
         sequences = _sequences_of(outputs)
         call = self._call_of(sequences)
         sequences = sequences.to(call.sequences.device)  # e.g. `out.cpu()` or `out.tolist()` of a GPU call
@@ -379,7 +384,8 @@ class Lynx(
                     cache.batch_select_indices(torch.tensor(rows, device=sequences.device))
             answered = answer_after_exit(
                 call.model, call.tokenizer, sequences[rows], cuts, call.exit_ids, attention_mask=mask[rows],
-                past_key_values=cache, max_new_tokens=max_new_tokens or self.config.answer_max_new_tokens,
+                past_key_values=cache,
+                max_new_tokens=int(max_new_tokens) if max_new_tokens is not None else self.config.answer_max_new_tokens,
             )
             for i, a in zip(rows, answered):
                 results[i] = a

@@ -207,12 +207,15 @@ def vocab_size(model) -> int:
 
 def reusable_cache(model, cache, batch: int, needed: int) -> bool:
     """Whether `cache` (e.g. the one `generate` returned) can serve the masked answer pass exactly: a
-    `DynamicCache` of plain full-attention layers, for `batch` rows, holding at least `needed` positions."""
+    `DynamicCache` of plain full-attention layers, for `batch` rows, holding at least `needed` positions, in the
+    model's current dtype (not one written before `model.to(torch.bfloat16)`)."""
     layers = getattr(cache, "layers", None)
     if not isinstance(cache, DynamicCache) or not layers or any(type(layer) is not DynamicLayer for layer in layers):
         return False
     keys = getattr(layers[0], "keys", None)
     if keys is None or keys.dim() != 4 or keys.shape[0] != batch:
+        return False
+    if keys.dtype != getattr(model, "dtype", keys.dtype):
         return False
     return cache.get_seq_length() >= needed
 

@@ -221,3 +221,19 @@ def test_a_processor_of_yours_after_the_exit_processor_is_refused_naming_the_ord
     exited = [(row, r) for row, r in enumerate(lynx.last_exits) if r.exited]
     assert exited and all(out[row, r.position + 2: r.position + 2 + len(lynx.exit_ids)].tolist() == lynx.exit_ids
                           for row, r in exited)
+
+
+def test_an_output_answered_after_the_model_was_cast_to_bfloat16_is_answered_by_the_cast_model(setup):
+    _, tok, _, enc, _ = setup
+    model, _ = organism.load()
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
+    out = model.generate(**enc, stopping_criteria=[lynx], return_dict_in_generate=True, **GREEDY)
+    model.to(torch.bfloat16)  # the float32 cache in `out` cannot serve the cast model
+    assert _answers(lynx.answer(out)) == _answers(lynx.answer(out.sequences))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_answer_refuses_a_token_budget_that_is_not_a_positive_integer(setup, bad):
+    _, _, lynx, _, (out, _, _) = setup
+    with pytest.raises(ValueError, match="positive number of answer tokens"):
+        lynx.answer(out, max_new_tokens=bad)
