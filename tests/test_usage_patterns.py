@@ -237,3 +237,24 @@ def test_answer_refuses_a_token_budget_that_is_not_a_positive_integer(setup, bad
     _, _, lynx, _, (out, _, _) = setup
     with pytest.raises(ValueError, match="positive number of answer tokens"):
         lynx.answer(out, max_new_tokens=bad)
+
+
+def test_custom_generate_without_an_attention_mask_infers_it_from_the_padding_as_plain_generate(setup, tmp_path,
+                                                                                                 monkeypatch):
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path))  # transformers copies the recipe it runs there
+    model, tok, _, enc, _ = setup
+    common = dict(do_sample=False, max_new_tokens=60)
+    plain = model.generate(input_ids=enc.input_ids, **common)  # plain generate infers the mask from the pad token
+    assert torch.equal(plain, model.generate(**enc, **common))
+    out = model.generate(input_ids=enc.input_ids, custom_generate=str(organism.BUNDLE_DIR), trust_remote_code=True,
+                         tokenizer=tok, shadow=True, **common)
+    assert torch.equal(out[:, : plain.shape[1]], plain)
+
+
+def test_the_shipped_organism_bundle_carries_the_current_custom_generate_recipe():
+    from lynx_hf.bundle import CUSTOM_GENERATE_SOURCE
+
+    shipped = organism.BUNDLE_DIR / "custom_generate" / "generate.py"
+    assert shipped.read_bytes() == CUSTOM_GENERATE_SOURCE.read_bytes()

@@ -168,11 +168,11 @@ def generate(model, *args, **kwargs) -> torch.LongTensor | LynxGenerateOutput:
 
     lynx, attached_here = _load_lynx(model, source, tokenizer, hub_kwargs, attach_options)
     tokenizer = tokenizer or lynx.tokenizer
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    model._prepare_special_tokens(config, kwargs_has_attention_mask=attention_mask is not None, device=input_ids.device)
+    if attention_mask is None:  # inferred from the pad token where possible, as plain generate does
+        attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
     n = config.num_return_sequences or 1
     input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
-    model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=input_ids.device)
     if config.max_new_tokens is not None:
         config.max_length = config.max_new_tokens + input_ids.shape[1]
     processors = model._get_logits_processor(
