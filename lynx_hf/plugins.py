@@ -122,9 +122,11 @@ class LynxExitProcessor(LogitsProcessor):
         call: StreamCall = self.calls.current(input_ids, sys._getframe(1))
         self._by_thread[threading.get_ident()] = call
         decide = call.observe(input_ids)
-        # Rows that finished forcing are answering: track the box's brace depth for the answer stopper.
+        # Rows that finished forcing are answering: track the box's brace depth for the answer stopper, and record a
+        # closed box here too, so that `answered` is right without the stopper (a row then writes on after its box).
         last = input_ids[:, -1]
         call.depth = torch.where(call.answering, call.depth + call.brace_delta[last], call.depth)
+        call.closed |= call.answering & (call.depth < 0)
         if call.shadow:
             return scores
         call.forcing = torch.where(decide, torch.zeros_like(call.forcing), call.forcing)

@@ -258,3 +258,14 @@ def test_the_shipped_organism_bundle_carries_the_current_custom_generate_recipe(
 
     shipped = organism.BUNDLE_DIR / "custom_generate" / "generate.py"
     assert shipped.read_bytes() == CUSTOM_GENERATE_SOURCE.read_bytes()
+
+
+def test_in_stream_rows_record_their_closed_box_without_the_answer_stopper(setup):
+    model, tok, lynx, enc, _ = setup
+    out = model.generate(**enc, logits_processor=[lynx.exit_processor()], **GREEDY)  # rows write on until EOS
+    exited = [(row, r) for row, r in enumerate(lynx.last_exits) if r.exited]
+    assert len(exited) >= 4
+    for row, record in exited:
+        after = tok.decode(out[row, record.position + 2 + len(lynx.exit_ids):], skip_special_tokens=True)
+        assert record.answered is ("}" in after)
+    assert any(r.answered for _, r in exited)
