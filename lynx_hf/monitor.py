@@ -281,7 +281,9 @@ class GenerateCall:
         if self._forwards is not None and forwards != self._forwards + 1:
             raise UnsupportedGenerationError(
                 f"The model ran {forwards - self._forwards} forwards between two decoding steps of this generate "
-                "call (expected 1): Lynx supports plain greedy or sampling decoding."
+                "call (expected 1), so Lynx cannot tell which one's hidden states to score: classifier-free guidance "
+                "(guidance_scale) and logits processors that run the model are not supported; use plain greedy or "
+                "sampling decoding."
             )
         self._forwards = forwards
         self.sequences = input_ids

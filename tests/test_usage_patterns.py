@@ -269,3 +269,9 @@ def test_in_stream_rows_record_their_closed_box_without_the_answer_stopper(setup
         after = tok.decode(out[row, record.position + 2 + len(lynx.exit_ids):], skip_special_tokens=True)
         assert record.answered is ("}" in after)
     assert any(r.answered for _, r in exited)
+
+
+def test_classifier_free_guidance_is_refused_by_name(setup):
+    model, tok, lynx, enc, _ = setup
+    with pytest.raises(UnsupportedGenerationError, match="guidance_scale"):  # it runs a second forward every step
+        model.generate(**enc, stopping_criteria=[lynx], guidance_scale=1.5, do_sample=False, max_new_tokens=5)
