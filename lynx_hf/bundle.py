@@ -344,11 +344,13 @@ class Lynx(
         """Final answers after a stop-mode `generate`: exited rows get the exact exit (cue dropped, exit text
         appended, greedy answer); the others' answers are read from their own text.
 
-        `outputs` is what `generate` returned: a tensor, or a `GenerateDecoderOnlyOutput` from
-        `return_dict_in_generate=True`, whose KV cache is then reused where that is exact (a full-attention
-        `DynamicCache`) and consumed. The exits, prompt mask and model are those of the call that produced
-        `outputs` (found among this bundle's recent calls), and so are its tokenizer and exit text, whatever ran
-        since; calling it again gives the same answers (a consumed cache is recomputed, with a warning).
+        `outputs` is what `generate` returned: a tensor (or its ids as nested lists or a NumPy array), or a
+        `GenerateDecoderOnlyOutput` from `return_dict_in_generate=True`, whose KV cache is then reused where that
+        is exact (a full-attention `DynamicCache` in the model's dtype, as generate left it) and consumed. The
+        exits, prompt mask and model are those of the call that produced `outputs` (found among this bundle's
+        recent calls), and so are its tokenizer and exit text, whatever ran since; calling it again gives the same
+        answers (a consumed or since-changed cache is recomputed, with a warning). `max_new_tokens` caps the answer
+        (default: the bundle's `answer_max_new_tokens`).
         """
         integral = isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)
         if max_new_tokens is not None and not (integral and max_new_tokens >= 1):

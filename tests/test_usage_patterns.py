@@ -7,7 +7,6 @@ import copy
 import pickle
 import threading
 
-import numpy as np
 import pytest
 import torch
 
