@@ -241,7 +241,7 @@ class Lynx(
         if self.model is None:
             self._bind(model)
             self._auto_attached = True
-        elif self.model is not model:
+        elif self.model is not model and not _wraps(self.model, model):
             if not self._auto_attached:
                 raise NotAttachedError(
                     f"This Lynx is attached to another model object ({type(self.model).__name__} at "
@@ -575,6 +575,12 @@ def _card_test_rows(rates: Sequence[dict]) -> list[dict]:
 def _model_device(model) -> torch.device:
     device = getattr(model, "device", None)
     return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def _wraps(outer, inner) -> bool:
+    """Whether `inner` is a submodule of `outer`, e.g. the transformers model inside a `PeftModel`, whose `generate`
+    runs the inner model's decoding loop on the same layers."""
+    return isinstance(outer, torch.nn.Module) and any(m is inner for m in outer.modules())
 
 
 def _name(model) -> str | None:

@@ -274,3 +274,14 @@ def test_classifier_free_guidance_is_refused_by_name(setup):
     model, tok, lynx, enc, _ = setup
     with pytest.raises(UnsupportedGenerationError, match="guidance_scale"):  # it runs a second forward every step
         model.generate(**enc, stopping_criteria=[lynx], guidance_scale=1.5, do_sample=False, max_new_tokens=5)
+
+
+def test_a_lynx_attached_to_a_peft_model_reads_the_model_inside_it(setup):
+    from peft import LoraConfig, get_peft_model
+
+    _, tok, _, enc, (out, records, expected) = setup
+    base, _ = organism.load()
+    wrapped = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()  # LoRA B = 0
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=wrapped, tokenizer=tok)  # PeftModel.generate runs `base`
+    assert torch.equal(wrapped.generate(**enc, stopping_criteria=[lynx], **GREEDY), out)
+    assert lynx.last_exits == records and _answers(lynx.answer(out)) == expected

@@ -92,7 +92,7 @@ def _load_lynx(model, source, tokenizer, hub_kwargs: dict, options: dict):
         if source.model is None:
             source.attach(model, tokenizer)
             return source, True
-        if source.model is not model:
+        if source.model is not model and not lynx_hf.bundle._wraps(source.model, model):
             raise ValueError("lynx= is attached to another model: attach it to this one or pass its folder/repo id.")
         return source, False
     if source is None:
