@@ -302,7 +302,9 @@ class GenerateCall:
             self.pending_score = self._score(cue >= 0)
         self.pending_cue, self.pending_start = cue, start
         decide = event & ~self.exited & (score >= self._tau)
-        self.cues_seen += event.long()
+        # A row that exited is over: without an EOS criterion transformers keeps writing model tokens (not padding)
+        # after a custom criterion stopped it, and their cues must not count. Shadow mode counts every cue.
+        self.cues_seen += (event if self.shadow else event & ~self.exited).long()
         self.exited |= decide
         self.exit_position = torch.where(decide, position, self.exit_position)
         self.exit_start = torch.where(decide, event_start, self.exit_start)

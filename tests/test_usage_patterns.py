@@ -285,3 +285,11 @@ def test_a_lynx_attached_to_a_peft_model_reads_the_model_inside_it(setup):
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=wrapped, tokenizer=tok)  # PeftModel.generate runs `base`
     assert torch.equal(wrapped.generate(**enc, stopping_criteria=[lynx], **GREEDY), out)
     assert lynx.last_exits == records and _answers(lynx.answer(out)) == expected
+
+
+def test_without_an_eos_token_the_records_end_at_the_exit_as_with_one(setup):
+    model, tok, lynx, enc, (out, records, expected) = setup
+    # Without an EOS criterion transformers keeps writing model tokens (not padding) into rows a criterion stopped.
+    unpadded = model.generate(**enc, stopping_criteria=[lynx], eos_token_id=None, **GREEDY)
+    assert lynx.last_exits == records  # cues written after a row's exit are not counted
+    assert _answers(lynx.answer(unpadded)) == expected
