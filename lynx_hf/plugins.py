@@ -147,7 +147,9 @@ class LynxExitProcessor(LogitsProcessor):
         """Refuse processors that run after this one and could change the tokens it forces (a ban on `</think>`
         there would turn the exit text into whatever token the empty distribution yields first)."""
         processors = list(processors)
-        index = next(i for i, p in enumerate(processors) if p is self)
+        index = next((i for i, p in enumerate(processors) if p is self), None)
+        if index is None:  # called through a processor of the user's that wraps it: its order is theirs to keep
+            return
         later = [type(p).__name__ for p in processors[index + 1:]
                  if not isinstance(p, (*_KEEP_FORCED, LynxExitProcessor))]
         if later:

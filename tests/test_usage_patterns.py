@@ -293,3 +293,20 @@ def test_without_an_eos_token_the_records_end_at_the_exit_as_with_one(setup):
     unpadded = model.generate(**enc, stopping_criteria=[lynx], eos_token_id=None, **GREEDY)
     assert lynx.last_exits == records  # cues written after a row's exit are not counted
     assert _answers(lynx.answer(unpadded)) == expected
+
+
+def test_an_exit_processor_wrapped_in_a_processor_of_yours_exits_as_when_listed_directly(setup):
+    model, tok, lynx, enc, _ = setup
+    stream = dict(stopping_criteria=[lynx.answer_stopper()], **GREEDY)
+    direct = model.generate(**enc, logits_processor=[lynx.exit_processor()], **stream)
+    records = lynx.last_exits
+
+    class Timed:  # e.g. a wrapper that logs or times the processors it calls
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, input_ids, scores):
+            return self.inner(input_ids, scores)
+
+    assert torch.equal(model.generate(**enc, logits_processor=[Timed(lynx.exit_processor())], **stream), direct)
+    assert lynx.last_exits == records
