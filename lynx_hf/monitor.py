@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import torch

@@ -10,7 +10,6 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 from transformers.generation import logits_process
 
-
 from .monitor import CallTracker, ExitRecord, GenerateCall
 from .errors import UnsupportedGenerationError
 
