@@ -150,16 +150,19 @@ def probe_only_at_cues(device: torch.device) -> bool:
 
 def caller_list(frame: FrameType | None) -> tuple[object, FrameType] | None:
     """The `StoppingCriteriaList` / `LogitsProcessorList` whose `__call__` is at or above `frame` (a few frames at
-    most), and the frame of the loop that called it; None when the plug-in was called directly."""
-    for _ in range(4):
+    most), and the frame of the loop that called it; None when the plug-in was called directly. Of nested lists
+    (a list of the user's inside the one `generate` builds) the outermost: the inner one may be reused across calls."""
+    found = None
+    for _ in range(8):
         if frame is None:
-            return None
-        if frame.f_code.co_name == "__call__":
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, (StoppingCriteriaList, LogitsProcessorList)):
-                return owner, frame.f_back
+            break
+        owner = frame.f_locals.get("self") if frame.f_code.co_name == "__call__" else None
+        if isinstance(owner, (StoppingCriteriaList, LogitsProcessorList)):
+            found = owner, frame.f_back
+        elif found is not None:
+            break  # the frame above the outermost list: the decoding loop
         frame = frame.f_back
-    return None
+    return found
 
 
 def loop_context(loop: FrameType | None) -> tuple[nn.Module, torch.Tensor | None]:

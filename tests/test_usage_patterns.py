@@ -310,3 +310,17 @@ def test_an_exit_processor_wrapped_in_a_processor_of_yours_exits_as_when_listed_
 
     assert torch.equal(model.generate(**enc, logits_processor=[Timed(lynx.exit_processor())], **stream), direct)
     assert lynx.last_exits == records
+
+
+def test_a_stopping_criteria_list_of_yours_nested_in_the_call_and_reused_starts_a_new_call_each_time(setup):
+    from transformers import StoppingCriteriaList
+
+    model, tok, lynx, enc, (out, records, _) = setup
+    mine = StoppingCriteriaList([lynx])  # the same inner list object in both calls
+    first = {k: v[:3] for k, v in enc.items()}
+    model.generate(**first, stopping_criteria=[lynx], **GREEDY)
+    expected = lynx.last_exits
+    model.generate(**first, stopping_criteria=[mine], **GREEDY)
+    assert lynx.last_exits == expected
+    assert torch.equal(model.generate(**enc, stopping_criteria=[mine], **GREEDY), out)
+    assert lynx.last_exits == records
