@@ -61,7 +61,7 @@ def test_a_lynx_and_its_own_stopping_criteria_in_one_list_decide_once(setup):
     assert torch.equal(both, out) and lynx.last_exits == records
 
 
-def test_return_dict_with_hidden_states_attentions_and_logits_exits_and_answers_as_plain(setup):
+def test_return_dict_with_hidden_states_logits_and_scores_exits_and_answers_as_plain(setup):
     model, tok, lynx, enc, (out, records, expected) = setup
     full = model.generate(**enc, stopping_criteria=[lynx], return_dict_in_generate=True, output_hidden_states=True,
                           output_logits=True, output_scores=True, **GREEDY)
