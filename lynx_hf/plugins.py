@@ -92,7 +92,8 @@ class LynxExitProcessor(LogitsProcessor):
     It decides on the same events as stop mode and the calibration data: a cue whose word the next token ended, scored
     on the cue token's hidden state. As that next token is already sampled when the decision is made, the in-stream
     exit keeps the cue word and that one token before the exit text (stop mode and `Lynx.answer` drop the cue, as
-    the labels did). Pair it with `lynx.answer_stopper()` to end each row once its boxed answer closes; a row whose
+    the labels did). The answer after the exit text is decoded greedily, as the labels were, whatever the call's
+    sampling settings. Pair it with `lynx.answer_stopper()` to end each row once its boxed answer closes; a row whose
     token budget runs out before that is recorded with `answered=False`. In shadow mode it never forces anything.
     Put it last among your logits processors (a later one could change the forced tokens, so it is refused);
     transformers' sampling warpers, which `generate` runs after yours, keep the forced token.
@@ -130,10 +131,13 @@ class LynxExitProcessor(LogitsProcessor):
             return scores
         call.forcing = torch.where(decide, torch.zeros_like(call.forcing), call.forcing)
         forcing = call.forcing >= 0
+        # Rows answering decode greedily whatever the call's sampling settings: the guarantee is about the greedy
+        # answer after the exit text (the labels', `answer`'s and `custom_generate`'s).
+        greedy = call.answering & ~call.closed
         n_exit = call.forced_ids.numel()
-        target = call.forced_ids[call.forcing.clamp(0, n_exit - 1)]
+        target = torch.where(forcing, call.forced_ids[call.forcing.clamp(0, n_exit - 1)], scores.argmax(dim=-1))
         forced = torch.full_like(scores, -float("inf")).scatter_(1, target[:, None], 0.0)
-        scores = torch.where(forcing[:, None], forced, scores)
+        scores = torch.where((forcing | greedy)[:, None], forced, scores)
         advanced = call.forcing + 1
         finished = forcing & (advanced >= n_exit)
         call.answering = call.answering | finished

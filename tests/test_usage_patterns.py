@@ -324,3 +324,25 @@ def test_a_stopping_criteria_list_of_yours_nested_in_the_call_and_reused_starts_
     assert lynx.last_exits == expected
     assert torch.equal(model.generate(**enc, stopping_criteria=[mine], **GREEDY), out)
     assert lynx.last_exits == records
+
+
+def test_in_stream_answers_are_greedy_as_the_labels_whatever_the_sampling_settings(setup):
+    # The guarantee is about the greedy answer after the exit text (how the labels were made); a sampled trace must
+    # still get that answer, not a sampled one (at T=1.2 some sampled answers differ from the greedy one).
+    model, tok, lynx, _, _ = setup
+    questions = [p["question"] for p in organism.problems("arithmetic", "test", n=32, seed=3)]
+    enc = tok([organism.prompt(tok, q) for q in questions], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    torch.manual_seed(0)
+    out = model.generate(**enc, logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()],
+                         do_sample=True, temperature=1.2, max_new_tokens=300)
+    answered = [(row, r) for row, r in enumerate(lynx.last_exits) if r.exited and r.answered]
+    assert len(answered) >= 16
+    for row, record in answered:
+        start = record.position + 2 + len(lynx.exit_ids)  # cue, the token ending its word, exit text, then the answer
+        answer = [t for t in out[row, start:].tolist() if t != tok.pad_token_id]
+        pad = enc.input_ids.shape[1] - int(enc.attention_mask[row].sum())  # left padding of this row
+        prefix = out[row, pad:start][None]
+        greedy = model.generate(prefix, attention_mask=torch.ones_like(prefix), do_sample=False,
+                                max_new_tokens=len(answer))
+        assert greedy[0, prefix.shape[1]:].tolist() == answer, row
