@@ -32,6 +32,35 @@ def num_hidden_layers(model: nn.Module) -> int:
     return int(n)
 
 
+def _decoder(model: nn.Module) -> nn.Module:
+    return model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "base_model", model)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a HF causal LM, in order (`model.model.layers` for Llama, `transformer.h` for GPT-2).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=2, num_attention_heads=2))
+        >>> len(decoder_blocks(model))
+        2
+    """
+    n = num_hidden_layers(model)
+    decoder = _decoder(model)
+    blocks = next(
+        (getattr(decoder, name) for name in _LAYER_LIST_NAMES
+         if isinstance(getattr(decoder, name, None), nn.ModuleList) and len(getattr(decoder, name)) == n),
+        None,
+    )
+    if blocks is None:
+        raise LynxConfigError(
+            f"Could not find the {n} decoder blocks of {type(model).__name__} (looked for "
+            f"{', '.join(_LAYER_LIST_NAMES)} on {type(decoder).__name__}); lynx-hf supports HF decoder-only causal LMs."
+        )
+    return blocks
+
+
 def layer_modules(model: nn.Module, layers: Sequence[int]) -> list[nn.Module]:
     """The module whose output is `hidden_states[i]` for each index `i` (see the module docstring).
 
@@ -43,17 +72,8 @@ def layer_modules(model: nn.Module, layers: Sequence[int]) -> list[nn.Module]:
         ['Embedding', 'LlamaDecoderLayer', 'LlamaRMSNorm']
     """
     n = num_hidden_layers(model)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "base_model", model)
-    blocks = next(
-        (getattr(decoder, name) for name in _LAYER_LIST_NAMES
-         if isinstance(getattr(decoder, name, None), nn.ModuleList) and len(getattr(decoder, name)) == n),
-        None,
-    )
-    if blocks is None:
-        raise LynxConfigError(
-            f"Could not find the {n} decoder blocks of {type(model).__name__} (looked for "
-            f"{', '.join(_LAYER_LIST_NAMES)} on {type(decoder).__name__}); lynx-hf supports HF decoder-only causal LMs."
-        )
+    decoder = _decoder(model)
+    blocks = decoder_blocks(model)
     final_norm = next((getattr(decoder, name) for name in _FINAL_NORM_NAMES if hasattr(decoder, name)), None)
     modules = []
     for index in layers:

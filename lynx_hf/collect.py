@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from .answers import answers_match, extract_boxed
 from .capture import HiddenStateCapture, default_layers
-from .config import model_fingerprint, tokenizer_fingerprint, weights_sample
+from .config import layer_sample, model_fingerprint, tokenizer_fingerprint, weights_sample
 from .cues import DEFAULT_CUES, CueDetector, CueEvent
 from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
@@ -113,6 +113,7 @@ class Collector:
             "model_fingerprint": model_fingerprint(model),
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "weights_sample": weights_sample(model),
+            "layer_sample": layer_sample(model),
             "layers": list(self.layers),
             "hidden_size": int(model.config.get_text_config().hidden_size),
             "cues": list(self.detector.cues),

@@ -191,17 +191,24 @@ _PINNED = ("model_fingerprint", "tokenizer_fingerprint", "weights_sample", "laye
            "answer_max_new_tokens")
 # settings that must also agree between runs (or processes) writing into one collection folder
 _FOLDER_PINNED = _PINNED + ("seed", "batch_size", "n_shards", "problem_ids")
+# settings that must agree where both tables record them (tables collected before they existed lack them)
+_PINNED_IF_RECORDED = ("layer_sample",)
 
 
 def _describe(key: str, x, y) -> str:
     if key == "weights_sample":
         return "weights_sample: the model's weights differ (another checkpoint, re-trained weights or dtype)"
+    if key == "layer_sample":
+        return "layer_sample: the weights inside the model's layers differ (another fine-tune or dtype)"
     return f"{key}: {x!r} vs {y!r}"
 
 
-def check_same_settings(a: dict, b: dict, where: str = "these event tables", keys: tuple[str, ...] = _PINNED) -> None:
-    """Raise if two collections differ in a setting that changes features or labels."""
+def check_same_settings(a: dict, b: dict, where: str = "these event tables", keys: tuple[str, ...] = _PINNED,
+                        if_recorded: tuple[str, ...] = _PINNED_IF_RECORDED) -> None:
+    """Raise if two collections differ in a setting that changes features or labels (`if_recorded`: only where both
+    record it)."""
     diff = {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+    diff.update({k: (a[k], b[k]) for k in if_recorded if a.get(k) and b.get(k) and a[k] != b[k]})
     if diff:
         raise LynxConfigError(
             f"Mismatched settings in {where}: " + "; ".join(_describe(k, x, y) for k, (x, y) in diff.items())

@@ -98,6 +98,7 @@ def build_bundle(settings: dict, probe: LynxProbe, calibration: Calibration, tok
         probe_hidden_sizes=list(probe.hidden_sizes), model_fingerprint=settings["model_fingerprint"],
         tokenizer_fingerprint=settings["tokenizer_fingerprint"],
         weights_sample=list(settings.get("weights_sample", [])),
+        layer_sample=dict(settings.get("layer_sample", {})),
         answer_max_new_tokens=int(settings.get("answer_max_new_tokens", 16)),
     )
     if tokenizer is not None:

@@ -87,6 +87,124 @@ def test_the_shipped_bundle_warns_on_other_weights_of_the_same_architecture():
         Lynx.from_pretrained(organism.BUNDLE_DIR, model=retrained, tokenizer=tok)
 
 
+@pytest.fixture(scope="module")
+def organism_model():
+    from lynx_hf import organism
+
+    return organism.load()
+
+
+def _attach_warnings(model, tok, bundle_dir=None) -> list[str]:
+    """The messages of the warnings that loading the shipped bundle (or `bundle_dir`) onto `model` raises."""
+    import warnings
+
+    from lynx_hf import organism
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Lynx.from_pretrained(bundle_dir or organism.BUNDLE_DIR, model=model, tokenizer=tok)
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def _lora(model, **options):
+    """A LoRA on q_proj and v_proj with B != 0, as after training (peft initialises B to 0, a no-op)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    wrapped = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **options))
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return wrapped.eval()
+
+
+FIX = "calibrate the probe on this model (`lynx-hf collect` + `lynx-hf calibrate`, or `lynx-hf build`)"
+
+
+def test_the_shipped_bundle_warns_on_a_fine_tune_that_left_the_embeddings_alone(organism_model):
+    """A fine-tune of the decoder layers only (frozen embeddings) passes the embedding sample; the sample of weights
+    inside the layers in config.json catches it."""
+    import copy
+
+    model, tok = organism_model
+    tuned = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        q = tuned.model.layers[2].self_attn.q_proj.weight
+        q.add_(1e-2 * torch.randn_like(q))
+    (message,) = _attach_warnings(tuned, tok)
+    assert "weights differ from the checkpoint the probe was calibrated on" in message
+    assert "inside the decoder layers" in message and FIX in message
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_shipped_bundle_loads_without_warning_on_the_shipped_model_in_any_dtype(organism_model, dtype):
+    import copy
+
+    model, tok = organism_model
+    assert _attach_warnings(copy.deepcopy(model).to(dtype), tok) == []
+
+
+def test_the_shipped_bundle_warns_on_a_model_with_an_unmerged_lora_adapter(organism_model):
+    import copy
+
+    model, tok = organism_model
+    wrapped = _lora(copy.deepcopy(model))
+    (message,) = _attach_warnings(wrapped, tok)
+    assert "active, unmerged adapter" in message and FIX in message
+    with wrapped.disable_adapter():  # the adapter switched off: the calibrated model again
+        assert _attach_warnings(wrapped, tok) == []
+
+
+def test_the_shipped_bundle_warns_on_a_model_with_an_adapter_loaded_into_it(organism_model):
+    """`model.load_adapter(...)`/`add_adapter` (transformers' PEFT integration) inject peft's adapter layers into the
+    model itself (`peft.inject_adapter_in_model`, called directly here: transformers 5.24 asks peft >= 0.22)."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model, tok = organism_model
+    adapted = inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+                                      copy.deepcopy(model))
+    assert type(adapted) is type(model)
+    (message,) = _attach_warnings(adapted, tok)
+    assert "active, unmerged adapter" in message and FIX in message
+    for module in adapted.modules():  # what `model.disable_adapters()` does
+        if hasattr(module, "enable_adapters") and hasattr(module, "merged_adapters"):
+            module.enable_adapters(False)
+    assert _attach_warnings(adapted, tok) == []
+
+
+def test_the_shipped_bundle_warns_on_a_model_with_a_merged_lora_adapter(organism_model):
+    import copy
+
+    model, tok = organism_model
+    merged = _lora(copy.deepcopy(model)).merge_and_unload()
+    assert type(merged) is type(model)
+    (message,) = _attach_warnings(merged, tok)
+    assert "inside the decoder layers" in message and FIX in message
+
+
+def test_an_old_bundle_without_the_layer_sample_loads_without_warning(organism_model, tmp_path):
+    import copy
+    import shutil
+
+    from lynx_hf import organism
+
+    model, tok = organism_model
+    old = tmp_path / "old"
+    shutil.copytree(organism.BUNDLE_DIR, old)
+    config = json.loads((old / "config.json").read_text())
+    config.pop("layer_sample", None)
+    (old / "config.json").write_text(json.dumps(config))
+    assert _attach_warnings(model, tok, old) == []
+    tuned = copy.deepcopy(model)  # not checked on the layers: an old bundle has no sample of them
+    with torch.no_grad():
+        tuned.model.layers[2].self_attn.q_proj.weight.mul_(1.1)
+    assert _attach_warnings(tuned, tok, old) == []
+
+
 def test_a_hidden_size_mismatch_is_refused_even_when_mismatch_is_allowed(parts, tmp_path):
     _, tok, lynx = parts
     lynx.save_pretrained(tmp_path)

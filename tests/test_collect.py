@@ -80,6 +80,39 @@ def test_resuming_with_re_trained_weights_of_the_same_architecture_is_a_clear_er
         other.collect(problems[:4], tmp_path, batch_size=4, seed=0, progress=False)
 
 
+def test_event_tables_of_a_fine_tune_that_left_the_embeddings_alone_cannot_be_combined(collector, problems):
+    import copy
+
+    a = collector.collect_batch(problems[:2], seed=0)
+    tuned = copy.deepcopy(collector.model)
+    with torch.no_grad():
+        tuned.model.layers[2].self_attn.q_proj.weight.mul_(1.1)
+    other = Collector(tuned, collector.tokenizer, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=400)
+    assert other.settings["weights_sample"] == collector.settings["weights_sample"]
+    b = EventTable.empty(other.settings, a.features.shape[1])
+    with pytest.raises(LynxConfigError, match="layer_sample: the weights inside the model's layers differ"):
+        EventTable.concat([a, b])
+    old = EventTable.empty({k: v for k, v in collector.settings.items() if k != "layer_sample"}, a.features.shape[1])
+    assert len(EventTable.concat([a, old])) == len(a)  # tables collected before the layer sample existed still mix
+
+
+def test_a_bundle_built_from_a_collection_warns_on_a_fine_tune_of_its_model(collector):
+    import copy
+
+    from lynx_hf import Calibration, LynxProbe
+    from lynx_hf.train import build_bundle
+
+    settings = collector.settings
+    lynx = build_bundle(settings, LynxProbe(2 * settings["hidden_size"]),
+                        Calibration(scores=[0.3, 0.9], safe=[False, True], question=[0, 1]))
+    assert lynx.config.layer_sample == settings["layer_sample"] and len(settings["layer_sample"]) == 21
+    tuned = copy.deepcopy(collector.model)
+    with torch.no_grad():
+        tuned.model.layers[0].mlp.down_proj.weight.mul_(1.1)
+    with pytest.warns(UserWarning, match="inside the decoder layers differ"):
+        lynx.attach(tuned, collector.tokenizer)
+
+
 def test_mismatched_event_tables_cannot_be_combined(collector, problems, tmp_path):
     a = collector.collect_batch(problems[:2], seed=0)
     b = collector.collect_batch(problems[2:4], seed=0)
