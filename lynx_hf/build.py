@@ -191,7 +191,7 @@ def build(
     if dry_run:
         return _pilot(plan, collector, parts["train"][:pilot] or problems[:pilot], say)
 
-    from .train import calibrate_bundle, describe, train
+    from .train import calibrate_bundle, describe, load_probe_folder, prompt_digests, train
 
     _check_plan(out, plan)
     tables = {}
@@ -207,13 +207,7 @@ def build(
 
     probe_dir = out / "probe"
     if (probe_dir / "probe.safetensors").exists():
-        from safetensors.torch import load_file
-
-        from .probe import LynxProbe
-
-        meta = json.loads((probe_dir / "probe.json").read_text(encoding="utf-8"))
-        probe = LynxProbe(**meta["probe"])
-        probe.load_state_dict(load_file(str(probe_dir / "probe.safetensors")))
+        probe, meta = load_probe_folder(probe_dir)
         auroc = meta["report"].get("val_auroc")
         say(f"train: reusing the probe in {probe_dir}")
     else:
@@ -230,15 +224,19 @@ def build(
     datasets = [plan.problems]
     lynx = calibrate_bundle(probe, tables["calibration"], tables.get("test"), settings=tables["train"].settings,
                             tokenizer=tokenizer, datasets=datasets, train_note=describe(tables["train"]),
-                            validation_auroc=auroc)
+                            validation_auroc=auroc, train_digests=prompt_digests(tables["train"]))
     lynx.config.base_model = "lynx_hf/organism" if plan.model == "organism" else plan.model
     bundle_dir = out / "bundle"
     lynx.save_pretrained(bundle_dir)
     meta = lynx.metadata
-    say(f"calibrate: AUROC {meta['calibration_auroc']:.3f} on calibration events"
-        + (f", {meta['test_auroc']:.3f} on test events" if "test_auroc" in meta else "")
+    say(f"calibrate: AUROC {_fmt(meta['calibration_auroc'])} on calibration events"
+        + (f", {_fmt(meta['test_auroc'])} on test events" if "test_auroc" in meta else "")
         + f"; bundle with its model card in {bundle_dir}")
     if push:
         url = lynx.push_to_hub(push, private=private, token=token)
         say(f"pushed to {push}: {url}")
     return lynx
+
+
+def _fmt(value: float | None) -> str:
+    return "undefined (one class)" if value is None else f"{value:.3f}"

@@ -25,8 +25,8 @@ from .loading import PROBLEM_SOURCES, load_model, load_problems, prompt_fn
 def cmd_collect(args) -> None:
     from .collect import Collector
 
+    problems = load_problems(args.problems, args.n, args.seed)  # a bad source fails before the model loads
     model, tokenizer = load_model(args.model, args.gguf_file, args.device)
-    problems = load_problems(args.problems, args.n, args.seed)
     options = {"exit_text": args.exit_text, "think_start": args.think_start, "think_end": args.think_end,
                "thinking": args.thinking}
     if args.rollout == "vllm":
@@ -52,7 +52,7 @@ def cmd_train(args) -> None:
     from safetensors.torch import save_file
 
     from .events import EventTable
-    from .train import describe, train
+    from .train import describe, prompt_digests, train
 
     table = EventTable.load(args.events)
     probe, report = train(table, seed=args.seed, max_epochs=args.max_epochs)
@@ -61,30 +61,30 @@ def cmd_train(args) -> None:
     save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(out / "probe.safetensors"))
     (out / "probe.json").write_text(json.dumps({"probe": probe.config, "report": asdict(report),
                                                 "settings": table.settings,
+                                                "problem_digests": prompt_digests(table),
                                                 "events": f"{args.events}: {describe(table)}"},
                                                indent=2, default=str) + "\n", encoding="utf-8")
     print(f"probe trained on {len(table)} events; validation AUROC {report.val_auroc}; saved to {out}")
 
 
 def cmd_calibrate(args) -> None:
-    from safetensors.torch import load_file
-
     from .events import EventTable
-    from .probe import LynxProbe
-    from .train import calibrate_bundle
+    from .train import calibrate_bundle, load_probe_folder
 
-    folder = Path(args.probe)
-    meta = json.loads((folder / "probe.json").read_text(encoding="utf-8"))
-    probe = LynxProbe(**meta["probe"])
-    probe.load_state_dict(load_file(str(folder / "probe.safetensors")))
+    probe, meta = load_probe_folder(args.probe)
+    if "settings" not in meta:
+        raise ValueError(f"{Path(args.probe) / 'probe.json'} records no collection settings: give a folder written "
+                         "by `lynx-hf train`.")
     lynx = calibrate_bundle(
         probe, EventTable.load(args.events), EventTable.load(args.test) if args.test else None,
-        settings=meta["settings"], datasets=args.datasets or [], train_note=meta["events"],
-        validation_auroc=meta["report"].get("val_auroc"),
+        settings=meta["settings"], datasets=args.datasets or [], train_note=meta.get("events", ""),
+        validation_auroc=(meta.get("report") or {}).get("val_auroc"), train_digests=meta.get("problem_digests", []),
     )
     lynx.save_pretrained(args.out)
-    print(f"bundle written to {args.out}: calibration AUROC {lynx.metadata['calibration_auroc']:.3f}"
-          + (f", test AUROC {lynx.metadata['test_auroc']:.3f}" if args.test else ""))
+    aurocs = [f"{part} AUROC " + ("undefined (one class)" if lynx.metadata.get(key) is None else
+                                  f"{lynx.metadata[key]:.3f}")
+              for part, key in (("calibration", "calibration_auroc"), ("test", "test_auroc")) if key in lynx.metadata]
+    print(f"bundle written to {args.out}: {', '.join(aurocs)}")
 
 
 def cmd_push(args) -> None:

@@ -229,6 +229,8 @@ class Collector:
         returns None except the main one, which waits for the others and returns the merged table.
         """
         check_problems(problems)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: give a positive number of problems per shard.")
         rank, world_size = _process_position(rank, world_size)
         output_dir = Path(output_dir)
         batches = [problems[i:i + batch_size] for i in range(0, len(problems), batch_size)]

@@ -699,6 +699,7 @@ def main(args) -> None:
     from .loading import load_model, load_problems, prompt_fn
     from .plots import calibration_plot, pareto_plot
     from .splits import replay_split_rates
+    from .train import check_test_disjoint
 
     out = Path(args.out)
     if args.model == "organism":
@@ -720,6 +721,7 @@ def main(args) -> None:
     else:
         raise ValueError("Give --events (an existing event table) or --problems (to collect one into --out/events).")
     check_table_matches_bundle(table, lynx)
+    check_test_disjoint(table, lynx.metadata, f"the evaluation table {args.events or args.problems}")
     text_probe = None
     train_events, cal_events = getattr(args, "text_probe_train", None), getattr(args, "text_probe_calibration", None)
     if bool(train_events) != bool(cal_events):

@@ -54,6 +54,8 @@ def load_problems(source: str, n: int | None = None, seed: int = 0) -> list[dict
         ...     [p["id"] for p in load_problems("organism:arithmetic:test", n=2)]
         True
     """
+    if n is not None and n < 1:
+        raise ValueError(f"n={n}: give a positive number of problems, or leave it out for all of them.")
     if source.startswith("organism:"):
         from . import organism
 

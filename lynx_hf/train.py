@@ -106,32 +106,70 @@ def build_bundle(settings: dict, probe: LynxProbe, calibration: Calibration, tok
     return Lynx(config, probe, calibration, metadata=metadata, **options)
 
 
+def prompt_digests(table: EventTable) -> list[str]:
+    """One short digest per trace of its prompt token ids: the identity of a problem across tables, whatever its
+    id (two benchmark splits may both number their problems from 0; the same question asked twice has one digest).
+
+    Example:
+        >>> prompt_digests(EventTable.empty({}, 1))
+        []
+    """
+    import hashlib
+
+    return [hashlib.sha256(str(t["token_ids"][: t["prompt_length"]]).encode()).hexdigest()[:16] for t in table.traces]
+
+
+def check_disjoint(a: Sequence[str], b: Sequence[str], what: str) -> None:
+    """Raise if two lists of prompt digests share a problem (`what` names the two tables and the fix)."""
+    shared = set(a) & set(b)
+    if shared:
+        raise ValueError(f"{len(shared)} problem(s) are in both {what}.")
+
+
 def calibrate_bundle(probe: LynxProbe, calibration_table: EventTable, test_table: EventTable | None = None, *,
                      settings: dict | None = None, tokenizer=None, datasets: Sequence[str] = (),
-                     train_note: str = "", validation_auroc: float | None = None) -> Lynx:
+                     train_note: str = "", validation_auroc: float | None = None,
+                     train_digests: Sequence[str] = ()) -> Lynx:
     """Calibrate a trained probe on held-out problems and package it; `test_table` adds realised rates.
 
     The bundle's metadata (shown in its model card) records the data, n, the probe's AUROC on calibration and test
-    events, and the realised premature-exit rates on the test problems.
+    events, the realised premature-exit rates on the test problems, and the prompt digests of its training and
+    calibration problems (so that evaluation can refuse a table that overlaps them). The calibration problems must
+    be disjoint from the training ones (`train_digests`, see `prompt_digests`) and the test problems from both.
     """
     settings = settings or calibration_table.settings
     check_same_settings(settings, calibration_table.settings, where="the probe's and the calibration settings")
+    cal_digests = prompt_digests(calibration_table)
+    check_disjoint(train_digests, cal_digests, "the probe's training table and the calibration table: calibrate "
+                   "on problems the probe never saw (collect them from another split or with other --seed/--n)")
     calibration = calibrate(probe, calibration_table)
     metadata = {
         "datasets": list(datasets),
         "train": train_note,
         "probe_validation_auroc": validation_auroc,
-        "calibration_auroc": auroc(calibration.scores, calibration.safe),
+        "calibration_auroc": _auroc_if_defined(calibration.scores, calibration.safe, "calibration"),
         "calibration_data": describe(calibration_table),
+        "problem_digests": {"train": list(train_digests), "calibration": cal_digests},
     }
     if test_table is not None and len(test_table):
         check_same_settings(settings, test_table.settings, where="the probe's and the test settings")
+        check_test_disjoint(test_table, metadata, "--test")
         metadata["test"] = f"{len(test_table)} events from {test_table.n_traces} traces"
         metadata["test_questions"] = test_table.n_traces
-        metadata["test_auroc"] = auroc(score(probe, test_table), test_table.safe)
+        metadata["test_auroc"] = _auroc_if_defined(score(probe, test_table), test_table.safe, "test")
         metadata["test_realised_rates"] = realised_rates(probe, calibration, test_table)
-    logger.info("Probe: calibration AUROC %.3f", metadata["calibration_auroc"])
+    logger.info("Probe: calibration AUROC %s", metadata["calibration_auroc"])
     return build_bundle(settings, probe, calibration, tokenizer=tokenizer, metadata=metadata)
+
+
+def _auroc_if_defined(scores: torch.Tensor, safe: torch.Tensor, part: str) -> float | None:
+    """AUROC of the scores, or None (with a warning) where the events are all safe or all unsafe: the calibration
+    itself is still valid there (conformal thresholds need no AUROC), only this summary is undefined."""
+    if bool(safe.all()) or not bool(safe.any()):
+        logger.warning("All %d %s events are %s: no AUROC to report.", len(safe), part,
+                       "safe" if bool(safe.any()) else "unsafe")
+        return None
+    return auroc(scores, safe)
 
 
 def fit(train_table: EventTable, calibration_table: EventTable, test_table: EventTable | None = None, *,
@@ -144,7 +182,42 @@ def fit(train_table: EventTable, calibration_table: EventTable, test_table: Even
                          "calibrate on problems the probe never saw.")
     probe, report = train(train_table, seed=seed, **probe_kwargs)
     return calibrate_bundle(probe, calibration_table, test_table, settings=train_table.settings, tokenizer=tokenizer,
-                            datasets=datasets, train_note=describe(train_table), validation_auroc=report.val_auroc)
+                            datasets=datasets, train_note=describe(train_table), validation_auroc=report.val_auroc,
+                            train_digests=prompt_digests(train_table))
+
+
+def check_test_disjoint(table: EventTable, metadata: dict, name: str = "the evaluation table") -> None:
+    """Raise if `table` holds a problem that a bundle (its `metadata`) was trained or calibrated on: rates measured
+    there say nothing about held-out problems. Bundles saved before digests were recorded are not checked."""
+    recorded = metadata.get("problem_digests") or {}
+    digests = prompt_digests(table)
+    for part in ("train", "calibration"):
+        check_disjoint(recorded.get(part) or [], digests, f"the bundle's {part} problems and {name}: evaluate on "
+                       "held-out problems (collect them from another split or with other --seed/--n)")
+
+
+def load_probe_folder(folder) -> tuple[LynxProbe, dict]:
+    """The probe and `probe.json` of a folder written by `lynx-hf train` (or a build), with an error naming the file
+    and the fix for a missing or damaged one."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .errors import CorruptedBundleError
+
+    folder = Path(folder)
+    for name in ("probe.json", "probe.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found: give a folder written by `lynx-hf train`.")
+    try:
+        meta = json.loads((folder / "probe.json").read_text(encoding="utf-8"))
+        probe = LynxProbe(**meta["probe"])
+        probe.load_state_dict(load_file(str(folder / "probe.safetensors")))
+    except Exception as error:  # noqa: BLE001 - any failure here means a damaged folder, with one fix
+        raise CorruptedBundleError(f"The probe in {folder} is unreadable ({type(error).__name__}: {error}); re-run "
+                                   "`lynx-hf train` into a new --out.") from error
+    return probe, meta
 
 
 def describe(table: EventTable) -> str:

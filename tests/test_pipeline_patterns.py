@@ -1,0 +1,218 @@
+"""Adversarial usage of the offline pipeline (collect -> train -> calibrate -> eval -> build -> save/load), as a
+demanding user would drive it. Each test states what must happen; a silent wrong result is the bug to catch.
+
+Tables come from the shipped model organism (tiny, CPU), collected once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lynx_hf import CorruptedBundleError, Lynx, LynxConfigError, organism
+from lynx_hf.cli import main as cli_main
+from lynx_hf.collect import Collector
+from lynx_hf.events import EventTable
+from lynx_hf.loading import load_problems
+from lynx_hf.train import calibrate_bundle, check_test_disjoint, train
+
+LAYERS = ("--layers", "2", "4")
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    return organism.load()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, model_tok):
+    """Train (16), calibration (8) and test (8) tables of disjoint organism problems, and a probe trained by the CLI."""
+    root = tmp_path_factory.mktemp("runs")
+    model, tok = model_tok
+    collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=400)
+    for split, n in (("train", 16), ("calibration", 8), ("test", 8)):
+        collector.collect(organism.problems("arithmetic", split, n), root / split, batch_size=8, seed=0,
+                          progress=False)
+    assert cli_main(["train", "--events", str(root / "train"), "--out", str(root / "probe"), "--max-epochs", "10"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(runs):
+    out = runs / "bundle"
+    assert cli_main(["calibrate", "--probe", str(runs / "probe"), "--events", str(runs / "calibration"),
+                     "--out", str(out)]) == 0
+    return out
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()  # progress bars of model loading may come first
+    last = err.splitlines()[-1]
+    assert last.startswith(f"lynx-hf {command}: error:") and "Traceback" not in err, err
+    return last
+
+
+# ----- problem counts and batch sizes ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, -3])
+def test_a_problem_count_below_one_is_refused_not_read_as_all(n, tmp_path, capsys):
+    """`--n 0` used to collect the organism's default 500 problems (`n or 500`) and `--n -3` all rows but three."""
+    with pytest.raises(ValueError, match="positive number of problems"):
+        load_problems("organism:arithmetic:train", n)
+    assert cli_main(["collect", "--model", "organism", "--problems", "organism:arithmetic:train", "--n", str(n),
+                     "--out", str(tmp_path / "c"), *LAYERS]) == 2
+    assert "positive number" in _one_line_error(capsys, "collect")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_batch_size_below_one_is_refused_with_the_fix(model_tok, tmp_path):
+    model, tok = model_tok
+    collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=8)
+    with pytest.raises(ValueError, match="positive number of problems per shard"):
+        collector.collect(organism.problems("arithmetic", "train", 2), tmp_path, batch_size=0, progress=False)
+    assert not (tmp_path / "settings.json").exists()
+
+
+# ----- resuming a collection with other settings --------------------------------------------------------------
+@pytest.mark.parametrize("change, match", [
+    ({"max_new_tokens": 300}, "max_new_tokens"),
+    ({"cues": ("wait",)}, "cues"),
+    ({"exit_text": "\n</think>\n\nSo the answer is"}, "exit_text"),
+    ({"seed": 1}, "seed"),
+    ({"dtype": torch.bfloat16}, "weights"),
+])
+def test_resuming_a_collection_with_other_settings_refuses_instead_of_mixing(change, match, model_tok, runs, tmp_path):
+    import shutil
+
+    folder = tmp_path / "cal"
+    shutil.copytree(runs / "calibration", folder)
+    model, tok = model_tok
+    change = dict(change)
+    seed = change.pop("seed", 0)
+    if "dtype" in change:
+        model = organism.load()[0].to(change.pop("dtype"))
+    options = {"layers": (2, 4), "prompt_fn": organism.prompt, "max_new_tokens": 400, **change}
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(LynxConfigError, match=match):
+        Collector(model, tok, **options).collect(organism.problems("arithmetic", "calibration", 8), folder,
+                                                 batch_size=8, seed=seed, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+# ----- calibrating and testing on problems the probe or the calibration already saw ----------------------------
+def test_cli_calibrate_on_the_probe_training_problems_is_refused(runs, capsys):
+    """Calibration scores of training problems are optimistic: the thresholds would exit too early."""
+    assert cli_main(["calibrate", "--probe", str(runs / "probe"), "--events", str(runs / "train"),
+                     "--out", str(runs / "b-train")]) == 2
+    assert "training table and the calibration table" in _one_line_error(capsys, "calibrate")
+    assert not (runs / "b-train").exists()
+
+
+def test_cli_calibrate_with_the_calibration_table_as_test_table_is_refused(runs, capsys):
+    assert cli_main(["calibrate", "--probe", str(runs / "probe"), "--events", str(runs / "calibration"),
+                     "--test", str(runs / "calibration"), "--out", str(runs / "b-test")]) == 2
+    assert "calibration problems and --test" in _one_line_error(capsys, "calibrate")
+
+
+def test_the_same_question_under_another_id_still_counts_as_seen(runs):
+    """Benchmarks number each split from 0, and two runs over one source share problems under any id: problems are
+    told apart by their prompt tokens, not their ids."""
+    probe, _ = train(EventTable.load(runs / "train"), max_epochs=2)
+    calibration = EventTable.load(runs / "calibration")
+    renamed = EventTable.load(runs / "calibration")
+    for i, trace in enumerate(renamed.traces):
+        trace["id"] = f"other-{i}"
+    with pytest.raises(ValueError, match="8 problem"):
+        calibrate_bundle(probe, calibration, renamed)
+
+
+def test_eval_on_the_bundle_calibration_problems_is_refused(runs, bundle_dir, capsys):
+    assert cli_main(["eval", "--bundle", str(bundle_dir), "--events", str(runs / "calibration"),
+                     "--out", str(runs / "eval-cal")]) == 2
+    assert "bundle's calibration problems" in _one_line_error(capsys, "eval")
+    meta = Lynx.from_pretrained(bundle_dir).metadata
+    check_test_disjoint(EventTable.load(runs / "test"), meta)  # held-out problems pass
+    with pytest.raises(ValueError, match="bundle's train problems"):
+        check_test_disjoint(EventTable.load(runs / "train"), meta)
+
+
+# ----- one-class and tiny calibration tables ------------------------------------------------------------------
+@pytest.mark.parametrize("all_safe", [True, False])
+def test_a_one_class_calibration_table_still_calibrates_and_says_auroc_is_undefined(runs, all_safe, capsys, tmp_path):
+    """All-safe (an easy task) or all-unsafe calibration events are a valid calibration: the conformal thresholds
+    need no AUROC. It used to fail with 'AUROC needs both classes'."""
+    folder = tmp_path / "cal"
+    table = EventTable.load(runs / "calibration")
+    table.safe = torch.full_like(table.safe, all_safe)
+    table.settings = {**table.settings, "n_shards": 1}
+    table.save_shard(folder, 0)
+    (folder / "settings.json").write_text(json.dumps(table.settings))
+    assert cli_main(["calibrate", "--probe", str(runs / "probe"), "--events", str(folder),
+                     "--out", str(tmp_path / "bundle")]) == 0
+    assert "calibration AUROC undefined" in capsys.readouterr().out
+    lynx = Lynx.from_pretrained(tmp_path / "bundle", confidence=0.8)
+    assert lynx.metadata["calibration_auroc"] is None
+    assert lynx.calibration.n_safe == (len(table) if all_safe else 0)
+    for guarantee in ("event", "question"):
+        lynx.guarantee = guarantee
+        assert not math.isnan(lynx.threshold)
+
+
+# ----- damaged probe folders and bundles ------------------------------------------------------------------------
+def test_cli_calibrate_with_a_truncated_probe_names_the_folder_and_the_fix(runs, tmp_path, capsys):
+    import shutil
+
+    probe = tmp_path / "probe"
+    shutil.copytree(runs / "probe", probe)
+    data = (probe / "probe.safetensors").read_bytes()
+    (probe / "probe.safetensors").write_bytes(data[: len(data) // 2])
+    assert cli_main(["calibrate", "--probe", str(probe), "--events", str(runs / "calibration"),
+                     "--out", str(tmp_path / "b")]) == 2
+    err = _one_line_error(capsys, "calibrate")
+    assert str(probe) in err and "lynx-hf train" in err
+
+
+def _edit_json(path, edit):
+    payload = json.loads(path.read_text())
+    edit(payload)
+    path.write_text(json.dumps(payload))
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("nan_score", r"calibration\.json.*'scores' entry 0"),
+    ("wrong_lengths", r"calibration\.json.*different lengths"),
+    ("newer_format", r"config\.json has format_version 99.*upgrade lynx-hf"),
+    ("truncated_weights", r"model\.safetensors is corrupted.*re-save"),
+])
+def test_a_damaged_bundle_file_is_an_error_naming_the_file_and_the_fix(damage, match, bundle_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / damage
+    shutil.copytree(bundle_dir, folder)
+    if damage == "nan_score":
+        _edit_json(folder / "calibration.json", lambda p: p["calibration"]["scores"].__setitem__(0, math.nan))
+    elif damage == "wrong_lengths":
+        _edit_json(folder / "calibration.json", lambda p: p["calibration"]["safe"].pop())
+    elif damage == "newer_format":
+        _edit_json(folder / "config.json", lambda c: c.__setitem__("format_version", 99))
+    else:
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError if damage in ("nan_score", "wrong_lengths") else CorruptedBundleError, match=match):
+        Lynx.from_pretrained(folder)
+
+
+def test_save_load_keeps_pac_and_paper_rule_thresholds_bit_for_bit(bundle_dir, tmp_path):
+    lynx = Lynx.from_pretrained(bundle_dir)
+    lynx.save_pretrained(tmp_path / "again")
+    again = Lynx.from_pretrained(tmp_path / "again")
+    for confidence in (0.5, 0.8):
+        for guarantee in ("event", "question"):
+            for risk_level, rule in ((0.1, "envelope"), (0.2, "paper"), (None, "paper")):
+                for bundle in (lynx, again):
+                    bundle.confidence, bundle.guarantee, bundle.risk_level, bundle.rule = \
+                        confidence, guarantee, risk_level, rule
+                assert again.threshold == lynx.threshold
+    assert again.metadata["problem_digests"] == lynx.metadata["problem_digests"]
