@@ -174,6 +174,9 @@ def write_settings(folder: str | os.PathLike, settings: dict) -> None:
     path = folder / SETTINGS_NAME
     if path.exists():
         check_same_settings(read_settings(folder), settings, where=str(folder), keys=_FOLDER_PINNED)
+    elif any(folder.glob("shard-*")):
+        raise LynxConfigError(f"{folder} holds shards but no {SETTINGS_NAME}, so nothing says how they were collected "
+                              "and resuming could mix settings: collect into a new folder.")
     else:
         path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

@@ -216,3 +216,30 @@ def test_save_load_keeps_pac_and_paper_rule_thresholds_bit_for_bit(bundle_dir, t
                         confidence, guarantee, risk_level, rule
                 assert again.threshold == lynx.threshold
     assert again.metadata["problem_digests"] == lynx.metadata["problem_digests"]
+
+
+# ----- folders that already hold something ----------------------------------------------------------------------
+def test_collecting_into_a_folder_with_shards_but_no_settings_refuses_to_resume(model_tok, runs, tmp_path):
+    """Without settings.json nothing says how the shards were made: resuming would count them as done, mixed in."""
+    import shutil
+
+    folder = tmp_path / "cal"
+    shutil.copytree(runs / "calibration", folder)
+    (folder / "settings.json").unlink()
+    model, tok = model_tok
+    collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=300)
+    with pytest.raises(LynxConfigError, match="shards but no settings.json"):
+        collector.collect(organism.problems("arithmetic", "calibration", 8), folder, batch_size=8, progress=False)
+    assert not (folder / "settings.json").exists()
+
+
+def test_cli_calibrate_on_a_table_with_another_exit_text_is_refused(model_tok, runs, tmp_path, capsys):
+    model, tok = model_tok
+    collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=400,
+                          exit_text="\n</think>\n\nSo the answer is")
+    collector.collect(organism.problems("arithmetic", "calibration", 2, seed=5), tmp_path / "cal", batch_size=2,
+                      progress=False)
+    assert cli_main(["calibrate", "--probe", str(runs / "probe"), "--events", str(tmp_path / "cal"),
+                     "--out", str(tmp_path / "b")]) == 2
+    assert "exit_text" in _one_line_error(capsys, "calibrate")
+    assert not (tmp_path / "b").exists()
