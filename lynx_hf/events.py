@@ -71,6 +71,19 @@ class EventTable:
         ids = [t["id"] for t in self.traces]
         return [ids[i] for i in self.trace.tolist()]
 
+    def check_order(self) -> None:
+        """Raise unless every event names a trace of the table and each trace's events are contiguous and in trace
+        order (what collection writes): per-question first exits, and so question thresholds and replay, read the
+        events in this order. `table.select_traces(range(table.n_traces))` puts a table in order."""
+        trace, position = self.trace, self.position
+        if len(self) and (int(trace.min()) < 0 or int(trace.max()) >= self.n_traces):
+            raise ValueError(f"Events name trace {int(trace.max())} but the table holds {self.n_traces} traces: "
+                             "build tables with EventTable.concat / select_traces, or re-collect.")
+        step = trace[1:] - trace[:-1]
+        if bool((step < 0).any()) or bool(((step == 0) & (position[1:] <= position[:-1])).any()):
+            raise ValueError("The table's events are not grouped by trace in trace order: put them in order with "
+                             "table.select_traces(range(table.n_traces)).")
+
     def select_traces(self, indices) -> "EventTable":
         """A table with only the given traces (re-indexed), keeping their events."""
         indices = [int(i) for i in indices]

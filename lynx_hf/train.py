@@ -48,6 +48,7 @@ def calibrate(probe: LynxProbe, table: EventTable) -> Calibration:
     """Split-conformal calibration from held-out events (scores as float32, as the plug-ins compute them)."""
     if len(table) == 0:
         raise ValueError("The calibration table has no cue events: collect traces on more calibration problems.")
+    table.check_order()
     return Calibration(scores=score(probe, table).double(), safe=table.safe.clone(), question=table.trace.clone())
 
 
@@ -56,6 +57,7 @@ def realised_rates(probe: LynxProbe, calibration: Calibration, table: EventTable
                    risk_levels: Sequence[float | None] = REPORT_RISK_LEVELS) -> list[dict]:
     """Premature-exit rates realised on held-out (test) events, per event and per question, at each confidence and
     risk level (None: the marginal guarantee; alpha: PAC). Each row names its `rule` and `risk_level`."""
+    table.check_order()
     return rates_on_scores(score(probe, table).double(), table.safe, table.trace, table.n_traces, calibration,
                            confidences, risk_levels)
 

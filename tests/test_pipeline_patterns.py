@@ -243,3 +243,28 @@ def test_cli_calibrate_on_a_table_with_another_exit_text_is_refused(model_tok, r
                      "--out", str(tmp_path / "b")]) == 2
     assert "exit_text" in _one_line_error(capsys, "calibrate")
     assert not (tmp_path / "b").exists()
+
+
+# ----- hand-built tables ----------------------------------------------------------------------------------------
+def _reordered(table: EventTable, order: torch.Tensor) -> EventTable:
+    from lynx_hf.events import _TENSORS
+
+    return EventTable(table.settings, **{k: getattr(table, k)[order] for k in _TENSORS},
+                      answers=[table.answers[i] for i in order.tolist()], traces=table.traces)
+
+
+def test_events_out_of_trace_order_are_refused_not_calibrated(runs):
+    """Reversed events gave a per-question threshold of 0.0 (exit at every cue) where the ordered table gives ~0.3."""
+    probe, _ = train(EventTable.load(runs / "train"), max_epochs=2)
+    table = EventTable.load(runs / "calibration")
+    for order in (torch.arange(len(table)).flip(0), torch.cat([torch.tensor([1, 0]), torch.arange(2, len(table))])):
+        with pytest.raises(ValueError, match="select_traces"):
+            calibrate_bundle(probe, _reordered(table, order))
+    shuffled = _reordered(table, torch.randperm(len(table), generator=torch.Generator().manual_seed(0)))
+    fixed = shuffled.select_traces(range(shuffled.n_traces))
+    assert torch.equal(fixed.position, table.position) and torch.equal(fixed.trace, table.trace)
+    calibrate_bundle(probe, fixed)
+    dangling = EventTable.load(runs / "calibration")
+    dangling.traces = dangling.traces[:-1]
+    with pytest.raises(ValueError, match="holds 7 traces"):
+        calibrate_bundle(probe, dangling)
