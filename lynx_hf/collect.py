@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .answers import answers_match, extract_boxed
-from .capture import HiddenStateCapture, default_layers
+from .capture import HiddenStateCapture, default_layers, layer_modules
 from .config import layer_sample, model_fingerprint, tokenizer_fingerprint, weights_sample
 from .cues import DEFAULT_CUES, CueDetector, CueEvent
 from .data import R1_INSTRUCTION, build_prompt
@@ -87,6 +87,7 @@ class Collector:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.layers = tuple(layers) if layers is not None else default_layers(model)
+        layer_modules(model, self.layers)  # an index out of range fails here, before a folder is written
         # Markers and exit text from the model's own tokenizer and chat template unless given (lynx_hf.thinking).
         fmt = resolve_thinking(tokenizer, think_start, think_end, exit_text, thinking)
         think_start, think_end, exit_text = fmt.think_start, fmt.think_end, fmt.exit_text

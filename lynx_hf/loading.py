@@ -63,6 +63,8 @@ def load_problems(source: str, n: int | None = None, seed: int = 0) -> list[dict
         if len(parts) != 3:
             raise ValueError(f"{source!r}: write organism:<family>:<split>, e.g. organism:arithmetic:train.")
         return organism.problems(parts[1], parts[2], n=n or 500, seed=seed)
+    if source.endswith((".jsonl", ".json")) and not Path(source).is_file():
+        raise FileNotFoundError(f"{source} not found: give an existing .jsonl file of {{id, question, answer}}.")
     if Path(source).is_file():
         rows = [json.loads(line) for line in Path(source).read_text(encoding="utf-8").splitlines() if line.strip()]
         return rows[:n] if n else rows

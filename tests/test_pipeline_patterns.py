@@ -268,3 +268,21 @@ def test_events_out_of_trace_order_are_refused_not_calibrated(runs):
     dangling.traces = dangling.traces[:-1]
     with pytest.raises(ValueError, match="holds 7 traces"):
         calibrate_bundle(probe, dangling)
+
+
+# ----- CLI user errors: exit 2, one line, nothing written ---------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--problems", "organism:arithmetic:train", "--n", "2", "--layers", "9"], "Layer index 9 is out of range"),
+    (["--problems", "missing.jsonl"], "missing.jsonl not found"),
+    (["--problems", "DUPLICATES"], "ids are not unique"),
+])
+def test_cli_collect_user_errors_exit_2_with_one_line_and_write_no_folder(args, message, tmp_path, capsys):
+    if "DUPLICATES" in args:
+        path = tmp_path / "dup.jsonl"
+        path.write_text("\n".join(json.dumps({"id": "a", "question": f"{i}+1?", "answer": str(i + 1)})
+                                  for i in range(2)))
+        args = [str(path) if a == "DUPLICATES" else a for a in args]
+    args = [str(tmp_path / a) if a.endswith(".jsonl") and not a.startswith("/") else a for a in args]
+    assert cli_main(["collect", "--model", "organism", "--out", str(tmp_path / "out"), *args]) == 2
+    assert message in _one_line_error(capsys, "collect")
+    assert not (tmp_path / "out").exists()
