@@ -699,7 +699,7 @@ def main(args) -> None:
     from .loading import load_model, load_problems, prompt_fn
     from .plots import calibration_plot, pareto_plot
     from .splits import replay_split_rates
-    from .train import check_test_disjoint
+    from .train import check_disjoint, check_test_disjoint, prompt_digests
 
     out = Path(args.out)
     if args.model == "organism":
@@ -729,8 +729,10 @@ def main(args) -> None:
                          "probe was trained and calibrated on), or neither.")
     if train_events:
         train_table, cal_table = EventTable.load(train_events), EventTable.load(cal_events)
-        for t in (train_table, cal_table):
+        for t, part in ((train_table, "--text-probe-train"), (cal_table, "--text-probe-calibration")):
             check_table_matches_bundle(t, lynx)
+            check_disjoint(prompt_digests(t), prompt_digests(table), f"{part} and the evaluation table: evaluate on "
+                           "held-out problems")
         text_probe = TextProbe.fit(train_table, cal_table, model.get_input_embeddings().weight, seed=args.seed)
     rows, _, replay = run_all(lynx, table, model, tokenizer, confidences=args.confidences, text_probe=text_probe)
     aurocs = probe_aurocs(replay, text_probe)

@@ -286,3 +286,12 @@ def test_cli_collect_user_errors_exit_2_with_one_line_and_write_no_folder(args, 
     assert cli_main(["collect", "--model", "organism", "--out", str(tmp_path / "out"), *args]) == 2
     assert message in _one_line_error(capsys, "collect")
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_an_evaluation_table_that_overlaps_the_text_probe_tables(runs, bundle_dir, capsys):
+    """The TextProbe control is trained and calibrated on the given tables: evaluating it on them is refused too
+    (and is the only check for bundles, like the shipped one, saved before digests were recorded)."""
+    assert cli_main(["eval", "--bundle", str(bundle_dir), "--events", str(runs / "test"), "--text-probe-train",
+                     str(runs / "train"), "--text-probe-calibration", str(runs / "test"),
+                     "--out", str(runs / "eval-tp")]) == 2
+    assert "--text-probe-calibration and the evaluation table" in _one_line_error(capsys, "eval")
