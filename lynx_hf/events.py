@@ -122,7 +122,7 @@ class EventTable:
 
     # ----- disk -----------------------------------------------------------------------------------------
     def save_shard(self, folder: str | os.PathLike, index: int) -> None:
-        """Write this table as shard `index` of `folder` (atomically: a half-written shard never counts)."""
+        """Write this table as shard `index` of `folder` (atomically: a half-written shard never counts as done)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         name = f"shard-{index:05d}"
@@ -134,8 +134,10 @@ class EventTable:
             f.write(json.dumps({"answers": self.answers}) + "\n")
             for trace in self.traces:
                 f.write(json.dumps(trace) + "\n")
-        os.replace(tmp_tensors, folder / f"{name}.safetensors")
+        # The .safetensors file marks a shard done, so it lands last: an interruption in between leaves a shard
+        # that collect redoes, never a done one without its traces.
         os.replace(tmp_json, folder / f"{name}.jsonl")
+        os.replace(tmp_tensors, folder / f"{name}.safetensors")
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "EventTable":

@@ -295,3 +295,31 @@ def test_eval_refuses_an_evaluation_table_that_overlaps_the_text_probe_tables(ru
                      str(runs / "train"), "--text-probe-calibration", str(runs / "test"),
                      "--out", str(runs / "eval-tp")]) == 2
     assert "--text-probe-calibration and the evaluation table" in _one_line_error(capsys, "eval")
+
+
+def test_an_interruption_between_the_two_files_of_a_shard_resumes_cleanly(model_tok, runs, tmp_path, monkeypatch):
+    """Killed after a shard's first file landed: the re-run must redo that shard, not count it done without its
+    traces (which made every later load fail)."""
+    import os
+
+    from lynx_hf import events
+
+    model, tok = model_tok
+    collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=400)
+    problems = organism.problems("arithmetic", "calibration", 8)
+    calls, replace = [], os.replace
+
+    def replace_then_die(src, dst):
+        calls.append(str(dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(events.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        collector.collect(problems, tmp_path, batch_size=8, seed=0, progress=False)
+    monkeypatch.undo()
+    table = collector.collect(problems, tmp_path, batch_size=8, seed=0, progress=False)
+    reference = EventTable.load(runs / "calibration")
+    assert [t["token_ids"] for t in table.traces] == [t["token_ids"] for t in reference.traces]
+    assert torch.equal(table.safe, reference.safe)
