@@ -84,6 +84,12 @@ class Collector:
         instruction: str = R1_INSTRUCTION,
         rollout: Rollout | None = None,
     ):
+        for name, value in (("max_new_tokens", max_new_tokens), ("answer_max_new_tokens", answer_max_new_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: give a positive number of tokens.")
+        if not temperature >= 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature={temperature}, top_p={top_p}: give temperature >= 0 (0: greedy) and "
+                             "top_p in (0, 1].")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.layers = tuple(layers) if layers is not None else default_layers(model)

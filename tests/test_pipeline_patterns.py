@@ -275,6 +275,10 @@ def test_events_out_of_trace_order_are_refused_not_calibrated(runs):
     (["--problems", "organism:arithmetic:train", "--n", "2", "--layers", "9"], "Layer index 9 is out of range"),
     (["--problems", "missing.jsonl"], "missing.jsonl not found"),
     (["--problems", "DUPLICATES"], "ids are not unique"),
+    # 0 answer tokens labelled every event unsafe (no answer is ever right); a negative temperature failed in generate
+    (["--problems", "organism:arithmetic:train", "--n", "2", "--answer-max-new-tokens", "0"], "positive number of tok"),
+    (["--problems", "organism:arithmetic:train", "--n", "2", "--temperature", "-1"], "temperature >= 0"),
+    (["--problems", "organism:arithmetic:train", "--n", "2", "--top-p", "0"], "top_p in (0, 1]"),
 ])
 def test_cli_collect_user_errors_exit_2_with_one_line_and_write_no_folder(args, message, tmp_path, capsys):
     if "DUPLICATES" in args:
