@@ -78,6 +78,10 @@ def split_problems(problems: Sequence[dict], sizes: dict, seed: int = 0) -> dict
         >>> [len(parts[s]) for s in ("train", "calibration", "test")], len({p["id"] for v in parts.values() for p in v})
         ([5, 3, 2], 10)
     """
+    for split in SPLITS:
+        n = sizes.get(split, 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{split} size {n!r}: give a number of problems >= 0 (--{split}).")
     need = sum(sizes.get(s, 0) for s in SPLITS)
     if len(problems) < need:
         raise ValueError(f"The problem source has {len(problems)} problems but the splits need {need} "
@@ -182,6 +186,8 @@ def build(
     out = Path(out)
     problems = load_problems(plan.problems, plan.total, plan.seed)
     parts = split_problems(problems, plan.sizes, plan.seed)
+    if not (parts["train"] and parts["calibration"]):  # checked before a model loads or a split is collected
+        raise LynxConfigError("A build needs training and calibration problems: set --train and --calibration > 0.")
     model, tokenizer = load_model(plan.model, plan.gguf_file, device)
     collector = _collector(plan, model, tokenizer, prompt_fn(plan.model))
     fmt = collector.thinking
@@ -202,8 +208,6 @@ def build(
         tables[split] = collector.collect(parts[split], out / "events" / split, batch_size=plan.batch_size,
                                           seed=plan.seed, progress=progress)
         say(f"collect {split}: {describe(tables[split])} ({time.perf_counter() - start:.0f} s)")
-    if "train" not in tables or "calibration" not in tables:
-        raise LynxConfigError("A build needs training and calibration problems: set --train and --calibration > 0.")
 
     probe_dir = out / "probe"
     if (probe_dir / "probe.safetensors").exists():

@@ -327,3 +327,16 @@ def test_an_interruption_between_the_two_files_of_a_shard_resumes_cleanly(model_
     reference = EventTable.load(runs / "calibration")
     assert [t["token_ids"] for t in table.traces] == [t["token_ids"] for t in reference.traces]
     assert torch.equal(table.safe, reference.safe)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    (("0", "4", "0"), "training and calibration problems"),  # used to collect the calibration split first
+    (("4", "-2", "0"), "calibration size -2"),  # used to shrink the training split to 2 problems
+])
+def test_build_with_an_empty_or_negative_split_refuses_before_collecting(sizes, message, tmp_path, capsys):
+    train, calibration, test = sizes
+    assert cli_main(["build", "--model", "organism", "--problems", "organism:arithmetic:train", "--train", train,
+                     "--calibration", calibration, "--test", test, "--out", str(tmp_path / "b"),
+                     "--max-new-tokens", "50"]) == 2
+    assert message in _one_line_error(capsys, "build")
+    assert not (tmp_path / "b").exists()
