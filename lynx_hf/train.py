@@ -128,6 +128,10 @@ def check_disjoint(a: Sequence[str], b: Sequence[str], what: str) -> None:
         raise ValueError(f"{len(shared)} problem(s) are in both {what}.")
 
 
+_TRAIN_AND_CALIBRATION = ("the probe's training table and the calibration table: calibrate on problems the probe "
+                          "never saw (collect them from another split or with other --seed/--n)")
+
+
 def calibrate_bundle(probe: LynxProbe, calibration_table: EventTable, test_table: EventTable | None = None, *,
                      settings: dict | None = None, tokenizer=None, datasets: Sequence[str] = (),
                      train_note: str = "", validation_auroc: float | None = None,
@@ -142,8 +146,7 @@ def calibrate_bundle(probe: LynxProbe, calibration_table: EventTable, test_table
     settings = settings or calibration_table.settings
     check_same_settings(settings, calibration_table.settings, where="the probe's and the calibration settings")
     cal_digests = prompt_digests(calibration_table)
-    check_disjoint(train_digests, cal_digests, "the probe's training table and the calibration table: calibrate "
-                   "on problems the probe never saw (collect them from another split or with other --seed/--n)")
+    check_disjoint(train_digests, cal_digests, _TRAIN_AND_CALIBRATION)
     calibration = calibrate(probe, calibration_table)
     metadata = {
         "datasets": list(datasets),
@@ -178,14 +181,12 @@ def fit(train_table: EventTable, calibration_table: EventTable, test_table: Even
         seed: int = 0, tokenizer=None, datasets: Sequence[str] = (), **probe_kwargs) -> Lynx:
     """Train on one table, calibrate on another (disjoint problems), report on a third: a ready bundle."""
     check_same_settings(train_table.settings, calibration_table.settings)
-    overlap = {t["id"] for t in train_table.traces} & {t["id"] for t in calibration_table.traces}
-    if overlap:
-        raise ValueError(f"{len(overlap)} problems are in both the training and calibration tables: "
-                         "calibrate on problems the probe never saw.")
+    train_digests = prompt_digests(train_table)
+    check_disjoint(train_digests, prompt_digests(calibration_table), _TRAIN_AND_CALIBRATION)  # before training
     probe, report = train(train_table, seed=seed, **probe_kwargs)
     return calibrate_bundle(probe, calibration_table, test_table, settings=train_table.settings, tokenizer=tokenizer,
                             datasets=datasets, train_note=describe(train_table), validation_auroc=report.val_auroc,
-                            train_digests=prompt_digests(train_table))
+                            train_digests=train_digests)
 
 
 def check_test_disjoint(table: EventTable, metadata: dict, name: str = "the evaluation table") -> None:

@@ -128,6 +128,17 @@ def test_the_same_question_under_another_id_still_counts_as_seen(runs):
         calibrate_bundle(probe, calibration, renamed)
 
 
+def test_fit_refuses_the_training_problems_as_calibration_under_other_ids_before_training(runs, monkeypatch):
+    import lynx_hf.train as train_module
+
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained before checking the tables"))
+    renamed = EventTable.load(runs / "train")
+    for i, trace in enumerate(renamed.traces):
+        trace["id"] = f"other-{i}"
+    with pytest.raises(ValueError, match="in both the probe's training table and the calibration table"):
+        train_module.fit(EventTable.load(runs / "train"), renamed)
+
+
 def test_eval_on_the_bundle_calibration_problems_is_refused(runs, bundle_dir, capsys):
     assert cli_main(["eval", "--bundle", str(bundle_dir), "--events", str(runs / "calibration"),
                      "--out", str(runs / "eval-cal")]) == 2
