@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from .answers import answers_match, extract_boxed
 from .capture import HiddenStateCapture, default_layers, layer_modules
-from .config import layer_sample, model_fingerprint, tokenizer_fingerprint, weights_sample
+from .config import layer_sample, model_fingerprint, short_digest, tokenizer_fingerprint, weights_sample
 from .cues import DEFAULT_CUES, CueDetector, CueEvent
 from .data import R1_INSTRUCTION, build_prompt
 from .events import EventTable, write_settings
@@ -242,7 +242,7 @@ class Collector:
         output_dir = Path(output_dir)
         batches = [problems[i:i + batch_size] for i in range(0, len(problems), batch_size)]
         settings = {**self.settings, "seed": seed, "batch_size": batch_size, "n_shards": len(batches),
-                    "problem_ids": _digest([p["id"] for p in problems])}
+                    "problem_ids": short_digest([p["id"] for p in problems])}
         if rank == 0:
             write_settings(output_dir, settings)
         _barrier(world_size)
@@ -374,13 +374,6 @@ def _barrier(world_size: int) -> None:
         from accelerate import PartialState
 
         PartialState().wait_for_everyone()
-
-
-def _digest(values) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
 
 def think_length(generated: list[int], think_end_ids: list[int]) -> int:

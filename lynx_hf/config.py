@@ -97,7 +97,13 @@ def _close(a: list[float], b: list[float], rtol: float = 1e-2, atol: float = 1e-
     return len(a) == len(b) and all(abs(x - y) <= atol + rtol * abs(y) for x, y in zip(a, b))
 
 
-def _digest(payload) -> str:
+def short_digest(payload) -> str:
+    """16 hex digits of the SHA-256 of `payload` as sorted JSON: the fingerprints' and problem digests' hash.
+
+    Example:
+        >>> short_digest([1, 2, 3])
+        'a36b1f2c3f84522d'
+    """
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -112,7 +118,7 @@ def model_fingerprint(model) -> str:
         16
     """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return _digest({key: getattr(config, key, None) for key in _CONFIG_KEYS})
+    return short_digest({key: getattr(config, key, None) for key in _CONFIG_KEYS})
 
 
 def weights_sample(model, n: int = 32) -> list[float]:
@@ -225,7 +231,7 @@ def active_adapters(model) -> list[str]:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of the tokenizer's vocabulary (tokens, ids and added tokens)."""
-    return _digest(sorted(tokenizer.get_vocab().items()))
+    return short_digest(sorted(tokenizer.get_vocab().items()))
 
 
 def model_hidden_size(model) -> int:

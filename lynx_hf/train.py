@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .bundle import Lynx
-from .config import LynxConfig
+from .config import LynxConfig, short_digest
 from .conformal import Calibration, LynxCalibrationWarning, exits, first_exit
 from .events import EventTable, check_same_settings
 from .exit import exit_token_ids
@@ -116,9 +116,7 @@ def prompt_digests(table: EventTable) -> list[str]:
         >>> prompt_digests(EventTable.empty({}, 1))
         []
     """
-    import hashlib
-
-    return [hashlib.sha256(str(t["token_ids"][: t["prompt_length"]]).encode()).hexdigest()[:16] for t in table.traces]
+    return [short_digest(list(t["token_ids"][: t["prompt_length"]])) for t in table.traces]
 
 
 def check_disjoint(a: Sequence[str], b: Sequence[str], what: str) -> None:
