@@ -16,6 +16,7 @@ cue word's first token, EXIT_TEXT is appended, the answer is decoded greedily up
     .venv/bin/python benchmarks/organism_stats.py            # 500 problems per family, a few minutes on a CPU
     .venv/bin/python benchmarks/organism_stats.py --n 20     # a smoke run
     .venv/bin/python benchmarks/organism_stats.py --n 100 --model-dir /tmp/o1   # a freshly trained variant
+    .venv/bin/python benchmarks/organism_stats.py --split calibration --model-dir /tmp/o1   # choose variants here
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lynx_hf import organism  # noqa: E402
+from lynx_hf.organism.tasks import SPLITS  # noqa: E402
 
 CUE_RE = re.compile(r"(?<![A-Za-z])(wait|hmm|alternatively)(?![A-Za-z])", re.IGNORECASE)
 
@@ -93,8 +95,8 @@ def cue_token_starts(tok, ids: list[int]) -> list[int]:
     return starts
 
 
-def family_stats(model, tok, family: str, n: int, seed: int, batch: int, max_new_tokens: int) -> dict:
-    probs = organism.problems(family, "test", n, seed=seed)
+def family_stats(model, tok, family: str, split: str, n: int, seed: int, batch: int, max_new_tokens: int) -> dict:
+    probs = organism.problems(family, split, n, seed=seed)
     prompts = [tok(organism.prompt(tok, p["question"]), add_special_tokens=False)["input_ids"] for p in probs]
     t0 = time.time()
     gens = sample_traces(model, tok, prompts, batch, max_new_tokens)
@@ -151,7 +153,9 @@ def family_stats(model, tok, family: str, n: int, seed: int, batch: int, max_new
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=500, help="test problems per family")
+    ap.add_argument("--n", type=int, default=500, help="problems per family")
+    ap.add_argument("--split", default="test", choices=SPLITS,
+                    help="problems to sample (choose among trained variants on 'calibration', report on 'test')")
     ap.add_argument("--families", nargs="+", default=list(organism.FAMILIES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=128)
@@ -168,9 +172,9 @@ def main() -> None:
     model.to(args.device)
     print(f"organism: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{args.model_dir or organism.MODEL_DIR}")
-    print(f"sampling: T=0.6, top_p=0.95, {args.n} held-out test problems per family, seed {args.seed}")
+    print(f"sampling: T=0.6, top_p=0.95, {args.n} held-out {args.split} problems per family, seed {args.seed}")
     for family in args.families:
-        s = family_stats(model, tok, family, args.n, args.seed, args.batch, args.max_new_tokens)
+        s = family_stats(model, tok, family, args.split, args.n, args.seed, args.batch, args.max_new_tokens)
         print(f"\n== {family} (n={s['n']}; sampling {s['sample_s']:.0f} s, {s['forced_exits']} forced exits "
               f"{s['exit_s']:.0f} s)")
         print(f"  full-trace accuracy              {s['accuracy']:6.1%}   (well-formed traces {s['well_formed']:.1%})")
