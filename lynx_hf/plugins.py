@@ -116,11 +116,11 @@ class LynxExitProcessor(LogitsProcessor):
     def __init__(self, lynx: "Lynx"):
         self.lynx = lynx
         self.calls = CallTracker(lynx, mode="stream", call_class=StreamCall, check_list=self._check_order)
-        self._by_thread: dict[int, StreamCall] = {}
+        self._running = threading.local()  # this thread's running call; freed with its thread
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         call: StreamCall = self.calls.current(input_ids, sys._getframe(1))
-        self._by_thread[threading.get_ident()] = call
+        self._running.call = call
         decide = call.observe(input_ids)
         # Rows that finished forcing are answering: track the box's brace depth for the answer stopper, and record a
         # closed box here too, so that `answered` is right without the stopper (a row then writes on after its box).
@@ -163,7 +163,7 @@ class LynxExitProcessor(LogitsProcessor):
 
     def running_call(self, input_ids: torch.LongTensor) -> StreamCall:
         """This thread's running call, checked to be the one `input_ids` continues."""
-        call = self._by_thread.get(threading.get_ident())
+        call = getattr(self._running, "call", None)
         if call is None or call.batch != input_ids.shape[0] or call._consumed != input_ids.shape[1] - 1:
             raise UnsupportedGenerationError(
                 "lynx.answer_stopper() only works together with lynx.exit_processor() in the same generate call: "

@@ -4,8 +4,10 @@ gives the same result as its plain equivalent, or a clear error naming the fix (
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 import threading
+import weakref
 
 import pytest
 import torch
@@ -191,6 +193,25 @@ def test_threads_sharing_one_lynx_each_read_their_own_calls_records(setup):
     for index in range(2):
         assert seen[index][0] == seen[index][1] == expected[index]
     assert seen[0][0] != seen[1][0]
+
+
+def test_in_stream_calls_of_finished_threads_are_not_kept_alive(setup):
+    """A server that answers each request in a new thread must not accumulate one call's state per thread."""
+    model, tok, lynx, enc, _ = setup
+    processor = lynx.exit_processor()
+    calls = []
+
+    def work():
+        model.generate(**enc, logits_processor=[processor], stopping_criteria=[lynx.answer_stopper()],
+                       max_new_tokens=8, do_sample=False)
+        calls.append(weakref.ref(processor.calls.last))
+
+    for _ in range(4):
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    gc.collect()
+    assert len(calls) == 4 and sum(ref() is not None for ref in calls) <= 1  # only the last call, for last_exits
 
 
 def test_an_outputs_cache_reused_by_a_later_generate_call_is_recomputed_with_a_warning(setup):
