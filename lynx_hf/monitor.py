@@ -165,6 +165,19 @@ def caller_list(frame: FrameType | None) -> tuple[object, FrameType] | None:
     return found
 
 
+def loop_logits(loop: FrameType | None, scores: torch.Tensor) -> torch.Tensor:
+    """The model's own next-token logits of this step, as `_sample` handed them to the logits processors (before
+    any processor, generate's or the user's, changed them), read from the decoding loop's frame."""
+    logits = loop.f_locals.get("next_token_logits") if loop is not None else None
+    if not isinstance(logits, torch.Tensor) or logits.shape != scores.shape:
+        raise UnsupportedGenerationError(
+            "Lynx's in-stream exit could not read the model's logits of this step from transformers' decoding loop "
+            "(`next_token_logits` in `_sample`), which it needs to answer greedily as the calibration labels were: "
+            "use stop mode (stopping_criteria=[lynx], then lynx.answer(out)) with this transformers version."
+        )
+    return logits
+
+
 def loop_context(loop: FrameType | None) -> tuple[nn.Module, torch.Tensor | None]:
     """(generating model, attention mask so far) from transformers' decoding-loop frame."""
     name = loop.f_code.co_name if loop is not None else "<unknown>"
@@ -383,6 +396,11 @@ class CallTracker:
 
     def current(self, input_ids: torch.LongTensor, frame: FrameType | None) -> GenerateCall:
         """The call this step belongs to. `frame` is the plug-in's caller."""
+        return self.current_and_loop(input_ids, frame)[0]
+
+    def current_and_loop(self, input_ids: torch.LongTensor,
+                         frame: FrameType | None) -> tuple[GenerateCall, FrameType | None]:
+        """The call this step belongs to, and the frame of transformers' decoding loop running it."""
         found = caller_list(frame)
         if found is None:
             raise UnsupportedGenerationError(
@@ -392,7 +410,7 @@ class CallTracker:
         owner, loop = found
         recent = self._recent
         if recent is not None and recent[0]() is owner:
-            return recent[1]
+            return recent[1], loop
         with self._lock:
             entry = self._calls.get(id(owner))
             if entry is not None and entry[0]() is owner:
@@ -400,7 +418,7 @@ class CallTracker:
             else:
                 call = self._start(owner, loop, input_ids)
             self._recent = (weakref.ref(owner), call)
-        return call
+        return call, loop
 
     def _start(self, owner, loop: FrameType | None, input_ids: torch.LongTensor) -> GenerateCall:
         model, mask = loop_context(loop)

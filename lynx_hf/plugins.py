@@ -10,7 +10,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 from transformers.generation import logits_process
 
-from .monitor import CallTracker, ExitRecord, GenerateCall
+from .monitor import CallTracker, ExitRecord, GenerateCall, loop_logits
 from .errors import UnsupportedGenerationError
 
 if TYPE_CHECKING:
@@ -92,9 +92,11 @@ class LynxExitProcessor(LogitsProcessor):
     It decides on the same events as stop mode and the calibration data: a cue whose word the next token ended, scored
     on the cue token's hidden state. As that next token is already sampled when the decision is made, the in-stream
     exit keeps the cue word and that one token before the exit text (stop mode and `Lynx.answer` drop the cue, as
-    the labels did). The answer after the exit text is decoded greedily, as the labels were, whatever the call's
-    sampling settings. Pair it with `lynx.answer_stopper()` to end each row once its boxed answer closes; a row whose
-    token budget runs out before that is recorded with `answered=False`. In shadow mode it never forces anything.
+    the labels did). The answer after the exit text is decoded greedily on the model's own logits, as the labels were,
+    whatever the call's sampling settings and logits processors (`repetition_penalty`, `suppress_tokens`,
+    `sequence_bias`, ... shape the thinking only, as in `Lynx.answer` and `custom_generate`). Pair it with
+    `lynx.answer_stopper()` to end each row once its boxed answer closes; a row whose token budget runs out before
+    that is recorded with `answered=False`. In shadow mode it never forces anything.
     Put it last among your logits processors (a later one could change the forced tokens, so it is refused);
     transformers' sampling warpers, which `generate` runs after yours, keep the forced token.
 
@@ -119,7 +121,7 @@ class LynxExitProcessor(LogitsProcessor):
         self._running = threading.local()  # this thread's running call; freed with its thread
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        call: StreamCall = self.calls.current(input_ids, sys._getframe(1))
+        call, loop = self.calls.current_and_loop(input_ids, sys._getframe(1))
         self._running.call = call
         decide = call.observe(input_ids)
         # Rows that finished forcing are answering: track the box's brace depth for the answer stopper, and record a
@@ -131,11 +133,13 @@ class LynxExitProcessor(LogitsProcessor):
             return scores
         call.forcing = torch.where(decide, torch.zeros_like(call.forcing), call.forcing)
         forcing = call.forcing >= 0
-        # Rows answering decode greedily whatever the call's sampling settings: the guarantee is about the greedy
-        # answer after the exit text (the labels', `answer`'s and `custom_generate`'s).
+        # Rows answering decode greedily on the model's own logits, whatever the call's sampling settings and the
+        # processors that ran before this one (repetition_penalty, suppress_tokens, sequence_bias, ...): the guarantee
+        # is about the greedy answer after the exit text (the labels', `answer`'s and `custom_generate`'s).
         greedy = call.answering & ~call.closed
         n_exit = call.forced_ids.numel()
-        target = torch.where(forcing, call.forced_ids[call.forcing.clamp(0, n_exit - 1)], scores.argmax(dim=-1))
+        model_choice = loop_logits(loop, scores).argmax(dim=-1)
+        target = torch.where(forcing, call.forced_ids[call.forcing.clamp(0, n_exit - 1)], model_choice)
         forced = torch.full_like(scores, -float("inf")).scatter_(1, target[:, None], 0.0)
         scores = torch.where((forcing | greedy)[:, None], forced, scores)
         advanced = call.forcing + 1

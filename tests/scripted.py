@@ -17,10 +17,14 @@ ANSWER = "7}"
 
 class ScriptProcessor(LogitsProcessor):
     """Forces each row to write `script` after its prompt; a row that left the script (e.g. Lynx forced an exit)
-    is then forced to write `answer` and EOS."""
+    is then forced to write `answer` and EOS. With `model_logits=True` (first in the list) it overwrites the logits
+    generate hands it, the model's own, so that what reads those (Lynx's in-stream greedy answer) follows the script
+    too."""
 
-    def __init__(self, tokenizer, prompt_lengths, scripts, answer=ANSWER, exit_len: int = 0):
+    def __init__(self, tokenizer, prompt_lengths, scripts, answer=ANSWER, exit_len: int = 0,
+                 model_logits: bool = False):
         self.exit_len = exit_len
+        self.model_logits = model_logits
         self.prompt_lengths = prompt_lengths
         self.scripts = [tokenizer(s, add_special_tokens=False).input_ids for s in scripts]
         self.answer = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -37,7 +41,7 @@ class ScriptProcessor(LogitsProcessor):
                 done = len(generated) - diverged - self.exit_len
                 token = self.answer[min(max(done, 0), len(self.answer) - 1)]
             forced[row, token] = 0.0
-        return forced
+        return scores.copy_(forced) if self.model_logits else forced
 
 
 def scripted_model(tokenizer, seed: int = 0):

@@ -67,7 +67,7 @@ def test_shadow_mode_records_the_exit_but_never_changes_the_output(setup):
 def test_exit_processor_forces_the_exit_text_once_the_cue_word_has_ended_and_stops_when_the_box_closes(setup):
     model, tok, enc = setup
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)
-    script = _script(tok, enc, exit_len=len(lynx.exit_ids))
+    script = _script(tok, enc, exit_len=len(lynx.exit_ids), model_logits=True)
     out = _generate(model, enc, [script, lynx.exit_processor()], [lynx.answer_stopper()])
     text = tok.decode(out[0, enc.input_ids.shape[1]:])
     # The "," after "Wait" shows the cue word ended (the calibrated event); the exit text follows it.
@@ -192,7 +192,8 @@ def test_cue_words_inside_longer_words_never_trigger_an_exit_in_either_mode(setu
     stop_record = lynx.last_exits[0]
     assert stop_record.cue == "wait" and stop_record.cues_seen == 1
     assert stop_record.position == _cue_index(tok, enc, stop, "Hmmm awaited. Wait")
-    script_proc = ScriptProcessor(tok, [enc.input_ids.shape[1]], [script], exit_len=len(lynx.exit_ids))
+    script_proc = ScriptProcessor(tok, [enc.input_ids.shape[1]], [script], exit_len=len(lynx.exit_ids),
+                                  model_logits=True)
     stream = _generate(model, enc, [script_proc, lynx.exit_processor()], [lynx.answer_stopper()])
     record = lynx.last_exits[0]
     assert (record.position, record.start, record.cue) == (stop_record.position, stop_record.start, "wait")
@@ -202,11 +203,12 @@ def test_cue_words_inside_longer_words_never_trigger_an_exit_in_either_mode(setu
 def test_an_in_stream_exit_whose_token_budget_ends_before_the_answer_is_reported_unanswered(setup):
     model, tok, enc = setup
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)
-    script = _script(tok, enc, exit_len=len(lynx.exit_ids))
+    script = _script(tok, enc, exit_len=len(lynx.exit_ids), model_logits=True)
     full = _generate(model, enc, [script, lynx.exit_processor()], [lynx.answer_stopper()])
     assert lynx.last_exits[0].answered is True
     budget = full.shape[1] - enc.input_ids.shape[1] - 3  # ends inside the forced exit text / answer
-    model.generate(**enc, logits_processor=[_script(tok, enc, exit_len=len(lynx.exit_ids)), lynx.exit_processor()],
+    model.generate(**enc, logits_processor=[_script(tok, enc, exit_len=len(lynx.exit_ids), model_logits=True),
+                                            lynx.exit_processor()],
                    stopping_criteria=[lynx.answer_stopper()], max_new_tokens=budget, do_sample=False)
     record = lynx.last_exits[0]
     assert record.exited and record.answered is False
@@ -221,7 +223,7 @@ def test_token_ids_beyond_the_tokenizer_never_index_out_of_bounds(setup):
     beyond = len(tok) + 5
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)
     width = enc.input_ids.shape[1]
-    script = ScriptProcessor(tok, [width], [SCRIPT], exit_len=len(lynx.exit_ids))
+    script = ScriptProcessor(tok, [width], [SCRIPT], exit_len=len(lynx.exit_ids), model_logits=True)
     script.scripts = [[beyond] + script.scripts[0]]  # the trace itself holds an id the tokenizer does not know
     out = _generate(model, enc, [script], [lynx], return_dict_in_generate=True)
     assert lynx.last_exits[0].exited
