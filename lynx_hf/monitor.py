@@ -178,6 +178,13 @@ def loop_logits(loop: FrameType | None, scores: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def loop_running(loop: FrameType | None, batch: int) -> torch.Tensor | None:
+    """Which rows transformers' decoding loop has not finished yet (`unfinished_sequences` in `_sample`), or None
+    where the loop keeps no such flags."""
+    running = loop.f_locals.get("unfinished_sequences") if loop is not None else None
+    return running if isinstance(running, torch.Tensor) and running.shape == (batch,) else None
+
+
 def loop_context(loop: FrameType | None) -> tuple[nn.Module, torch.Tensor | None]:
     """(generating model, attention mask so far) from transformers' decoding-loop frame."""
     name = loop.f_code.co_name if loop is not None else "<unknown>"
@@ -275,8 +282,12 @@ class GenerateCall:
             return torch.zeros_like(self.pending_score)
         return self.lynx.probe.predict_proba(self.tap.features()).to(event.device, torch.float32)
 
-    def observe(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Consume the token appended since the last step; return this step's exit decisions `[batch]` (bool)."""
+    def observe(self, input_ids: torch.LongTensor, running: torch.Tensor | None = None) -> torch.Tensor:
+        """Consume the token appended since the last step; return this step's exit decisions `[batch]` (bool).
+
+        `running` (`[batch]`, nonzero for rows generate has not finished before this step; default all) keeps rows
+        that another criterion already stopped (a stop string, EOS, a criterion of yours) from exiting or counting
+        cues on what generate writes after their end (padding, or model tokens where no EOS is set)."""
         length = input_ids.shape[1]
         new = length - self._consumed
         if new == 0:
@@ -310,6 +321,8 @@ class GenerateCall:
         event_cue = torch.where(self.state.retracted, -1, self.pending_cue)
         event_start = self.pending_start
         event = event_cue >= 0
+        if running is not None:
+            event = event & running.to(device=event.device, dtype=torch.bool)
         position = length - 2
         if self.mode == "stop":
             score = self._score(event)  # this step's forward fed the cue token: its hidden state is the cue's

@@ -10,7 +10,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 from transformers.generation import logits_process
 
-from .monitor import CallTracker, ExitRecord, GenerateCall, loop_logits
+from .monitor import CallTracker, ExitRecord, GenerateCall, loop_logits, loop_running
 from .errors import UnsupportedGenerationError
 
 if TYPE_CHECKING:
@@ -49,8 +49,8 @@ class LynxStoppingCriteria(StoppingCriteria):
 
     def step(self, input_ids: torch.LongTensor, caller) -> torch.BoolTensor:
         """One decoding step of the call that `caller` (the frame calling the plug-in) belongs to."""
-        call = self.calls.current(input_ids, caller)
-        decide = call.observe(input_ids)
+        call, loop = self.calls.current_and_loop(input_ids, caller)
+        decide = call.observe(input_ids, loop_running(loop, input_ids.shape[0]))
         return torch.zeros_like(decide) if call.shadow else decide
 
     @property
@@ -123,7 +123,7 @@ class LynxExitProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         call, loop = self.calls.current_and_loop(input_ids, sys._getframe(1))
         self._running.call = call
-        decide = call.observe(input_ids)
+        decide = call.observe(input_ids, loop_running(loop, input_ids.shape[0]))
         # Rows that finished forcing are answering: track the box's brace depth for the answer stopper, and record a
         # closed box here too, so that `answered` is right without the stopper (a row then writes on after its box).
         last = input_ids[:, -1]

@@ -307,3 +307,23 @@ def test_stop_strings_stop_their_rows_and_lynx_exits_the_others_as_without_them(
             second += 1
             assert got_records[row] == record and got_answers[row] == answers[row]
     assert first and second
+
+
+@pytest.mark.parametrize("mode", ["stop", "stream"])
+@pytest.mark.parametrize("eos", ["eos", "no_eos"])
+def test_a_row_a_stop_string_ends_on_a_cue_word_is_not_exited_whatever_its_batch_neighbours(setup, mode, eos):
+    # The cue's word is confirmed by the token after it; in a row a stop string ended, that token is generate's
+    # padding (or, without an EOS id, a model token written after the row's end), and only while other rows run.
+    model, tok, lynx, enc, _, _ = setup
+    plug_ins = (lambda: dict(stopping_criteria=[lynx])) if mode == "stop" else (lambda: _stream(lynx))
+    options = dict(stop_strings=["Wait", "wait", "Hmm", "hmm"], tokenizer=tok, **GREEDY)
+    if eos == "no_eos":
+        options.update(eos_token_id=None, pad_token_id=tok.pad_token_id)
+    model.generate(**enc, **plug_ins(), **options)
+    together = [(r.exited, r.would_exit, r.cue, r.cues_seen) for r in lynx.last_exits]
+    alone = []
+    for row in range(enc.input_ids.shape[0]):
+        single = {k: v[row:row + 1, v.shape[1] - int(enc.attention_mask[row].sum()):] for k, v in enc.items()}
+        model.generate(**single, **plug_ins(), **options)
+        alone += [(r.exited, r.would_exit, r.cue, r.cues_seen) for r in lynx.last_exits]
+    assert together == alone
