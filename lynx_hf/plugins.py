@@ -123,12 +123,19 @@ class LynxExitProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         call, loop = self.calls.current_and_loop(input_ids, sys._getframe(1))
         self._running.call = call
-        decide = call.observe(input_ids, loop_running(loop, input_ids.shape[0]))
+        running = loop_running(loop, input_ids.shape[0])
+        decide = call.observe(input_ids, running)
         # Rows that finished forcing are answering: track the box's brace depth for the answer stopper, and record a
         # closed box here too, so that `answered` is right without the stopper (a row then writes on after its box).
         last = input_ids[:, -1]
         call.depth = torch.where(call.answering, call.depth + call.brace_delta[last], call.depth)
         call.closed |= call.answering & (call.depth < 0)
+        if running is not None:
+            # A row that generate ended (a stop string inside the exit text, a criterion of yours) gets padding from
+            # now on, not the tokens forced here: it leaves Lynx's control, and its box stays unclosed.
+            ended = ~running.to(device=call.forcing.device, dtype=torch.bool)
+            call.forcing = torch.where(ended, torch.full_like(call.forcing, -1), call.forcing)
+            call.answering = call.answering & ~ended
         if call.shadow:
             return scores
         call.forcing = torch.where(decide, torch.zeros_like(call.forcing), call.forcing)

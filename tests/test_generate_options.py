@@ -203,6 +203,10 @@ def test_num_return_sequences_gives_the_exits_and_answers_of_the_prompts_repeate
     assert len({tuple(row.tolist()) for row in out}) > 8  # the copies of a prompt were sampled apart
     if mode == "stop":
         assert answers == _answers(lynx.answer(expected))
+        torch.manual_seed(2)
+        full = model.generate(**enc, num_return_sequences=3, return_dict_in_generate=True, **plug_ins(), **sampling)
+        assert torch.equal(full.sequences, out)
+        assert _answers(lynx.answer(full)) == answers  # the cache of the 24 rows, narrowed to the exited ones
     else:
         assert _check_in_stream_rows(model, tok, lynx, repeated, out) >= 8
 
@@ -327,3 +331,16 @@ def test_a_row_a_stop_string_ends_on_a_cue_word_is_not_exited_whatever_its_batch
         model.generate(**single, **plug_ins(), **options)
         alone += [(r.exited, r.would_exit, r.cue, r.cues_seen) for r in lynx.last_exits]
     assert together == alone
+
+
+def test_a_stop_string_in_the_exit_text_ends_an_in_stream_row_there_unanswered_and_leaves_stop_mode_alone(setup):
+    model, tok, lynx, enc, (out, records, answers), _ = setup
+    options = dict(stop_strings=["</think>"], tokenizer=tok, **GREEDY)
+    got = model.generate(**enc, stopping_criteria=[lynx], **options)  # stop mode exits before the thinking ends
+    assert torch.equal(got, out) and lynx.last_exits == records and _answers(lynx.answer(got)) == answers
+    got = model.generate(**enc, **_stream(lynx), **options)
+    exited = [(row, r) for row, r in enumerate(lynx.last_exits) if r.exited]
+    assert len(exited) >= 4
+    for row, record in exited:
+        assert record.answered is False  # the user's stop string ended the row inside the forced exit text
+        assert tok.decode(got[row, record.position + 2:], skip_special_tokens=True) == "\n</think>"
