@@ -166,16 +166,20 @@ def caller_list(frame: FrameType | None) -> tuple[object, FrameType] | None:
 
 
 def loop_logits(loop: FrameType | None, scores: torch.Tensor) -> torch.Tensor:
-    """The model's own next-token logits of this step, as `_sample` handed them to the logits processors (before
-    any processor, generate's or the user's, changed them), read from the decoding loop's frame."""
-    logits = loop.f_locals.get("next_token_logits") if loop is not None else None
+    """The model's own next-token logits of this step, read from the decoding loop's frame: the forward's output
+    (`outputs.logits` in `_sample`), which no logits processor changes, not even one that edits the copy it is
+    handed in place."""
+    outputs = loop.f_locals.get("outputs") if loop is not None else None
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        logits = logits[:, -1]
     if not isinstance(logits, torch.Tensor) or logits.shape != scores.shape:
         raise UnsupportedGenerationError(
             "Lynx's in-stream exit could not read the model's logits of this step from transformers' decoding loop "
-            "(`next_token_logits` in `_sample`), which it needs to answer greedily as the calibration labels were: "
+            "(`outputs.logits` in `_sample`), which it needs to answer greedily as the calibration labels were: "
             "use stop mode (stopping_criteria=[lynx], then lynx.answer(out)) with this transformers version."
         )
-    return logits
+    return logits.to(scores.device)
 
 
 def loop_running(loop: FrameType | None, batch: int) -> torch.Tensor | None:

@@ -3,6 +3,8 @@ is forced token by token, so cue positions are known, and Lynx bundles with prob
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from transformers import LogitsProcessor
 
@@ -17,9 +19,9 @@ ANSWER = "7}"
 
 class ScriptProcessor(LogitsProcessor):
     """Forces each row to write `script` after its prompt; a row that left the script (e.g. Lynx forced an exit)
-    is then forced to write `answer` and EOS. With `model_logits=True` (first in the list) it overwrites the logits
-    generate hands it, the model's own, so that what reads those (Lynx's in-stream greedy answer) follows the script
-    too."""
+    is then forced to write `answer` and EOS. With `model_logits=True` it also overwrites this step's forward output
+    in generate's loop (`outputs.logits`), so that the model's own logits follow the script and what reads those
+    (Lynx's in-stream greedy answer) does too."""
 
     def __init__(self, tokenizer, prompt_lengths, scripts, answer=ANSWER, exit_len: int = 0,
                  model_logits: bool = False):
@@ -41,7 +43,13 @@ class ScriptProcessor(LogitsProcessor):
                 done = len(generated) - diverged - self.exit_len
                 token = self.answer[min(max(done, 0), len(self.answer) - 1)]
             forced[row, token] = 0.0
-        return scores.copy_(forced) if self.model_logits else forced
+        if self.model_logits:
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_name != "_sample":
+                frame = frame.f_back
+            assert frame is not None, "model_logits=True needs generate's sampling loop"
+            frame.f_locals["outputs"].logits[:, -1] = forced.to(frame.f_locals["outputs"].logits.dtype)
+        return forced
 
 
 def scripted_model(tokenizer, seed: int = 0):

@@ -117,6 +117,20 @@ def test_forced_eos_at_the_budget_ends_the_other_rows_and_a_row_cut_in_its_exit_
     assert lynx.last_exits[row].exited and lynx.last_exits[row].answered is False
 
 
+def test_a_processor_of_yours_that_edits_the_logits_in_place_shapes_the_thinking_only(setup):
+    model, tok, lynx, enc, _, _ = setup
+    close = _token(tok, "}")
+
+    def ban_close_in_place(input_ids, scores):  # the first processor is handed generate's copy of the model's logits
+        scores[:, close] = -float("inf")
+        return scores
+
+    out = model.generate(**enc, logits_processor=[ban_close_in_place, lynx.exit_processor()],
+                         stopping_criteria=[lynx.answer_stopper()], **GREEDY)
+    assert sum(r.exited for r in lynx.last_exits) >= 4
+    assert _check_in_stream_rows(model, tok, lynx, enc, out) >= 4
+
+
 @pytest.mark.parametrize("watermark", ["kirchenbauer", "synthid"])
 def test_watermarked_sampling_keeps_the_exit_text_and_the_greedy_answer_in_stream(setup, watermark):
     model, tok, lynx, enc, _, _ = setup
