@@ -72,6 +72,22 @@ def _check_in_stream_rows(model, tok, lynx, enc, out) -> int:
     return answered
 
 
+def _check_stop_rows(model, tok, lynx, enc, out) -> int:
+    """`lynx.answer(out)` gives every exited row the model's own greedy answer after `trace[:start] + exit text`
+    (plain generate from that prefix); returns how many exited rows closed their box."""
+    closed = 0
+    for row, (record, answer) in enumerate(zip(lynx.last_exits, lynx.answer(out))):
+        if not record.exited:
+            continue
+        pad = enc["input_ids"].shape[1] - int(enc["attention_mask"][row].sum())
+        prefix = torch.cat([out[row, pad:record.start], torch.tensor(lynx.exit_ids)])[None]
+        greedy = model.generate(prefix, attention_mask=torch.ones_like(prefix), do_sample=False,
+                                max_new_tokens=max(len(answer.token_ids), 1))
+        assert greedy[0, prefix.shape[1]:].tolist()[: len(answer.token_ids)] == answer.token_ids, row
+        closed += answer.answer is not None
+    return closed
+
+
 # ----- processors generate runs before Lynx's: they shape the thinking, never the exit text or the answer -----------
 
 @pytest.mark.parametrize("options", [
@@ -83,8 +99,7 @@ def _check_in_stream_rows(model, tok, lynx, enc, out) -> int:
     dict(min_new_tokens=250),  # EOS masked past every exit
 ], ids=["repetition_penalty", "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "no_repeat_ngram_size",
         "min_new_tokens"])
-def test_in_stream_rows_write_the_exit_text_and_the_models_greedy_answer_whatever_generates_processors_do(
-        setup, options):
+def test_exited_rows_get_the_exit_text_and_the_models_greedy_answer_whatever_generates_processors_do(setup, options):
     model, tok, lynx, enc, _, _ = setup
     options = dict(options)
     for key in ("suppress_tokens", "begin_suppress_tokens"):
@@ -95,6 +110,9 @@ def test_in_stream_rows_write_the_exit_text_and_the_models_greedy_answer_whateve
     out = model.generate(**enc, **_stream(lynx), **options, **GREEDY)
     assert sum(r.exited for r in lynx.last_exits) >= 4
     assert _check_in_stream_rows(model, tok, lynx, enc, out) >= 4
+    out = model.generate(**enc, stopping_criteria=[lynx], **options, **GREEDY)  # stop mode: `answer` likewise
+    assert sum(r.exited for r in lynx.last_exits) >= 4
+    assert _check_stop_rows(model, tok, lynx, enc, out) >= 4
 
 
 def test_forced_eos_at_the_budget_ends_the_other_rows_and_a_row_cut_in_its_exit_text_is_recorded_unanswered(setup):
