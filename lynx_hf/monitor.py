@@ -179,7 +179,7 @@ def loop_logits(loop: FrameType | None, scores: torch.Tensor) -> torch.Tensor:
             "(`outputs.logits` in `_sample`), which it needs to answer greedily as the calibration labels were: "
             "use stop mode (stopping_criteria=[lynx], then lynx.answer(out)) with this transformers version."
         )
-    return logits.to(scores.device)
+    return logits
 
 
 def loop_running(loop: FrameType | None, batch: int) -> torch.Tensor | None:

@@ -145,7 +145,7 @@ class LynxExitProcessor(LogitsProcessor):
         # is about the greedy answer after the exit text (the labels', `answer`'s and `custom_generate`'s).
         greedy = call.answering & ~call.closed
         n_exit = call.forced_ids.numel()
-        model_choice = loop_logits(loop, scores).argmax(dim=-1)
+        model_choice = loop_logits(loop, scores).argmax(dim=-1).to(scores.device)  # sharded: on the last device
         target = torch.where(forcing, call.forced_ids[call.forcing.clamp(0, n_exit - 1)], model_choice)
         forced = torch.full_like(scores, -float("inf")).scatter_(1, target[:, None], 0.0)
         scores = torch.where((forcing | greedy)[:, None], forced, scores)
