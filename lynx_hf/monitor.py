@@ -13,7 +13,9 @@ How a call is recognised: transformers builds a fresh `StoppingCriteriaList` / `
 `generate` call and calls the plug-ins through it from its decoding loop. The plug-ins key their state by that
 list, so a new list is a new call whatever the sequence lengths (`use_cache=False`, continuing from an earlier
 output, a pre-filled prefix cache, chunked prefill). Once per call they read, from the loop's frame, the model that
-is generating, the prompt's attention mask and the decoding mode; the capture hooks are installed on that model
+is generating, the prompt's attention mask and the decoding mode; every step, which rows the loop has finished (a
+row another criterion ended never exits afterwards) and, in-stream, the forward's own logits (the answer after the
+exit text is greedy on those, whatever processors did to the scores). The capture hooks are installed on that model
 for the duration of the call only (removed when transformers drops the list), and they keep hidden states per
 thread, so concurrent calls in different threads never read each other's states.
 """
