@@ -16,22 +16,13 @@ import torch
 from transformers import GenerationConfig, SynthIDTextWatermarkingConfig, TextIteratorStreamer, WatermarkingConfig
 from transformers.generation.streamers import BaseStreamer
 
-from lynx_hf import Lynx, organism
-
-GREEDY = dict(do_sample=False, max_new_tokens=300)
+from organism_batch import GREEDY, organism_batch
+from organism_batch import answers as _answers
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model, tok = organism.load()
-    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.9)
-    questions = [p["question"] for p in organism.problems("arithmetic", "test", n=8)]
-    enc = tok([organism.prompt(tok, q) for q in questions], return_tensors="pt", padding=True,
-              add_special_tokens=False)
-    assert (enc.attention_mask == 0).any()  # left padding in every test
-    out = model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
-    stop = (out, lynx.last_exits, _answers(lynx.answer(out)))
-    assert sum(r.exited for r in stop[1]) >= 4
+    model, tok, lynx, enc, stop = organism_batch()
     streamed = model.generate(**enc, **_stream(lynx), **GREEDY)
     stream = (streamed, lynx.last_exits)
     assert sum(r.exited and r.answered for r in stream[1]) >= 4
@@ -40,10 +31,6 @@ def setup():
 
 def _stream(lynx) -> dict:
     return dict(logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()])
-
-
-def _answers(answers):
-    return [(a.token_ids, a.answer) for a in answers]
 
 
 def _token(tok, text: str) -> int:

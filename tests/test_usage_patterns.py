@@ -14,26 +14,13 @@ import torch
 
 from lynx_hf import Lynx, UnsupportedGenerationError, organism
 from lynx_hf.exit import cache_kwargs
-
-GREEDY = dict(do_sample=False, max_new_tokens=300)
+from organism_batch import GREEDY, organism_batch
+from organism_batch import answers as _answers
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model, tok = organism.load()
-    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.9)
-    questions = [p["question"] for p in organism.problems("arithmetic", "test", n=8)]
-    enc = tok([organism.prompt(tok, q) for q in questions], return_tensors="pt", padding=True,
-              add_special_tokens=False)
-    assert (enc.attention_mask == 0).any()  # left padding in every pattern
-    out = model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
-    reference = (out, lynx.last_exits, _answers(lynx.answer(out)))
-    assert sum(r.exited for r in reference[1]) >= 4
-    return model, tok, lynx, enc, reference
-
-
-def _answers(answers):
-    return [(a.token_ids, a.answer) for a in answers]
+    return organism_batch()
 
 
 def test_answer_accepts_the_output_as_nested_lists_or_a_numpy_array(setup):
