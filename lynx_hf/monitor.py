@@ -390,8 +390,12 @@ class LastCall:
         self._any = call
 
     def get(self) -> GenerateCall | None:
-        call = getattr(self._local, "call", None)
+        call = self.here()
         return call if call is not None else self._any
+
+    def here(self) -> GenerateCall | None:
+        """The last call started in this thread only (None if it started none)."""
+        return getattr(self._local, "call", None)
 
 
 class CallTracker:
@@ -412,6 +416,11 @@ class CallTracker:
     def last(self) -> GenerateCall | None:
         """The last call this plug-in started in this thread (else in any thread)."""
         return self._last.get()
+
+    @property
+    def running_here(self) -> GenerateCall | None:
+        """The last call this plug-in started in this thread only: the running one while this thread generates."""
+        return self._last.here()
 
     def current(self, input_ids: torch.LongTensor, frame: FrameType | None) -> GenerateCall:
         """The call this step belongs to. `frame` is the plug-in's caller."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -118,11 +117,9 @@ class LynxExitProcessor(LogitsProcessor):
     def __init__(self, lynx: "Lynx"):
         self.lynx = lynx
         self.calls = CallTracker(lynx, mode="stream", call_class=StreamCall, check_list=self._check_order)
-        self._running = threading.local()  # this thread's running call; freed with its thread
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         call, loop = self.calls.current_and_loop(input_ids, sys._getframe(1))
-        self._running.call = call
         running = loop_running(loop, input_ids.shape[0])
         decide = call.observe(input_ids, running)
         # Rows that finished forcing are answering: track the box's brace depth for the answer stopper, and record a
@@ -174,7 +171,7 @@ class LynxExitProcessor(LogitsProcessor):
 
     def running_call(self, input_ids: torch.LongTensor) -> StreamCall:
         """This thread's running call, checked to be the one `input_ids` continues."""
-        call = getattr(self._running, "call", None)
+        call = self.calls.running_here
         if call is None or call.batch != input_ids.shape[0] or call._consumed != input_ids.shape[1] - 1:
             raise UnsupportedGenerationError(
                 "lynx.answer_stopper() only works together with lynx.exit_processor() in the same generate call: "
