@@ -12,7 +12,8 @@ interleaved, greedy, the same number of tokens; print per-step times and ratios.
 whole `generate` under `torch.cuda.set_sync_debug_mode("error")` (plain and with the plug-ins) and checks each
 plug-in step after the first for host synchronisation. Then functional checks on small random models on the same
 device (capture = `output_hidden_states`, shadow = plain tokens, stop mode + `answer` = re-prefilled exit, in-stream
-mode), and the device-aware tests (`tests/test_architectures.py`) with `LYNX_TEST_DEVICE` set to the device.
+mode), and the device-aware tests (`tests/test_architectures.py`, `tests/test_device_moves.py`) with
+`LYNX_TEST_DEVICE` set to the device.
 
     PYTHONPATH=. python3 benchmarks/gpu_check.py            # one GPU, about 5 minutes on an H100 (80 GB)
     PYTHONPATH=. python3 benchmarks/gpu_check.py --toy      # toy sizes on CPU in seconds (`make test` runs this)
@@ -353,7 +354,7 @@ def free(device) -> None:
 
 def run_tests(report: Report, device, toy: bool) -> None:
     """The device-aware tests, with LYNX_TEST_DEVICE set to the check's device."""
-    tests = [t for t in ("tests/test_architectures.py",) if (ROOT / t).exists()]
+    tests = [t for t in ("tests/test_architectures.py", "tests/test_device_moves.py") if (ROOT / t).exists()]
     if toy or not tests:
         report(f"  (tests on {device}: {'skipped in the toy run' if toy else 'no device-aware test file here'})")
         return

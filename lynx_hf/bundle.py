@@ -216,11 +216,18 @@ class Lynx(
             )
         self.exit_ids = thinking_exit_ids(tokenizer, thinking)
         self.thinking = thinking
-        self.probe.to(device)
-        self.detector = detector
-        self.brace_delta = brace_delta(tokenizer, vocab_size(model)).to(device)
-        self._tap = ModelTap(model, self.config.layers, device=device)
         self.model, self.tokenizer = model, tokenizer
+        self._place(device)
+
+    def _place(self, device: torch.device) -> None:
+        """Put what decoding reads every step (probe, cue tables, brace logits, captured states) on `device`, the
+        bound model's device."""
+        self.probe.to(device)
+        self.detector = CueDetector.for_tokenizer(self.tokenizer, cues=self.config.cues,
+                                                  think_start=self.thinking.think_start,
+                                                  think_end=self.thinking.think_end, device=device)
+        self.brace_delta = brace_delta(self.tokenizer, vocab_size(self.model)).to(device)
+        self._tap = ModelTap(self.model, self.config.layers, device=device)
 
     def detach(self) -> None:
         """Unbind from the model (a later `generate` call that uses this bundle attaches it again)."""
@@ -252,6 +259,8 @@ class Lynx(
                 )
             tokenizer = self.tokenizer if _name(model) == _name(self.model) else None
             self._bind(model, tokenizer)
+        elif _model_device(model) != self._tap.device:  # moved since it was bound, e.g. `model.to("cuda")`
+            self._place(_model_device(model))
         if confidence is None and guarantee is None and risk_level is None and rule is None:
             threshold = self.threshold
         else:
