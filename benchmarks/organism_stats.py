@@ -1,6 +1,6 @@
 """How much does the shipped model organism overthink? Sampled traces, cue events, forced exits, oracle savings.
 
-For each task family, samples traces for held-out test problems at temperature 0.6, top_p 0.95 (batched, left
+For each task family, samples traces for held-out test problems at temperature 0.6 (`--temperature`), top_p 0.95 (batched, left
 padded), then forces an exit at every reflection cue inside the thinking block (the prefix is cut just before the
 cue word's first token, EXIT_TEXT is appended, the answer is decoded greedily up to "}") and prints:
 
@@ -49,13 +49,14 @@ def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def sample_traces(model, tok, prompts: list[list[int]], batch: int, max_new_tokens: int) -> list[list[int]]:
+def sample_traces(model, tok, prompts: list[list[int]], batch: int, max_new_tokens: int,
+                  temperature: float = 0.6) -> list[list[int]]:
     """Generated ids per prompt (up to and excluding EOS / padding)."""
     out: list[list[int]] = []
     for s in range(0, len(prompts), batch):
         chunk = prompts[s: s + batch]
         enc = {k: v.to(model.device) for k, v in left_pad(chunk, tok.pad_token_id).items()}
-        gen = model.generate(**enc, do_sample=True, temperature=0.6, top_p=0.95, max_new_tokens=max_new_tokens,
+        gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         for row in gen[:, enc["input_ids"].shape[1]:].tolist():
             if tok.eos_token_id in row:
@@ -95,11 +96,12 @@ def cue_token_starts(tok, ids: list[int]) -> list[int]:
     return starts
 
 
-def family_stats(model, tok, family: str, split: str, n: int, seed: int, batch: int, max_new_tokens: int) -> dict:
+def family_stats(model, tok, family: str, split: str, n: int, seed: int, batch: int, max_new_tokens: int,
+                 temperature: float = 0.6) -> dict:
     probs = organism.problems(family, split, n, seed=seed)
     prompts = [tok(organism.prompt(tok, p["question"]), add_special_tokens=False)["input_ids"] for p in probs]
     t0 = time.time()
-    gens = sample_traces(model, tok, prompts, batch, max_new_tokens)
+    gens = sample_traces(model, tok, prompts, batch, max_new_tokens, temperature)
     t_sample = time.time() - t0
     end_think = tok.convert_tokens_to_ids("</think>")
     exit_ids = tok(organism.EXIT_TEXT, add_special_tokens=False)["input_ids"]
@@ -159,6 +161,7 @@ def main() -> None:
     ap.add_argument("--families", nargs="+", default=list(organism.FAMILIES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.6, help="sampling temperature of the traces")
     ap.add_argument("--max-new-tokens", type=int, default=768)
     ap.add_argument("--model-dir", type=Path, default=None,
                     help="an organism folder written by scripts/train_organism.py --out (default: the shipped one)")
@@ -172,9 +175,10 @@ def main() -> None:
     model.to(args.device)
     print(f"organism: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{args.model_dir or organism.MODEL_DIR}")
-    print(f"sampling: T=0.6, top_p=0.95, {args.n} held-out {args.split} problems per family, seed {args.seed}")
+    print(f"sampling: T={args.temperature:g}, top_p=0.95, {args.n} held-out {args.split} problems per family, seed {args.seed}")
     for family in args.families:
-        s = family_stats(model, tok, family, args.split, args.n, args.seed, args.batch, args.max_new_tokens)
+        s = family_stats(model, tok, family, args.split, args.n, args.seed, args.batch, args.max_new_tokens,
+                         args.temperature)
         print(f"\n== {family} (n={s['n']}; sampling {s['sample_s']:.0f} s, {s['forced_exits']} forced exits "
               f"{s['exit_s']:.0f} s)")
         print(f"  full-trace accuracy              {s['accuracy']:6.1%}   (well-formed traces {s['well_formed']:.1%})")

@@ -39,7 +39,7 @@ RUNS = Path("runs/organism")  # where scripts/build_organism_bundle.py keeps the
 TEXT_EVENTS = "text_events.safetensors"  # the text side of those tables, shipped next to the bundle
 # how scripts/build_organism_bundle.py collects the bundle's tables (a bundle that records `tables` overrides it)
 BUNDLE_RECIPE = {"family": "arithmetic", "seed": 0, "batch_size": 64, "max_new_tokens": MAX_NEW_TOKENS,
-                 "splits": {"train": 700, "calibration": 500}}
+                 "temperature": 0.6, "splits": {"train": 700, "calibration": 500}}
 
 
 def _collect(model, tok, lynx, family: str, split: str, n: int, seed: int, folder: Path, temperature: float = 0.6,
@@ -121,6 +121,11 @@ def bundle_text_events(model, tok, lynx, out: Path, runs: Path = RUNS, bundle_di
     return TextEvents.from_table(train), TextEvents.from_table(cal), note
 
 
+def bundle_recipe(lynx) -> dict:
+    """How the bundle's training and calibration tables were collected (`BUNDLE_RECIPE` where it records nothing)."""
+    return {**BUNDLE_RECIPE, **lynx.metadata.get("tables", {})}
+
+
 def bundle_tables(model, tok, lynx, out: Path, runs: Path = RUNS) -> tuple[EventTable, EventTable, str]:
     """The bundle's training and calibration tables: from `runs` if they are there and verify, else collected into
     `out/bundle-events/` with the bundle's recipe. Returns (train, calibration, a note on where they came from).
@@ -128,7 +133,7 @@ def bundle_tables(model, tok, lynx, out: Path, runs: Path = RUNS) -> tuple[Event
     Example:
         >>> train, cal, note = bundle_tables(model, tok, lynx, Path("outputs/demo"))  # doctest: +SKIP
     """
-    recipe = {**BUNDLE_RECIPE, **lynx.metadata.get("tables", {})}
+    recipe = bundle_recipe(lynx)
     tables, sources = {}, []
     for split in ("train", "calibration"):
         table = None
@@ -142,8 +147,8 @@ def bundle_tables(model, tok, lynx, out: Path, runs: Path = RUNS) -> tuple[Event
         if table is None:
             started = time.perf_counter()
             table = _collect(model, tok, lynx, recipe["family"], split, recipe["splits"][split], recipe["seed"],
-                             out / "bundle-events" / split, batch_size=recipe["batch_size"],
-                             max_new_tokens=recipe["max_new_tokens"])
+                             out / "bundle-events" / split, temperature=recipe["temperature"],
+                             batch_size=recipe["batch_size"], max_new_tokens=recipe["max_new_tokens"])
             sources.append(f"{split} collected in {time.perf_counter() - started:.0f} s")
         else:
             sources.append(f"{split} from {runs / split}")
@@ -222,7 +227,8 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
 
     say = (lambda *a: None) if quiet else print
     started = time.perf_counter()
-    table = _collect(model, tok, lynx, family, "test", n, seed, out / "events")
+    temperature = bundle_recipe(lynx)["temperature"]  # test events sampled as the calibration events were
+    table = _collect(model, tok, lynx, family, "test", n, seed, out / "events", temperature=temperature)
     say(f"{family}: {table.n_traces} traces, {len(table)} cue events "
         f"({float(table.safe.double().mean()) if len(table) else float('nan'):.1%} safe), "
         f"collected in {time.perf_counter() - started:.0f} s")

@@ -26,7 +26,7 @@ import torch
 
 from lynx_hf import organism
 from lynx_hf.collect import Collector
-from lynx_hf.demo import MAX_NEW_TOKENS, TEXT_EVENTS, write_text_events
+from lynx_hf.demo import BUNDLE_RECIPE, MAX_NEW_TOKENS, TEXT_EVENTS, write_text_events
 from lynx_hf import Lynx
 from lynx_hf.train import describe, fit, rates_on_scores, score
 
@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/organism", help="where the event tables go (resumable)")
     parser.add_argument("--layers", type=int, nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=BUNDLE_RECIPE["temperature"],
+                        help="sampling temperature of every table (the demo samples its test events alike)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny model: 1 is fastest here)")
     parser.add_argument("--card-only", action="store_true",
                         help="recompute the held-out rates and the card of the shipped bundle from the test fixture")
@@ -51,7 +53,8 @@ def main() -> None:
         refresh_card()
         return
     model, tok = organism.load()
-    collector = Collector(model, tok, layers=args.layers, prompt_fn=organism.prompt, max_new_tokens=MAX_NEW_TOKENS)
+    collector = Collector(model, tok, layers=args.layers, prompt_fn=organism.prompt, max_new_tokens=MAX_NEW_TOKENS,
+                          temperature=args.temperature)
     tables = {}
     for split, n in (("train", args.train), ("calibration", args.calibration), ("test", args.test)):
         start = time.perf_counter()
@@ -63,6 +66,7 @@ def main() -> None:
     lynx.config.base_model = "lynx_hf/organism"
     # the recipe of the training and calibration tables, so `make demo` can re-collect them for the TextProbe control
     lynx.metadata["tables"] = {"family": "arithmetic", "seed": args.seed, "batch_size": 64, "max_new_tokens": MAX_NEW_TOKENS,
+                               "temperature": args.temperature,
                                "splits": {"train": args.train, "calibration": args.calibration}}
     out = ROOT / "lynx_hf" / "organism" / "bundle"
     shutil.rmtree(out, ignore_errors=True)
