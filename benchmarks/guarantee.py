@@ -10,8 +10,9 @@
 2. Savings cost: thinking-token savings at c = 0.9 with marginal thresholds vs PAC at alpha = 0.1 and 0.05, per
    guarantee, side by side: with the shipped bundle's calibration (500 calibration problems) on the 500 test
    problems, and the mean over random half splits of the test problems. Needs the test problems' event table
-   (token positions); `--events DIR` reads one, otherwise it is collected once into runs/guarantee/test (about 3
-   minutes on one CPU thread).
+   (token positions); `--events DIR` reads one (`runs/organism/test`, the bundle's own test table, when
+   `scripts/build_organism_bundle.py` ran here), otherwise it is collected once into runs/guarantee/test with the
+   bundle's sampling recipe (about 3 minutes on one CPU thread).
 3. The calibration plot over random splits (mean and 5-95% band, marginal and PAC, both per-event rules), written to
    `--out`.
 
@@ -147,10 +148,13 @@ def main() -> None:
     if (folder / "settings.json").exists():
         table = EventTable.load(folder)
     else:
+        from lynx_hf.demo import bundle_recipe
         from lynx_hf.evaluate import collector_for
 
+        recipe = bundle_recipe(lynx)  # sampled as the bundle's own tables were
         model, tok = organism.load()
-        collector = collector_for(model, tok, lynx, prompt_fn=organism.prompt, max_new_tokens=400)
+        collector = collector_for(model, tok, lynx, prompt_fn=organism.prompt, max_new_tokens=recipe["max_new_tokens"],
+                                  temperature=recipe["temperature"])
         table = collector.collect(organism.problems("arithmetic", "test", n=500, seed=0), folder, batch_size=64, seed=0)
     replay = Replay.from_bundle(table, lynx)
     print(f"\n## 2. What PAC costs at c = 0.9: thinking-token savings vs full reasoning ({table.n_traces} test problems)\n")

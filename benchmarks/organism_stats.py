@@ -1,7 +1,7 @@
 """How much does the shipped model organism overthink? Sampled traces, cue events, forced exits, oracle savings.
 
-For each task family, samples traces for held-out test problems at temperature 0.6 (`--temperature`), top_p 0.95 (batched, left
-padded), then forces an exit at every reflection cue inside the thinking block (the prefix is cut just before the
+For each task family, samples traces for held-out test problems at the organism's temperature (`organism.TEMPERATURE`,
+1.2; `--temperature`), top_p 0.95 (batched, left padded), then forces an exit at every reflection cue inside the thinking block (the prefix is cut just before the
 cue word's first token, EXIT_TEXT is appended, the answer is decoded greedily up to "}") and prints:
 
 * full-trace accuracy and the share of well-formed traces;
@@ -50,7 +50,7 @@ def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def sample_traces(model, tok, prompts: list[list[int]], batch: int, max_new_tokens: int,
-                  temperature: float = 0.6) -> list[list[int]]:
+                  temperature: float) -> list[list[int]]:
     """Generated ids per prompt (up to and excluding EOS / padding)."""
     out: list[list[int]] = []
     for s in range(0, len(prompts), batch):
@@ -97,7 +97,7 @@ def cue_token_starts(tok, ids: list[int]) -> list[int]:
 
 
 def family_stats(model, tok, family: str, split: str, n: int, seed: int, batch: int, max_new_tokens: int,
-                 temperature: float = 0.6) -> dict:
+                 temperature: float) -> dict:
     probs = organism.problems(family, split, n, seed=seed)
     prompts = [tok(organism.prompt(tok, p["question"]), add_special_tokens=False)["input_ids"] for p in probs]
     t0 = time.time()
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--families", nargs="+", default=list(organism.FAMILIES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.6, help="sampling temperature of the traces")
+    ap.add_argument("--temperature", type=float, default=organism.TEMPERATURE, help="sampling temperature of the traces")
     ap.add_argument("--max-new-tokens", type=int, default=768)
     ap.add_argument("--model-dir", type=Path, default=None,
                     help="an organism folder written by scripts/train_organism.py --out (default: the shipped one)")

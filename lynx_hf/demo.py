@@ -26,6 +26,7 @@ import torch
 
 from .conformal import LynxCalibrationWarning
 from .events import EventTable
+from .organism import TEMPERATURE
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ RUNS = Path("runs/organism")  # where scripts/build_organism_bundle.py keeps the
 TEXT_EVENTS = "text_events.safetensors"  # the text side of those tables, shipped next to the bundle
 # how scripts/build_organism_bundle.py collects the bundle's tables (a bundle that records `tables` overrides it)
 BUNDLE_RECIPE = {"family": "arithmetic", "seed": 0, "batch_size": 64, "max_new_tokens": MAX_NEW_TOKENS,
-                 "temperature": 0.6, "splits": {"train": 700, "calibration": 500}}
+                 "temperature": TEMPERATURE, "splits": {"train": 700, "calibration": 500}}
 
 
 def _collect(model, tok, lynx, family: str, split: str, n: int, seed: int, folder: Path, temperature: float = 0.6,

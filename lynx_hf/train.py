@@ -152,6 +152,9 @@ def calibrate_bundle(probe: LynxProbe, calibration_table: EventTable, test_table
         "probe_validation_auroc": validation_auroc,
         "calibration_auroc": _auroc_if_defined(calibration.scores, calibration.safe, "calibration"),
         "calibration_data": describe(calibration_table),
+        # how the calibration traces were sampled: the guarantee is for traces sampled the same way
+        "sampling": {k: calibration_table.settings[k] for k in ("temperature", "top_p")
+                     if k in calibration_table.settings},
         "problem_digests": {"train": list(train_digests), "calibration": cal_digests},
     }
     if test_table is not None and len(test_table):

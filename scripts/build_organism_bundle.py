@@ -26,7 +26,7 @@ import torch
 
 from lynx_hf import organism
 from lynx_hf.collect import Collector
-from lynx_hf.demo import BUNDLE_RECIPE, MAX_NEW_TOKENS, TEXT_EVENTS, write_text_events
+from lynx_hf.demo import MAX_NEW_TOKENS, TEXT_EVENTS, write_text_events
 from lynx_hf import Lynx
 from lynx_hf.train import describe, fit, rates_on_scores, score
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/organism", help="where the event tables go (resumable)")
     parser.add_argument("--layers", type=int, nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=BUNDLE_RECIPE["temperature"],
+    parser.add_argument("--temperature", type=float, default=organism.TEMPERATURE,
                         help="sampling temperature of every table (the demo samples its test events alike)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny model: 1 is fastest here)")
     parser.add_argument("--card-only", action="store_true",

@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lynx_hf.organism import tasks  # noqa: E402
+from lynx_hf.organism import TEMPERATURE, tasks  # noqa: E402
 from lynx_hf.organism.tasks import (  # noqa: E402
     CUE_WORDS, EXIT_TEXT, GRAMMAR_KNOBS, PROMPT_SUFFIX, problems, render_trace, sample_problem, split_of, user_message,
 )
@@ -352,7 +352,7 @@ def main() -> None:
     model.eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=MAX_LEN, do_sample=True, temperature=0.6, top_p=0.95,
+        max_new_tokens=MAX_LEN, do_sample=True, temperature=TEMPERATURE, top_p=0.95,
     )
     accs = {f: greedy_accuracy(model, tokenizer, f, args.eval_n) for f in FAMILY_MIX} if args.eval_n > 0 else {}
     print("final greedy accuracy (calibration split): " +

@@ -34,7 +34,11 @@ def test_build_on_the_organism_gives_a_working_bundle_with_its_card_and_resumes(
     out = tmp_path / "build"
     lines: list[str] = []
     lynx = build(small_plan(), out, progress=False, say=lines.append)
-    assert (out / "bundle" / "README.md").read_text(encoding="utf-8").count("organism") > 0
+    card = (out / "bundle" / "README.md").read_text(encoding="utf-8")
+    assert card.count("organism") > 0
+    plan = small_plan()  # how the calibration traces were sampled is recorded and stated in the card
+    assert lynx.metadata["sampling"] == {"temperature": plan.temperature, "top_p": plan.top_p}
+    assert f"sampled with temperature = {plan.temperature}, top_p = {plan.top_p}" in " ".join(card.split())
     assert lynx.metadata["test_questions"] == 16 and 0.5 < lynx.metadata["calibration_auroc"] <= 1.0
 
     model, tok = organism.load()

@@ -312,7 +312,7 @@ def test_min_new_tokens_does_not_delay_an_exit_in_stop_mode(setup):
 
 def test_stop_strings_stop_their_rows_and_lynx_exits_the_others_as_without_them(setup):
     model, tok, lynx, enc, (out, records, answers), _ = setup
-    stop_string = "So the answer is"
+    stop_string = "not done yet"  # a pause phrase in some rows before their exit, in none of the others
     plain = model.generate(**enc, stop_strings=[stop_string], tokenizer=tok, **GREEDY)  # where each row would stop
     prompt = enc.input_ids.shape[1]
     got = model.generate(**enc, stopping_criteria=[lynx], stop_strings=[stop_string], tokenizer=tok, **GREEDY)

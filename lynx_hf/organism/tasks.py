@@ -82,7 +82,8 @@ SPLITS = ("train", "calibration", "test")
 _SPLIT_OF_BUCKET = ("train",) * 8 + ("calibration", "test")
 
 # Knobs of the trace grammar (GRAMMAR_KNOBS names the ones scripts/train_organism.py can override). Choices are
-# made at >= 50% where they must survive sampling at T=0.6 (which sharpens every choice towards its likelier side).
+# made at >= 50% where they must survive sampling at a low temperature (which sharpens every choice towards its
+# likelier side; the organism is sampled at 1.2, `organism.TEMPERATURE`, where the rarer ones come back).
 P_MID_CUE = 0.75  # a cue line between two computation steps (exit there is premature)
 P_SLIP = 0.1  # a computation step written with a wrong result, corrected on the next line after a cue
 P_VERIFY = (0.6, 0.5)  # a 1st, 2nd verification block after the last step, before the answer is stated
