@@ -1,4 +1,4 @@
-"""What accuracy can any probe reach under the per-event guarantee? Lynx against two reference probes, on held-out events.
+"""What accuracy can any probe reach under the per-event guarantee? Lynx against two reference probes, held out.
 
 The per-event guarantee (class-conditional conformal) sets tau so that about delta of the *unsafe* cues score above
 it, whatever the probe: a better probe lets more safe cues exit, not fewer unsafe ones. So at c = 0.9 some unsafe

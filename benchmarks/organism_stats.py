@@ -1,8 +1,9 @@
 """How much does the shipped model organism overthink? Sampled traces, cue events, forced exits, oracle savings.
 
-For each task family, samples traces for held-out test problems at the organism's temperature (`organism.TEMPERATURE`,
-1.2; `--temperature`), top_p 0.95 (batched, left padded), then forces an exit at every reflection cue inside the thinking block (the prefix is cut just before the
-cue word's first token, EXIT_TEXT is appended, the answer is decoded greedily up to "}") and prints:
+For each task family, samples traces for held-out test problems at the organism's temperature
+(`organism.TEMPERATURE`, 1.2; `--temperature`), top_p 0.95 (batched, left padded), then forces an exit at every
+reflection cue inside the thinking block (the prefix is cut just before the cue word's first token, EXIT_TEXT is
+appended, the answer is decoded greedily up to "}") and prints:
 
 * full-trace accuracy and the share of well-formed traces;
 * mean cue events per trace, and how often a forced exit at a cue is right;
