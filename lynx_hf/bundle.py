@@ -206,9 +206,7 @@ class Lynx(
         thinking = resolve_thinking(tokenizer, config.think_start, config.think_end, config.exit_text, config.thinking)
         config.think_start, config.think_end, config.exit_text = \
             thinking.think_start, thinking.think_end, thinking.exit_text
-        detector = CueDetector.for_tokenizer(tokenizer, cues=config.cues, think_start=thinking.think_start,
-                                             think_end=thinking.think_end, device=device)
-        missing = detector.missing_cues()
+        missing = self._cue_detector(tokenizer, device).missing_cues()
         if missing:
             raise LynxConfigError(
                 f"The tokenizer cannot spell the cue(s) {missing}: give a bundle whose cues this tokenizer encodes, "
@@ -223,11 +221,16 @@ class Lynx(
         """Put what decoding reads every step (probe, cue tables, brace logits, captured states) on `device`, the
         bound model's device."""
         self.probe.to(device)
-        self.detector = CueDetector.for_tokenizer(self.tokenizer, cues=self.config.cues,
-                                                  think_start=self.thinking.think_start,
-                                                  think_end=self.thinking.think_end, device=device)
+        self.detector = self._cue_detector(self.tokenizer, device)
         self.brace_delta = brace_delta(self.tokenizer, vocab_size(self.model)).to(device)
         self._tap = ModelTap(self.model, self.config.layers, device=device)
+
+    def _cue_detector(self, tokenizer, device: torch.device) -> CueDetector:
+        """The cue detector for this bundle's cues and thinking markers, its tables on `device` (built once per
+        tokenizer and device, then shared)."""
+        c = self.config
+        return CueDetector.for_tokenizer(tokenizer, cues=c.cues, think_start=c.think_start, think_end=c.think_end,
+                                         device=device)
 
     def detach(self) -> None:
         """Unbind from the model (a later `generate` call that uses this bundle attaches it again)."""

@@ -123,8 +123,10 @@ def bundle_text_events(model, tok, lynx, out: Path, runs: Path = RUNS, bundle_di
 
 
 def bundle_recipe(lynx) -> dict:
-    """How the bundle's training and calibration tables were collected (`BUNDLE_RECIPE` where it records nothing)."""
-    return {**BUNDLE_RECIPE, **lynx.metadata.get("tables", {})}
+    """How the bundle's training and calibration tables were collected (`BUNDLE_RECIPE` where it records nothing;
+    the temperature is the one its calibration traces were sampled at)."""
+    sampled = {k: v for k, v in lynx.metadata.get("sampling", {}).items() if k == "temperature"}
+    return {**BUNDLE_RECIPE, **lynx.metadata.get("tables", {}), **sampled}
 
 
 def bundle_tables(model, tok, lynx, out: Path, runs: Path = RUNS) -> tuple[EventTable, EventTable, str]:

@@ -65,8 +65,8 @@ def main() -> None:
                datasets=["lynx_hf.organism arithmetic (synthetic)"])
     lynx.config.base_model = "lynx_hf/organism"
     # the recipe of the training and calibration tables, so `make demo` can re-collect them for the TextProbe control
+    # (their temperature and top_p are in metadata["sampling"], recorded by `fit`)
     lynx.metadata["tables"] = {"family": "arithmetic", "seed": args.seed, "batch_size": 64, "max_new_tokens": MAX_NEW_TOKENS,
-                               "temperature": args.temperature,
                                "splits": {"train": args.train, "calibration": args.calibration}}
     out = ROOT / "lynx_hf" / "organism" / "bundle"
     shutil.rmtree(out, ignore_errors=True)

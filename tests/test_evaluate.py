@@ -394,8 +394,10 @@ def test_demo_runs_on_the_organism(tmp_path):
         pytest.skip("the organism bundle is not built yet (scripts/build_organism_bundle.py)")
     from argparse import Namespace
 
-    from lynx_hf import demo
+    from lynx_hf import Lynx, demo
+    from lynx_hf.events import read_settings
 
+    calibrated_at = Lynx.from_pretrained(organism.BUNDLE_DIR).metadata["sampling"]["temperature"]
     results = demo.main(Namespace(n=24, out=str(tmp_path), seed=0, live=8, quiet=True))
     for family in ("arithmetic", "compare"):
         rows = {r["method"]: r for r in results[family]["rows"]}
@@ -410,3 +412,5 @@ def test_demo_runs_on_the_organism(tmp_path):
         assert 0.5 < aurocs["lynx_probe"] <= 1 and 0 <= aurocs["text_probe"] <= 1
         text = (tmp_path / family / "results.md").read_text()
         assert "| TextProbe c=0.9 (event) |" in text and "TextProbe (last" in text
+        # the test traces are sampled as the bundle's calibration traces were
+        assert read_settings(tmp_path / family / "events")["temperature"] == calibrated_at
