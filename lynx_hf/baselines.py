@@ -38,7 +38,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from .answers import answers_match, extract_boxed
-from .conformal import Calibration, LynxCalibrationWarning, exits, first_exit
+from .conformal import DEFAULT_GUARANTEE, Calibration, LynxCalibrationWarning, exits, first_exit
 from .events import EventTable
 from .collect import think_length
 from .exit import answer_after_exit, eos_token_ids, pad_token_id
@@ -245,7 +245,7 @@ class LynxExit(Method):
         0.83
     """
 
-    def __init__(self, confidence: float, guarantee: str = "event"):
+    def __init__(self, confidence: float, guarantee: str = DEFAULT_GUARANTEE):
         self.confidence = float(confidence)
         self.guarantee = guarantee
         self.name = f"Lynx c={self.confidence:g} ({guarantee})"
@@ -686,7 +686,7 @@ class TextProbeExit(Method):
         'TextProbe c=0.9 (event)'
     """
 
-    def __init__(self, text_probe: TextProbe, confidence: float, guarantee: str = "event"):
+    def __init__(self, text_probe: TextProbe, confidence: float, guarantee: str = DEFAULT_GUARANTEE):
         self.text_probe = text_probe
         self.confidence = float(confidence)
         self.guarantee = guarantee
@@ -793,22 +793,82 @@ class BudgetForcing(Method):
         total, correct = replay.length.clone(), replay.correct.clone()
         answers = [t.get("answer") for t in replay.table.traces]
         rows = exited.nonzero().flatten().tolist()
-        device = next(self.model.parameters()).device
-        pad = pad_token_id(self.model, self.tokenizer)
-        max_new = self.answer_max_new_tokens or int(replay.table.settings.get("answer_max_new_tokens", 16))
-        for begin in range(0, len(rows), self.batch_size):
-            chunk = rows[begin:begin + self.batch_size]
-            prefixes = [replay.table.traces[i]["token_ids"][: int(replay.prompt_length[i]) + self.budget] for i in chunk]
-            ids, mask = left_pad(prefixes, pad, device)
-            forced = answer_after_exit(self.model, self.tokenizer, ids, [ids.shape[1]] * len(chunk), self.exit_ids,
-                                       attention_mask=mask, max_new_tokens=max_new)
-            for i, a in zip(chunk, forced):
-                total[i] = self.budget + len(self.exit_ids) + len(a.token_ids)
-                correct[i] = answers_match(a.answer, replay.gold[i])
-                answers[i] = a.answer
+        for i, a in zip(rows, answers_at_budget(replay, rows, self.budget, self.model, self.tokenizer, self.exit_ids,
+                                                self.batch_size, self.answer_max_new_tokens)):
+            total[i] = self.budget + len(self.exit_ids) + len(a.token_ids)
+            correct[i] = answers_match(a.answer, replay.gold[i])
+            answers[i] = a.answer
         return Outcome(self.name, exited, torch.full((n,), -1, dtype=torch.long), correct, thinking, total,
                        torch.zeros(n, dtype=torch.long), info={"family": "Budget forcing", "knob": self.budget},
                        answers=answers, wall_time=time.perf_counter() - started)
+
+
+def answers_at_budget(replay: Replay, rows: Sequence[int], budget: int, model, tokenizer, exit_ids: Sequence[int],
+                      batch_size: int = 64, answer_max_new_tokens: int | None = None) -> list:
+    """The forced-exit answers (`ExitAnswer`) of traces `rows` cut after `budget` thinking tokens: the prompt and the
+    first `budget` generated tokens, the exit text, then the greedy answer (`answer_after_exit`, batched).
+
+    Example:
+        >>> [a.answer for a in answers_at_budget(replay, [0, 3], 64, model, tok, lynx.exit_ids)]  # doctest: +SKIP
+        ['12', '7']
+    """
+    device = next(model.parameters()).device
+    pad = pad_token_id(model, tokenizer)
+    max_new = answer_max_new_tokens or int(replay.table.settings.get("answer_max_new_tokens", 16))
+    answers = []
+    for begin in range(0, len(rows), batch_size):
+        chunk = rows[begin:begin + batch_size]
+        prefixes = [replay.table.traces[i]["token_ids"][: int(replay.prompt_length[i]) + budget] for i in chunk]
+        ids, mask = left_pad(prefixes, pad, device)
+        answers += answer_after_exit(model, tokenizer, ids, [ids.shape[1]] * len(chunk), list(exit_ids),
+                                     attention_mask=mask, max_new_tokens=max_new)
+    return answers
+
+
+class LynxBudget(Method):
+    """LYNX with a thinking budget (`Lynx(..., max_thinking_tokens=B)`): exit at the first confident cue as
+    `LynxExit` does, and a trace still thinking after `budget` tokens without one exits there (forced answer from
+    the first B thinking tokens, as the live plug-ins cut it). Only the cue exits are under the conformal guarantee.
+
+    The live plug-ins decide a cue exit one token after the cue and a budget exit at the budget's last token; at the
+    same step the cue wins. Replay follows that order: the cue exit stands when its deciding token (`position + 1`)
+    comes no later than the budget's last thinking token, and a trace whose thinking reaches `budget` tokens exits
+    by the budget otherwise. Runs the model for the budget exits' answers.
+
+    Example:
+        >>> LynxBudget(0.9, "question", 128, model, tok, lynx.exit_ids).run(replay).info["budget_exits"]  # doctest: +SKIP
+        0.12
+    """
+
+    def __init__(self, confidence: float, guarantee: str, budget: int, model, tokenizer, exit_ids: Sequence[int],
+                 batch_size: int = 64, answer_max_new_tokens: int | None = None):
+        self.lynx = LynxExit(confidence, guarantee)
+        self.confidence, self.guarantee, self.budget = float(confidence), guarantee, int(budget)
+        self.model, self.tokenizer, self.exit_ids = model, tokenizer, list(exit_ids)
+        self.batch_size, self.answer_max_new_tokens = batch_size, answer_max_new_tokens
+        self.name = f"Lynx c={self.confidence:g} ({guarantee}) + budget B={self.budget}"
+
+    def run(self, replay: Replay) -> Outcome:
+        started = time.perf_counter()
+        cue = self.lynx.run(replay)
+        event = cue.event.clone()
+        if len(replay.table):
+            deciding = replay.table.position[event.clamp_min(0)] + 1 - replay.prompt_length
+            event = torch.where((event >= 0) & (deciding > self.budget - 1), -1, event)
+        budget = (event < 0) & (replay.think_length >= self.budget)
+        outcome = replay.outcome(self.name, event, family="Lynx + budget", knob=self.budget,
+                                 confidence=self.confidence, target=1 - self.confidence, tau=cue.info["tau"])
+        rows = budget.nonzero().flatten().tolist()
+        for i, a in zip(rows, answers_at_budget(replay, rows, self.budget, self.model, self.tokenizer, self.exit_ids,
+                                                self.batch_size, self.answer_max_new_tokens)):
+            outcome.thinking_tokens[i] = self.budget
+            outcome.total_tokens[i] = self.budget + len(self.exit_ids) + len(a.token_ids)
+            outcome.correct[i] = answers_match(a.answer, replay.gold[i])
+            outcome.answers[i] = a.answer
+        outcome.exited = outcome.exited | budget
+        outcome.info["budget_exits"] = float(budget.double().mean())
+        outcome.wall_time = time.perf_counter() - started
+        return outcome
 
 
 def cue_token_ids(tokenizer, cues: Sequence[str]) -> list[int]:

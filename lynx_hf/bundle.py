@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import StoppingCriteria
 
-from .conformal import GUARANTEES, Calibration, check_guarantee, check_risk_level, check_rule
+from .conformal import DEFAULT_GUARANTEE, GUARANTEE_ORDER, Calibration, check_guarantee, check_risk_level, check_rule
 from .config import LynxConfig, check_base_model
 from .cues import CueDetector
 from .errors import CorruptedBundleError, LynxConfigError, NotAttachedError
@@ -62,14 +62,20 @@ class Lynx(
 ):
     """A calibrated LYNX exit probe for one base model, usable directly as a `generate` stopping criterion.
 
-    `confidence` c sets the exit threshold from the stored calibration scores: with `guarantee="event"` an unsafe
-    cue (one where the forced answer would be wrong) triggers an exit with probability at most 1 - c; with
-    `guarantee="question"` the share of questions whose exit is premature is at most 1 - c (conformal risk
-    control). Both hold on average over calibration sets; `risk_level=alpha` makes them hold with probability at
+    `confidence` c sets the exit threshold from the stored calibration scores: with `guarantee="question"` (the
+    default) the share of questions whose exit is premature (the forced answer is wrong) is at most 1 - c
+    (conformal risk control on the first exit); with `guarantee="event"` (the paper's rule) an unsafe cue triggers
+    an exit with probability at most 1 - c, so a trace with several unsafe cues is cut wrongly more often than
+    1 - c. Both hold on average over calibration sets; `risk_level=alpha` makes them hold with probability at
     least 1 - alpha for this bundle's calibration set (PAC; fewer exits). `rule="paper"` uses the paper's exact
     per-event rule instead of its monotone envelope (the default). Change `lynx.confidence` (and the others) at any
     time without reloading: each `generate` call uses the settings it started with. `shadow=True` never
     intervenes and only records in `last_exits` where it would have exited.
+
+    `max_thinking_tokens=B` caps the thinking: a row that has thought B tokens without a confident cue exits there
+    with the same exit text (stop mode: `answer` answers it; in-stream: the model answers in the same call), and
+    its record says `by_budget=True`. Budget exits are outside the conformal guarantee (they happen whatever the
+    probe thinks); `Lynx.budget(B, tokenizer=...)` is the cap alone, without a probe or bundle.
 
     Which model: `Lynx.from_pretrained(repo, model=model)` (or `lynx.attach(model)`) binds it explicitly; without
     it, the first `generate` call that uses one of its plug-ins attaches it to the model running that call (found
@@ -99,19 +105,20 @@ class Lynx(
         calibration: Calibration,
         *,
         confidence: float = 0.9,
-        guarantee: str = "event",
+        guarantee: str = DEFAULT_GUARANTEE,
         risk_level: float | None = None,
         rule: str = "envelope",
         shadow: bool = False,
+        max_thinking_tokens: int | None = None,
         metadata: dict | None = None,
     ):
-        if probe.input_size != config.feature_size:
+        if probe is not None and probe.input_size != config.feature_size:
             raise CorruptedBundleError(
                 f"The probe reads {probe.input_size} features but the config's layers {config.layers} x hidden size "
                 f"{config.hidden_size} give {config.feature_size}; re-save the bundle from matching parts."
             )
         self.config = config
-        self.probe = probe.eval()
+        self.probe = probe.eval() if probe is not None else None
         self.calibration = calibration
         self.metadata = dict(metadata or {})
         self.shadow = shadow
@@ -119,6 +126,7 @@ class Lynx(
         self._confidence = _check_confidence(confidence)
         self._risk_level = check_risk_level(risk_level)
         self._rule = check_rule(rule)
+        self._max_thinking_tokens = _check_budget(max_thinking_tokens)
         self._threshold: float | None = None
         self.model = None
         self.tokenizer = None
@@ -126,6 +134,7 @@ class Lynx(
         self.exit_ids: list[int] = []
         self.thinking = None  # the ThinkingFormat chosen at attach time
         self._tap: ModelTap | None = None
+        self._device: torch.device | None = None  # where the bound model is (and the cue tables, probe, capture)
         self._auto_attached = False
         self._stopper = LynxStoppingCriteria(self)
         self._processor = LynxExitProcessor(self)
@@ -146,7 +155,7 @@ class Lynx(
 
     @property
     def guarantee(self) -> str:
-        """`"event"` (per cue event) or `"question"` (per question, first exit)."""
+        """`"question"` (default: per question, first exit) or `"event"` (per cue event, the paper's rule)."""
         return self._guarantee
 
     @guarantee.setter
@@ -176,8 +185,21 @@ class Lynx(
         self._threshold = None
 
     @property
+    def max_thinking_tokens(self) -> int | None:
+        """The thinking budget B (None: no cap): a row still thinking after B tokens exits there, outside the
+        guarantee."""
+        return self._max_thinking_tokens
+
+    @max_thinking_tokens.setter
+    def max_thinking_tokens(self, value: int | None) -> None:
+        self._max_thinking_tokens = _check_budget(value)
+
+    @property
     def threshold(self) -> float:
-        """The probe-score threshold for the current confidence, guarantee, risk level and rule (inf: never exit)."""
+        """The probe-score threshold for the current confidence, guarantee, risk level and rule (inf: never exit;
+        always for a budget-only `Lynx`)."""
+        if self.calibration is None:
+            return math.inf
         if self._threshold is None:
             self._threshold = self.calibration.threshold(self._confidence, self._guarantee, rule=self._rule,
                                                          risk_level=self._risk_level)
@@ -197,7 +219,8 @@ class Lynx(
     def _bind(self, model, tokenizer=None, *, allow_base_model_mismatch: bool = False) -> None:
         if tokenizer is None:
             tokenizer = _tokenizer_for(model, self.config.base_model)
-        problems = check_base_model(self.config, model, tokenizer, allow_mismatch=allow_base_model_mismatch)
+        problems = [] if self.probe is None else \
+            check_base_model(self.config, model, tokenizer, allow_mismatch=allow_base_model_mismatch)
         if problems:
             logger.warning("Using a probe for %s on a different model (%s): its guarantee may not hold.",
                            self.config.base_model, "; ".join(problems))
@@ -220,10 +243,12 @@ class Lynx(
     def _place(self, device: torch.device) -> None:
         """Put what decoding reads every step (probe, cue tables, brace logits, captured states) on `device`, the
         bound model's device."""
-        self.probe.to(device)
         self.detector = self._cue_detector(self.tokenizer, device)
         self.brace_delta = brace_delta(self.tokenizer, vocab_size(self.model)).to(device)
-        self._tap = ModelTap(self.model, self.config.layers, device=device)
+        self._device = device
+        if self.probe is not None:
+            self.probe.to(device)
+            self._tap = ModelTap(self.model, self.config.layers, device=device)
 
     def _cue_detector(self, tokenizer, device: torch.device) -> CueDetector:
         """The cue detector for this bundle's cues and thinking markers, its tables on `device` (built once per
@@ -235,6 +260,7 @@ class Lynx(
     def detach(self) -> None:
         """Unbind from the model (a later `generate` call that uses this bundle attaches it again)."""
         self._tap = None
+        self._device = None
         self.model = None
 
     def __enter__(self) -> "Lynx":
@@ -245,7 +271,8 @@ class Lynx(
 
     def _start_call(self, mode: str, model, input_ids: torch.LongTensor, attention_mask, call_class=GenerateCall,
                     *, confidence: float | None = None, guarantee: str | None = None, shadow: bool | None = None,
-                    risk_level: float | None = None, rule: str | None = None) -> GenerateCall:
+                    risk_level: float | None = None, rule: str | None = None,
+                    max_thinking_tokens: int | None = None) -> GenerateCall:
         """A new `generate` call of `model` uses one of this bundle's plug-ins: bind to `model` if needed, and start
         the call's own state with the settings in force now (or the given per-call overrides)."""
         if self.model is None:
@@ -262,9 +289,10 @@ class Lynx(
                 )
             tokenizer = self.tokenizer if _name(model) == _name(self.model) else None
             self._bind(model, tokenizer)
-        elif _model_device(model) != self._tap.device:  # moved since it was bound, e.g. `model.to("cuda")`
+        elif _model_device(model) != self._device:  # moved since it was bound, e.g. `model.to("cuda")`
             self._place(_model_device(model))
-        if confidence is None and guarantee is None and risk_level is None and rule is None:
+        if (confidence is None and guarantee is None and risk_level is None and rule is None) \
+                or self.calibration is None:
             threshold = self.threshold
         else:
             threshold = self.calibration.threshold(
@@ -273,8 +301,9 @@ class Lynx(
                 rule=check_rule(self._rule if rule is None else rule),
                 risk_level=check_risk_level(self._risk_level if risk_level is None else risk_level),
             )
+        budget = self._max_thinking_tokens if max_thinking_tokens is None else _check_budget(max_thinking_tokens)
         call = call_class(self, mode, model, input_ids, attention_mask, threshold=threshold,
-                          shadow=self.shadow if shadow is None else bool(shadow))
+                          shadow=self.shadow if shadow is None else bool(shadow), max_thinking_tokens=budget)
         if mode == "stop":
             self._stop_calls.append(call)
         self._last_call.set(call)
@@ -295,12 +324,15 @@ class Lynx(
 
     def _replica(self, config: LynxConfig, probe: LynxProbe, calibration: Calibration, metadata: dict) -> "Lynx":
         new = type(self)(config, probe, calibration, confidence=self._confidence, guarantee=self._guarantee,
-                         risk_level=self._risk_level, rule=self._rule, shadow=self.shadow, metadata=metadata)
+                         risk_level=self._risk_level, rule=self._rule, shadow=self.shadow,
+                         max_thinking_tokens=self._max_thinking_tokens, metadata=metadata)
         if self.model is not None:
             new.model, new.tokenizer, new.detector = self.model, self.tokenizer, self.detector
             new.thinking = self.thinking
             new.exit_ids, new.brace_delta = list(self.exit_ids), self.brace_delta
-            new._tap = ModelTap(self.model, config.layers, device=self._tap.device)
+            new._device = self._device
+            if probe is not None:
+                new._tap = ModelTap(self.model, config.layers, device=self._device)
             new._auto_attached = self._auto_attached
         return new
 
@@ -308,7 +340,8 @@ class Lynx(
         """Pickled: the bundle (config, probe, calibration, metadata) and its settings; not the model binding or the
         call history, so an unpickled `Lynx` attaches on first use like one loaded without `model=`."""
         options = dict(confidence=self._confidence, guarantee=self._guarantee, risk_level=self._risk_level,
-                       rule=self._rule, shadow=self.shadow, metadata=self.metadata)
+                       rule=self._rule, shadow=self.shadow, max_thinking_tokens=self._max_thinking_tokens,
+                       metadata=self.metadata)
         return _unpickle, (type(self), self.config, self.probe, self.calibration, options)
 
     # ----- generate plug-ins --------------------------------------------------------------------------------
@@ -411,6 +444,9 @@ class Lynx(
 
     # ----- persistence ------------------------------------------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
+        if self.probe is None:
+            raise LynxConfigError("A budget-only Lynx (Lynx.budget) has no probe or calibration to save: save a "
+                                  "bundle built by `lynx-hf build`, and pass max_thinking_tokens= when loading it.")
         (save_directory / CONFIG_NAME).write_text(self.config.to_json_string(), encoding="utf-8")
         state = {k: v.detach().cpu().contiguous() for k, v in self.probe.state_dict().items()}
         save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "lynx-hf"})
@@ -496,10 +532,11 @@ class Lynx(
         model=None,
         tokenizer=None,
         confidence: float = 0.9,
-        guarantee: str = "event",
+        guarantee: str = DEFAULT_GUARANTEE,
         risk_level: float | None = None,
         rule: str = "envelope",
         shadow: bool = False,
+        max_thinking_tokens: int | None = None,
         allow_base_model_mismatch: bool = False,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -522,14 +559,59 @@ class Lynx(
             raise CorruptedBundleError(f"{folder / CALIBRATION_NAME} is corrupted: no 'calibration' entry; re-save it.")
         calibration = Calibration.from_dict(payload["calibration"])
         lynx = cls(config, probe, calibration, confidence=confidence, guarantee=guarantee, risk_level=risk_level,
-                   rule=rule, shadow=shadow, metadata=payload.get("metadata"))
+                   rule=rule, shadow=shadow, max_thinking_tokens=max_thinking_tokens, metadata=payload.get("metadata"))
         if model is not None:
             lynx.attach(model, tokenizer, allow_base_model_mismatch=allow_base_model_mismatch)
+        return lynx
+
+    @classmethod
+    def budget(cls, max_thinking_tokens: int, *, model=None, tokenizer=None, thinking: str | None = None,
+               think_start: str | None = None, think_end: str | None = None, exit_text: str | None = None,
+               shadow: bool = False) -> "Lynx":
+        """A thinking-budget cap alone, for any model with a thinking format: no probe, no bundle, no guarantee.
+
+        Each row that has thought `max_thinking_tokens` tokens exits there with the model's exit text (from its
+        tokenizer and chat template, `lynx_hf.thinking`, or the markers given), in stop mode (`stopping_criteria=
+        [cap]`, then `cap.answer(out)`) or in-stream (`logits_processor=[cap.exit_processor()]`, `stopping_criteria=
+        [cap.answer_stopper()]`); rows that close their thinking earlier are left alone. `last_exits` records it.
+
+        Example:
+
+        ```python
+        >>> from lynx_hf import Lynx, organism
+        >>> model, tok = organism.load()
+        >>> cap = Lynx.budget(8, model=model, tokenizer=tok)
+        >>> inputs = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt")
+        >>> out = model.generate(**inputs, stopping_criteria=[cap], max_new_tokens=200)
+        >>> record = cap.last_exits[0]
+        >>> record.by_budget, record.position - inputs.input_ids.shape[1] + 1, len(cap.answer(out))
+        (True, 8, 1)
+
+        ```
+        """
+        if max_thinking_tokens is None:
+            raise LynxConfigError("Lynx.budget needs max_thinking_tokens: the number of thinking tokens to allow.")
+        config = LynxConfig(base_model="", layers=[0], hidden_size=0, think_start=think_start, think_end=think_end,
+                            exit_text=exit_text, thinking=thinking)
+        lynx = cls(config, None, None, shadow=shadow, max_thinking_tokens=max_thinking_tokens,
+                   metadata={"budget_only": True})
+        if model is not None:
+            lynx.attach(model, tokenizer)
         return lynx
 
 
 def _unpickle(cls, config: LynxConfig, probe: LynxProbe, calibration: Calibration, options: dict) -> Lynx:
     return cls(config, probe, calibration, **options)
+
+
+def _check_budget(value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise LynxConfigError(
+            f"max_thinking_tokens={value!r}: give a positive number of thinking tokens (e.g. 4096), or None for no cap."
+        )
+    return int(value)
 
 
 def _check_confidence(value: float) -> float:
@@ -556,7 +638,7 @@ def _strength(risk_level: float | None) -> str:
 def _card_threshold_rows(calibration: Calibration) -> list[dict]:
     """Threshold table rows for the card: per guarantee and strength, rates rounded to 3 decimals."""
     rows = []
-    for guarantee in GUARANTEES:
+    for guarantee in GUARANTEE_ORDER:
         for risk_level in CARD_RISK_LEVELS:
             for row in calibration.table(CARD_CONFIDENCES, guarantee, risk_level=risk_level):
                 rows.append({

@@ -19,6 +19,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .conformal import DEFAULT_GUARANTEE, GUARANTEES
 from .loading import PROBLEM_SOURCES, load_model, load_problems, prompt_fn
 
 
@@ -217,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int)
     p.add_argument("--out", default="outputs/eval", help="folder for results.md/json and plots")
     p.add_argument("--confidences", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    p.add_argument("--guarantee", choices=GUARANTEES, default=DEFAULT_GUARANTEE,
+                   help="guarantee of the live check (--live); the tables show both (default: %(default)s)")
+    p.add_argument("--max-thinking-tokens", type=int, metavar="B",
+                   help="add 'Lynx + budget' rows (exit at a confident cue, else after B thinking tokens) and budget "
+                        "forcing at B")
     p.add_argument("--live", type=int, default=0, help="also run the plug-ins live on this many problems")
     p.add_argument("--text-probe-train", help="event table the bundle's probe was trained on: fits the TextProbe "
                                               "control (text features, same MLP, split and calibration)")

@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["Calibration", "LynxCalibrationWarning", "exits", "first_exit"]
 
 GUARANTEES = ("event", "question")
+DEFAULT_GUARANTEE = "question"  # what `Lynx` uses unless told: "at most 1 - c of the answers get worse"
+GUARANTEE_ORDER = (DEFAULT_GUARANTEE, *(g for g in GUARANTEES if g != DEFAULT_GUARANTEE))  # how tables list them
 RULES = ("envelope", "paper")
 _FORMAT = "lynx-hf/calibration"
 _WALK_CELLS = 2 ** 22  # thresholds x questions the clustered PAC walk holds at once (~32 MB of float64)

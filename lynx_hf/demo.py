@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .conformal import LynxCalibrationWarning
+from .conformal import DEFAULT_GUARANTEE, LynxCalibrationWarning
 from .events import EventTable
 from .organism import TEMPERATURE
 
@@ -221,9 +221,8 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
         >>> result = run_family(model, tok, lynx, "arithmetic", 50, Path("outputs/demo/arithmetic"), 0, 32)  # doctest: +SKIP
     """
     from .evaluate import (
-        calibration_curve, format_agreement, format_aurocs, format_compact, format_text_margin, live_agreement,
-        probe_aurocs, run_all, text_only_margin,
-        write_results,
+        DEFAULT_METHOD, calibration_curve, format_agreement, format_aurocs, format_compact, format_guarantee_table,
+        format_text_margin, live_agreement, probe_aurocs, run_all, text_only_margin, versus_text_rule, write_results,
     )
     from .plots import calibration_plot, pareto_plot
     from .splits import replay_split_rates
@@ -238,10 +237,10 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
     rows, outcomes, replay = run_all(lynx, table, model, tok, confidences=CONFIDENCES, lambdas=LAMBDAS,
                                      text_probe=text_probe)
     aurocs = probe_aurocs(replay, text_probe)
-    margin = text_only_margin(rows, f"Lynx c={LIVE_CONFIDENCE:g} (event)")
+    margin = text_only_margin(rows, DEFAULT_METHOD)
     reports = []
     if live:
-        lynx.confidence, lynx.guarantee = LIVE_CONFIDENCE, "event"
+        lynx.confidence, lynx.guarantee = LIVE_CONFIDENCE, DEFAULT_GUARANTEE
         reports.append(live_agreement(lynx, replay, live))
         greedy = _collect(model, tok, lynx, family, "test", live, seed, out / "events-greedy", temperature=0.0)
         from .baselines import Replay
@@ -257,13 +256,16 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
                      title=f"Organism, {family}: premature exits vs target")
     say(f"\n### {family}{transfer}: {table.n_traces} held-out problems\n")
     say(format_compact(rows))
+    say(f"\nthe default guarantee ({DEFAULT_GUARANTEE}) at each confidence:\n")
+    say(format_guarantee_table(rows))
+    say(f"\n{versus_text_rule(rows)}")
     say(f"\n{format_aurocs(aurocs)}")
     say(format_text_margin(margin))
     say(f"every column: {out / 'results.md'}")
     for report in reports:
         say(format_agreement(report))
     # the example trace: from LYNX at the live-check confidence if one of its exits is right, else any LYNX run
-    preferred = f"Lynx c={LIVE_CONFIDENCE:g} (event)"
+    preferred = DEFAULT_METHOD
     candidates = sorted((o for o in outcomes if o.info.get("family", "").startswith("Lynx")),
                         key=lambda o: o.method != preferred)
     example = next((show_trace(tok, lynx, replay, o) for o in candidates if bool((o.exited & o.correct).any())),

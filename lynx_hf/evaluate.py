@@ -25,10 +25,10 @@ import torch
 
 from .answers import answers_match
 from .baselines import (
-    BudgetForcing, DeerStyle, FirstCue, Full, LynxExit, Method, NoWait, Oracle, Outcome, Replay, TextProbe,
-    TextProbeExit, answer_stated_rules, matched_budget, regenerate, shard_batches,
+    BudgetForcing, DeerStyle, FirstCue, Full, LynxBudget, LynxExit, Method, NoWait, Oracle, Outcome, Replay,
+    TextProbe, TextProbeExit, answer_stated_rules, matched_budget, regenerate, shard_batches,
 )
-from .conformal import LynxCalibrationWarning, exits
+from .conformal import DEFAULT_GUARANTEE, GUARANTEE_ORDER, LynxCalibrationWarning, exits
 from .events import EventTable
 from .exit import eos_token_ids
 from .probe import auroc
@@ -36,6 +36,7 @@ from .probe import auroc
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIDENCES = (0.8, 0.9, 0.95)
+DEFAULT_METHOD = f"Lynx c=0.9 ({DEFAULT_GUARANTEE})"
 DEFAULT_LAMBDAS = (0.8, 0.9, 0.95, 0.99)
 CALIBRATION_GRID = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
 
@@ -112,6 +113,7 @@ def metrics(outcome: Outcome, full: Outcome, references: Sequence[str] | None = 
         "premature_per_exit": scores["premature_per_exit"],
         "premature_per_question": scores["premature_per_question"],
         "unsafe_event_exit_rate": info.get("unsafe_event_exit_rate"),
+        "budget_exit_rate": info.get("budget_exits"),
         "exited_accuracy": scores["exited_accuracy"],
         "helped": int((~full_correct & correct).sum()),
         "harmed": int((full_correct & ~correct).sum()),
@@ -120,18 +122,18 @@ def metrics(outcome: Outcome, full: Outcome, references: Sequence[str] | None = 
 
 
 def lynx_methods(confidences: Sequence[float] = DEFAULT_CONFIDENCES,
-                 guarantees: Sequence[str] = ("event", "question")) -> list[Method]:
-    """`LynxExit` at every (confidence, guarantee).
+                 guarantees: Sequence[str] = GUARANTEE_ORDER) -> list[Method]:
+    """`LynxExit` at every (confidence, guarantee), the default guarantee first.
 
     Example:
-        >>> [m.name for m in lynx_methods([0.9], ["event"])]
-        ['Lynx c=0.9 (event)']
+        >>> [m.name for m in lynx_methods([0.9])]
+        ['Lynx c=0.9 (question)', 'Lynx c=0.9 (event)']
     """
     return [LynxExit(c, g) for g in guarantees for c in confidences]
 
 
 def text_probe_methods(text_probe: TextProbe, confidences: Sequence[float] = DEFAULT_CONFIDENCES,
-                       guarantees: Sequence[str] = ("event", "question")) -> list[Method]:
+                       guarantees: Sequence[str] = GUARANTEE_ORDER) -> list[Method]:
     """`TextProbeExit` at every (confidence, guarantee): the text-only control at LYNX's own operating points.
 
     Example:
@@ -151,7 +153,7 @@ def replay_methods(confidences: Sequence[float] = DEFAULT_CONFIDENCES,
 
     Example:
         >>> [m.name for m in replay_methods([0.9], [0.95])][:2]
-        ['Full', 'Lynx c=0.9 (event)']
+        ['Full', 'Lynx c=0.9 (question)']
     """
     text: list[Method] = []
     if text_probe is not None:
@@ -219,7 +221,7 @@ def _text_frontier_tokens(points: list[tuple[float, float]], accuracy: float) ->
     return best
 
 
-def text_only_margin(rows: Sequence[dict], method: str = "Lynx c=0.9 (event)") -> dict:
+def text_only_margin(rows: Sequence[dict], method: str = DEFAULT_METHOD) -> dict:
     """How far `method` is ahead of the best text-only exit rule (issue 12's targets), on one results table.
 
     The text-only frontier holds every row whose exit decision reads only the text (`TEXT_ONLY_FAMILIES`: full
@@ -307,24 +309,38 @@ def evaluate(replay: Replay, methods: Sequence[Method], progress: bool = False) 
 
 
 def live_methods(replay: Replay, rows: Sequence[dict], model, tokenizer, exit_ids: Sequence[int],
-                 nowait: bool = True) -> list[Method]:
-    """Budget forcing at budgets matched to each LYNX row's mean thinking tokens, and NoWait.
+                 nowait: bool = True, thinking_budgets: Sequence[int] | None = None,
+                 confidences: Sequence[float] = (0.9,)) -> list[Method]:
+    """Budget forcing at budgets matched to each LYNX row's mean thinking tokens, LYNX + budget, and NoWait.
+
+    `LynxBudget` runs at each of `confidences` under the default guarantee with each of `thinking_budgets`; by
+    default two caps: the budget matched to the default LYNX row's thinking (beside budget forcing at that budget)
+    and the 90th percentile of the full traces' thinking (a loose cap that only cuts the longest traces, with budget
+    forcing at it too).
 
     Example:
         >>> methods = live_methods(replay, rows, model, tok, lynx.exit_ids)  # doctest: +SKIP
     """
     targets = sorted({round(r["thinking_tokens"], 6) for r in rows if r["family"].startswith("Lynx")})
     longest = int(replay.think_length.max())
+    if thinking_budgets is None:
+        default = next((r for r in rows if r["method"] == DEFAULT_METHOD), None)
+        matched = [matched_budget(replay.think_length, default["thinking_tokens"])] if default else []
+        loose = int(torch.quantile(replay.think_length.double(), 0.9))
+        thinking_budgets = sorted({b for b in (*matched, loose) if 0 < b < longest})
     # a budget at or above the longest trace cuts nothing: that is Full again
-    budgets = sorted({b for b in (matched_budget(replay.think_length, t) for t in targets) if b < longest})
+    budgets = sorted({b for b in (*(matched_budget(replay.think_length, t) for t in targets), *thinking_budgets)
+                      if b < longest})
     methods: list[Method] = [BudgetForcing(b, model, tokenizer, exit_ids) for b in budgets]
+    methods += [LynxBudget(c, DEFAULT_GUARANTEE, b, model, tokenizer, exit_ids)
+                for c in confidences for b in thinking_budgets]
     if nowait:
         methods.append(NoWait(model, tokenizer))
     return methods
 
 
 def calibration_curve(replay: Replay, confidences: Sequence[float] = CALIBRATION_GRID,
-                      guarantees: Sequence[str] = ("event", "question")) -> list[dict]:
+                      guarantees: Sequence[str] = GUARANTEE_ORDER) -> list[dict]:
     """Realised premature-exit rate vs the target 1-c on this table, per guarantee, over a grid of confidences.
 
     Event guarantee: share of unsafe cue events that exit; question guarantee: share of questions whose first exit
@@ -579,6 +595,70 @@ def format_compact(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def binomial_tolerance(n: int, rate: float, level: float = 0.95) -> float:
+    """The rate that `n` test questions exceed with probability at most 1 - `level` when the true rate is `rate`
+    (the upper `level` quantile of Binomial(n, rate) / n): a realised rate above it is unlikely under the bound.
+
+    Example:
+        >>> binomial_tolerance(200, 0.1)
+        0.14
+    """
+    from .conformal import binomial_cdf
+
+    return int((binomial_cdf(n, rate) < level).sum()) / n
+
+
+def format_guarantee_table(rows: Sequence[dict], guarantee: str = DEFAULT_GUARANTEE) -> str:
+    """The LYNX rows of one guarantee, per confidence: the realised share of questions whose exit is premature
+    (what the guarantee bounds by δ = 1 - c, with the binomial 95% tolerance for this many test questions), the
+    share the exit made wrong (right at the end of the full trace, wrong at the exit), accuracy against full
+    reasoning and thinking saved.
+
+    Example:
+        >>> rows = [{"method": "Full", "family": "Full", "accuracy": 0.9, "n": 200},
+        ...         {"method": "Lynx c=0.9 (question)", "family": "Lynx (question)", "confidence": 0.9, "n": 200,
+        ...          "premature_per_question": 0.08, "harmed": 10, "accuracy": 0.86, "savings": 0.4}]
+        >>> print(format_guarantee_table(rows).splitlines()[2])
+        | 0.9 | 0.10 | 0.080 (≤ 0.140) | 0.050 | 0.860 (full 0.900) | 40.0% |
+    """
+    full = next(r for r in rows if r["family"] == "Full")
+    lines = [f"| c | δ = 1 − c | premature exits per question (binomial tolerance) | made wrong by the exit | "
+             f"accuracy | thinking saved |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["family"] != f"Lynx ({guarantee})":
+            continue
+        delta, n = 1 - r["confidence"], r["n"]
+        lines.append(f"| {r['confidence']:g} | {delta:.2f} | {_fmt(r['premature_per_question'])} "
+                     f"(≤ {binomial_tolerance(n, delta):.3f}) | {r['harmed'] / n:.3f} | {_fmt(r['accuracy'])} "
+                     f"(full {_fmt(full['accuracy'])}) | {100 * r['savings']:.1f}% |")
+    return "\n".join(lines)
+
+
+def versus_text_rule(rows: Sequence[dict], method: str = DEFAULT_METHOD,
+                     rule: str = "AnswerStated (answer phrases)") -> str:
+    """One line: `method` against the practitioner's one-line text rule, accuracy and thinking saved side by side,
+    and whether `method` is at least as accurate *and* saves more (else: a miss, and which way).
+
+    Example:
+        >>> rows = [{"method": "L", "accuracy": 0.9, "savings": 0.3}, {"method": "R", "accuracy": 0.8, "savings": 0.5}]
+        >>> versus_text_rule(rows, "L", "R")
+        'L: accuracy 0.900, 30.0% thinking saved; R: 0.800, 50.0%: miss (more accurate, saves less)'
+    """
+    by = {r["method"]: r for r in rows}
+    if method not in by or rule not in by:
+        return f"{method} vs {rule}: not both in this table"
+    a, b = by[method], by[rule]
+    saves = a["savings"] > b["savings"]
+    if a["accuracy"] >= b["accuracy"] and saves:
+        verdict = "at least as accurate and saves more"
+    else:
+        accuracy = "more accurate" if a["accuracy"] > b["accuracy"] else \
+            "as accurate" if a["accuracy"] == b["accuracy"] else "less accurate"
+        verdict = f"miss ({accuracy}, {'saves more' if saves else 'saves less'})"
+    return (f"{method}: accuracy {_fmt(a['accuracy'])}, {100 * a['savings']:.1f}% thinking saved; {rule}: "
+            f"{_fmt(b['accuracy'])}, {100 * b['savings']:.1f}%: {verdict}")
+
+
 def format_agreement(report: dict) -> str:
     """A short text summary of `live_agreement`'s report.
 
@@ -664,11 +744,12 @@ def collector_for(model, tokenizer, lynx, prompt_fn=None, **options):
 
 
 def run_all(lynx, table: EventTable, model=None, tokenizer=None, *, confidences=DEFAULT_CONFIDENCES,
-            lambdas=DEFAULT_LAMBDAS, live: bool = True,
-            text_probe: TextProbe | None = None) -> tuple[list[dict], list[Outcome], Replay]:
-    """Replay methods (with the text-only baselines), then (with a model) budget forcing at matched budgets and
-    NoWait; returns rows, outcomes, replay. `AnswerStated` reads the text with `tokenizer` (default: the attached
-    bundle's); `TextProbeExit` rows need a fitted `text_probe`.
+            lambdas=DEFAULT_LAMBDAS, live: bool = True, text_probe: TextProbe | None = None,
+            thinking_budgets: Sequence[int] | None = None) -> tuple[list[dict], list[Outcome], Replay]:
+    """Replay methods (with the text-only baselines), then (with a model) budget forcing at matched budgets, LYNX +
+    budget (at `thinking_budgets`, default: see `live_methods`) and NoWait; returns rows, outcomes, replay.
+    `AnswerStated` reads the text with `tokenizer` (default: the attached bundle's); `TextProbeExit` rows need a
+    fitted `text_probe`.
 
     Example:
         >>> rows, outcomes, replay = run_all(lynx, table, model, tok, text_probe=text_probe)  # doctest: +SKIP
@@ -680,7 +761,8 @@ def run_all(lynx, table: EventTable, model=None, tokenizer=None, *, confidences=
         rows, outcomes = evaluate(replay, replay_methods(confidences, lambdas, tokenizer=tokenizer,
                                                          text_probe=text_probe))
         if live and model is not None:
-            methods = [Full(), *live_methods(replay, rows, model, tokenizer, lynx.exit_ids)]
+            methods = [Full(), *live_methods(replay, rows, model, tokenizer, lynx.exit_ids,
+                                             thinking_budgets=thinking_budgets)]
             extra_rows, extra_outcomes = evaluate(replay, methods)
             rows += extra_rows[1:]
             outcomes += extra_outcomes[1:]
@@ -734,12 +816,15 @@ def main(args) -> None:
             check_disjoint(prompt_digests(t), prompt_digests(table), f"{part} and the evaluation table: evaluate on "
                            "held-out problems")
         text_probe = TextProbe.fit(train_table, cal_table, model.get_input_embeddings().weight, seed=args.seed)
-    rows, _, replay = run_all(lynx, table, model, tokenizer, confidences=args.confidences, text_probe=text_probe)
+    budget = getattr(args, "max_thinking_tokens", None)
+    rows, _, replay = run_all(lynx, table, model, tokenizer, confidences=args.confidences, text_probe=text_probe,
+                              thinking_budgets=[budget] if budget else None)
     aurocs = probe_aurocs(replay, text_probe)
     extra = {"calibration_curve": calibration_curve(replay), "calibration_splits": replay_split_rates(replay),
              "aurocs": aurocs}
     if args.live:
         lynx.confidence = args.confidences[len(args.confidences) // 2]
+        lynx.guarantee = getattr(args, "guarantee", DEFAULT_GUARANTEE)
         report = live_agreement(lynx, replay, args.live)
         extra["live_agreement"] = report
     md = write_results(rows, out, title=f"{args.model} on {args.events or args.problems}", extra=extra,

@@ -58,7 +58,9 @@ class ExitRecord:
     `position` is the index (in the returned sequence) of the token that completed that cue, `start` the index of
     the cue word's first token; -1 and None when the rule never fired. `answered` (in-stream mode only) says
     whether the row closed its forced answer before the token budget ran out; None in stop mode, where
-    `Lynx.answer(...)` writes the answer.
+    `Lynx.answer(...)` writes the answer. `by_budget` says that the exit came from the thinking budget
+    (`max_thinking_tokens`), not from a confident cue: then `position` is the row's last thinking token, `start`
+    the index after it (nothing is dropped), and `cue` and `score` are None.
 
     Example:
         >>> ExitRecord(exited=True, would_exit=True, position=12, start=11, cue="wait", score=0.97, threshold=0.9,
@@ -76,6 +78,7 @@ class ExitRecord:
     cues_seen: int
     shadow: bool
     answered: bool | None = None
+    by_budget: bool = False
 
 
 class ModelTap:
@@ -210,12 +213,14 @@ def loop_context(loop: FrameType | None) -> tuple[nn.Module, torch.Tensor | None
 class GenerateCall:
     """One `generate` call seen by one plug-in: the settings it ran with, per-row state, and what it produced.
 
-    Settings (confidence, guarantee, threshold, shadow) are read once when the call starts, so changing them on the
-    `Lynx` later never rewrites a finished call's records.
+    Settings (confidence, guarantee, threshold, shadow, thinking budget) are read once when the call starts, so
+    changing them on the `Lynx` later never rewrites a finished call's records. A `Lynx` without a probe
+    (`Lynx.budget`) has no capture tap: its calls never score a cue and exit by the budget only.
     """
 
     def __init__(self, lynx: "Lynx", mode: Mode, model: nn.Module, input_ids: torch.LongTensor,
-                 attention_mask: torch.Tensor | None, *, threshold: float, shadow: bool):
+                 attention_mask: torch.Tensor | None, *, threshold: float, shadow: bool,
+                 max_thinking_tokens: int | None = None):
         self.lynx = lynx
         self.mode = mode
         # Held weakly: a bundle's recent calls must not keep a model the user dropped (e.g. reloaded) in memory.
@@ -256,10 +261,15 @@ class GenerateCall:
         self.exit_cue = torch.full((batch,), -1, **long)
         self.exit_score = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
         self.cues_seen = torch.zeros(batch, **long)
+        # The thinking budget: per row, generated tokens after which it was inside the thinking block.
+        self.max_thinking_tokens = max_thinking_tokens
+        self.thinking_tokens = torch.zeros(batch, **long)
+        self.by_budget = torch.zeros(batch, dtype=torch.bool, device=device)
         self._tau = torch.tensor(float32_threshold(threshold), dtype=torch.float32, device=device)
         self.consumed_caches: set[int] = set()  # ids of KV caches that `Lynx.answer` already used up
-        self.tap.acquire()
-        self._start_forwards = self.tap.forwards()
+        if self.tap is not None:
+            self.tap.acquire()
+            self._start_forwards = self.tap.forwards()
         self._released = False
 
     @property
@@ -277,14 +287,15 @@ class GenerateCall:
         """The call is over: its hooks may go (idempotent)."""
         if not self._released:
             self._released = True
-            self.tap.release()
+            if self.tap is not None:
+                self.tap.release()
             self.tap = None  # nor the hooks' modules
 
     def _score(self, event: torch.Tensor) -> torch.Tensor:
         # Before this call's first captured forward there is no generated token to score (the hooks arrive after the
         # prefill). On a CPU a step without any cue skips the probe (a host check is free there); on accelerators the
-        # step stays branchless so that decoding never waits for the host.
-        if self.tap.forwards() == self._start_forwards or (self._probe_only_at_cues and not bool(event.any())):
+        # step stays branchless so that decoding never waits for the host. Without a probe nothing is scored.
+        if self.tap is None or self.tap.forwards() == self._start_forwards or (self._probe_only_at_cues and not bool(event.any())):
             return torch.zeros_like(self.pending_score)
         return self.lynx.probe.predict_proba(self.tap.features()).to(event.device, torch.float32)
 
@@ -303,15 +314,15 @@ class GenerateCall:
                 f"Lynx expected one new token per row per step but got {new} on {input_ids.shape[0]} rows "
                 f"(started with {self.batch}): only greedy and sampling decoding are supported."
             )
-        forwards = self.tap.forwards()
-        if self._forwards is not None and forwards == self._forwards:
+        forwards = self.tap.forwards() if self.tap is not None else None
+        if forwards is not None and self._forwards is not None and forwards == self._forwards:
             raise UnsupportedGenerationError(
                 "The model's forward ran without Lynx's capture hooks in this generate call, so Lynx cannot read the "
                 "hidden states it scores: a compiled forward (torch.compile, or generate's own compilation, which skips "
                 "forward hooks added after compiling) is not supported. Generate without compiling (restore "
                 "model.forward, or pass disable_compile=True)."
             )
-        if self._forwards is not None and forwards != self._forwards + 1:
+        if forwards is not None and self._forwards is not None and forwards != self._forwards + 1:
             raise UnsupportedGenerationError(
                 f"The model ran {forwards - self._forwards} forwards between two decoding steps of this generate "
                 "call (expected 1), so Lynx cannot tell which one's hidden states to score: classifier-free guidance "
@@ -337,6 +348,16 @@ class GenerateCall:
             self.pending_score = self._score(cue >= 0)
         self.pending_cue, self.pending_start = cue, start
         decide = event & ~self.exited & (score >= self._tau)
+        if self.max_thinking_tokens is not None:
+            # A row still thinking after its budget's last token exits there (a confident cue at the same step wins).
+            thinking = self.state.in_think if running is None else \
+                self.state.in_think & running.to(device=event.device, dtype=torch.bool)
+            self.thinking_tokens += thinking.long()
+            budget = thinking & (self.thinking_tokens >= self.max_thinking_tokens) & ~self.exited & ~decide
+            self.by_budget |= budget
+            decide = decide | budget
+            position = position + budget.long()  # the budget's last token, one after where a cue event ends
+            event_start = torch.where(budget, length, event_start)
         # A row that exited is over: without an EOS criterion transformers keeps writing model tokens (not padding)
         # after a custom criterion stopped it, and their cues must not count. Shadow mode counts every cue.
         self.cues_seen += (event if self.shadow else event & ~self.exited).long()
@@ -354,15 +375,17 @@ class GenerateCall:
     def records(self) -> list[ExitRecord]:
         """Per-row telemetry of this call."""
         rows = zip(self.exited.tolist(), self.exit_position.tolist(), self.exit_start.tolist(),
-                   self.exit_cue.tolist(), self.exit_score.tolist(), self.cues_seen.tolist(), self.answered())
+                   self.exit_cue.tolist(), self.exit_score.tolist(), self.cues_seen.tolist(), self.answered(),
+                   self.by_budget.tolist())
         return [
             ExitRecord(
                 exited=bool(exited) and not self.shadow, would_exit=bool(exited), position=pos, start=start,
-                cue=self.detector.cues[cue] if cue >= 0 else None, score=score if exited else None,
+                cue=self.detector.cues[cue] if cue >= 0 and not budget else None,
+                score=score if exited and not budget else None,
                 threshold=self.threshold, cues_seen=seen, shadow=self.shadow,
-                answered=answered if exited and not self.shadow else None,
+                answered=answered if exited and not self.shadow else None, by_budget=bool(budget),
             )
-            for exited, pos, start, cue, score, seen, answered in rows
+            for exited, pos, start, cue, score, seen, answered, budget in rows
         ]
 
     def matches(self, sequences: torch.Tensor) -> bool:

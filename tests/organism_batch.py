@@ -1,5 +1,7 @@
-"""The usage tests' common start: the shipped organism, its bundle attached at c = 0.9, and a left-padded batch of
-eight held-out arithmetic prompts with their greedy stop-mode reference (output, records, answers)."""
+"""The usage tests' common start: the shipped organism, its bundle attached at c = 0.9 under the per-event rule (the
+paper's; it exits on more rows than the default per-question guarantee, which these mechanics tests need), and a
+left-padded batch of eight held-out arithmetic prompts with their greedy stop-mode reference (output, records,
+answers)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ def answers(answers):
 def organism_batch():
     """(model, tokenizer, lynx, encoded batch, (output, last_exits, answers) of plain stop-mode greedy generate)."""
     model, tok = organism.load()
-    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.9)
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.9, guarantee="event")
     questions = [p["question"] for p in organism.problems("arithmetic", "test", n=8)]
     enc = tok([organism.prompt(tok, q) for q in questions], return_tensors="pt", padding=True,
               add_special_tokens=False)

@@ -47,9 +47,10 @@ def test_model_card_has_valid_yaml_metadata_and_the_threshold_table(parts, tmp_p
 
 def test_confidence_can_change_without_reloading_and_must_lie_in_zero_one(parts):
     _, _, lynx = parts
+    assert lynx.guarantee == "question"  # the default: at most 1 - c of the questions get a premature exit
     for c in (0.6, 0.95):
         lynx.confidence = c
-        assert lynx.threshold == lynx.calibration.threshold(c, "event")
+        assert lynx.threshold == lynx.calibration.threshold(c, "question")
     for bad in (0.0, 1.0, 1.5, -0.1):
         with pytest.raises(LynxConfigError, match=r"\(0, 1\)"):
             lynx.confidence = bad

@@ -27,7 +27,7 @@ def test_metrics_count_helped_harmed_savings_and_premature_exits():
     rows, outcomes = evaluate(replay, replay_methods([0.9], [0.9]))
     full, row = outcomes[0], rows[1]
     lynx = outcomes[1]
-    assert row["method"] == "Lynx c=0.9 (event)" and row["target"] == pytest.approx(0.1)
+    assert row["method"] == "Lynx c=0.9 (question)" and row["target"] == pytest.approx(0.1)  # the default first
     assert row["helped"] == int((~full.correct & lynx.correct).sum())
     assert row["harmed"] == int((full.correct & ~lynx.correct).sum())
     assert row["accuracy"] == pytest.approx(rows[0]["accuracy"] + (row["helped"] - row["harmed"]) / replay.n_traces)
@@ -367,7 +367,7 @@ def test_live_plugins_agree_with_replay_at_the_same_threshold(live_setup):
     replay = Replay.from_bundle(table, lynx)
     report = live_agreement(lynx, replay, n=table.n_traces)
     print(format_agreement(report))
-    exits = LynxExit(0.9, "event").run(replay)
+    exits = LynxExit(0.9, lynx.guarantee).run(replay)
     assert 0 < exits.exited.sum() < table.n_traces  # some rows exit, some do not
     for mode in ("stop", "shadow"):
         s = report[mode]
@@ -407,7 +407,12 @@ def test_demo_runs_on_the_organism(tmp_path):
         for name in ("TextProbe c=0.9 (event)", "TextProbe c=0.95 (question)", "AnswerStated (all defaults)",
                      "AnswerStated (answer phrases)", "AnswerStated (= number line)"):
             assert name in rows
-        assert results[family]["text_margin"]["method"] == "Lynx c=0.9 (event)"
+        assert results[family]["text_margin"]["method"] == "Lynx c=0.9 (question)"
+        # the default guarantee leads, and LYNX + budget sits beside budget forcing at the same budget
+        lynx_rows = [r for r in results[family]["rows"] if r["family"].startswith("Lynx")]
+        assert lynx_rows[0]["method"] == "Lynx c=0.8 (question)" and lynx_rows[0]["guarantee"] == "question"
+        capped = [r for r in results[family]["rows"] if r["family"] == "Lynx + budget"]
+        assert capped and all(f"Budget B={r['knob']}" in rows for r in capped)
         aurocs = results[family]["aurocs"]
         assert 0.5 < aurocs["lynx_probe"] <= 1 and 0 <= aurocs["text_probe"] <= 1
         text = (tmp_path / family / "results.md").read_text()

@@ -278,10 +278,10 @@ def test_custom_generate_applies_per_call_settings_to_a_given_lynx_for_that_call
                   lynx=lynx, max_new_tokens=300, do_sample=False, return_dict_in_generate=True)
     live = model.generate(**enc, **common)
     assert any(r.exited for r in live.exits)
-    shadow = model.generate(**enc, shadow=True, confidence=0.8, guarantee="question", **common)
+    shadow = model.generate(**enc, shadow=True, confidence=0.8, guarantee="event", **common)
     assert not any(r.exited for r in shadow.exits) and any(r.would_exit for r in shadow.exits)
-    assert {r.threshold for r in shadow.exits} == {lynx.calibration.threshold(0.8, "question")}
-    assert not lynx.shadow and lynx.confidence == 0.9 and lynx.guarantee == "event"
+    assert {r.threshold for r in shadow.exits} == {lynx.calibration.threshold(0.8, "event")}
+    assert not lynx.shadow and lynx.confidence == 0.9 and lynx.guarantee == "question"
 
 
 @pytest.mark.hub

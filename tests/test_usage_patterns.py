@@ -142,7 +142,7 @@ def test_the_in_stream_exit_text_survives_the_processors_transformers_runs_after
 def test_a_compiled_forward_either_exits_as_uncompiled_or_is_refused_naming_compilation(setup):
     _, tok, _, enc, _ = setup
     model, _ = organism.load()
-    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, guarantee="event")  # row 0 exits
     row = {k: v[:1, v.shape[1] - int(enc.attention_mask[0].sum()):] for k, v in enc.items()}
     plain = model.generate(**row, stopping_criteria=[lynx], **GREEDY)
     records = lynx.last_exits
@@ -291,7 +291,8 @@ def test_a_lynx_attached_to_a_peft_model_reads_the_model_inside_it(setup):
     base, _ = organism.load()
     wrapped = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()  # LoRA B = 0
     with pytest.warns(UserWarning, match="active, unmerged adapter"):  # a trained one would void the calibration
-        lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=wrapped, tokenizer=tok)  # PeftModel.generate runs `base`
+        # PeftModel.generate runs `base`; the per-event rule, as the reference
+        lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=wrapped, tokenizer=tok, guarantee="event")
     assert torch.equal(wrapped.generate(**enc, stopping_criteria=[lynx], **GREEDY), out)
     assert lynx.last_exits == records and _answers(lynx.answer(out)) == expected
 

@@ -43,7 +43,7 @@ import lynx_hf
 from lynx_hf.exit import cache_kwargs, exit_cut
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
-_CALL_OPTIONS = ("confidence", "guarantee", "shadow", "risk_level", "rule")
+_CALL_OPTIONS = ("confidence", "guarantee", "shadow", "risk_level", "rule", "max_thinking_tokens")
 _UNSUPPORTED = ("assistant_model", "streamer", "prefix_allowed_tokens_fn", "negative_prompt_ids",
                 "negative_prompt_attention_mask", "inputs_embeds", "past_key_values", "cache")
 _IGNORED = ("synced_gpus", "proxies", "trust_remote_code", "custom_generate")
@@ -138,8 +138,8 @@ def generate(model, *args, **kwargs) -> torch.LongTensor | LynxGenerateOutput:
     `min_p`, `repetition_penalty`, `no_repeat_ngram_size`, `bad_words_ids`, `stop_strings` (with `tokenizer=`),
     `num_return_sequences`, `max_new_tokens`, ...) plus `tokenizer=` (default: loaded from `model.name_or_path`),
     `lynx=` (a `Lynx`, folder or repo id; default: where this recipe was loaded from), the per-call settings
-    `confidence=`, `guarantee=`, `shadow=`, `risk_level=`, `rule=` (also applied to a given `Lynx`, for this
-    call only),
+    `confidence=`, `guarantee=`, `shadow=`, `risk_level=`, `rule=`, `max_thinking_tokens=` (also applied to a given
+    `Lynx`, for this call only),
     `allow_base_model_mismatch=` and the Hub options `revision=`, `cache_dir=`, `token=`, `local_files_only=`.
     Options it cannot honour are refused by name.
     """
@@ -266,32 +266,40 @@ def _decode(model, lynx, input_ids, attention_mask, config, processors, criteria
                 for row in rows:
                     record = records[row]
                     cut = exit_cut(record.position, record.start, lynx.config.exit_construction)
-                    drop = ids.shape[1] - cut  # dropped positions, counting the token just appended
+                    # dropped positions, counting the token just appended (none for a budget exit, which keeps it)
+                    drop = ids.shape[1] - cut
                     exit_rows[row] = (cut - prompt_length, record.position)
                     del kept[row][len(kept[row]) - drop:]
-                    kept[row].extend(lynx.exit_ids if batch == 1 else lynx.exit_ids[:1])
+                    if batch == 1 or drop > 0:  # fed now: the whole exit text (one row) or its first token
+                        kept[row].extend(lynx.exit_ids if batch == 1 else lynx.exit_ids[:1])
                 if batch == 1:
-                    # One row: cut the cache back to the prefix and feed the whole exit text in one forward.
+                    # One row: cut the cache back to the prefix and feed the whole exit text in one forward (after
+                    # the token just appended, where a budget exit keeps it: the cache does not hold it yet).
                     cut = ids.shape[1] - drop
                     surplus = cache.get_seq_length() - cut
                     if surplus > 0:
                         cache.crop(-surplus)  # transformers >= 5.2x: a negative count removes that many positions
+                    fed = cache.get_seq_length()
                     ids = torch.cat([ids[:, :cut], exit_ids[None]], dim=-1)
                     mask = torch.cat([mask[:, :cut], torch.ones_like(exit_ids)[None]], dim=-1)
-                    logits = model(input_ids=exit_ids[None], attention_mask=mask,
-                                   position_ids=(mask.cumsum(-1) - 1)[:, cut:], use_cache=True, **ckw(cache)).logits[:, -1]
+                    logits = model(input_ids=ids[:, fed:], attention_mask=mask,
+                                   position_ids=(mask.cumsum(-1) - 1)[:, fed:], use_cache=True, **ckw(cache)).logits[:, -1]
                     phase[:] = 2
                     depth[:] = 0
                     continue
                 # Several rows: mask the dropped positions of exiting rows (the cache keeps them, unattended) and force
                 # the exit text one token per step from the next step on.
+                kept_last = torch.zeros_like(decide)  # budget exits: the token just appended stays and is fed now
                 for row in rows:
                     cut = exit_rows[row][0] + prompt_length
+                    if cut == ids.shape[1]:
+                        kept_last[row] = True
+                        continue
                     mask[row, cut:] = 0
                     # The token just appended is replaced by the first exit token, fed now.
                     ids[row, -1] = exit_ids[0]
                     mask[row, -1] = 1
-                forced = torch.where(decide, torch.ones_like(forced), forced)
+                forced = torch.where(decide, torch.where(kept_last, 0, 1), forced)
                 phase = torch.where(decide, torch.where(forced >= exit_ids.numel(), 2, 1), phase)
                 depth = torch.where(decide, torch.zeros_like(depth), depth)
             if bool((phase == 3).all()):
