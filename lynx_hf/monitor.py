@@ -58,7 +58,9 @@ class ExitRecord:
     `position` is the index (in the returned sequence) of the token that completed that cue, `start` the index of
     the cue word's first token; -1 and None when the rule never fired. `answered` (in-stream mode only) says
     whether the row closed its forced answer before the token budget ran out; None in stop mode, where
-    `Lynx.answer(...)` writes the answer.
+    `Lynx.answer(...)` writes the answer. `audited` says that the row was drawn for the live audit (`audit_rate`):
+    it ran as in shadow mode (never exited) so that `Lynx.audit()` can compare its would-exit answer with its full
+    one.
 
     Example:
         >>> ExitRecord(exited=True, would_exit=True, position=12, start=11, cue="wait", score=0.97, threshold=0.9,
@@ -76,6 +78,7 @@ class ExitRecord:
     cues_seen: int
     shadow: bool
     answered: bool | None = None
+    audited: bool = False
 
 
 class ModelTap:
@@ -215,7 +218,8 @@ class GenerateCall:
     """
 
     def __init__(self, lynx: "Lynx", mode: Mode, model: nn.Module, input_ids: torch.LongTensor,
-                 attention_mask: torch.Tensor | None, *, threshold: float, shadow: bool):
+                 attention_mask: torch.Tensor | None, *, threshold: float, shadow: bool,
+                 audited: list[bool] | None = None):
         self.lynx = lynx
         self.mode = mode
         # Held weakly: a bundle's recent calls must not keep a model the user dropped (e.g. reloaded) in memory.
@@ -258,6 +262,10 @@ class GenerateCall:
         self.cues_seen = torch.zeros(batch, **long)
         self._tau = torch.tensor(float32_threshold(threshold), dtype=torch.float32, device=device)
         self.consumed_caches: set[int] = set()  # ids of KV caches that `Lynx.answer` already used up
+        # Rows drawn for the live audit run as in shadow mode; None (no row drawn) keeps the step path unchanged.
+        self.audited = torch.tensor(audited, device=device) if audited is not None and any(audited) else None
+        self.audit_settings: dict | None = None  # guarantee, confidence, risk level, rule (set by `Lynx`)
+        self.final_ids: torch.Tensor | None = None  # in-stream: the ids the answer stopper saw last
         self.tap.acquire()
         self._start_forwards = self.tap.forwards()
         self._released = False
@@ -339,13 +347,24 @@ class GenerateCall:
         decide = event & ~self.exited & (score >= self._tau)
         # A row that exited is over: without an EOS criterion transformers keeps writing model tokens (not padding)
         # after a custom criterion stopped it, and their cues must not count. Shadow mode counts every cue.
-        self.cues_seen += (event if self.shadow else event & ~self.exited).long()
+        if self.shadow:
+            self.cues_seen += event.long()
+        elif self.audited is None:
+            self.cues_seen += (event & ~self.exited).long()
+        else:  # audited rows count every cue, as in shadow mode
+            self.cues_seen += (event & ~(self.exited & ~self.audited)).long()
         self.exited |= decide
         self.exit_position = torch.where(decide, position, self.exit_position)
         self.exit_start = torch.where(decide, event_start, self.exit_start)
         self.exit_cue = torch.where(decide, event_cue, self.exit_cue)
         self.exit_score = torch.where(decide, score, self.exit_score)
         return decide
+
+    def acting(self, decide: torch.Tensor) -> torch.Tensor:
+        """The rows of `decide` that the plug-in acts on: none in shadow mode, none of the audited rows."""
+        if self.shadow:
+            return torch.zeros_like(decide)
+        return decide if self.audited is None else decide & ~self.audited
 
     def answered(self) -> list[bool | None]:
         """Per row, whether its forced answer closed (in-stream mode); None in stop mode."""
@@ -354,15 +373,16 @@ class GenerateCall:
     def records(self) -> list[ExitRecord]:
         """Per-row telemetry of this call."""
         rows = zip(self.exited.tolist(), self.exit_position.tolist(), self.exit_start.tolist(),
-                   self.exit_cue.tolist(), self.exit_score.tolist(), self.cues_seen.tolist(), self.answered())
+                   self.exit_cue.tolist(), self.exit_score.tolist(), self.cues_seen.tolist(), self.answered(),
+                   self.audited.tolist() if self.audited is not None else [False] * self.batch)
         return [
             ExitRecord(
-                exited=bool(exited) and not self.shadow, would_exit=bool(exited), position=pos, start=start,
-                cue=self.detector.cues[cue] if cue >= 0 else None, score=score if exited else None,
+                exited=bool(exited) and not self.shadow and not audited, would_exit=bool(exited), position=pos,
+                start=start, cue=self.detector.cues[cue] if cue >= 0 else None, score=score if exited else None,
                 threshold=self.threshold, cues_seen=seen, shadow=self.shadow,
-                answered=answered if exited and not self.shadow else None,
+                answered=answered if exited and not self.shadow and not audited else None, audited=bool(audited),
             )
-            for exited, pos, start, cue, score, seen, answered in rows
+            for exited, pos, start, cue, score, seen, answered, audited in rows
         ]
 
     def matches(self, sequences: torch.Tensor) -> bool:
