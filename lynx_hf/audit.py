@@ -470,3 +470,41 @@ def gold_rate(table: EventTable, scores: torch.Tensor, threshold: float, guarant
         harmed += int(len(hits) > 0 and bool(unsafe[start + int(hits[0])]))
         start += n
     return harmed, table.n_traces
+
+
+def replay_audit(bundle, events, *, confidence: float = 0.9, guarantee: str = "question",
+                 risk_level: float | None = None, alpha: float = 0.05, step: int = 25) -> Iterable[str]:
+    """`lynx-hf audit`: the live audit replayed on a collected event table, traces in table order as if they were
+    the audited rows of live traffic. Yields the report after every `step` rows (the repeated looks the confidence
+    sequence is valid under), then the final one followed by the gold-labelled premature rate for comparison.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> texts = list(replay_audit(organism.BUNDLE_DIR, "events/test", step=50))  # doctest: +SKIP
+    """
+    from .baselines import Replay
+    from .bundle import Lynx
+    from .conformal import check_guarantee, check_risk_level
+    from .events import EventTable
+
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step={step!r}: give the number of rows between two looks, e.g. 25.")
+    if bundle is None:
+        from . import organism
+
+        bundle = organism.BUNDLE_DIR
+    lynx = Lynx.from_pretrained(bundle, confidence=confidence, guarantee=check_guarantee(guarantee),
+                                risk_level=check_risk_level(risk_level))
+    table = EventTable.load(events)
+    scores = Replay.from_bundle(table, lynx).scores
+    settings = dict(guarantee=lynx.guarantee, confidence=lynx.confidence, risk_level=lynx.risk_level, rule=lynx.rule)
+    rows = replay_rows(table, scores, lynx.threshold, settings)
+    bound = lynx.calibration.max_unsafe_per_question
+    for n in range(step, len(rows), step):
+        yield f"after {n} rows\n{audit_report(rows[:n], alpha, max_unsafe=bound)}"
+    count, total = gold_rate(table, scores, lynx.threshold, lynx.guarantee)
+    unit = "traces whose first exit is at an unsafe cue" if lynx.guarantee == "question" else \
+        "unsafe cues at or above tau"
+    yield (f"all {len(rows)} rows (threshold tau = {lynx.threshold:.4f})\n{audit_report(rows, alpha, max_unsafe=bound)}"
+           f"\ngold-labelled premature rate: {count}/{total} = {count / max(total, 1):.3f} ({unit}; "
+           f"delta = {1 - lynx.confidence:.3f})")
