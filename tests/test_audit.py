@@ -221,6 +221,7 @@ def test_audit_draws_are_seeded_and_reset_audit_restarts_them(organism_setup):
 
 
 def test_threads_sharing_one_lynx_audit_into_one_log(organism_setup):
+    # one thread checks its rows in answer(), the other's are checked lazily by audit()
     model, tok, enc = organism_setup
     alone = _lynx(model, tok, audit_rate=1.0)
     alone.answer(model.generate(**enc, stopping_criteria=[alone], **GREEDY))
@@ -228,13 +229,15 @@ def test_threads_sharing_one_lynx_audit_into_one_log(organism_setup):
     lynx = _lynx(model, tok, audit_rate=1.0)
     errors = []
 
-    def work() -> None:
+    def work(index: int) -> None:
         try:
-            model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+            out = model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+            if index == 0:  # settled while the other thread may still generate on the same model
+                lynx.answer(out)
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=work) for _ in range(2)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -320,3 +323,13 @@ def test_cli_audit_prints_a_report_at_every_step_and_the_gold_rate(greedy_table,
     assert printed.count("after ") == 2 and "after 3 rows" in printed and "after 6 rows" in printed
     assert "all 8 rows" in printed and "gold-labelled premature rate" in printed and "event" in printed
     assert main(["audit", "--events", str(folder), "--step", "0"]) == 2
+
+
+def test_answers_are_compared_in_worker_threads_too():
+    # the audit compares answers wherever answer()/audit() run, e.g. a server's worker thread
+    results = []
+    worker = threading.Thread(target=lambda: results.append((answers_match("\\frac{1}{2}", "0.5"),
+                                                            answers_match("3", "4"))))
+    worker.start()
+    worker.join()
+    assert results == [(True, False)]
