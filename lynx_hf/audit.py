@@ -139,7 +139,15 @@ def rows_needed(delta: float, alpha: float) -> int:
 
 @dataclass
 class AuditGroup:
-    """The audit of the rows that ran with one setting (guarantee, confidence, risk level, rule)."""
+    """The audit of the rows that ran with one setting (guarantee, confidence, risk level, rule): counts, the realised
+    rate, the last bounds of its confidence sequence and the verdict.
+
+    Example:
+        >>> rows = [AuditRow("question", 0.9, None, "envelope", 0.8, "4", True, "4", False, 1, 0, 0)] * 40
+        >>> group = audit_report(rows).groups[0]
+        >>> group.rate, group.verdict, group.upper < 0.2
+        (0.0, 'consistent with δ', True)
+    """
 
     guarantee: str
     confidence: float
