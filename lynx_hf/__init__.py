@@ -9,6 +9,7 @@ out = model.generate(**inputs, stopping_criteria=[lynx])
 """
 
 from .answers import answers_match, extract_boxed
+from .audit import AuditLog, AuditReport, AuditRow
 from .bundle import Lynx
 from .capture import HiddenStateCapture
 from .config import LynxConfig
@@ -47,6 +48,9 @@ def __getattr__(name: str):
 __all__ = [
     "AnswerStated",
     "AnswerStatedCriteria",
+    "AuditLog",
+    "AuditReport",
+    "AuditRow",
     "BaseModelMismatchError",
     "Calibration",
     "CorruptedBundleError",

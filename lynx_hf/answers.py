@@ -7,6 +7,7 @@ becomes `\\frac{1`); here braces are matched.
 from __future__ import annotations
 
 import re
+import threading
 
 _BOX = "\\boxed{"
 _LETTER = re.compile(r"^\(?([A-Ea-e])\)?[.:]?$")
@@ -67,8 +68,11 @@ def answers_match(predicted: str | None, gold: str) -> bool:
         return True
     from math_verify import parse, verify
 
-    gold_parsed = parse(f"${gold}$")
-    predicted_parsed = parse(f"${predicted}$")
+    # math-verify's timeouts use signal.alarm, which only the main thread may set: elsewhere (a server thread
+    # answering or auditing) it refuses unless they are off.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
+    predicted_parsed = parse(f"${predicted}$", parsing_timeout=timeout)
     if not gold_parsed or not predicted_parsed:
         return False
-    return bool(verify(gold_parsed, predicted_parsed))
+    return bool(verify(gold_parsed, predicted_parsed, timeout_seconds=timeout))

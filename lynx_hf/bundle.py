@@ -31,6 +31,7 @@ from .cues import CueDetector
 from .errors import CorruptedBundleError, LynxConfigError, NotAttachedError
 from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut, reusable_cache, vocab_size
 from .answers import extract_boxed
+from .audit import AuditLog, AuditReport
 from .monitor import ExitRecord, GenerateCall, LastCall, ModelTap
 from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
 from .probe import LynxProbe
@@ -70,7 +71,9 @@ class Lynx(
     least 1 - alpha for this bundle's calibration set (PAC; fewer exits). `rule="paper"` uses the paper's exact
     per-event rule instead of its monotone envelope (the default). Change `lynx.confidence` (and the others) at any
     time without reloading: each `generate` call uses the settings it started with. `shadow=True` never
-    intervenes and only records in `last_exits` where it would have exited.
+    intervenes and only records in `last_exits` where it would have exited. `audit_rate=r` checks the guarantee on
+    live traffic without labels: each row is audited with probability r (seeded by `audit_seed`), runs as in shadow
+    mode, and `lynx.audit()` reports how often the exit would have changed its answer (`lynx_hf.audit`).
 
     `max_thinking_tokens=B` caps the thinking: a row that has thought B tokens without a confident cue exits there
     with the same exit text (stop mode: `answer` answers it; in-stream: the model answers in the same call), and
@@ -111,6 +114,8 @@ class Lynx(
         shadow: bool = False,
         max_thinking_tokens: int | None = None,
         metadata: dict | None = None,
+        audit_rate: float = 0.0,
+        audit_seed: int = 0,
     ):
         if probe is not None and probe.input_size != config.feature_size:
             raise CorruptedBundleError(
@@ -127,6 +132,10 @@ class Lynx(
         self._risk_level = check_risk_level(risk_level)
         self._rule = check_rule(rule)
         self._max_thinking_tokens = _check_budget(max_thinking_tokens)
+        self._audit_rate = 0.0
+        self.audit_rate = audit_rate
+        self._audit_seed = _check_audit_seed(audit_seed)
+        self._audit_log = AuditLog()
         self._threshold: float | None = None
         self.model = None
         self.tokenizer = None
@@ -193,6 +202,54 @@ class Lynx(
     @max_thinking_tokens.setter
     def max_thinking_tokens(self, value: int | None) -> None:
         self._max_thinking_tokens = _check_budget(value)
+
+    @property
+    def audit_rate(self) -> float:
+        """Share of rows audited (0: none, the default, which costs nothing): each row of each `generate` call is
+        drawn with this probability when the call starts, runs as in shadow mode (never exits), and is checked by
+        `audit()` once its full trace exists."""
+        return self._audit_rate
+
+    @audit_rate.setter
+    def audit_rate(self, value: float) -> None:
+        value = _check_audit_rate(value)
+        if value > 0 and self.probe is None:
+            raise LynxConfigError("A budget-only Lynx (Lynx.budget) has no probe and no guarantee to audit: audit a "
+                                  "bundle loaded with Lynx.from_pretrained(..., audit_rate=...).")
+        self._audit_rate = value
+
+    @property
+    def audit_seed(self) -> int:
+        """Seed of the audit draws: the k-th call since this `Lynx` was made (or `reset_audit()`) draws its rows with
+        `numpy.random.default_rng((audit_seed, k))`."""
+        return self._audit_seed
+
+    @audit_seed.setter
+    def audit_seed(self, value: int) -> None:
+        self._audit_seed = _check_audit_seed(value)
+
+    @property
+    def audit_log(self) -> AuditLog:
+        """The audited rows of all calls (all threads) so far; assign an `AuditLog.load(path)` to continue one."""
+        return self._audit_log
+
+    @audit_log.setter
+    def audit_log(self, log: AuditLog) -> None:
+        if not isinstance(log, AuditLog):
+            raise TypeError(f"audit_log must be an AuditLog (e.g. AuditLog.load(path)), got {type(log).__name__}.")
+        self._audit_log = log
+
+    def audit(self, alpha: float = 0.05) -> AuditReport:
+        """Check the guarantee on the audited rows so far: per setting, how often the exit changed the row's answer
+        against δ, with an anytime-valid `1 - alpha` confidence sequence (valid however often you look) and a
+        verdict. Checks the finished calls not checked yet (`answer(out)` checks its own call's rows).
+        """
+        self._audit_log.settle()
+        return self._audit_log.report(alpha, max_unsafe=self.calibration.max_unsafe_per_question)
+
+    def reset_audit(self) -> None:
+        """Forget the audited rows (and calls not yet checked) and restart the audit draws."""
+        self._audit_log = AuditLog()
 
     @property
     def threshold(self) -> float:
@@ -302,8 +359,19 @@ class Lynx(
                 risk_level=check_risk_level(self._risk_level if risk_level is None else risk_level),
             )
         budget = self._max_thinking_tokens if max_thinking_tokens is None else _check_budget(max_thinking_tokens)
+        audited = None
+        if self._audit_rate > 0:
+            audited = self._audit_log.draw(input_ids.shape[0], self._audit_rate, self._audit_seed)
         call = call_class(self, mode, model, input_ids, attention_mask, threshold=threshold,
-                          shadow=self.shadow if shadow is None else bool(shadow), max_thinking_tokens=budget)
+                          shadow=self.shadow if shadow is None else bool(shadow), max_thinking_tokens=budget,
+                          audited=audited)
+        if call.audited is not None:
+            call.audit_settings = dict(
+                guarantee=self._guarantee if guarantee is None else guarantee,
+                confidence=float(self._confidence if confidence is None else confidence),
+                risk_level=self._risk_level if risk_level is None else risk_level,
+                rule=self._rule if rule is None else rule)
+            self._audit_log.track(call)
         if mode == "stop":
             self._stop_calls.append(call)
         self._last_call.set(call)
@@ -325,7 +393,8 @@ class Lynx(
     def _replica(self, config: LynxConfig, probe: LynxProbe, calibration: Calibration, metadata: dict) -> "Lynx":
         new = type(self)(config, probe, calibration, confidence=self._confidence, guarantee=self._guarantee,
                          risk_level=self._risk_level, rule=self._rule, shadow=self.shadow,
-                         max_thinking_tokens=self._max_thinking_tokens, metadata=metadata)
+                         max_thinking_tokens=self._max_thinking_tokens, metadata=metadata,
+                         audit_rate=self._audit_rate, audit_seed=self._audit_seed)
         if self.model is not None:
             new.model, new.tokenizer, new.detector = self.model, self.tokenizer, self.detector
             new.thinking = self.thinking
@@ -341,7 +410,7 @@ class Lynx(
         call history, so an unpickled `Lynx` attaches on first use like one loaded without `model=`."""
         options = dict(confidence=self._confidence, guarantee=self._guarantee, risk_level=self._risk_level,
                        rule=self._rule, shadow=self.shadow, max_thinking_tokens=self._max_thinking_tokens,
-                       metadata=self.metadata)
+                       metadata=self.metadata, audit_rate=self._audit_rate, audit_seed=self._audit_seed)
         return _unpickle, (type(self), self.config, self.probe, self.calibration, options)
 
     # ----- generate plug-ins --------------------------------------------------------------------------------
@@ -440,6 +509,8 @@ class Lynx(
             if r is None:
                 text = call.tokenizer.decode(sequences[i, call.prompt_length:], skip_special_tokens=True)
                 results[i] = ExitAnswer(token_ids=[], text=text, answer=extract_boxed(text))
+        if call.audited is not None:
+            self._audit_log.settle(call)
         return results
 
     # ----- persistence ------------------------------------------------------------------------------------
@@ -537,6 +608,8 @@ class Lynx(
         rule: str = "envelope",
         shadow: bool = False,
         max_thinking_tokens: int | None = None,
+        audit_rate: float = 0.0,
+        audit_seed: int = 0,
         allow_base_model_mismatch: bool = False,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -559,7 +632,8 @@ class Lynx(
             raise CorruptedBundleError(f"{folder / CALIBRATION_NAME} is corrupted: no 'calibration' entry; re-save it.")
         calibration = Calibration.from_dict(payload["calibration"])
         lynx = cls(config, probe, calibration, confidence=confidence, guarantee=guarantee, risk_level=risk_level,
-                   rule=rule, shadow=shadow, max_thinking_tokens=max_thinking_tokens, metadata=payload.get("metadata"))
+                   rule=rule, shadow=shadow, max_thinking_tokens=max_thinking_tokens, metadata=payload.get("metadata"),
+                   audit_rate=audit_rate, audit_seed=audit_seed)
         if model is not None:
             lynx.attach(model, tokenizer, allow_base_model_mismatch=allow_base_model_mismatch)
         return lynx
@@ -625,6 +699,19 @@ def _check_confidence(value: float) -> float:
             f"confidence={value} is outside (0, 1): pass e.g. confidence=0.9 for a premature-exit rate of at most 10%."
         )
     return value
+
+
+def _check_audit_rate(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise LynxConfigError(f"audit_rate must be a share of rows in [0, 1], got {value!r}: pass e.g. "
+                              "audit_rate=0.05 to audit one row in twenty, or 0 to audit none.")
+    return float(value)
+
+
+def _check_audit_seed(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise LynxConfigError(f"audit_seed must be an integer, got {value!r}: pass e.g. audit_seed=0.")
+    return int(value)
 
 
 CARD_CONFIDENCES = (0.8, 0.9, 0.95)

@@ -8,6 +8,7 @@ here keep only the chosen layers at the last position of each row, on the layer'
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -102,8 +103,9 @@ class HiddenStateCapture:
 
     With `last_only=True` (decoding) each hook keeps `[batch, hidden]` at the last position of the forward's input,
     i.e. the token fed at this step; with `last_only=False` (teacher-forced feature extraction) it keeps
-    `[batch, seq, hidden]`. `features()` concatenates the layers on `device`. Use as a context manager or call
-    `remove()`.
+    `[batch, seq, hidden]`. `features()` concatenates the layers on `device`. Only forwards run in the thread that
+    made it are captured (another thread generating on the same model meanwhile leaves it alone). Use as a context
+    manager or call `remove()`.
 
     Example:
         >>> import torch
@@ -123,6 +125,7 @@ class HiddenStateCapture:
         self.last_only = last_only
         self.device = torch.device(device) if device is not None else None
         self._states: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._thread = threading.get_ident()  # only this thread's forwards are captured
         self._handles = [
             module.register_forward_hook(self._make_hook(slot))
             for slot, module in enumerate(layer_modules(model, self.layers))
@@ -130,6 +133,8 @@ class HiddenStateCapture:
 
     def _make_hook(self, slot: int):
         def hook(module: nn.Module, args, output) -> None:
+            if threading.get_ident() != self._thread:  # another thread's forward of the same model (e.g. generating)
+                return
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             self._states[slot] = hidden[:, -1] if self.last_only else hidden
 

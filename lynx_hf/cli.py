@@ -6,6 +6,7 @@
     lynx-hf calibrate --probe probe/ --events events/cal --test events/test --out bundle/
     lynx-hf push      --bundle bundle/ --repo-id you/lynx-organism
     lynx-hf eval      --model organism --bundle bundle/ --events events/test
+    lynx-hf audit     --bundle bundle/ --events events/test --guarantee question --step 25
     lynx-hf build     --model organism --problems organism:arithmetic:train --out runs/build [--dry-run] [--push REPO]
     lynx-hf demo
 """
@@ -115,6 +116,14 @@ def cmd_eval(args) -> None:
     from .evaluate import main as evaluate_main
 
     evaluate_main(args)
+
+
+def cmd_audit(args) -> None:
+    from .audit import replay_audit
+
+    for text in replay_audit(args.bundle, args.events, confidence=args.confidence, guarantee=args.guarantee,
+                             risk_level=args.risk_level, alpha=args.alpha, step=args.step):
+        print(text, end="\n\n")
 
 
 def cmd_demo(args) -> None:
@@ -229,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-probe-calibration", help="event table the bundle was calibrated on (with --text-probe-train)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("audit", help="replay the live audit (exit answer vs full answer, anytime-valid confidence "
+                                     "sequence) on a collected event table, looking after every --step rows")
+    p.add_argument("--bundle", help="bundle folder or Hub id (default: the organism's)")
+    p.add_argument("--events", required=True, help="event table folder written by `collect`")
+    p.add_argument("--confidence", type=float, default=0.9)
+    p.add_argument("--guarantee", choices=["question", "event"], default="question")
+    p.add_argument("--risk-level", type=float, help="PAC risk level alpha of the threshold (default: marginal)")
+    p.add_argument("--alpha", type=float, default=0.05, help="miscoverage of the confidence sequence")
+    p.add_argument("--step", type=int, default=25, help="print the report after every this many rows")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("demo", help="the whole method on the shipped model organism, in minutes on a CPU")
     p.add_argument("--n", type=int, default=200, help="problems per family")

@@ -152,34 +152,15 @@ class Collector:
 
     @torch.no_grad()
     def label_trace(self, token_ids: list[int], prompt_length: int, events: list[CueEvent] | None = None):
-        """Events of one finished trace, their features and forced-exit answers (one forward up to the last cue,
-        whose KV cache answers every event in one batch: packed into one sequence by `answer_from_shared_prefix`
-        where `supports_packed_answers`, else copied once per event for `answer_after_exit`).
+        """Events of one finished trace, their features and forced-exit answers (`force_exits`).
 
         `events` may be passed when already found (`find_events_batch` over a whole batch is faster).
         """
         if events is None:
             events = self.detector.find_events(token_ids, prompt_length)
-        if not events:
-            return events, torch.zeros(0, len(self.layers) * self.settings["hidden_size"]), []
-        # Nothing after the last cue is read: its features and every cut lie before it.
-        ids = torch.tensor([token_ids[: max(e.position for e in events) + 1]], device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        with HiddenStateCapture(self.model, self.layers, last_only=False) as capture:
-            self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, cache),
-                       **last_logits_only(self.model))
-            hidden = capture.features()[0]
-        features = hidden[[e.position for e in events]].float().cpu()
-        cuts = [exit_cut(e.position, e.start, self.exit_construction) for e in events]
-        if supports_packed_answers(self.model):
-            answers = answer_from_shared_prefix(self.model, self.tokenizer, cache, cuts, self.exit_ids,
-                                                max_new_tokens=self.answer_max_new_tokens)
-        else:
-            cache.batch_repeat_interleave(len(events))
-            answers = answer_after_exit(
-                self.model, self.tokenizer, ids.expand(len(events), -1), cuts, self.exit_ids,
-                past_key_values=cache, max_new_tokens=self.answer_max_new_tokens,
-            )
+        features, answers = force_exits(self.model, self.tokenizer, self.layers, token_ids, events, self.exit_ids,
+                                        exit_construction=self.exit_construction,
+                                        answer_max_new_tokens=self.answer_max_new_tokens)
         return events, features, answers
 
     def think_length(self, generated: list[int]) -> int:
@@ -269,6 +250,48 @@ class Collector:
         if cueless:
             logger.warning("%d of %d traces had no cue event (they contribute no labels).", cueless, table.n_traces)
         return table
+
+
+@torch.no_grad()
+def force_exits(model, tokenizer, layers: Sequence[int], token_ids: Sequence[int], events: Sequence[CueEvent],
+                exit_ids: Sequence[int], *, exit_construction: str = "drop_cue",
+                answer_max_new_tokens: int = 16) -> tuple[torch.Tensor, list[ExitAnswer]]:
+    """The features (`[events, layers x hidden]`, float32 on the CPU) and forced-exit answers at every cue event of
+    one finished trace: one forward up to the last cue, whose KV cache answers every event in one batch (packed
+    into one sequence by `answer_from_shared_prefix` where `supports_packed_answers`, else copied once per event
+    for `answer_after_exit`). What `Collector.label_trace` labels and what `Lynx.audit` re-checks live traces with.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> from lynx_hf.cues import CueEvent
+        >>> from lynx_hf.exit import exit_token_ids
+        >>> model, tok = organism.load()
+        >>> ids = tok(organism.prompt(tok, "Ann has 5 pens and gives away 2. How many are left?")).input_ids
+        >>> features, answers = force_exits(model, tok, (2, 4), ids, [CueEvent(len(ids) - 1, len(ids) - 1, "wait")],
+        ...                                 exit_token_ids(tok))
+        >>> features.shape[0], len(answers)
+        (1, 1)
+    """
+    hidden_size = int(model.config.get_text_config().hidden_size)
+    if not events:
+        return torch.zeros(0, len(layers) * hidden_size), []
+    device = next(model.parameters()).device
+    # Nothing after the last cue is read: its features and every cut lie before it.
+    ids = torch.tensor([list(token_ids[: max(e.position for e in events) + 1])], device=device)
+    cache = DynamicCache(config=model.config)
+    with HiddenStateCapture(model, layers, last_only=False) as capture:
+        model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache), **last_logits_only(model))
+        hidden = capture.features()[0]
+    features = hidden[[e.position for e in events]].float().cpu()
+    cuts = [exit_cut(e.position, e.start, exit_construction) for e in events]
+    if supports_packed_answers(model):
+        answers = answer_from_shared_prefix(model, tokenizer, cache, cuts, exit_ids,
+                                            max_new_tokens=answer_max_new_tokens)
+    else:
+        cache.batch_repeat_interleave(len(events))
+        answers = answer_after_exit(model, tokenizer, ids.expand(len(events), -1), cuts, exit_ids,
+                                    past_key_values=cache, max_new_tokens=answer_max_new_tokens)
+    return features, answers
 
 
 def supports_packed_answers(model) -> bool:

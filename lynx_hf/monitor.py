@@ -60,7 +60,9 @@ class ExitRecord:
     whether the row closed its forced answer before the token budget ran out; None in stop mode, where
     `Lynx.answer(...)` writes the answer. `by_budget` says that the exit came from the thinking budget
     (`max_thinking_tokens`), not from a confident cue: then `position` is the row's last thinking token, `start`
-    the index after it (nothing is dropped), and `cue` and `score` are None.
+    the index after it (nothing is dropped), and `cue` and `score` are None. `audited` says that the row was drawn
+    for the live audit (`audit_rate`): it ran as in shadow mode (never exited) so that `Lynx.audit()` can compare
+    its would-exit answer with its full one.
 
     Example:
         >>> ExitRecord(exited=True, would_exit=True, position=12, start=11, cue="wait", score=0.97, threshold=0.9,
@@ -79,6 +81,7 @@ class ExitRecord:
     shadow: bool
     answered: bool | None = None
     by_budget: bool = False
+    audited: bool = False
 
 
 class ModelTap:
@@ -220,7 +223,7 @@ class GenerateCall:
 
     def __init__(self, lynx: "Lynx", mode: Mode, model: nn.Module, input_ids: torch.LongTensor,
                  attention_mask: torch.Tensor | None, *, threshold: float, shadow: bool,
-                 max_thinking_tokens: int | None = None):
+                 max_thinking_tokens: int | None = None, audited: list[bool] | None = None):
         self.lynx = lynx
         self.mode = mode
         # Held weakly: a bundle's recent calls must not keep a model the user dropped (e.g. reloaded) in memory.
@@ -267,6 +270,10 @@ class GenerateCall:
         self.by_budget = torch.zeros(batch, dtype=torch.bool, device=device)
         self._tau = torch.tensor(float32_threshold(threshold), dtype=torch.float32, device=device)
         self.consumed_caches: set[int] = set()  # ids of KV caches that `Lynx.answer` already used up
+        # Rows drawn for the live audit run as in shadow mode; None (no row drawn) keeps the step path unchanged.
+        self.audited = torch.tensor(audited, device=device) if audited is not None and any(audited) else None
+        self.audit_settings: dict | None = None  # guarantee, confidence, risk level, rule (set by `Lynx`)
+        self.final_ids: torch.Tensor | None = None  # in-stream: the ids the answer stopper saw last
         if self.tap is not None:
             self.tap.acquire()
             self._start_forwards = self.tap.forwards()
@@ -360,13 +367,24 @@ class GenerateCall:
             event_start = torch.where(budget, length, event_start)
         # A row that exited is over: without an EOS criterion transformers keeps writing model tokens (not padding)
         # after a custom criterion stopped it, and their cues must not count. Shadow mode counts every cue.
-        self.cues_seen += (event if self.shadow else event & ~self.exited).long()
+        if self.shadow:
+            self.cues_seen += event.long()
+        elif self.audited is None:
+            self.cues_seen += (event & ~self.exited).long()
+        else:  # audited rows count every cue, as in shadow mode
+            self.cues_seen += (event & ~(self.exited & ~self.audited)).long()
         self.exited |= decide
         self.exit_position = torch.where(decide, position, self.exit_position)
         self.exit_start = torch.where(decide, event_start, self.exit_start)
         self.exit_cue = torch.where(decide, event_cue, self.exit_cue)
         self.exit_score = torch.where(decide, score, self.exit_score)
         return decide
+
+    def acting(self, decide: torch.Tensor) -> torch.Tensor:
+        """The rows of `decide` that the plug-in acts on: none in shadow mode, none of the audited rows."""
+        if self.shadow:
+            return torch.zeros_like(decide)
+        return decide if self.audited is None else decide & ~self.audited
 
     def answered(self) -> list[bool | None]:
         """Per row, whether its forced answer closed (in-stream mode); None in stop mode."""
@@ -376,16 +394,17 @@ class GenerateCall:
         """Per-row telemetry of this call."""
         rows = zip(self.exited.tolist(), self.exit_position.tolist(), self.exit_start.tolist(),
                    self.exit_cue.tolist(), self.exit_score.tolist(), self.cues_seen.tolist(), self.answered(),
-                   self.by_budget.tolist())
+                   self.by_budget.tolist(),
+                   self.audited.tolist() if self.audited is not None else [False] * self.batch)
         return [
             ExitRecord(
-                exited=bool(exited) and not self.shadow, would_exit=bool(exited), position=pos, start=start,
-                cue=self.detector.cues[cue] if cue >= 0 and not budget else None,
-                score=score if exited and not budget else None,
-                threshold=self.threshold, cues_seen=seen, shadow=self.shadow,
-                answered=answered if exited and not self.shadow else None, by_budget=bool(budget),
+                exited=bool(exited) and not self.shadow and not audited, would_exit=bool(exited), position=pos,
+                start=start, cue=self.detector.cues[cue] if cue >= 0 and not budget else None,
+                score=score if exited and not budget else None, threshold=self.threshold, cues_seen=seen,
+                shadow=self.shadow, answered=answered if exited and not self.shadow and not audited else None,
+                by_budget=bool(budget), audited=bool(audited),
             )
-            for exited, pos, start, cue, score, seen, answered, budget in rows
+            for exited, pos, start, cue, score, seen, answered, budget, audited in rows
         ]
 
     def matches(self, sequences: torch.Tensor) -> bool:

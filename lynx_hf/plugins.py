@@ -49,8 +49,7 @@ class LynxStoppingCriteria(StoppingCriteria):
     def step(self, input_ids: torch.LongTensor, caller) -> torch.BoolTensor:
         """One decoding step of the call that `caller` (the frame calling the plug-in) belongs to."""
         call, loop = self.calls.current_and_loop(input_ids, caller)
-        decide = call.observe(input_ids, loop_running(loop, input_ids.shape[0]))
-        return torch.zeros_like(decide) if call.shadow else decide
+        return call.acting(call.observe(input_ids, loop_running(loop, input_ids.shape[0])))
 
     @property
     def last_exits(self) -> list[ExitRecord]:
@@ -135,6 +134,8 @@ class LynxExitProcessor(LogitsProcessor):
             call.answering = call.answering & ~ended
         if call.shadow:
             return scores
+        if call.audited is not None:
+            decide = call.acting(decide)
         call.forcing = torch.where(decide, torch.zeros_like(call.forcing), call.forcing)
         forcing = call.forcing >= 0
         # Rows answering decode greedily on the model's own logits, whatever the call's sampling settings and the
@@ -207,6 +208,8 @@ class LynxAnswerStopper(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         call = self.processor.running_call(input_ids)
+        if call.audited is not None:  # the audit reads audited rows' full text, including this last token
+            call.final_ids = input_ids
         done = call.answering & (call.depth + call.brace_delta[input_ids[:, -1]] < 0)
         call.closed |= done
         return done

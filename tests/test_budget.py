@@ -14,7 +14,7 @@ from conftest import tiny_qwen2
 from forcing import ForceScript
 from organism_batch import GREEDY, answers, organism_batch
 from lynx_hf import Lynx, LynxConfigError, organism
-from lynx_hf.baselines import LynxBudget, Replay
+from lynx_hf.baselines import LynxBudget, LynxExit, Replay
 from lynx_hf.exit import answer_after_exit
 
 
@@ -136,7 +136,9 @@ def test_replay_of_lynx_with_a_budget_matches_the_live_plug_in(batch):
     table = collector.collect_batch(organism.problems("arithmetic", "test", n=8), seed=0)
     table.settings.update(seed=0, batch_size=8)
     replay = Replay.from_bundle(table, lynx)
-    budget = int(replay.think_length.double().median())
+    cue = LynxExit(lynx.confidence, lynx.guarantee).run(replay).event
+    deciding = (table.position[cue[cue >= 0]] + 1 - replay.prompt_length[cue >= 0]).sort().values
+    budget = int(deciding[len(deciding) // 2])  # half the cue exits come before the budget, half after
     outcome = LynxBudget(lynx.confidence, lynx.guarantee, budget, model, tok, lynx.exit_ids).run(replay)
     capped = copy.copy(lynx)
     capped.max_thinking_tokens = budget

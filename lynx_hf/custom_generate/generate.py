@@ -253,7 +253,7 @@ def _decode(model, lynx, input_ids, attention_mask, config, processors, criteria
             if thinking.any():
                 if call is None:
                     call = lynx._start_call("stop", model, ids, mask, **call_options)
-                decide = call.observe(ids) & thinking & (not call.shadow)
+                decide = call.acting(call.observe(ids)) & thinking  # shadow and audited rows never exit
                 user_stop = criteria(ids, scores)
             finish_thinking = thinking & ~decide & (is_eos | user_stop)
 
