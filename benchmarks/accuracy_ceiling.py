@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lynx_hf import Lynx, organism  # noqa: E402
-from lynx_hf.baselines import Replay  # noqa: E402
-from lynx_hf.events import EventTable  # noqa: E402
+from lynx_hf.evaluation.baselines import Replay  # noqa: E402
+from lynx_hf.pipeline.events import EventTable  # noqa: E402
 
 
 def ceiling(replay: Replay, tau: float, draws: int = 400) -> dict:

@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from lynx_hf.exit import answer_after_exit, cache_kwargs, exit_token_ids
+from lynx_hf.runtime.exit import answer_after_exit, cache_kwargs, exit_token_ids
 from overhead import QUESTIONS, smollm2
 
 TOPICS = ["apples", "trains", "coins", "books", "eggs", "pens", "cars", "birds", "chairs", "cups"]

@@ -3,7 +3,7 @@
 Samples held-out problems in batches with `stopping_criteria=[lynx]` and `audit_rate=1.0` (every row audited, so
 no row exits and every full trace exists), prints `lynx.audit()` after every batch (the repeated looks), then
 re-labels exactly those traces with `Collector` (gold labels, the rollout replaced by the live generations) and
-prints the replayed audit (`lynx_hf.audit.replay_rows`) and the gold-labelled premature rate. Live and replay
+prints the replayed audit (`lynx_hf.evaluation.audit_replay.replay_rows`) and the gold-labelled premature rate. Live and replay
 rows must agree row for row; the script also prints the audit's cost (forwards and tokens per audited row).
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/audit_live.py --family arithmetic --temperature 1.6 --n 100
@@ -16,9 +16,10 @@ import argparse
 import torch
 
 from lynx_hf import Lynx, organism
-from lynx_hf.audit import audit_report, gold_rate, replay_rows
-from lynx_hf.collect import Collector
-from lynx_hf.rollout import cut_at_eos
+from lynx_hf.evaluation.audit_replay import gold_rate, replay_rows
+from lynx_hf.runtime.audit import audit_report
+from lynx_hf.pipeline.collect import Collector
+from lynx_hf.pipeline.rollout import cut_at_eos
 
 
 class Given:

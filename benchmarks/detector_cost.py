@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from lynx_hf.cues import CueDetector  # noqa: E402
+from lynx_hf.runtime.cues import CueDetector  # noqa: E402
 
 
 def tokenizers():

@@ -33,11 +33,12 @@ from collections import defaultdict
 
 import torch
 
-from lynx_hf import collect, organism
-from lynx_hf.capture import HiddenStateCapture
-from lynx_hf.collect import Collector
-from lynx_hf.data import build_prompt
-from lynx_hf.exit import answer_after_exit, exit_cut, last_logits_only
+from lynx_hf import organism
+from lynx_hf.runtime import forced
+from lynx_hf.runtime.capture import HiddenStateCapture
+from lynx_hf.pipeline.collect import Collector
+from lynx_hf.pipeline.data import build_prompt
+from lynx_hf.runtime.exit import answer_after_exit, exit_cut, last_logits_only
 
 from overhead import smollm2
 
@@ -236,7 +237,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.repeated_cache:
-        collect.supports_packed_answers = lambda model: False
+        forced.supports_packed_answers = lambda model: False
     if args.model == "synthetic":
         return run_synthetic(args)
     model, tok = organism.load()

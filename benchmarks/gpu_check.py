@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from lynx_hf import Calibration, Lynx, LynxConfig, LynxProbe  # noqa: E402
-from lynx_hf.capture import HiddenStateCapture, default_layers  # noqa: E402
-from lynx_hf.exit import answer_after_exit, exit_cut  # noqa: E402
+from lynx_hf.runtime.capture import HiddenStateCapture, default_layers  # noqa: E402
+from lynx_hf.runtime.exit import answer_after_exit, exit_cut  # noqa: E402
 from forcing import ForceScript  # noqa: E402  (tests/forcing.py)
 
 # Shapes from the models' config.json on the Hub (Qwen2 architecture).

@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lynx_hf import Lynx, organism  # noqa: E402
-from lynx_hf.baselines import Full, Replay  # noqa: E402
-from lynx_hf.conformal import Calibration, LynxCalibrationWarning, exits, first_exit  # noqa: E402
-from lynx_hf.events import EventTable  # noqa: E402
-from lynx_hf.plots import calibration_plot  # noqa: E402
-from lynx_hf.splits import split_rates  # noqa: E402
+from lynx_hf.evaluation.baselines import Full, Replay  # noqa: E402
+from lynx_hf.runtime.conformal import Calibration, LynxCalibrationWarning, exits, first_exit  # noqa: E402
+from lynx_hf.pipeline.events import EventTable  # noqa: E402
+from lynx_hf.evaluation.plots import calibration_plot  # noqa: E402
+from lynx_hf.evaluation.splits import split_rates  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "organism_test_events.json"
 PAIRS = ((0.05, 0.1), (0.1, 0.05), (0.1, 0.1), (0.2, 0.05))  # (delta, alpha)
@@ -148,8 +148,8 @@ def main() -> None:
     if (folder / "settings.json").exists():
         table = EventTable.load(folder)
     else:
-        from lynx_hf.demo import bundle_recipe
-        from lynx_hf.evaluate import collector_for
+        from lynx_hf.evaluation.demo import bundle_recipe
+        from lynx_hf.evaluation.evaluate import collector_for
 
         recipe = bundle_recipe(lynx)  # sampled as the bundle's own tables were
         model, tok = organism.load()

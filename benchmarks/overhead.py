@@ -25,9 +25,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 
 from lynx_hf import DEFAULT_EXIT_TEXT, Calibration, Lynx, LynxConfig, LynxProbe
-from lynx_hf.capture import default_layers
-from lynx_hf.config import model_fingerprint, model_hidden_size, tokenizer_fingerprint
-from lynx_hf.monitor import caller_list
+from lynx_hf.runtime.capture import default_layers
+from lynx_hf.runtime.config import model_fingerprint, model_hidden_size, tokenizer_fingerprint
+from lynx_hf.runtime.monitor import caller_list
 
 QUESTIONS = [
     "What is 17 * 23?", "Is 91 prime?", "How many legs do 3 spiders have?", "What is 2 to the 10th power?",

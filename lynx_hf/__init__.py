@@ -8,13 +8,13 @@ out = model.generate(**inputs, stopping_criteria=[lynx])
 ```
 """
 
-from .answers import answers_match, extract_boxed
-from .audit import AuditLog, AuditReport, AuditRow
-from .bundle import Lynx
-from .capture import HiddenStateCapture
-from .config import LynxConfig
-from .conformal import Calibration, LynxCalibrationWarning
-from .cues import CueDetector, CueEvent
+from .runtime.answers import answers_match, extract_boxed
+from .runtime.audit import AuditLog, AuditReport, AuditRow
+from .runtime.bundle import Lynx
+from .runtime.capture import HiddenStateCapture
+from .runtime.config import LynxConfig
+from .runtime.conformal import Calibration, LynxCalibrationWarning
+from .runtime.cues import CueDetector, CueEvent
 from .errors import (
     BaseModelMismatchError,
     CorruptedBundleError,
@@ -23,18 +23,18 @@ from .errors import (
     NotAttachedError,
     UnsupportedGenerationError,
 )
-from .events import EventTable
-from .exit import DEFAULT_EXIT_TEXT, answer_after_exit
-from .monitor import ExitRecord
-from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
-from .probe import LynxProbe, train_probe
-from .thinking import ThinkingFormat, detect_thinking
+from .runtime.exit import DEFAULT_EXIT_TEXT, answer_after_exit
+from .runtime.monitor import ExitRecord
+from .runtime.plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
+from .runtime.probe import LynxProbe, train_probe
+from .runtime.thinking import ThinkingFormat, detect_thinking
 
 __version__ = "0.1.0"
 
-# evaluation-side names, imported on first use so `import lynx_hf` stays the small runtime
-_LAZY = {"AnswerStated": "baselines", "AnswerStatedCriteria": "baselines", "TextProbe": "baselines",
-         "TextProbeExit": "baselines"}
+# pipeline- and evaluation-side names, imported on first use so that `import lynx_hf` loads the runtime only
+_LAZY = {"EventTable": "pipeline.events", "AnswerStated": "evaluation.baselines",
+         "AnswerStatedCriteria": "evaluation.baselines", "TextProbe": "evaluation.baselines",
+         "TextProbeExit": "evaluation.baselines"}
 
 
 def __getattr__(name: str):

@@ -20,12 +20,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .conformal import DEFAULT_GUARANTEE, GUARANTEES
+from .runtime.conformal import DEFAULT_GUARANTEE, GUARANTEES
 from .loading import PROBLEM_SOURCES, load_model, load_problems, prompt_fn
 
 
 def cmd_collect(args) -> None:
-    from .collect import Collector
+    from .pipeline.collect import Collector
 
     problems = load_problems(args.problems, args.n, args.seed)  # a bad source fails before the model loads
     model, tokenizer = load_model(args.model, args.gguf_file, args.device)
@@ -33,7 +33,7 @@ def cmd_collect(args) -> None:
                "thinking": args.thinking}
     if args.rollout == "vllm":
         from . import organism
-        from .rollout import VllmRollout
+        from .pipeline.rollout import VllmRollout
 
         source = str(organism.MODEL_DIR) if args.model == "organism" else args.model
         options["rollout"] = VllmRollout(source, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
@@ -53,8 +53,8 @@ def cmd_collect(args) -> None:
 def cmd_train(args) -> None:
     from safetensors.torch import save_file
 
-    from .events import EventTable
-    from .train import describe, prompt_digests, train
+    from .pipeline.events import EventTable
+    from .pipeline.train import describe, prompt_digests, train
 
     table = EventTable.load(args.events)
     probe, report = train(table, seed=args.seed, max_epochs=args.max_epochs)
@@ -70,8 +70,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from .events import EventTable
-    from .train import calibrate_bundle, load_probe_folder
+    from .pipeline.events import EventTable
+    from .pipeline.train import calibrate_bundle, load_probe_folder
 
     probe, meta = load_probe_folder(args.probe)
     if "settings" not in meta:
@@ -90,7 +90,7 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_push(args) -> None:
-    from .bundle import Lynx
+    from .runtime.bundle import Lynx
 
     lynx = Lynx.from_pretrained(args.bundle)
     url = lynx.push_to_hub(args.repo_id, private=args.private, token=args.token, branch=args.revision,
@@ -99,7 +99,7 @@ def cmd_push(args) -> None:
 
 
 def cmd_build(args) -> None:
-    from .build import BuildPlan, build
+    from .pipeline.build import BuildPlan, build
 
     plan = BuildPlan(
         model=args.model, problems=args.problems, seed=args.seed, gguf_file=args.gguf_file, layers=args.layers,
@@ -113,13 +113,13 @@ def cmd_build(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import main as evaluate_main
+    from .evaluation.evaluate import main as evaluate_main
 
     evaluate_main(args)
 
 
 def cmd_audit(args) -> None:
-    from .audit import replay_audit
+    from .evaluation.audit_replay import replay_audit
 
     for text in replay_audit(args.bundle, args.events, confidence=args.confidence, guarantee=args.guarantee,
                              risk_level=args.risk_level, alpha=args.alpha, step=args.step):
@@ -127,7 +127,7 @@ def cmd_audit(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import main as demo_main
+    from .evaluation.demo import main as demo_main
 
     demo_main(args)
 

@@ -68,7 +68,7 @@ def load_problems(source: str, n: int | None = None, seed: int = 0) -> list[dict
     if Path(source).is_file():
         rows = [json.loads(line) for line in Path(source).read_text(encoding="utf-8").splitlines() if line.strip()]
         return rows[:n] if n else rows
-    from .data import load_benchmark
+    from .pipeline.data import load_benchmark
 
     return load_benchmark(source, limit=n)
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from lynx_hf import organism
-from lynx_hf.collect import Collector
-from lynx_hf.demo import MAX_NEW_TOKENS, TEXT_EVENTS, write_text_events
+from lynx_hf.pipeline.collect import Collector
+from lynx_hf.evaluation.demo import MAX_NEW_TOKENS, TEXT_EVENTS, write_text_events
 from lynx_hf import Lynx
-from lynx_hf.train import describe, fit, rates_on_scores, score
+from lynx_hf.pipeline.train import describe, fit, rates_on_scores, score
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "organism_test_events.json"

@@ -10,7 +10,7 @@ from transformers import LogitsProcessor
 
 from conftest import tiny_llama
 from lynx_hf import DEFAULT_EXIT_TEXT, Calibration, Lynx, LynxConfig, LynxProbe
-from lynx_hf.config import model_fingerprint, tokenizer_fingerprint
+from lynx_hf.runtime.config import model_fingerprint, tokenizer_fingerprint
 
 PROMPT = "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n<think>\n"
 SCRIPT = "3 + 4 = 7. Wait, is that right? Yes, 7. Hmm, let me check: 7 - 4 = 3.\n</think>\n\nFinal Answer: \\boxed{7}"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lynx_hf.baselines import Replay
-from lynx_hf.events import EventTable
+from lynx_hf.evaluation.baselines import Replay
+from lynx_hf.pipeline.events import EventTable
 
 ROOT = Path(__file__).resolve().parents[1]
 

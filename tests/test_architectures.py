@@ -18,8 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import real_tokenizers as rt
 from forcing import ForceScript
 from lynx_hf import Calibration, Lynx, LynxConfig, LynxProbe
-from lynx_hf.capture import HiddenStateCapture
-from lynx_hf.exit import answer_after_exit, exit_cut
+from lynx_hf.runtime.capture import HiddenStateCapture
+from lynx_hf.runtime.exit import answer_after_exit, exit_cut
 
 DEVICE = torch.device(os.environ.get("LYNX_TEST_DEVICE", "cpu"))
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -1,4 +1,4 @@
-"""Specification of the live audit (lynx_hf.audit): an anytime-valid check, without labels, that exits change no
+"""Specification of the live audit (lynx_hf.runtime.audit): an anytime-valid check, without labels, that exits change no
 more answers than the guarantee allows; audited rows never intervene; audit_rate=0 costs nothing."""
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from lynx_hf import Lynx, LynxConfigError, organism
-from lynx_hf.answers import answers_match, extract_boxed
-from lynx_hf.audit import (
-    ABOVE, CONSISTENT, TOO_FEW, AuditLog, AuditRow, audit_report, replay_rows, rows_needed,
+from lynx_hf.runtime.answers import answers_match, extract_boxed
+from lynx_hf.evaluation.audit_replay import replay_rows
+from lynx_hf.runtime.audit import (
+    ABOVE, CONSISTENT, TOO_FEW, AuditLog, AuditRow, audit_report, rows_needed,
 )
 from lynx_hf.cli import main
-from lynx_hf.collect import Collector
-from lynx_hf.conformal import betting_confidence_sequence, binomial_cdf, ratio_confidence_sequence
-from lynx_hf.events import EventTable
-from lynx_hf.exit import answer_after_exit, exit_cut
+from lynx_hf.pipeline.collect import Collector
+from lynx_hf.runtime.conformal import betting_confidence_sequence, binomial_cdf, ratio_confidence_sequence
+from lynx_hf.runtime.exit import answer_after_exit, exit_cut
 
 GREEDY = dict(do_sample=False, max_new_tokens=300)
 SETTINGS = dict(guarantee="question", confidence=0.9, risk_level=None, rule="envelope")

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lynx_hf.baselines import (
+from lynx_hf.evaluation.baselines import (
     DEFAULT_ANSWER_PATTERNS, AnswerStated, BudgetForcing, CueSuppressor, DeerStyle, FirstCue, Full, LynxExit, Method,
     Oracle, Replay, TextProbe, TextProbeExit, answer_stated_rules, cue_token_ids, matched_budget, regenerate,
     shard_batches, text_features,
 )
-from lynx_hf.conformal import Calibration
-from lynx_hf.cues import _example_tokenizer
-from lynx_hf.evaluate import evaluate
-from lynx_hf.events import EventTable
+from lynx_hf.runtime.conformal import Calibration
+from lynx_hf.runtime.cues import _example_tokenizer
+from lynx_hf.evaluation.evaluate import evaluate
+from lynx_hf.pipeline.events import EventTable
 
 EXIT_LENGTH = 5
 
@@ -119,7 +119,7 @@ def test_lynx_exits_at_the_first_event_over_the_threshold():
 
 def test_oracle_thinks_no_longer_than_any_cue_exit_that_is_not_premature():
     replay = synthetic_replay()
-    outcomes = evaluate(replay, [Full(), LynxExit(0.8), LynxExit(0.9, "question"), Oracle(), FirstCue()])[1]
+    outcomes = evaluate(replay, [Full(), LynxExit(0.8, "event"), LynxExit(0.9), Oracle(), FirstCue()])[1]
     by = {o.method: o for o in outcomes}
     oracle = by["Oracle"]
     for name in ("Lynx c=0.8 (event)", "Lynx c=0.9 (question)"):
@@ -170,8 +170,8 @@ def test_cue_suppressor_bans_cue_words_with_punctuation_but_not_other_words():
 
 
 def test_budget_forcing_cuts_thinking_at_the_budget_and_answers(monkeypatch):
-    import lynx_hf.baselines as baselines
-    from lynx_hf.exit import ExitAnswer
+    import lynx_hf.evaluation.baselines as baselines
+    from lynx_hf.runtime.exit import ExitAnswer
 
     calls = []
 
@@ -326,7 +326,7 @@ def _stated_tables(tok, n: int, seed: int):
 
 
 def test_text_probe_learns_text_visible_labels_with_lynx_calibration():
-    from lynx_hf.probe import auroc
+    from lynx_hf.runtime.probe import auroc
 
     tok = _organism_tokenizer()
     train, cal, test = (_stated_tables(tok, n, seed) for n, seed in ((120, 0), (80, 1), (80, 2)))
@@ -349,8 +349,8 @@ def test_text_probe_learns_text_visible_labels_with_lynx_calibration():
 def test_answer_stated_live_stops_where_replay_exits_on_the_same_tokens(tmp_path):
     """Regenerate sampled organism traces with the live criteria: every row stops at replay's AnswerStated cue."""
     from lynx_hf import organism
-    from lynx_hf.baselines import AnswerStatedCriteria
-    from lynx_hf.collect import Collector
+    from lynx_hf.evaluation.baselines import AnswerStatedCriteria
+    from lynx_hf.pipeline.collect import Collector
 
     model, tok = organism.load()
     table = Collector(model, tok, prompt_fn=organism.prompt, max_new_tokens=400).collect(

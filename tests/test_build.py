@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lynx_hf import Lynx, organism
-from lynx_hf.build import BuildPlan, build
+from lynx_hf.pipeline.build import BuildPlan, build
 from lynx_hf.cli import main as cli_main
 
 
@@ -48,8 +48,8 @@ def test_build_on_the_organism_gives_a_working_bundle_with_its_card_and_resumes(
     assert len(loaded.last_exits) == 1 and loaded.answer(result)[0].text
 
     # Re-running the same command resumes: nothing is sampled or trained again, the same bundle comes out.
-    import lynx_hf.collect as collect
-    import lynx_hf.train as train
+    import lynx_hf.pipeline.collect as collect
+    import lynx_hf.pipeline.train as train
 
     monkeypatch.setattr(collect.Collector, "collect_batch", lambda *a, **k: pytest.fail("re-collected"))
     monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("re-trained"))

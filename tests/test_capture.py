@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_qwen2
-from lynx_hf.capture import HiddenStateCapture, default_layers, layer_modules
+from lynx_hf.runtime.capture import HiddenStateCapture, default_layers, layer_modules
 from lynx_hf.errors import LynxConfigError
 
 

@@ -9,9 +9,9 @@ import torch
 
 from lynx_hf import EventTable, Lynx, LynxConfigError, organism
 from lynx_hf.cli import main as cli_main
-from lynx_hf.collect import Collector
+from lynx_hf.pipeline.collect import Collector
 from conftest import tiny_llama, tiny_qwen2
-from lynx_hf.exit import answer_after_exit, exit_cut, exit_prefix
+from lynx_hf.runtime.exit import answer_after_exit, exit_cut, exit_prefix
 
 pytestmark = pytest.mark.skipif(not (organism.MODEL_DIR / "config.json").exists(), reason="organism not trained")
 
@@ -41,7 +41,7 @@ def test_cached_batched_labels_equal_reprefilling_each_prefix(collector, problem
 
 def test_features_equal_what_the_live_hooks_see(collector, problems):
     """One teacher-forced forward gives the hidden states that decoding computed, up to numerics."""
-    from lynx_hf.capture import HiddenStateCapture
+    from lynx_hf.runtime.capture import HiddenStateCapture
 
     token_ids, prompt_length = collector.sample(problems[:1], seed=5)[0]
     events, features, _ = collector.label_trace(token_ids, prompt_length)
@@ -100,7 +100,7 @@ def test_a_bundle_built_from_a_collection_warns_on_a_fine_tune_of_its_model(coll
     import copy
 
     from lynx_hf import Calibration, LynxProbe
-    from lynx_hf.train import build_bundle
+    from lynx_hf.pipeline.train import build_bundle
 
     settings = collector.settings
     lynx = build_bundle(settings, LynxProbe(2 * settings["hidden_size"]),
@@ -198,8 +198,8 @@ def _eos_that_ends_some_rows_early(model, tok, trace, cuts, exit_ids, steps):
 def test_packed_answers_equal_reprefilling_each_cut(smollm2_tokenizer, make, attention):
     from transformers import DynamicCache
 
-    from lynx_hf.collect import answer_from_shared_prefix, supports_packed_answers
-    from lynx_hf.exit import cache_kwargs, exit_token_ids
+    from lynx_hf.runtime.forced import answer_from_shared_prefix, supports_packed_answers
+    from lynx_hf.runtime.exit import cache_kwargs, exit_token_ids
 
     tok = smollm2_tokenizer
     model = make(vocab_size=len(tok), seed=7, attn_implementation=attention)
@@ -222,8 +222,8 @@ def test_packed_answers_equal_reprefilling_each_cut(smollm2_tokenizer, make, att
 def test_packed_answers_refuse_a_cut_beyond_the_cache(smollm2_tokenizer):
     from transformers import DynamicCache
 
-    from lynx_hf.collect import answer_from_shared_prefix
-    from lynx_hf.exit import cache_kwargs, exit_token_ids
+    from lynx_hf.runtime.forced import answer_from_shared_prefix
+    from lynx_hf.runtime.exit import cache_kwargs, exit_token_ids
 
     model = tiny_llama(vocab_size=len(smollm2_tokenizer), seed=1)
     cache = DynamicCache(config=model.config)
@@ -233,7 +233,7 @@ def test_packed_answers_refuse_a_cut_beyond_the_cache(smollm2_tokenizer):
 
 
 def test_sliding_window_and_flash_attention_models_use_the_repeated_cache():
-    from lynx_hf.collect import supports_packed_answers
+    from lynx_hf.runtime.forced import supports_packed_answers
 
     assert not supports_packed_answers(tiny_qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=0))
     flash = tiny_llama()
@@ -245,11 +245,11 @@ def test_sliding_window_and_flash_attention_models_use_the_repeated_cache():
 @pytest.mark.parametrize("construction", ["drop_cue", "keep_cue"])
 def test_labels_of_a_cue_dense_trace_equal_reprefilling_each_event(smollm2_tokenizer, monkeypatch, packed,
                                                                    construction):
-    import lynx_hf.collect as collect
+    import lynx_hf.runtime.forced as forced
 
     tok = smollm2_tokenizer
     model = tiny_llama(vocab_size=len(tok), seed=5)
-    monkeypatch.setattr(collect, "supports_packed_answers", lambda m: packed)
+    monkeypatch.setattr(forced, "supports_packed_answers", lambda m: packed)
     collector = Collector(model, tok, layers=(1, 2), exit_construction=construction, answer_max_new_tokens=6,
                           thinking="think")  # SmolLM2 has no thinking tokens: the trace spells <think> out
     text = "<think>\n" + " ".join(f"Step {i}: {i} plus {i} is {2 * i}. {cue}," for i, cue in
@@ -267,8 +267,8 @@ def test_packed_answers_accept_ids_beyond_the_tokenizer(smollm2_tokenizer):
     extra ids; they hold no brace, so the answer runs to the token limit instead of failing."""
     from transformers import DynamicCache
 
-    from lynx_hf.collect import answer_from_shared_prefix
-    from lynx_hf.exit import cache_kwargs, exit_token_ids
+    from lynx_hf.runtime.forced import answer_from_shared_prefix
+    from lynx_hf.runtime.exit import cache_kwargs, exit_token_ids
 
     tok = smollm2_tokenizer
     extra = len(tok) + 3

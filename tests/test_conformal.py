@@ -1,4 +1,4 @@
-"""Specification of lynx_hf.conformal: exact finite-sample thresholds and a statistically tested guarantee."""
+"""Specification of lynx_hf.runtime.conformal: exact finite-sample thresholds and a statistically tested guarantee."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lynx_hf.conformal import Calibration, LynxCalibrationWarning, exits, first_exit
+from lynx_hf.runtime.conformal import Calibration, LynxCalibrationWarning, exits, first_exit
 
 INF = math.inf
 
@@ -356,7 +356,7 @@ def exact_binomial_cdf(n, k, p):
 
 
 def test_pac_allowance_is_the_clopper_pearson_count():
-    from lynx_hf.conformal import pac_allowance, pac_needed
+    from lynx_hf.runtime.conformal import pac_allowance, pac_needed
 
     for n in (1, 5, 22, 40, 97):
         for delta in (0.05, 0.1, 0.2):
@@ -419,7 +419,7 @@ def test_question_pac_threshold_matches_brute_force_learn_then_test():
 
 
 def test_betting_p_values_are_valid_under_the_null_and_reject_far_below_it():
-    from lynx_hf.conformal import betting_p_values
+    from lynx_hf.runtime.conformal import betting_p_values
 
     rng = np.random.default_rng(0)
     m0, alpha, runs = 0.1, 0.1, 4000
@@ -444,7 +444,7 @@ def clustered_questions(rng, n, levels=40):
 
 def brute_force_clustered_walk(questions, delta, alpha):
     """Fixed-sequence walk from tau = inf down over the unsafe scores, each null tested on the question-level sums."""
-    from lynx_hf.conformal import betting_p_values
+    from lynx_hf.runtime.conformal import betting_p_values
 
     order = np.random.default_rng(0).permutation(len(questions))
     n_unsafe = [sum(not s for _, s in q) for q in questions]
@@ -465,7 +465,7 @@ def brute_force_clustered_walk(questions, delta, alpha):
 
 @pytest.mark.parametrize("cells", [2 ** 22, 300])  # 300: the walk holds 2-5 thresholds at a time (chunk edges)
 def test_clustered_pac_event_threshold_matches_a_brute_force_walk(monkeypatch, cells):
-    monkeypatch.setattr("lynx_hf.conformal._WALK_CELLS", cells)
+    monkeypatch.setattr("lynx_hf.runtime.conformal._WALK_CELLS", cells)
     rng = np.random.default_rng(5)
     for questions in [clustered_questions(rng, int(rng.integers(60, 150))) for _ in range(10)]:
         cal = calibration_from_questions(questions)

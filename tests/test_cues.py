@@ -1,4 +1,4 @@
-"""Specification of reflection-cue detection (`lynx_hf.cues`): whole words, inside thinking, online == offline."""
+"""Specification of reflection-cue detection (`lynx_hf.runtime.cues`): whole words, inside thinking, online == offline."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from lynx_hf.cues import DEFAULT_CUES, CueDetector, CueEvent
+from lynx_hf.runtime.cues import DEFAULT_CUES, CueDetector, CueEvent
 
 # ----------------------------------------------------------------------------- fixtures and helpers
 
@@ -392,7 +392,7 @@ def test_prompt_decides_whether_generation_starts_inside_thinking(tiny):
 
 
 def test_tokens_longer_than_the_table_keep_their_last_characters():
-    from lynx_hf.cues import MAX_TOKEN_CHARS
+    from lynx_hf.runtime.cues import MAX_TOKEN_CHARS
 
     long_word = "-" * (MAX_TOKEN_CHARS + 40) + "Ġwait"
     tok = make_word_tokenizer(TINY_WORDS + [long_word])

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lynx_hf.answers import answers_match, close_box, extract_boxed, is_choice_letter
-from lynx_hf.data import CHOICE_INSTRUCTION, load_benchmark
+from lynx_hf.runtime.answers import answers_match, close_box, extract_boxed, is_choice_letter
+from lynx_hf.pipeline.data import CHOICE_INSTRUCTION, load_benchmark
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

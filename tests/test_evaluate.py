@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from lynx_hf.baselines import Full, LynxExit, Replay, regenerate, shard_batches
-from lynx_hf.conformal import Calibration, LynxCalibrationWarning
-from lynx_hf.evaluate import (
+from lynx_hf.evaluation.baselines import Full, LynxExit, Replay, regenerate, shard_batches
+from lynx_hf.runtime.conformal import Calibration, LynxCalibrationWarning
+from lynx_hf.evaluation.evaluate import (
     calibration_curve, compare_exits, evaluate, format_agreement, format_aurocs, format_compact, format_table,
     live_agreement, metrics, probe_aurocs, replay_methods, write_results,
 )
-from lynx_hf.plots import calibration_plot, pareto_plot
+from lynx_hf.evaluation.plots import calibration_plot, pareto_plot
 from test_baselines import _organism_tokenizer, _stated_tables, synthetic_replay, synthetic_table, tiny_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def test_results_table_json_and_plots_are_written(tmp_path, text_setup):
 @pytest.fixture(scope="module")
 def text_setup():
     """Tables with real token ids whose labels the text shows, a fitted TextProbe and a replay with noisy scores."""
-    from lynx_hf.baselines import TextProbe
+    from lynx_hf.evaluation.baselines import TextProbe
 
     tok = _organism_tokenizer()
     train, cal, test = (_stated_tables(tok, n, seed) for n, seed in ((120, 0), (80, 1), (80, 2)))
@@ -137,7 +137,7 @@ def test_replay_methods_add_the_text_baselines_when_they_can_read_the_text(text_
 
 
 def test_probe_aurocs_compare_the_lynx_probe_with_the_text_probe(text_setup):
-    from lynx_hf.probe import auroc
+    from lynx_hf.runtime.probe import auroc
 
     _, text_probe, replay = text_setup
     report = probe_aurocs(replay, text_probe)
@@ -164,14 +164,14 @@ def test_compact_table_has_five_columns_and_fits_a_terminal(text_setup):
 
 
 def test_text_only_margin_compares_with_the_best_mix_of_text_rules():
-    from lynx_hf.evaluate import format_text_margin, text_only_margin
+    from lynx_hf.evaluation.evaluate import format_text_margin, text_only_margin
 
     def row(method, family, accuracy, tokens):
         return {"method": method, "family": family, "accuracy": accuracy, "thinking_tokens": tokens}
 
     rows = [row("Full", "Full", 0.80, 200.0), row("Rule", "AnswerStated", 0.70, 100.0),
             row("Lynx c=0.9 (event)", "Lynx (event)", 0.80, 100.0), row("DEER λ=0.9", "DEER", 0.95, 10.0)]
-    m = text_only_margin(rows)
+    m = text_only_margin(rows, "Lynx c=0.9 (event)")
     # half Rule, half Full per question: 150 tokens at 0.75; reaching 0.80 takes Full alone (200 tokens)
     assert m["text_accuracy_at_equal_tokens"] == pytest.approx(0.70) and m["accuracy_margin"] == pytest.approx(0.10)
     assert m["text_savings_at_equal_accuracy"] == pytest.approx(0.0) and m["savings_margin"] == pytest.approx(0.5)
@@ -179,11 +179,11 @@ def test_text_only_margin_compares_with_the_best_mix_of_text_rules():
     assert format_text_margin(m).endswith("met")
     # a better text rule can only shrink the margin: the baseline is never weakened by adding rules
     probe = row("TextProbe c=0.9 (event)", "TextProbe (event)", 0.78, 90.0)
-    stronger = text_only_margin(rows + [probe])
+    stronger = text_only_margin(rows + [probe], "Lynx c=0.9 (event)")
     assert stronger["accuracy_margin"] < m["accuracy_margin"] and stronger["savings_margin"] <= m["savings_margin"]
     # mixes: between (90, 0.78) and (200, 0.80), accuracy 0.79 costs 145 tokens on average
     lynx = row("Lynx c=0.9 (event)", "Lynx (event)", 0.79, 100.0)
-    mixed = text_only_margin([rows[0], rows[1], probe, lynx])
+    mixed = text_only_margin([rows[0], rows[1], probe, lynx], "Lynx c=0.9 (event)")
     assert mixed["text_savings_at_equal_accuracy"] == pytest.approx(1 - 145 / 200)
     assert mixed["text_accuracy_at_equal_tokens"] == pytest.approx(0.78 + 0.02 * 10 / 110)
     ahead = text_only_margin([row("Full", "Full", 0.5, 100.0), row("First", "FirstCue", 0.1, 20.0),
@@ -224,18 +224,18 @@ def test_importing_lynx_hf_loads_the_runtime_only():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout.splitlines()
     loaded = eval(out[0])
-    for heavy in ("lynx_hf.baselines", "lynx_hf.evaluate", "lynx_hf.demo", "lynx_hf.plots", "lynx_hf.cli",
-                  "lynx_hf.collect", "matplotlib", "evaluate", "datasets"):
+    for heavy in ("lynx_hf.evaluation.baselines", "lynx_hf.evaluation.evaluate", "lynx_hf.evaluation.demo", "lynx_hf.evaluation.plots", "lynx_hf.cli",
+                  "lynx_hf.pipeline.collect", "matplotlib", "evaluate", "datasets"):
         assert heavy not in loaded, loaded
-    assert out[1] == "lynx_hf.baselines"
+    assert out[1] == "lynx_hf.evaluation.baselines"
 
 
 def test_shipped_text_events_belong_to_the_shipped_bundle():
     """The demo's TextProbe trains on the bundle's own tables; a table with other labels is refused."""
     from lynx_hf import organism
-    from lynx_hf.baselines import TextEvents, load_text_events
-    from lynx_hf.bundle import Lynx
-    from lynx_hf.demo import TEXT_EVENTS, is_bundle_table
+    from lynx_hf.evaluation.baselines import TextEvents, load_text_events
+    from lynx_hf.runtime.bundle import Lynx
+    from lynx_hf.evaluation.demo import TEXT_EVENTS, is_bundle_table
 
     path = organism.BUNDLE_DIR / TEXT_EVENTS
     if not path.exists():
@@ -252,7 +252,7 @@ def test_shipped_text_events_belong_to_the_shipped_bundle():
 
 
 def test_text_events_round_trip_through_safetensors(tmp_path, text_setup):
-    from lynx_hf.baselines import TextEvents, load_text_events, save_text_events
+    from lynx_hf.evaluation.baselines import TextEvents, load_text_events, save_text_events
 
     _, text_probe, replay = text_setup
     events = TextEvents.from_table(replay.table)
@@ -267,9 +267,9 @@ def test_text_events_round_trip_through_safetensors(tmp_path, text_setup):
 def test_eval_command_fits_the_text_probe_on_the_given_tables_and_prints_the_compact_table(tmp_path, capsys):
     """`lynx-hf eval` on the organism: text-only rows and both AUROCs, every column in results.md."""
     from lynx_hf import organism
-    from lynx_hf.bundle import Lynx
+    from lynx_hf.runtime.bundle import Lynx
     from lynx_hf.cli import main as cli_main
-    from lynx_hf.evaluate import collector_for
+    from lynx_hf.evaluation.evaluate import collector_for
 
     model, tok = organism.load()
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
@@ -321,9 +321,9 @@ def _word_tokenizer():
 
 @pytest.fixture(scope="module")
 def live_setup(tmp_path_factory):
-    from lynx_hf.collect import Collector
-    from lynx_hf.probe import LynxProbe
-    from lynx_hf.train import build_bundle, score
+    from lynx_hf.pipeline.collect import Collector
+    from lynx_hf.runtime.probe import LynxProbe
+    from lynx_hf.pipeline.train import build_bundle, score
 
     tok = _word_tokenizer()
     model = tiny_llama(vocab_size=len(tok), seed=3, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -394,8 +394,9 @@ def test_demo_runs_on_the_organism(tmp_path):
         pytest.skip("the organism bundle is not built yet (scripts/build_organism_bundle.py)")
     from argparse import Namespace
 
-    from lynx_hf import Lynx, demo
-    from lynx_hf.events import read_settings
+    from lynx_hf import Lynx
+    from lynx_hf.evaluation import demo
+    from lynx_hf.pipeline.events import read_settings
 
     calibrated_at = Lynx.from_pretrained(organism.BUNDLE_DIR).metadata["sampling"]["temperature"]
     results = demo.main(Namespace(n=24, out=str(tmp_path), seed=0, live=8, quiet=True))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from lynx_hf.exit import answer_after_exit, exit_cut, exit_prefix, exit_token_ids, DEFAULT_EXIT_TEXT
+from lynx_hf.runtime.exit import answer_after_exit, exit_cut, exit_prefix, exit_token_ids, DEFAULT_EXIT_TEXT
 from lynx_hf.errors import LynxConfigError
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lynx_hf.conformal import Calibration, LynxCalibrationWarning, exits, first_exit
+from lynx_hf.runtime.conformal import Calibration, LynxCalibrationWarning, exits, first_exit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "organism_test_events.json"
 SPLITS = 200
@@ -204,8 +204,8 @@ def test_pac_thresholds_are_at_least_as_conservative_as_marginal(events):
 
 
 def test_split_rates_show_the_distribution_over_splits_and_the_plot_draws_it(events, tmp_path):
-    from lynx_hf.plots import calibration_plot
-    from lynx_hf.splits import split_rates
+    from lynx_hf.evaluation.plots import calibration_plot
+    from lynx_hf.evaluation.splits import split_rates
 
     scores, safe, question = events
     deltas = (0.05, 0.1, 0.2)

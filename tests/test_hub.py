@@ -21,8 +21,8 @@ from safetensors.torch import load, load_file
 import lynx_hf
 from lynx_hf import organism
 from lynx_hf import Lynx
-from lynx_hf.bundle import CUSTOM_GENERATE_SOURCE
-from lynx_hf.exit import exit_cut
+from lynx_hf.runtime.bundle import CUSTOM_GENERATE_SOURCE
+from lynx_hf.runtime.exit import exit_cut
 from hub_server import OlahServer, hub_endpoint, olah_executable
 from scripted import PROMPT, SCRIPT, ScriptProcessor, bundle, calibration, scripted_model
 

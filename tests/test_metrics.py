@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import lynx_hf.metrics
-from lynx_hf.baselines import Full, LynxExit, Oracle
-from lynx_hf.conformal import LynxCalibrationWarning
-from lynx_hf.evaluate import evaluate, exit_metric, metrics
+from lynx_hf.evaluation.baselines import Full, LynxExit, Oracle
+from lynx_hf.runtime.conformal import LynxCalibrationWarning
+from lynx_hf.evaluation.evaluate import evaluate, exit_metric, metrics
 from test_baselines import synthetic_replay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def test_evaluate_load_of_the_shipped_path_works_offline(tmp_path):
 
 
 def _direct(outcome, full) -> dict:
-    """The harness's numbers computed straight from the outcome tensors (how lynx_hf.evaluate did it before)."""
+    """The harness's numbers computed straight from the outcome tensors (how lynx_hf.evaluation.evaluate did it before)."""
     exited, wrong = outcome.exited, outcome.exited & ~outcome.correct
     full_think = full.thinking_tokens.double().mean().item()
     return {

@@ -14,10 +14,10 @@ import torch
 
 from lynx_hf import CorruptedBundleError, Lynx, LynxConfigError, organism
 from lynx_hf.cli import main as cli_main
-from lynx_hf.collect import Collector
-from lynx_hf.events import EventTable
+from lynx_hf.pipeline.collect import Collector
+from lynx_hf.pipeline.events import EventTable
 from lynx_hf.loading import load_problems
-from lynx_hf.train import calibrate_bundle, check_test_disjoint, train
+from lynx_hf.pipeline.train import calibrate_bundle, check_test_disjoint, train
 
 LAYERS = ("--layers", "2", "4")
 
@@ -129,7 +129,7 @@ def test_the_same_question_under_another_id_still_counts_as_seen(runs):
 
 
 def test_fit_refuses_the_training_problems_as_calibration_under_other_ids_before_training(runs, monkeypatch):
-    import lynx_hf.train as train_module
+    import lynx_hf.pipeline.train as train_module
 
     monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained before checking the tables"))
     renamed = EventTable.load(runs / "train")
@@ -258,7 +258,7 @@ def test_cli_calibrate_on_a_table_with_another_exit_text_is_refused(model_tok, r
 
 # ----- hand-built tables ----------------------------------------------------------------------------------------
 def _reordered(table: EventTable, order: torch.Tensor) -> EventTable:
-    from lynx_hf.events import _TENSORS
+    from lynx_hf.pipeline.events import _TENSORS
 
     return EventTable(table.settings, **{k: getattr(table, k)[order] for k in _TENSORS},
                       answers=[table.answers[i] for i in order.tolist()], traces=table.traces)
@@ -317,7 +317,7 @@ def test_an_interruption_between_the_two_files_of_a_shard_resumes_cleanly(model_
     traces (which made every later load fail)."""
     import os
 
-    from lynx_hf import events
+    from lynx_hf.pipeline import events
 
     model, tok = model_tok
     collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=400)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lynx_hf import LynxConfigError, LynxProbe, UnsupportedGenerationError
-from lynx_hf.exit import answer_after_exit, exit_cut
+from lynx_hf.runtime.exit import answer_after_exit, exit_cut
 from scripted import PROMPT, SCRIPT, ScriptProcessor, bundle, scripted_model
 
 

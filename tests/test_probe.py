@@ -1,4 +1,4 @@
-"""Specification of lynx_hf.probe: the MLP probe, its problem-level training split, and a dependency-free AUROC."""
+"""Specification of lynx_hf.runtime.probe: the MLP probe, its problem-level training split, and a dependency-free AUROC."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lynx_hf.probe import LynxProbe, ProbeTrainingReport, auroc, split_groups, train_probe
+from lynx_hf.runtime.probe import LynxProbe, ProbeTrainingReport, auroc, split_groups, train_probe
 
 
 def synthetic_events(n_problems: int = 300, dim: int = 12, seed: int = 0):

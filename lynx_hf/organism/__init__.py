@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..answers import extract_boxed as extract_answer
+from ..runtime.answers import extract_boxed as extract_answer
 from .tasks import CUE_WORDS, EXIT_TEXT, FAMILIES, PROMPT_SUFFIX, problems, render_trace, split_of, user_message
 
 __all__ = [

@@ -52,7 +52,7 @@ import hashlib
 import random
 from typing import Any
 
-from ..exit import DEFAULT_EXIT_TEXT
+from ..runtime.exit import DEFAULT_EXIT_TEXT
 
 __all__ = [
     "CUE_WORDS",

@@ -1,6 +1,6 @@
 """`lynx_exit`: the early-exit harness's metrics as an `evaluate` metric.
 
-Accuracy under lynx-hf's strict answer checker (`lynx_hf.answers.answers_match`: matched `\\boxed{}` content, exact
+Accuracy under lynx-hf's strict answer checker (`lynx_hf.runtime.answers.answers_match`: matched `\\boxed{}` content, exact
 multiple-choice letters, math-verify otherwise), thinking tokens and the share saved against full reasoning, the exit
 rate, and the premature-exit rate per question (questions answered wrongly at an exit: what the per-question
 guarantee bounds) and, when the per-event counts are given, per event (unsafe cue events at which the rule exits:
@@ -21,7 +21,7 @@ import functools
 import datasets
 import evaluate
 
-from lynx_hf.answers import answers_match
+from lynx_hf.runtime.answers import answers_match
 
 _DESCRIPTION = __doc__.split("\n\n")[1]
 _CITATION = """@article{lynx2025,

@@ -40,7 +40,7 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, St
 from transformers.utils import ModelOutput
 
 import lynx_hf
-from lynx_hf.exit import cache_kwargs, exit_cut
+from lynx_hf.runtime.exit import cache_kwargs, exit_cut
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 _CALL_OPTIONS = ("confidence", "guarantee", "shadow", "risk_level", "rule", "max_thinking_tokens")
@@ -92,7 +92,7 @@ def _load_lynx(model, source, tokenizer, hub_kwargs: dict, options: dict):
         if source.model is None:
             source.attach(model, tokenizer)
             return source, True
-        if source.model is not model and not lynx_hf.bundle._wraps(source.model, model):
+        if source.model is not model and not lynx_hf.runtime.bundle._wraps(source.model, model):
             raise ValueError("lynx= is attached to another model: attach it to this one or pass its folder/repo id.")
         return source, False
     if source is None:

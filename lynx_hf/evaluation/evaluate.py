@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from .answers import answers_match
+from ..runtime.answers import answers_match
 from .baselines import (
     BudgetForcing, DeerStyle, FirstCue, Full, LynxBudget, LynxExit, Method, NoWait, Oracle, Outcome, Replay,
     TextProbe, TextProbeExit, answer_stated_rules, matched_budget, regenerate, shard_batches,
 )
-from .conformal import DEFAULT_GUARANTEE, GUARANTEE_ORDER, LynxCalibrationWarning, exits
-from .events import EventTable
-from .exit import eos_token_ids
-from .probe import auroc
+from ..runtime.conformal import DEFAULT_GUARANTEE, GUARANTEE_ORDER, LynxCalibrationWarning, exits
+from ..pipeline.events import EventTable
+from ..runtime.exit import eos_token_ids
+from ..runtime.probe import auroc
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def exit_metric():
     """The `lynx_exit` `evaluate` metric shipped in the package, loaded once (offline: it is a local path)."""
     import evaluate as hf_evaluate
 
-    from .metrics import LYNX_EXIT
+    from ..metrics import LYNX_EXIT
 
     return hf_evaluate.load(LYNX_EXIT)
 
@@ -69,7 +69,7 @@ def metrics(outcome: Outcome, full: Outcome, references: Sequence[str] | None = 
     per-event guarantee bounds; threshold rules only).
 
     Example:
-        >>> from lynx_hf.baselines import Outcome
+        >>> from lynx_hf.evaluation.baselines import Outcome
         >>> t = torch.tensor
         >>> full = Outcome("Full", t([False, False]), t([-1, -1]), t([True, False]), t([10, 10]), t([12, 12]), t([0, 0]),
         ...                answers=["1", "3"])
@@ -601,9 +601,9 @@ def binomial_tolerance(n: int, rate: float, level: float = 0.95) -> float:
 
     Example:
         >>> binomial_tolerance(200, 0.1)
-        0.14
+        0.135
     """
-    from .conformal import binomial_cdf
+    from ..runtime.conformal import binomial_cdf
 
     return int((binomial_cdf(n, rate) < level).sum()) / n
 
@@ -619,11 +619,11 @@ def format_guarantee_table(rows: Sequence[dict], guarantee: str = DEFAULT_GUARAN
         ...         {"method": "Lynx c=0.9 (question)", "family": "Lynx (question)", "confidence": 0.9, "n": 200,
         ...          "premature_per_question": 0.08, "harmed": 10, "accuracy": 0.86, "savings": 0.4}]
         >>> print(format_guarantee_table(rows).splitlines()[2])
-        | 0.9 | 0.10 | 0.080 (≤ 0.140) | 0.050 | 0.860 (full 0.900) | 40.0% |
+        | 0.9 | 0.10 | 0.080 (≤ 0.135) | 0.050 | 0.860 (full 0.900) | 40.0% |
     """
     full = next(r for r in rows if r["family"] == "Full")
-    lines = [f"| c | δ = 1 − c | premature exits per question (binomial tolerance) | made wrong by the exit | "
-             f"accuracy | thinking saved |", "|---|---|---|---|---|---|"]
+    lines = ["| c | δ = 1 − c | premature exits per question (binomial tolerance) | made wrong by the exit | "
+             "accuracy | thinking saved |", "|---|---|---|---|---|---|"]
     for r in rows:
         if r["family"] != f"Lynx ({guarantee})":
             continue
@@ -735,7 +735,7 @@ def collector_for(model, tokenizer, lynx, prompt_fn=None, **options):
     Example:
         >>> collector = collector_for(model, tok, lynx, prompt_fn=organism.prompt)  # doctest: +SKIP
     """
-    from .collect import Collector
+    from ..pipeline.collect import Collector
 
     c = lynx.config
     return Collector(model, tokenizer, layers=c.layers, cues=c.cues, think_start=c.think_start, think_end=c.think_end,
@@ -777,11 +777,11 @@ def main(args) -> None:
     `out`, `seed`, and optionally `text_probe_train` + `text_probe_calibration` (the bundle's own training and
     calibration tables, to fit the `TextProbe` control on).
     """
-    from .bundle import Lynx
-    from .loading import load_model, load_problems, prompt_fn
+    from ..runtime.bundle import Lynx
+    from ..loading import load_model, load_problems, prompt_fn
     from .plots import calibration_plot, pareto_plot
     from .splits import replay_split_rates
-    from .train import check_disjoint, check_test_disjoint, prompt_digests
+    from ..pipeline.train import check_disjoint, check_test_disjoint, prompt_digests
 
     out = Path(args.out)
     if args.model == "organism":
@@ -789,7 +789,7 @@ def main(args) -> None:
     model, tokenizer = load_model(args.model, getattr(args, "gguf_file", None))
     bundle = args.bundle
     if bundle is None:
-        from . import organism
+        from .. import organism
 
         bundle = organism.BUNDLE_DIR
     lynx = Lynx.from_pretrained(bundle, model=model, tokenizer=tokenizer)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import LynxConfigError
+from ..errors import LynxConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 from .cues import DEFAULT_CUES
-from .errors import BaseModelMismatchError, CorruptedBundleError, LynxConfigError
+from ..errors import BaseModelMismatchError, CorruptedBundleError, LynxConfigError
 from .exit import EXIT_CONSTRUCTIONS
 
 FORMAT_VERSION = 1
@@ -33,7 +33,7 @@ class LynxConfig:
     layers: list[int]
     hidden_size: int
     cues: list[str] = field(default_factory=lambda: list(DEFAULT_CUES))
-    # None: taken from the model's tokenizer and chat template when the bundle is attached (`lynx_hf.thinking`).
+    # None: taken from the model's tokenizer and chat template when the bundle is attached (`lynx_hf.runtime.thinking`).
     think_start: str | None = None
     think_end: str | None = None
     exit_text: str | None = None

@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .answers import close_box
-from .errors import LynxConfigError
+from ..errors import LynxConfigError
 
 DEFAULT_EXIT_TEXT = "\n</think>\n\nFinal Answer: \\boxed{"
 ExitConstruction = Literal["drop_cue", "keep_cue"]

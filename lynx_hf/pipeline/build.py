@@ -21,10 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from .cues import DEFAULT_CUES
-from .errors import LynxConfigError
+from ..runtime.cues import DEFAULT_CUES
+from ..errors import LynxConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +179,7 @@ def build(
         >>> estimate["problems"], estimate["pilot_problems"]
         (4, 1)
     """
-    from .loading import load_model, load_problems, prompt_fn
+    from ..loading import load_model, load_problems, prompt_fn
 
     out = Path(out)
     problems = load_problems(plan.problems, plan.total, plan.seed)

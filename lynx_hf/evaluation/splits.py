@@ -4,7 +4,7 @@ One calibration set gives one threshold and one realised rate; the guarantee is 
 of that rate over calibration draws (marginal: its mean is at most delta; PAC: it exceeds delta with probability at
 most alpha). :func:`split_rates` splits a table of held-out cue events by question many times, calibrates on one
 part and measures on the other, and summarises the realised rates per (guarantee, strength, rule, delta): mean, 5th
-and 95th percentiles and the share of splits above delta. :func:`lynx_hf.plots.calibration_plot` draws them.
+and 95th percentiles and the share of splits above delta. :func:`lynx_hf.evaluation.plots.calibration_plot` draws them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .conformal import Calibration, LynxCalibrationWarning, exits, first_exit
+from ..runtime.conformal import Calibration, LynxCalibrationWarning, exits, first_exit
 
 __all__ = ["split_rates", "DEFAULT_DELTAS", "DEFAULT_VARIANTS"]
 

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 from transformers.generation import logits_process
 
-from .monitor import CallTracker, ExitRecord, GenerateCall, loop_logits, loop_running
-from .errors import UnsupportedGenerationError
-
-if TYPE_CHECKING:
-    from .bundle import Lynx
+from ..errors import UnsupportedGenerationError
+from .monitor import BundleLike, CallTracker, ExitRecord, GenerateCall, loop_logits, loop_running
 
 
 class LynxStoppingCriteria(StoppingCriteria):
@@ -39,7 +35,7 @@ class LynxStoppingCriteria(StoppingCriteria):
     ```
     """
 
-    def __init__(self, lynx: "Lynx"):
+    def __init__(self, lynx: BundleLike):
         self.lynx = lynx
         self.calls = CallTracker(lynx, mode="stop")
 
@@ -113,7 +109,7 @@ class LynxExitProcessor(LogitsProcessor):
     ```
     """
 
-    def __init__(self, lynx: "Lynx"):
+    def __init__(self, lynx: BundleLike):
         self.lynx = lynx
         self.calls = CallTracker(lynx, mode="stream", call_class=StreamCall, check_list=self._check_order)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .conformal import DEFAULT_GUARANTEE, LynxCalibrationWarning
-from .events import EventTable
-from .organism import TEMPERATURE
+from ..runtime.conformal import DEFAULT_GUARANTEE, LynxCalibrationWarning
+from ..pipeline.events import EventTable
+from ..organism import TEMPERATURE
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ BUNDLE_RECIPE = {"family": "arithmetic", "seed": 0, "batch_size": 64, "max_new_t
 
 def _collect(model, tok, lynx, family: str, split: str, n: int, seed: int, folder: Path, temperature: float = 0.6,
              batch_size: int = BATCH_SIZE, max_new_tokens: int = MAX_NEW_TOKENS):
-    from . import organism
+    from .. import organism
     from .evaluate import collector_for
 
     collector = collector_for(model, tok, lynx, prompt_fn=organism.prompt, max_new_tokens=max_new_tokens,
@@ -65,7 +65,7 @@ def is_bundle_table(lynx, split: str, table) -> bool | None:
         >>> is_bundle_table(lynx, "calibration", EventTable.load("runs/organism/calibration"))  # doctest: +SKIP
         True
     """
-    from .train import describe, score
+    from ..pipeline.train import describe, score
 
     if split == "calibration":
         cal = lynx.calibration
@@ -86,7 +86,7 @@ def write_text_events(path: Path, train: EventTable, calibration: EventTable) ->
         >>> write_text_events(organism.BUNDLE_DIR / TEXT_EVENTS, train, cal)  # doctest: +SKIP
     """
     from .baselines import TextEvents, save_text_events
-    from .train import describe
+    from ..pipeline.train import describe
 
     settings = train.settings
     save_text_events(path, {"train": TextEvents.from_table(train), "calibration": TextEvents.from_table(calibration)},
@@ -105,7 +105,7 @@ def bundle_text_events(model, tok, lynx, out: Path, runs: Path = RUNS, bundle_di
     Example:
         >>> train, cal, note = bundle_text_events(model, tok, lynx, Path("outputs/demo"))  # doctest: +SKIP
     """
-    from . import organism
+    from .. import organism
     from .baselines import TextEvents, load_text_events
 
     path = Path(bundle_dir or organism.BUNDLE_DIR) / TEXT_EVENTS
@@ -176,7 +176,7 @@ def fit_text_probe(model, tok, lynx, out: Path, runs: Path = RUNS, bundle_dir: P
         >>> text_probe, note = fit_text_probe(model, tok, lynx, Path("outputs/demo"))  # doctest: +SKIP
     """
     from .baselines import TextProbe
-    from .train import describe
+    from ..pipeline.train import describe
 
     train, cal, note = bundle_text_events(model, tok, lynx, out, runs, bundle_dir)
     started = time.perf_counter()
@@ -277,8 +277,8 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
 def main(args) -> dict:
     """`lynx-hf demo` / `make demo`: args `n` (problems per family), `out`, `seed` (optional: `live`, `quiet`,
     `runs`: where the bundle's training and calibration tables may already be)."""
-    from . import organism
-    from .bundle import Lynx
+    from .. import organism
+    from ..runtime.bundle import Lynx
 
     # One intra-op thread: the organism's matrices are tiny, and on a shared CPU extra threads spin-wait for cores
     # (measured here: a collection batch took 179 s with 2 threads under load and 3 s with 1).

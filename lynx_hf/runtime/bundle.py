@@ -28,7 +28,7 @@ from transformers import StoppingCriteria
 from .conformal import DEFAULT_GUARANTEE, GUARANTEE_ORDER, Calibration, check_guarantee, check_risk_level, check_rule
 from .config import LynxConfig, check_base_model
 from .cues import CueDetector
-from .errors import CorruptedBundleError, LynxConfigError, NotAttachedError
+from ..errors import CorruptedBundleError, LynxConfigError, NotAttachedError
 from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut, reusable_cache, vocab_size
 from .answers import extract_boxed
 from .audit import AuditLog, AuditReport
@@ -43,10 +43,10 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CALIBRATION_NAME = "calibration.json"
 BUNDLE_FILES = (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME)
-CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "lynx_probe.md"
+CARD_TEMPLATE = Path(__file__).parent.parent / "hub_cards" / "lynx_probe.md"
 # transformers' generate-from-Hub recipe shipped in every bundle: `model.generate(custom_generate=<bundle>, ...)`.
 CUSTOM_GENERATE_DIR = "custom_generate"
-CUSTOM_GENERATE_SOURCE = Path(__file__).parent / "custom_generate" / "generate.py"
+CUSTOM_GENERATE_SOURCE = Path(__file__).parent.parent / "custom_generate" / "generate.py"
 CUSTOM_GENERATE_REQUIREMENTS = "lynx-hf\n"
 # How many recent stop-mode generate calls `Lynx.answer` can match an output against.
 ANSWERABLE_CALLS = 8
@@ -73,7 +73,7 @@ class Lynx(
     time without reloading: each `generate` call uses the settings it started with. `shadow=True` never
     intervenes and only records in `last_exits` where it would have exited. `audit_rate=r` checks the guarantee on
     live traffic without labels: each row is audited with probability r (seeded by `audit_seed`), runs as in shadow
-    mode, and `lynx.audit()` reports how often the exit would have changed its answer (`lynx_hf.audit`).
+    mode, and `lynx.audit()` reports how often the exit would have changed its answer (`lynx_hf.runtime.audit`).
 
     `max_thinking_tokens=B` caps the thinking: a row that has thought B tokens without a confident cue exits there
     with the same exit text (stop mode: `answer` answers it; in-stream: the model answers in the same call), and
@@ -645,7 +645,7 @@ class Lynx(
         """A thinking-budget cap alone, for any model with a thinking format: no probe, no bundle, no guarantee.
 
         Each row that has thought `max_thinking_tokens` tokens exits there with the model's exit text (from its
-        tokenizer and chat template, `lynx_hf.thinking`, or the markers given), in stop mode (`stopping_criteria=
+        tokenizer and chat template, `lynx_hf.runtime.thinking`, or the markers given), in stop mode (`stopping_criteria=
         [cap]`, then `cap.answer(out)`) or in-stream (`logits_processor=[cap.exit_processor()]`, `stopping_criteria=
         [cap.answer_stopper()]`); rows that close their thinking earlier are left alone. `last_exits` records it.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import CorruptedBundleError, LynxConfigError
+from ..errors import CorruptedBundleError, LynxConfigError
 
 SETTINGS_NAME = "settings.json"
 _TENSORS = ("features", "safe", "trace", "position", "start", "cue", "answer_length", "answer_confidence")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
-from .errors import LynxConfigError
+from ..errors import LynxConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def resolve_thinking(
     Detection runs only when something is left unset, so a fully explicit format works for any tokenizer.
 
     Example:
-        >>> from lynx_hf.cues import _example_tokenizer
+        >>> from lynx_hf.runtime.cues import _example_tokenizer
         >>> resolve_thinking(_example_tokenizer(), "<think>", "</think>", "</think> so").exit_text
         '</think> so'
     """

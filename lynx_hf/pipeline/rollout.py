@@ -68,7 +68,7 @@ class TransformersRollout:
 
     Example:
         >>> from lynx_hf import organism
-        >>> from lynx_hf.rollout import TransformersRollout
+        >>> from lynx_hf.pipeline.rollout import TransformersRollout
         >>> model, tok = organism.load()
         >>> prompt = tok(organism.prompt(tok, organism.problems("arithmetic", "test", 1)[0]["question"]),
         ...              add_special_tokens=False)["input_ids"]
@@ -117,8 +117,8 @@ class VllmRollout:
     Example (on a GPU machine):
 
     ```python
-    from lynx_hf.collect import Collector
-    from lynx_hf.rollout import VllmRollout
+    from lynx_hf.pipeline.collect import Collector
+    from lynx_hf.pipeline.rollout import VllmRollout
 
     rollout = VllmRollout("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", gpu_memory_utilization=0.5)
     collector = Collector(model, tokenizer, rollout=rollout)

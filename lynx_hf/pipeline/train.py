@@ -11,12 +11,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .bundle import Lynx
-from .config import LynxConfig, short_digest
-from .conformal import Calibration, LynxCalibrationWarning, exits, first_exit
+from ..runtime.bundle import Lynx
+from ..runtime.config import LynxConfig, short_digest
+from ..runtime.conformal import Calibration, LynxCalibrationWarning, exits, first_exit
 from .events import EventTable, check_same_settings
-from .exit import exit_token_ids
-from .probe import LynxProbe, auroc, train_probe
+from ..runtime.exit import exit_token_ids
+from ..runtime.probe import LynxProbe, auroc, train_probe
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def train(table: EventTable, *, seed: int = 0, **probe_kwargs):
     """Train a probe on a table's events (problem-level validation split inside); returns (probe, report).
 
     Example:
-        >>> from lynx_hf.train import train  # doctest: +SKIP
+        >>> from lynx_hf.pipeline.train import train  # doctest: +SKIP
         >>> probe, report = train(EventTable.load("events/train"))  # doctest: +SKIP
     """
     if len(table) == 0:
@@ -208,7 +208,7 @@ def load_probe_folder(folder) -> tuple[LynxProbe, dict]:
 
     from safetensors.torch import load_file
 
-    from .errors import CorruptedBundleError
+    from ..errors import CorruptedBundleError
 
     folder = Path(folder)
     for name in ("probe.json", "probe.safetensors"):

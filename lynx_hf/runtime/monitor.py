@@ -27,20 +27,38 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
+from ..errors import UnsupportedGenerationError
 from .capture import layer_modules
+from .config import LynxConfig
 from .conformal import float32_threshold
-from .errors import UnsupportedGenerationError
-
-if TYPE_CHECKING:
-    from .bundle import Lynx
+from .cues import CueDetector
+from .probe import LynxProbe
 
 Mode = Literal["stop", "stream"]
+
+
+class BundleLike(Protocol):
+    """What the per-call monitor and the plug-ins read from the bundle that runs them (`Lynx` is the one there is):
+    the bundle's parts, what it is bound to now, and how it starts a call. The plug-ins depend on this, not on the
+    `Lynx` class, so that no runtime module imports itself through another."""
+
+    config: LynxConfig
+    probe: LynxProbe | None
+    tokenizer: object
+    detector: CueDetector | None
+    exit_ids: list[int]
+    brace_delta: torch.Tensor
+    audit_log: object  # the bundle's `AuditLog` (calls with audited rows are settled into it)
+    _tap: "ModelTap | None"
+
+    def _start_call(self, mode: str, model: nn.Module, input_ids: torch.LongTensor, attention_mask,
+                    call_class: type, **overrides) -> "GenerateCall": ...
 
 _REFUSED_LOOPS = {
     "_beam_search": "beam search (and other modes that reorder rows) is not supported: use greedy or sampling "
@@ -221,7 +239,7 @@ class GenerateCall:
     (`Lynx.budget`) has no capture tap: its calls never score a cue and exit by the budget only.
     """
 
-    def __init__(self, lynx: "Lynx", mode: Mode, model: nn.Module, input_ids: torch.LongTensor,
+    def __init__(self, lynx: BundleLike, mode: Mode, model: nn.Module, input_ids: torch.LongTensor,
                  attention_mask: torch.Tensor | None, *, threshold: float, shadow: bool,
                  max_thinking_tokens: int | None = None, audited: list[bool] | None = None):
         self.lynx = lynx
@@ -443,7 +461,7 @@ class LastCall:
 class CallTracker:
     """Finds (or starts) the `GenerateCall` of the running `generate` call for one plug-in."""
 
-    def __init__(self, lynx: "Lynx", mode: Mode, call_class: type[GenerateCall] = GenerateCall,
+    def __init__(self, lynx: BundleLike, mode: Mode, call_class: type[GenerateCall] = GenerateCall,
                  check_list: Callable[[object], None] | None = None):
         self.lynx = lynx
         self.mode = mode

@@ -1,4 +1,4 @@
-"""Exit methods compared by `lynx_hf.evaluate`: LYNX itself and the baselines, each a small class with one `run`.
+"""Exit methods compared by `lynx_hf.evaluation.evaluate`: LYNX itself and the baselines, each a small class with one `run`.
 
 Replay methods read only the event table and the per-event probe scores (computed once, in `Replay`): no token is
 generated. Live methods (`BudgetForcing`, `NoWait`) need the model and run it. Every method returns an `Outcome`:
@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from .answers import answers_match, extract_boxed
-from .conformal import DEFAULT_GUARANTEE, Calibration, LynxCalibrationWarning, exits, first_exit
-from .events import EventTable
-from .collect import think_length
-from .exit import answer_after_exit, eos_token_ids, pad_token_id
-from .rollout import TransformersRollout, left_pad
+from ..runtime.answers import answers_match, extract_boxed
+from ..runtime.conformal import DEFAULT_GUARANTEE, Calibration, LynxCalibrationWarning, exits, first_exit
+from ..pipeline.events import EventTable
+from ..pipeline.collect import think_length
+from ..runtime.exit import answer_after_exit, eos_token_ids, pad_token_id
+from ..pipeline.rollout import TransformersRollout, left_pad
 
 __all__ = [
     "AnswerStated", "AnswerStatedCriteria", "BudgetForcing", "CueSuppressor", "DEFAULT_ANSWER_PATTERNS",
@@ -133,7 +133,7 @@ class Replay:
             if tokenizer is None:
                 raise ValueError("The bundle is not attached and records no exit_token_ids: pass tokenizer=... "
                                  "so the exit text's length can be counted.")
-            from .exit import exit_token_ids
+            from ..runtime.exit import exit_token_ids
 
             exit_ids = exit_token_ids(tokenizer, bundle.config.exit_text)
         with torch.no_grad():
@@ -341,7 +341,7 @@ class AnswerStated(Method):
     the answer are those of every other replay method, so it differs from LYNX only in how it picks the cue.
 
     Example:
-        >>> from lynx_hf.cues import _example_tokenizer
+        >>> from lynx_hf.runtime.cues import _example_tokenizer
         >>> rule = AnswerStated(_example_tokenizer(), {"answer is": r"\banswer is\b"})
         >>> rule.stated("12 + 7 = 19, so the answer is 19."), rule.stated("12 + 7 = 19.")
         (True, False)
@@ -398,7 +398,7 @@ def answer_stated_rules(tokenizer) -> list[AnswerStated]:
     concluding `= number` line alone (each can beat the union on some traces, so all three are reported).
 
     Example:
-        >>> from lynx_hf.cues import _example_tokenizer
+        >>> from lynx_hf.runtime.cues import _example_tokenizer
         >>> [r.name for r in answer_stated_rules(_example_tokenizer())]
         ['AnswerStated (all defaults)', 'AnswerStated (answer phrases)', 'AnswerStated (= number line)']
     """
@@ -426,7 +426,7 @@ class AnswerStatedCriteria(StoppingCriteria):
 
     def __init__(self, rule: AnswerStated, cues: Sequence[str] = ("hmm", "wait", "alternatively"),
                  think_start: str | None = "<think>", think_end: str | None = "</think>"):
-        from .cues import CueDetector
+        from ..runtime.cues import CueDetector
 
         self.rule = rule
         self._markers = (tuple(cues), think_start, think_end)
@@ -440,7 +440,7 @@ class AnswerStatedCriteria(StoppingCriteria):
     def _start(self, input_ids: torch.LongTensor) -> None:
         batch, device = input_ids.shape[0], input_ids.device
         self.prompt_length = input_ids.shape[1] - 1  # stopping criteria first run after one generated token
-        from .cues import CueDetector
+        from ..runtime.cues import CueDetector
 
         self.detector = CueDetector.for_tokenizer(self.rule.tokenizer, *self._markers, device=device)
         self.state = self.detector.start(input_ids[:, :self.prompt_length])
@@ -637,7 +637,7 @@ class TextProbe:
             **probe_kwargs) -> "TextProbe":
         """Train on `train_table`, pick the window, calibrate on `calibration_table` (event tables or their
         `TextEvents`, disjoint problems); extra keyword arguments go to `train_probe`."""
-        from .probe import train_probe
+        from ..runtime.probe import train_probe
 
         if isinstance(train_table, EventTable):
             train_table = TextEvents.from_table(train_table, max(windows))
@@ -875,7 +875,7 @@ def cue_token_ids(tokenizer, cues: Sequence[str]) -> list[int]:
     """Token ids whose text, stripped and lower-cased, is a cue word, optionally followed by punctuation.
 
     Example:
-        >>> from lynx_hf.cues import _example_tokenizer
+        >>> from lynx_hf.runtime.cues import _example_tokenizer
         >>> tok = _example_tokenizer()
         >>> tok.convert_ids_to_tokens(cue_token_ids(tok, ["hmm", "wait"]))
         ['Hmm', 'Ġwait']
@@ -896,7 +896,7 @@ class CueSuppressor(LogitsProcessor):
     Cue words a tokenizer spells with several tokens are only suppressed through their single-token spellings.
 
     Examples:
-        >>> from lynx_hf.cues import _example_tokenizer
+        >>> from lynx_hf.runtime.cues import _example_tokenizer
         >>> tok = _example_tokenizer()
         >>> processor = CueSuppressor(cue_token_ids(tok, ["wait"]))
         >>> scores = processor(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, len(tok)))

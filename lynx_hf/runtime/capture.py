@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import LynxConfigError
+from ..errors import LynxConfigError
 
 _LAYER_LIST_NAMES = ("layers", "h", "blocks", "layer")
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_norm", "norm_f")
