@@ -235,3 +235,31 @@ def test_token_ids_beyond_the_tokenizer_never_index_out_of_bounds(setup):
     finally:
         favour.remove()
     assert lynx.last_exits[0].exited
+
+
+@pytest.mark.parametrize("mode", ["stop", "stream"])
+def test_quick_cpu_steps_give_the_same_outputs_and_records_as_the_branchless_accelerator_path(mode, monkeypatch):
+    """The steps that skip work on a CPU (no token that can end a cue, no pending cue, no exit yet) change nothing:
+    sampled organism traces with exits, in both modes, equal those of the path accelerators take."""
+    from lynx_hf import Lynx, cues, monitor, organism
+
+    model, tok = organism.load()
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.8)
+    questions = ["What is 17 + 25?", "What is 6 * 7?", "What is 90 - 45?", "What is 12 + 30?"]
+    enc = tok([organism.prompt(tok, q) for q in questions], return_tensors="pt", padding=True)
+    if mode == "stop":
+        plug = dict(stopping_criteria=[lynx])
+    else:
+        plug = dict(logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()])
+
+    def sample():
+        torch.manual_seed(0)
+        out = model.generate(**enc, **plug, do_sample=True, temperature=organism.TEMPERATURE, max_new_tokens=160)
+        return out, lynx.last_exits
+
+    quick, quick_records = sample()
+    monkeypatch.setattr(cues, "asks_host", lambda device: False)
+    monkeypatch.setattr(monitor, "probe_only_at_cues", lambda device: False)
+    branchless, branchless_records = sample()
+    assert torch.equal(quick, branchless) and quick_records == branchless_records
+    assert any(r.exited for r in quick_records) and any(r.cues_seen > 1 for r in quick_records)

@@ -74,3 +74,44 @@ def test_stop_mode_exits_at_the_first_cue_and_answers_with_the_models_own_end_of
     fresh = answer_after_exit(model, tok, out.sequences[:, :cut], [cut], lynx.exit_ids, max_new_tokens=6)[0]
     assert lynx.answer(out, max_new_tokens=6)[0].token_ids == fresh.token_ids
     lynx.detach()
+
+
+def _stepwise(detector, prompt, generated):
+    """Every per-step output and state of the online detector over one batch of generated columns."""
+    state = detector.start(prompt)
+    trace = []
+    for t in range(generated.shape[1]):
+        cue, start = detector.step(state, generated[:, t])
+        trace.append((cue.tolist(), start.tolist(), state.retracted.tolist(), state.pending.tolist(),
+                      state.in_think.tolist()))
+    return trace
+
+
+def test_quick_steps_give_exactly_the_matching_steps_results_on_random_streams_full_of_cues_and_markers(tok):
+    """The step that skips matching where no token can end a cue or a marker changes nothing: same events, thinking
+    state, pending and retracted flags as matching every step, on random streams of cue words (whole, glued to
+    punctuation, split across tokens, continued into other words), markers and random tokens."""
+    import copy
+    import random
+
+    detector = CueDetector.for_tokenizer(tok)
+    always = copy.copy(detector)
+    always._may_end = torch.ones_like(detector._may_end)  # never quiet: the full matching at every step
+    pieces = ["Hmm", " hmm", "Wait", " wait", " WAIT", "wa", "it", "ing", " await", "Alternatively", " alter",
+              "natively", "<think>", "</think>", "</", "think", ">", "\n", ",", ".", "...", " so", " x", "Hmmm", "e"]
+    rng = random.Random(0)
+    for trial in range(6):
+        rows = []
+        for _ in range(8):
+            # Each piece tokenized on its own, so that words stay split across tokens ("wa" + "it").
+            ids = [i for _ in range(40) for i in tok(rng.choice(pieces), add_special_tokens=False).input_ids]
+            ids = [rng.randrange(len(tok)) if rng.random() < 0.1 else i for i in ids]
+            rows.append(ids[:60] + [tok.pad_token_id or 0] * (60 - len(ids[:60])))
+        generated = torch.tensor(rows)
+        prompt = torch.tensor([tok("<think>\n" if b % 2 else "Q:", add_special_tokens=False).input_ids[-1:]
+                               for b in range(8)])
+        quick = _stepwise(detector, prompt, generated)
+        assert quick == _stepwise(always, prompt, generated)
+        seqs = [p + r for p, r in zip(prompt.tolist(), rows)]
+        assert detector.find_events_batch(seqs, [1] * 8) == always.find_events_batch(seqs, [1] * 8)
+    assert detector._may_end.float().mean() < 0.2  # most tokens take the quick step

@@ -51,7 +51,10 @@ with the defaults) and every step costs the same few dozen tensor ops whatever t
 only the last `M + longest` characters of each token (all the buffer can ever hold), as one-byte codes: 0 for a
 non-letter, 1 for a letter no pattern uses, 2.. for each character a cue or marker uses (4 MiB for QwQ's 151,669
 tokens instead of 155 MB of int64 code points). It is built once per tokenizer (`CueDetector.for_tokenizer`, which
-`attach` uses) in well under a second of CPU at 151k tokens. Token ids at or beyond `len(tokenizer)` (models often pad their embedding matrix) and negative ids
+`attach` uses) in well under a second of CPU at 151k tokens. The table also marks the tokens in which some cue or
+marker could end (0.2% of QwQ's tokens: "wait", "it", "mm", ">", ...): on a CPU, where asking the host is free, a
+step where no row's token is marked only shifts the buffer and skips the matching (`CueState.quiet`); on
+accelerators every step runs the same branchless ops. Token ids at or beyond `len(tokenizer)` (models often pad their embedding matrix) and negative ids
 are treated as empty strings.
 """
 
@@ -74,7 +77,8 @@ MAX_TOKEN_CHARS = 128
 __all__ = ["DEFAULT_CUES", "CueDetector", "CueEvent", "CueState"]
 
 _TABLES = ("_table", "_lengths", "_is_letter", "continues_word", "_continues_ext", "_patterns", "_pattern_mask",
-           "_cue_lengths", "_pattern_free", "_boundary", "_shift_index", "_new_in_buffer", "_new_in_region", "_region")
+           "_cue_lengths", "_pattern_free", "_boundary", "_shift_index", "_new_in_buffer", "_new_in_region", "_region",
+           "_may_end")
 # Detectors built per tokenizer (see `CueDetector.for_tokenizer`); dropped with the tokenizer.
 _DETECTORS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
@@ -112,6 +116,9 @@ class CueState:
             next token may still continue the word.
         retracted: `[B]` bool, set by `step`: the event reported by the *previous* step is void because this
             step's token continued the word ("wait" + "ing").
+        quiet: set by `step` (a Python bool): no row's new token could end a cue or a marker, so the step found no
+            cue and left `in_think` as it was (the step then skips the matching; on a CPU only, where asking the
+            host costs nothing).
 
     Example:
         >>> import torch
@@ -128,6 +135,7 @@ class CueState:
     length: int
     pending: torch.Tensor = field(default=None)  # type: ignore[assignment]
     retracted: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    quiet: bool = False
 
     def __post_init__(self) -> None:
         if self.pending is None:
@@ -139,6 +147,16 @@ class CueState:
     def batch_size(self) -> int:
         """Number of rows."""
         return self.in_think.shape[0]
+
+
+def asks_host(device: torch.device) -> bool:
+    """Whether a step may branch on its tensors' values (a host sync): on a CPU, where that costs nothing.
+
+    Example:
+        >>> asks_host(torch.device("cpu"))
+        True
+    """
+    return device.type == "cpu"
 
 
 def _fold(text: str) -> str:
@@ -248,6 +266,41 @@ def _cue_reach(tails: list[str], patterns: list[str], n_cues: int) -> int:
                 if s.startswith(suffix):
                     reach = max(reach, count(s, k - 1, is_cue))
     return reach
+
+
+def _may_end(stored: list[str], patterns: list[str], n_cues: int) -> list[bool]:
+    """Per token (its stored characters, as the table holds them): whether some pattern could end at one of its
+    characters, the rest of the pattern lying before it in the token or in earlier tokens. A cue end followed by a
+    letter in the same token never matches, so it does not count. Tokens where this is False can never complete a
+    cue or a marker, whatever came before them."""
+    import bisect
+
+    flags = [False] * len(stored)
+    by_first: dict[str, list[int]] = {}
+    for i, t in enumerate(stored):
+        if t:
+            by_first.setdefault(t[0], []).append(i)
+    joined = "\0".join(stored)  # NUL is never a pattern character: no occurrence spans two tokens
+    starts, at = [], 0
+    for t in stored:
+        starts.append(at)
+        at += len(t) + 1
+    for index, p in enumerate(patterns):
+        is_cue = index < n_cues
+        for k in range(1, len(p) + 1):  # the token starts with the pattern's last k characters
+            suffix = p[-k:]
+            for i in by_first.get(suffix[0], ()):
+                t = stored[i]
+                if not flags[i] and t.startswith(suffix) and not (is_cue and len(t) > k and t[k].isalpha()):
+                    flags[i] = True
+        pos = joined.find(p)
+        while pos >= 0:  # the whole pattern inside one token
+            i = bisect.bisect_right(starts, pos) - 1
+            t, end = stored[i], pos - starts[i] + len(p)
+            if not (is_cue and end < len(t) and t[end].isalpha()):
+                flags[i] = True
+            pos = joined.find(p, pos + 1)
+    return flags
 
 
 def _example_tokenizer():
@@ -365,6 +418,7 @@ class CueDetector:
         self._lengths = torch.tensor([min(len(t), width) for t in tails] + [0], dtype=torch.uint8)
         self.continues_word: torch.Tensor = torch.tensor([s[:1].isalpha() for s in raw], dtype=torch.bool)
         self._continues_ext = torch.cat([self.continues_word, torch.zeros(1, dtype=torch.bool)])
+        self._may_end = torch.tensor(_may_end([t[-width:] for t in tails], patterns, len(self.cues)) + [False])
 
         # Pattern table [P, window], right-aligned before the right-neighbour slot.
         pat = torch.zeros(len(patterns), window, dtype=torch.long)
@@ -588,6 +642,15 @@ class CueDetector:
         old = shift.clamp(max=buf - 1)
         char_pos = state.char_pos.gather(1, old).masked_fill(new_slot, state.length)
         think = state.char_think.gather(1, old) & ~new_slot
+        # No row's token can end a cue or a marker: nothing to match, the thinking state carries over. Asked on a
+        # CPU only (free there); on accelerators the step stays branchless so that decoding never waits for the host.
+        state.quiet = asks_host(self.device) and not bool(self._may_end[ids].any())
+        if state.quiet:
+            state.pending = torch.zeros_like(state.pending)
+            state.chars, state.char_pos, state.char_think = chars, char_pos, think | (new_slot & state.in_think[:, None])
+            state.length += 1
+            none = torch.full(tokens.shape, -1, dtype=torch.long, device=tokens.device)
+            return none, none.clone()
 
         # Windows [left neighbour, pattern..., right neighbour] ending at each of the last M slots.
         padded = torch.nn.functional.pad(chars, (0, 1))

@@ -37,7 +37,7 @@ from ..errors import UnsupportedGenerationError
 from .capture import layer_modules
 from .config import LynxConfig
 from .conformal import float32_threshold
-from .cues import CueDetector
+from .cues import CueDetector, asks_host
 from .probe import LynxProbe
 
 Mode = Literal["stop", "stream"]
@@ -171,7 +171,7 @@ class ModelTap:
 def probe_only_at_cues(device: torch.device) -> bool:
     """Whether steps without a completed cue skip the probe: on a CPU (checking costs nothing there), not on
     accelerators, where the check would make the host wait for the device every step."""
-    return device.type == "cpu"
+    return asks_host(device)
 
 
 def caller_list(frame: FrameType | None) -> tuple[object, FrameType] | None:
@@ -272,6 +272,10 @@ class GenerateCall:
         self.sequences = input_ids
         self._forwards: int | None = None
         self._probe_only_at_cues = probe_only_at_cues(device)
+        # Host-side knowledge that lets a step skip its bookkeeping (on a CPU only, where the detector asks the host):
+        # no row's cue is waiting for the next token to confirm it, and no row has exited in this call.
+        self._no_pending_cue = True
+        self.no_exit_yet = self._probe_only_at_cues
         long = dict(dtype=torch.long, device=device)
         self.pending_cue = torch.full((batch,), -1, **long)
         self.pending_start = torch.full((batch,), -1, **long)
@@ -359,6 +363,12 @@ class GenerateCall:
         token = input_ids[:, -1]
         cue, start = self.detector.step(self.state, token)
         self._consumed = length
+        if self._no_pending_cue and self.state.quiet and self.max_thinking_tokens is None:
+            # No event to decide (no cue waited for this token) and no new cue: nothing of the call changes. (The
+            # in-stream pending score is only read where a cue is pending, so it may stay as it is.)
+            self.pending_cue, self.pending_start = cue, start
+            return torch.zeros_like(self.exited)
+        self._no_pending_cue = self.state.quiet
         # The cue completed at the previous token; the token just appended says whether its word really ended.
         event_cue = torch.where(self.state.retracted, -1, self.pending_cue)
         event_start = self.pending_start
@@ -396,6 +406,8 @@ class GenerateCall:
         self.exit_start = torch.where(decide, event_start, self.exit_start)
         self.exit_cue = torch.where(decide, event_cue, self.exit_cue)
         self.exit_score = torch.where(decide, score, self.exit_score)
+        if self.no_exit_yet:
+            self.no_exit_yet = not bool(decide.any())
         return decide
 
     def acting(self, decide: torch.Tensor) -> torch.Tensor:

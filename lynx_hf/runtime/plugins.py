@@ -117,6 +117,8 @@ class LynxExitProcessor(LogitsProcessor):
         call, loop = self.calls.current_and_loop(input_ids, sys._getframe(1))
         running = loop_running(loop, input_ids.shape[0])
         decide = call.observe(input_ids, running)
+        if call.no_exit_yet:  # nothing forced or answering yet: the scores pass unchanged
+            return scores
         # Rows that finished forcing are answering: track the box's brace depth for the answer stopper, and record a
         # closed box here too, so that `answered` is right without the stopper (a row then writes on after its box).
         last = input_ids[:, -1]
@@ -206,6 +208,8 @@ class LynxAnswerStopper(StoppingCriteria):
         call = self.processor.running_call(input_ids)
         if call.audited is not None:  # the audit reads audited rows' full text, including this last token
             call.final_ids = input_ids
+        if call.no_exit_yet:
+            return torch.zeros_like(call.answering)
         done = call.answering & (call.depth + call.brace_delta[input_ids[:, -1]] < 0)
         call.closed |= done
         return done
