@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from forcing import ForceScript  # noqa: E402
-from lynx_hf import DEFAULT_EXIT_TEXT, Calibration, Lynx, LynxConfig, LynxProbe, cues, monitor  # noqa: E402
+from lynx_hf import DEFAULT_EXIT_TEXT, Calibration, Lynx, LynxConfig, LynxProbe  # noqa: E402
+from lynx_hf.runtime import cues, monitor  # noqa: E402
 from lynx_hf.runtime.capture import default_layers  # noqa: E402
 from lynx_hf.runtime.config import model_hidden_size  # noqa: E402
 from lynx_hf.runtime.plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria  # noqa: E402

@@ -241,7 +241,8 @@ def test_token_ids_beyond_the_tokenizer_never_index_out_of_bounds(setup):
 def test_quick_cpu_steps_give_the_same_outputs_and_records_as_the_branchless_accelerator_path(mode, monkeypatch):
     """The steps that skip work on a CPU (no token that can end a cue, no pending cue, no exit yet) change nothing:
     sampled organism traces with exits, in both modes, equal those of the path accelerators take."""
-    from lynx_hf import Lynx, cues, monitor, organism
+    from lynx_hf import Lynx, organism
+    from lynx_hf.runtime import cues, monitor
 
     model, tok = organism.load()
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.8)
