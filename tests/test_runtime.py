@@ -294,13 +294,13 @@ def test_sliding_window_rows_are_answered_as_if_alone(setup, family):
         assert together[row].confidence == pytest.approx(alone[0].confidence, abs=1e-5)
 
 
-def test_the_branchless_accelerator_path_exits_like_the_cpu_path(setup, monkeypatch):
+def test_deciding_at_every_step_exits_like_deciding_only_where_a_cue_waits(setup, monkeypatch):
     model, tok, lynx, (enc, _) = setup
     out = _sample(model, enc, [lynx], seed=8)
     expected, answers = lynx.last_exits, _answers(lynx.answer(out))
     import lynx_hf.runtime.monitor
 
-    monkeypatch.setattr(lynx_hf.runtime.monitor, "probe_only_at_cues", lambda device: False)  # the probe runs every step
+    monkeypatch.setattr(lynx_hf.runtime.monitor.HostMirror, "read", lambda self: 2**62)  # the probe runs every step
     assert torch.equal(_sample(model, enc, [lynx], seed=8), out)
     assert lynx.last_exits == expected and _answers(lynx.answer(out)) == answers
     processed = model.generate(**enc, logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()],

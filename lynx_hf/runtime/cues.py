@@ -2,10 +2,8 @@
 
 LYNX decides whether to exit at *reflection cues*: words such as "Hmm", "Wait" or "Alternatively" that a
 reasoning model emits inside its thinking block. [`CueDetector`] finds them incrementally while `generate`
-runs, per batch row and on the model's device, in the style of transformers' `StopStringCriteria`: the
-vocabulary is turned into a padded table of characters once, and every step only gathers the new token's
-characters into a short per-row tail buffer and compares it with the cue words using tensor ops. Nothing is
-decoded inside the per-token loop.
+runs, per batch row and on the model's device: the vocabulary and the matching rules are compiled once into a
+token automaton, and every step is two table lookups per batch. Nothing is decoded inside the per-token loop.
 
 Matching rules (the specification; `tests/test_cues.py` checks each of them):
 
@@ -44,18 +42,19 @@ fixed here; event positions otherwise follow the reference (the token completing
 Implementation notes. Each token's text is obtained once by decoding it behind a fixed prefix token (the trick
 `StopStringCriteria.clean_tokenizer_vocab` uses, here through `batch_decode`, which also works for word-level
 tokenizers and added tokens). Byte-level fragments of a multi-byte character decode to U+FFFD and count as non-
-letters. When the table is built, the detector also measures how far from a token's end any cue or marker can end
-inside that token (M; 3 for SmolLM2, because of tokens like ">'," that could end "</think>"); only those last M
-characters of each new token are matched, so the tail buffer holds `M + longest pattern` characters (16 for SmolLM2
-with the defaults) and every step costs the same few dozen tensor ops whatever the sequence length. The table keeps
-only the last `M + longest` characters of each token (all the buffer can ever hold), as one-byte codes: 0 for a
-non-letter, 1 for a letter no pattern uses, 2.. for each character a cue or marker uses (4 MiB for QwQ's 151,669
-tokens instead of 155 MB of int64 code points). It is built once per tokenizer (`CueDetector.for_tokenizer`, which
-`attach` uses) in well under a second of CPU at 151k tokens. The table also marks the tokens in which some cue or
-marker could end (0.2% of QwQ's tokens: "wait", "it", "mm", ">", ...): on a CPU, where asking the host is free, a
-step where no row's token is marked only shifts the buffer and skips the matching (`CueState.quiet`); on
-accelerators every step runs the same branchless ops. Token ids at or beyond `len(tokenizer)` (models often pad their embedding matrix) and negative ids
-are treated as empty strings.
+letters. A pattern can end only in the last M characters of a token (M is measured when the detector is built: 3
+for SmolLM2, because of tokens like ">'," that could end "</think>"), so only each token's last `M + longest
+pattern` characters matter, as one-byte codes: 0 for a non-letter, 1 for a letter no pattern uses, 2.. for each
+character a cue or marker uses. The rules above are then compiled into one token automaton (`cue_table.py`): every
+state the text can be in between two tokens (thinking or not, partial cue words and markers, the cue the last
+token completed), every token's class (tokens that move every state alike: 98 classes for QwQ's 151,669 tokens with
+the defaults) and a `[classes, states]` transition table. A decoding step is then `transition[class[token],
+state]`: two lookups whatever the batch size, the cues or the markers, and nothing to wait for on the host
+([`CueDetector.advance`]); states holding a completed cue are numbered last, so `state.max()` says whether any row
+needs a decision. The tables take about 1 MiB at 151k tokens and are built once per tokenizer
+(`CueDetector.for_tokenizer`, which `attach` uses). `tests/test_cue_table.py` checks the automaton against the
+character-buffer matcher it replaced (`tests/reference_cues.py`) step by step on random streams. Token ids at or
+beyond `len(tokenizer)` (models often pad their embedding matrix) and negative ids are treated as empty strings.
 """
 
 from __future__ import annotations
@@ -69,6 +68,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .cue_table import char_automaton, feed, token_table
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CUES: tuple[str, ...] = ("hmm", "wait", "alternatively")
@@ -76,9 +77,8 @@ MAX_TOKEN_CHARS = 128
 
 __all__ = ["DEFAULT_CUES", "CueDetector", "CueEvent", "CueState"]
 
-_TABLES = ("_table", "_lengths", "_is_letter", "continues_word", "_continues_ext", "_patterns", "_pattern_mask",
-           "_cue_lengths", "_pattern_free", "_boundary", "_shift_index", "_new_in_buffer", "_new_in_region", "_region",
-           "_may_end")
+_TABLES = ("_token_class", "_transition", "_state_cue", "_state_end", "_state_pending", "_state_confirm", "_state_think",
+           "_lengths", "continues_word", "_continues_ext", "_cue_lengths")
 # Detectors built per tokenizer (see `CueDetector.for_tokenizer`); dropped with the tokenizer.
 _DETECTORS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
@@ -107,56 +107,51 @@ class CueState:
     """Per-row detector state for one `generate` call; created by [`CueDetector.start`], advanced by `step`.
 
     Attributes:
-        in_think: `[B]` bool, whether the row is inside the thinking block after the last consumed token.
-        chars: `[B, W]` long, the last `W` characters of the row (lower-cased code points, 0 where empty).
-        char_pos: `[B, W]` long, absolute position of the token each character came from (-1 where empty).
-        char_think: `[B, W]` bool, whether each character was generated inside the thinking block.
+        ids: `[B]` int32, each row's state in the detector's token automaton (see `cue_table.py`).
         length: absolute position of the next token to be consumed (the prompt length at start).
+        think_of: `[states]` bool, the detector's table of which states are inside the thinking block.
         pending: `[B]` bool, the event reported by the last `step` ended at the token's last character, so the
             next token may still continue the word.
         retracted: `[B]` bool, set by `step`: the event reported by the *previous* step is void because this
             step's token continued the word ("wait" + "ing").
-        quiet: set by `step` (a Python bool): no row's new token could end a cue or a marker, so the step found no
-            cue and left `in_think` as it was (the step then skips the matching; on a CPU only, where asking the
-            host costs nothing).
+        recent_pos, recent_len: `[B, K]` long, positions and stored character counts of each row's last `K` tokens
+            with text (what `step` finds a cue's first token in; -1 and 0 where none).
 
     Example:
         >>> import torch
-        >>> state = CueState(in_think=torch.zeros(1, dtype=torch.bool), chars=torch.zeros(1, 4, dtype=torch.long),
-        ...                  char_pos=torch.full((1, 4), -1), char_think=torch.zeros(1, 4, dtype=torch.bool), length=3)
-        >>> state.batch_size
-        1
+        >>> state = CueState(ids=torch.zeros(1, dtype=torch.int32), length=3, think_of=torch.tensor([True]))
+        >>> state.batch_size, state.in_think
+        (1, tensor([True]))
     """
 
-    in_think: torch.Tensor
-    chars: torch.Tensor
-    char_pos: torch.Tensor
-    char_think: torch.Tensor
+    ids: torch.Tensor
     length: int
+    think_of: torch.Tensor
     pending: torch.Tensor = field(default=None)  # type: ignore[assignment]
     retracted: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    quiet: bool = False
+    recent_pos: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    recent_len: torch.Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        rows = self.ids.shape[0]
         if self.pending is None:
-            self.pending = torch.zeros_like(self.in_think)
+            self.pending = torch.zeros(rows, dtype=torch.bool, device=self.ids.device)
         if self.retracted is None:
-            self.retracted = torch.zeros_like(self.in_think)
+            self.retracted = torch.zeros_like(self.pending)
+        if self.recent_pos is None:
+            self.recent_pos = torch.full((rows, 1), -1, dtype=torch.long, device=self.ids.device)
+        if self.recent_len is None:
+            self.recent_len = torch.zeros_like(self.recent_pos)
 
     @property
     def batch_size(self) -> int:
         """Number of rows."""
-        return self.in_think.shape[0]
+        return self.ids.shape[0]
 
-
-def asks_host(device: torch.device) -> bool:
-    """Whether a step may branch on its tensors' values (a host sync): on a CPU, where that costs nothing.
-
-    Example:
-        >>> asks_host(torch.device("cpu"))
-        True
-    """
-    return device.type == "cpu"
+    @property
+    def in_think(self) -> torch.Tensor:
+        """`[B]` bool, whether the row is inside the thinking block after the last consumed token."""
+        return self.think_of[self.ids]
 
 
 def _fold(text: str) -> str:
@@ -268,41 +263,6 @@ def _cue_reach(tails: list[str], patterns: list[str], n_cues: int) -> int:
     return reach
 
 
-def _may_end(stored: list[str], patterns: list[str], n_cues: int) -> list[bool]:
-    """Per token (its stored characters, as the table holds them): whether some pattern could end at one of its
-    characters, the rest of the pattern lying before it in the token or in earlier tokens. A cue end followed by a
-    letter in the same token never matches, so it does not count. Tokens where this is False can never complete a
-    cue or a marker, whatever came before them."""
-    import bisect
-
-    flags = [False] * len(stored)
-    by_first: dict[str, list[int]] = {}
-    for i, t in enumerate(stored):
-        if t:
-            by_first.setdefault(t[0], []).append(i)
-    joined = "\0".join(stored)  # NUL is never a pattern character: no occurrence spans two tokens
-    starts, at = [], 0
-    for t in stored:
-        starts.append(at)
-        at += len(t) + 1
-    for index, p in enumerate(patterns):
-        is_cue = index < n_cues
-        for k in range(1, len(p) + 1):  # the token starts with the pattern's last k characters
-            suffix = p[-k:]
-            for i in by_first.get(suffix[0], ()):
-                t = stored[i]
-                if not flags[i] and t.startswith(suffix) and not (is_cue and len(t) > k and t[k].isalpha()):
-                    flags[i] = True
-        pos = joined.find(p)
-        while pos >= 0:  # the whole pattern inside one token
-            i = bisect.bisect_right(starts, pos) - 1
-            t, end = stored[i], pos - starts[i] + len(p)
-            if not (is_cue and end < len(t) and t[end].isalpha()):
-                flags[i] = True
-            pos = joined.find(p, pos + 1)
-    return flags
-
-
 def _example_tokenizer():
     """A tiny byte-level word tokenizer (one token per word) used by the docstring examples."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -392,21 +352,18 @@ class CueDetector:
         longest = max(len(p) for p in patterns)
         cap = max(1, min(MAX_TOKEN_CHARS, max(len(s) for s in self._strings)))
         tails = [s[-cap:] for s in self._strings]
-        # Only the last M characters of each new token are matched, so the buffer holds M + longest characters and
-        # the table stores only the characters the buffer can ever hold.
-        self._match_slots = _cue_reach(tails, patterns, len(self.cues)) + 1
-        self.buffer_chars = self._match_slots + longest
+        # A pattern can end only in the last M characters of a token, so no token state depends on more than the
+        # last M + longest characters of each token: the automaton reads only those.
+        self.buffer_chars = _cue_reach(tails, patterns, len(self.cues)) + 1 + longest
         width = max(1, min(cap, self.buffer_chars))
         self.max_token_chars = width
-        self._longest = longest
-        window = longest + 2  # left neighbour + pattern + right neighbour
 
         # Compact character codes: 0 = no character or a non-letter, 1 = a letter no pattern uses, 2.. = each
         # character some pattern uses. Matching only ever compares with pattern characters and asks "letter?".
         pattern_chars = sorted({c for p in patterns for c in p})
         self._codes = {c: i + 2 for i, c in enumerate(pattern_chars)}
-        self._is_letter = torch.tensor([False, True] + [c.isalpha() for c in pattern_chars], dtype=torch.bool)
-        # Character table [V + 1, width] of codes, right-aligned; row V is the empty string (ids out of range).
+        self._is_letter = [False, True] + [c.isalpha() for c in pattern_chars]
+        # Character codes [V + 1, width], right-aligned; row V is the empty string (ids out of range).
         padded = "".join(t[-width:].rjust(width, "\0") for t in tails) + "\0" * width
         points = np.frombuffer(padded.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         present = np.zeros(0x110000, dtype=bool)
@@ -414,37 +371,45 @@ class CueDetector:
         lookup = np.zeros(0x110000, dtype=np.uint8)
         distinct = np.flatnonzero(present)
         lookup[distinct] = [self._char_code(chr(c)) for c in distinct.tolist()]
-        self._table = torch.from_numpy(lookup[points].reshape(vocab_size + 1, width))
-        self._lengths = torch.tensor([min(len(t), width) for t in tails] + [0], dtype=torch.uint8)
+        codes = lookup[points].reshape(vocab_size + 1, width)
+        self._host_lengths = [min(len(t), width) for t in tails] + [0]
+        lengths = np.array(self._host_lengths, dtype=np.uint8)
+        self._lengths = torch.from_numpy(lengths)
         self.continues_word: torch.Tensor = torch.tensor([s[:1].isalpha() for s in raw], dtype=torch.bool)
         self._continues_ext = torch.cat([self.continues_word, torch.zeros(1, dtype=torch.bool)])
-        self._may_end = torch.tensor(_may_end([t[-width:] for t in tails], patterns, len(self.cues)) + [False])
-
-        # Pattern table [P, window], right-aligned before the right-neighbour slot.
-        pat = torch.zeros(len(patterns), window, dtype=torch.long)
-        mask = torch.zeros(len(patterns), window, dtype=torch.bool)
-        for p, text in enumerate(patterns):
-            pat[p, window - 1 - len(text): window - 1] = torch.tensor([self._codes[c] for c in text])
-            mask[p, window - 1 - len(text): window - 1] = True
-        self._patterns = pat
-        self._pattern_mask = mask
         self._cue_lengths = torch.tensor([len(c) for c in self.cues], dtype=torch.long)
-        self._pattern_free = ~mask  # window slots a pattern does not constrain
-        self._boundary = torch.zeros(len(self.cues), window, dtype=torch.bool)  # each cue's two neighbour slots
-        self._boundary[torch.arange(len(self.cues)), window - 2 - self._cue_lengths] = True
-        self._boundary[:, -1] = True
 
-        # Index tables that depend only on the new token's length n (so `step` does one lookup, no arange).
-        buf, slots = self.buffer_chars, self._match_slots
-        n = torch.arange(width + 1)[:, None]
-        virtual = torch.arange(buf)[None, :] + n  # new buffer = virtual slots n .. n + W - 1 of old ++ new chars
-        self._shift_index = virtual + (virtual >= buf) * (width - n)  # [width + 1, W] into cat(old, new row)
-        self._new_in_buffer = virtual >= buf  # [width + 1, W]
-        self._new_in_region = self._new_in_buffer[:, buf - slots:]  # [width + 1, M]
-        self._region = torch.arange(slots)
+        # The token automaton (cue_table.py), from every state a prompt can leave: inside the block or not, after a
+        # letter or not, with any proper prefix of a marker pending.
+        self._cue_codes = [tuple(self._codes[c] for c in cue) for cue in self.cues]
+        self._marker_codes = [tuple(self._codes[c] for c in m) if m else None for m in (self._start_text, self._end_text)]
+        prefixes = {""} | {m[:k] for m in (self._start_text, self._end_text) if m for k in range(1, len(m))}
+        seeds = {self._prompt_state(p, opened, letter) for p in prefixes for opened in (True, False)
+                 for letter in (True, False)}
+        self._automaton = char_automaton(self._cue_codes, self._marker_codes, self._is_letter, sorted(seeds, key=repr))
+        table = token_table(self._automaton, codes, lengths, [self._automaton.index[s] for s in seeds],
+                            self._cue_codes, self._marker_codes, len(self._end_text or ""))
+        self._state_of = table.state_of
+        self.first_completed = table.first_completed
+        self._token_class = torch.from_numpy(table.token_class)
+        self._transition = torch.from_numpy(table.transition)
+        self._state_cue = torch.from_numpy(table.cue)
+        self._state_end = torch.from_numpy(table.end)
+        self._state_pending = (self._state_cue >= 0) & (self._state_end == 0)
+        # [state, next token continues a word]: the cue that stands (one ending at its token's end is void if so).
+        self._state_confirm = torch.stack([self._state_cue, self._state_cue.masked_fill(self._state_pending, -1)], 1)
+        self._state_think = torch.from_numpy(table.in_think)
         self.device = torch.device("cpu")
-        logger.debug("CueDetector: %d tokens, %d table chars, matching the last %d chars of a %d-char buffer",
-                     vocab_size, width, slots, buf)
+        logger.debug("CueDetector: %d tokens in %d classes, %d states, reading the last %d chars of each token",
+                     vocab_size, table.transition.shape[0], table.transition.shape[1], width)
+
+    def _prompt_state(self, text: str, opened: bool, after_letter: bool = False) -> tuple:
+        """The character state a prompt ending with `text` leaves (its thinking state decided by the whole prompt):
+        markers matched across the prompt's end, no cue begun (prompt characters are never cue characters)."""
+        state = (opened, after_letter, frozenset(), frozenset(), -1)
+        for ch in text:
+            state = feed(state, self._char_code(ch), self._cue_codes, self._marker_codes, self._is_letter, prompt=True)[0]
+        return (opened,) + state[1:]
 
     def _char_code(self, ch: str) -> int:
         """The compact code of one (case-folded) character."""
@@ -550,9 +515,9 @@ class CueDetector:
         """Start a `generate` call: read the (left-padded) prompt once and return the per-row state.
 
         Whether each row is already inside the thinking block is decided from the prompt text (the last marker
-        wins), so chat templates that end with "<think>\\n" work. The prompt's last characters seed the buffer
-        (as left context for word boundaries) but never count as cue characters. Generated tokens get absolute
-        positions from `prompt_ids.shape[1]` on.
+        wins), so chat templates that end with "<think>\\n" work. The prompt's last characters give the left
+        context (a cue's left boundary, a marker begun in the prompt) but never count as cue characters.
+        Generated tokens get absolute positions from `prompt_ids.shape[1]` on.
 
         Example:
             >>> tok = _example_tokenizer()
@@ -565,50 +530,84 @@ class CueDetector:
             raise ValueError(f"prompt_ids must be [batch, length], got shape {tuple(prompt_ids.shape)}; "
                              "add a batch dimension with prompt_ids[None].")
         batch, length = prompt_ids.shape
-        width = self.buffer_chars
         rows = prompt_ids.tolist()
         masks = attention_mask.bool().tolist() if attention_mask is not None else None
-        in_think = []
-        chars = torch.zeros(batch, width, dtype=torch.long)
-        char_pos = torch.full((batch, width), -1, dtype=torch.long)
+        ids = []
         for b, row in enumerate(rows):
-            pieces = []
-            for t, token in enumerate(row):
-                if masks is not None and not masks[b][t]:
-                    continue
-                pieces.append((t, self._strings[token] if 0 <= token < self.vocab_size else ""))
-            text = "".join(s for _, s in pieces)
+            text = "".join(self._strings[token] if 0 <= token < self.vocab_size else ""
+                           for t, token in enumerate(row) if masks is None or masks[b][t])
             if self._start_text is None:
                 opened = self._end_text is None or self._end_text not in text
             else:
                 opened = text.rfind(self._start_text) >= 0 and (
                     self._end_text is None or text.rfind(self._start_text) > text.rfind(self._end_text)
                 )
-            in_think.append(opened)
-            tail_codes: list[int] = []
-            tail_pos: list[int] = []
-            for t, s in reversed(pieces):
-                if len(tail_codes) >= width:
-                    break
-                tail_codes[:0] = [self._char_code(c) for c in s]
-                tail_pos[:0] = [t] * len(s)
-            tail_codes, tail_pos = tail_codes[-width:], tail_pos[-width:]
-            if tail_codes:
-                chars[b, width - len(tail_codes):] = torch.tensor(tail_codes, dtype=torch.long)
-                char_pos[b, width - len(tail_pos):] = torch.tensor(tail_pos, dtype=torch.long)
+            char_state = self._prompt_state(text[-self.buffer_chars:], opened)
+            ids.append(self._state_of[(self._automaton.index[char_state], -1, -1)])
+        keep = self._cue_lengths.max().item() + 1  # a cue spans at most that many tokens with text
         return CueState(
-            in_think=torch.tensor(in_think, dtype=torch.bool, device=self.device),
-            chars=chars.to(self.device),
-            char_pos=char_pos.to(self.device),
-            char_think=torch.zeros(batch, width, dtype=torch.bool, device=self.device),
-            length=length,
+            ids=torch.tensor(ids, dtype=torch.int32, device=self.device), length=length, think_of=self._state_think,
+            recent_pos=torch.full((batch, keep), -1, dtype=torch.long, device=self.device),
+            recent_len=torch.zeros(batch, keep, dtype=torch.long, device=self.device),
         )
+
+    def advance(self, state: CueState, tokens: torch.Tensor) -> None:
+        """Consume one new token per row (`[B]`), updating `state.ids` and `state.length` only: three tensor ops and no
+        host sync, what `generate`'s plug-ins run every step. `state.ids.max() >= first_completed` says whether some
+        row's token completed a cue; [`CueDetector.confirmed`] reads the events one token later.
+
+        Example:
+            >>> tok = _example_tokenizer()
+            >>> det = CueDetector(tok)
+            >>> state = det.start(torch.tensor([tok.convert_tokens_to_ids(["<think>"])]))
+            >>> det.advance(state, torch.tensor(tok.convert_tokens_to_ids(["Hmm"])))
+            >>> bool(state.ids.max() >= det.first_completed)
+            True
+        """
+        ids = tokens.clamp(-1, self.vocab_size)  # -1 and V are both the empty row of the table
+        state.ids = self._transition[self._token_class[ids], state.ids]
+        state.length += 1
+
+    def confirmed(self, before: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cue events that `tokens` confirm, for rows whose state was `before` (`state.ids` before the `advance`
+        that consumed `tokens`): `(cue index or -1, characters between the cue's end and its token's end)`, both
+        `[B]`. A cue that ended at its token's last character stands unless the next token continues the word.
+
+        Example:
+            >>> tok = _example_tokenizer()
+            >>> det = CueDetector(tok)
+            >>> state = det.start(torch.tensor([tok.convert_tokens_to_ids(["<think>"])] * 2))
+            >>> det.advance(state, torch.tensor(tok.convert_tokens_to_ids(["Ġwait", "Ġwait"])))
+            >>> det.confirmed(state.ids, torch.tensor(tok.convert_tokens_to_ids(["ing", ","])))
+            (tensor([-1,  1]), tensor([0, 0]))
+        """
+        ids = tokens.clamp(-1, self.vocab_size)
+        return self._state_confirm[before, self._continues_ext[ids].long()], self._state_end[before]
+
+    def cue_start(self, row: Sequence[int], position: int, cue: int, end: int) -> int:
+        """Index of the token holding the first letter of cue `cue`, which ended `end` characters before the end of
+        token `position` of `row` (host-side: what the records of an exit report as `start`).
+
+        Example:
+            >>> tok = _example_tokenizer()
+            >>> CueDetector(tok).cue_start(tok.convert_tokens_to_ids(["<think>", "Ġwa", "it", ","]), 2, 1, 0)
+            1
+        """
+        back = end + int(self._cue_lengths[cue]) - 1  # characters from the token's end to the cue's first letter
+        while position > 0:
+            token = row[position]
+            n = self._host_lengths[token] if 0 <= token < self.vocab_size else 0
+            if back < n:
+                return position
+            back -= n
+            position -= 1
+        return position
 
     def step(self, state: CueState, new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Consume one new token per row (at absolute position `state.length`) and report cues it completes.
 
-        Updates `state` in place: the character buffer, `in_think` (the think-end marker closes, the think-start
-        marker opens), `pending` and `retracted` (see [`CueState`]), and `length`.
+        Updates `state` in place: the automaton state, `pending` and `retracted` (see [`CueState`]), the recent
+        tokens, and `length`. ([`CueDetector.advance`] is the same step without the outputs.)
 
         Returns:
             `(cue_index, cue_start)`, both `[B]` long: the index into `self.cues` of the cue completed by this token
@@ -629,68 +628,25 @@ class CueDetector:
         if tokens.shape[0] != state.batch_size:
             raise ValueError(f"step got {tokens.shape[0]} tokens for a state of {state.batch_size} rows; pass "
                              "exactly one new token per row (input_ids[:, -1]).")
-        buf, slots, longest, n_cues = self.buffer_chars, self._match_slots, self._longest, len(self.cues)
-        ids = tokens.clamp(-1, self.vocab_size)  # -1 and V are both the empty row of the table
-        n_new = self._lengths[ids].long()  # [B]
-        # The previous step's event is void if this token continues its word.
+        ids = tokens.clamp(-1, self.vocab_size)
         state.retracted = state.pending & self._continues_ext[ids]
-
-        # Shift the new token's characters in from the right.
-        shift = self._shift_index[n_new]  # [B, W]
-        new_slot = self._new_in_buffer[n_new]  # [B, W]
-        chars = torch.cat([state.chars, self._table[ids].long()], 1).gather(1, shift)
-        old = shift.clamp(max=buf - 1)
-        char_pos = state.char_pos.gather(1, old).masked_fill(new_slot, state.length)
-        think = state.char_think.gather(1, old) & ~new_slot
-        # No row's token can end a cue or a marker: nothing to match, the thinking state carries over. Asked on a
-        # CPU only (free there); on accelerators the step stays branchless so that decoding never waits for the host.
-        state.quiet = asks_host(self.device) and not bool(self._may_end[ids].any())
-        if state.quiet:
-            state.pending = torch.zeros_like(state.pending)
-            state.chars, state.char_pos, state.char_think = chars, char_pos, think | (new_slot & state.in_think[:, None])
-            state.length += 1
-            none = torch.full(tokens.shape, -1, dtype=torch.long, device=tokens.device)
-            return none, none.clone()
-
-        # Windows [left neighbour, pattern..., right neighbour] ending at each of the last M slots.
-        padded = torch.nn.functional.pad(chars, (0, 1))
-        windows = padded[:, buf - slots - longest:].unfold(1, longest + 2, 1)  # [B, M, S]
-        match = ((windows[:, :, None, :] == self._patterns) | self._pattern_free).all(-1)  # [B, M, P]
-        is_new = self._new_in_region[n_new]  # [B, M]
-
-        # Thinking state after each new character: the last marker completed so far wins.
-        code = torch.zeros_like(is_new, dtype=torch.long)
-        if self._open_index >= 0:
-            code.masked_fill_(match[:, :, self._open_index] & is_new, 1)
-        if self._close_index >= 0:
-            code.masked_fill_(match[:, :, self._close_index] & is_new, -1)
-        last = self._region.masked_fill(code == 0, -1).cummax(1).values
-        status = torch.where(last >= 0, code.gather(1, last.clamp(min=0)) > 0, state.in_think[:, None])
-        region_think = torch.where(is_new, status, think[:, buf - slots:])
-        # New characters left of the region cannot end a marker, so they carry the previous state.
-        think = torch.cat([(think | (new_slot & state.in_think[:, None]))[:, : buf - slots], region_think], 1)
-        if self._close_index >= 0:
-            # The think-end marker's own characters are never cue characters.
-            closing = torch.nn.functional.pad(code == -1, (buf - slots, len(self._end_text) - 1))
-            think = think & ~closing.unfold(1, len(self._end_text), 1).any(-1)
-        state.in_think = status[:, -1]
-
-        # Cues: every character generated inside thinking, non-letters on both sides, ending in the new token.
-        think_windows = torch.nn.functional.pad(think, (0, 1))[:, buf - slots - longest:].unfold(1, longest + 2, 1)
-        inside = (think_windows[:, :, None, :] | self._pattern_free[:n_cues]).all(-1)  # [B, M, C]
-        bounded = (self._is_letter[windows][:, :, None, :] & self._boundary).any(-1)  # a letter on either side
-        hit = match[:, :, :n_cues] & inside & ~bounded & is_new[:, :, None]
-
-        flat = hit.reshape(-1, slots * n_cues)
-        found = flat.any(1)
-        first = flat.to(torch.uint8).argmax(1)  # first hit: earliest end slot, then cue order
-        end_slot, cue = first // n_cues, first % n_cues
-        start_slot = buf - slots + end_slot - self._cue_lengths[cue] + 1
-        cue_start = char_pos.gather(1, start_slot[:, None]).squeeze(1)
-        state.pending = found & (end_slot == slots - 1)
-        state.chars, state.char_pos, state.char_think = chars, char_pos, think
-        state.length += 1
-        return cue.masked_fill(~found, -1), cue_start.masked_fill(~found, -1)
+        position = state.length
+        self.advance(state, tokens)
+        # The recent tokens with text: the cue's first letter lies in one of them.
+        n = self._lengths[ids].long()
+        has_text = (n > 0)[:, None]
+        here = torch.full_like(state.recent_pos[:, :1], position)
+        state.recent_pos = torch.where(has_text, torch.cat([state.recent_pos[:, 1:], here], 1), state.recent_pos)
+        state.recent_len = torch.where(has_text, torch.cat([state.recent_len[:, 1:], n[:, None]], 1), state.recent_len)
+        cue, end = self._state_cue[state.ids], self._state_end[state.ids]
+        found = cue >= 0
+        state.pending = self._state_pending[state.ids]
+        # Characters from the token's end back to the cue's first letter, against the recent tokens' lengths.
+        back = end + self._cue_lengths[cue.clamp(min=0)] - 1
+        before_first = (state.recent_len.flip(1).cumsum(1) <= back[:, None]).sum(1, keepdim=True)
+        last = state.recent_pos.shape[1] - 1
+        start = state.recent_pos.gather(1, (last - before_first).clamp(min=0)).squeeze(1)
+        return cue.masked_fill(~found, -1), start.masked_fill(~found, -1)
 
     # ------------------------------------------------------------------ offline
 

@@ -37,7 +37,7 @@ from ..errors import UnsupportedGenerationError
 from .capture import layer_modules
 from .config import LynxConfig
 from .conformal import float32_threshold
-from .cues import CueDetector, asks_host
+from .cues import CueDetector
 from .probe import LynxProbe
 
 Mode = Literal["stop", "stream"]
@@ -123,6 +123,7 @@ class ModelTap:
         local = self._local
         if getattr(local, "states", None) is None:
             local.states = [None] * len(self.layers)
+            local.previous = [None] * len(self.layers)
             local.forwards = 0  # counts up for the thread's lifetime; each call remembers where it started
         with self._lock:
             if self._users == 0:
@@ -140,15 +141,16 @@ class ModelTap:
 
     def _make_hook(self, slot: int):
         local = self._local
+        first = slot == min(range(len(self.layers)), key=lambda i: self.layers[i])  # the layer a forward reaches first
 
         def hook(module: nn.Module, args, output) -> None:
-            states = getattr(local, "states", None)
-            if states is None:  # a thread with no Lynx call running
+            # Keeps a reference only (no tensor op): the probe slices the last position when a cue needs scoring.
+            if getattr(local, "states", None) is None:  # a thread with no Lynx call running
                 return
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-            states[slot] = hidden[:, -1]
-            if slot == 0:
+            if first:
+                local.previous, local.states = local.states, [None] * len(self.layers)
                 local.forwards += 1
+            local.states[slot] = output[0] if isinstance(output, (tuple, list)) else output
 
         return hook
 
@@ -156,22 +158,53 @@ class ModelTap:
         """Forwards of the model this thread has run while the hooks were on."""
         return getattr(self._local, "forwards", 0)
 
-    def features(self) -> torch.Tensor:
-        """This thread's captured layers concatenated, `[batch, sum(hidden)]`, on the probe's device."""
-        states = getattr(self._local, "states", None)
+    def features(self, previous: bool = False) -> torch.Tensor:
+        """This thread's captured layers at the last position of the last forward (`previous`: of the one before),
+        concatenated, `[batch, sum(hidden)]`, on the probe's device."""
+        states = getattr(self._local, "previous" if previous else "states", None)
         if states is None or any(s is None for s in states):
             raise UnsupportedGenerationError(
                 "Lynx found no hidden states from this generate call's forward: the model ran no forward through "
                 "its decoder layers since the last step (a compiled or otherwise hook-free forward is not supported)."
             )
         device = self.device or states[0].device
-        return torch.cat([s.to(device) for s in states], dim=-1)
+        return torch.cat([s[:, -1].to(device) for s in states], dim=-1)
 
 
-def probe_only_at_cues(device: torch.device) -> bool:
-    """Whether steps without a completed cue skip the probe: on a CPU (checking costs nothing there), not on
-    accelerators, where the check would make the host wait for the device every step."""
-    return asks_host(device)
+class HostMirror:
+    """One small device value copied to the host without waiting for it, read one decoding step later.
+
+    `generate` itself waits for the device once per step (its unfinished-sequences check), so by the next step the
+    copy has landed and reading it costs nothing; if it has not (a loop that never waits), `read` waits for it and
+    counts that in `waits`. On a CPU the copy is immediate.
+
+    Example:
+        >>> mirror = HostMirror(torch.device("cpu"))
+        >>> mirror.push(torch.tensor(7))
+        >>> mirror.read()
+        7
+    """
+
+    def __init__(self, device: torch.device):
+        accelerated = device.type != "cpu"
+        self._host = torch.zeros((), dtype=torch.long, pin_memory=device.type == "cuda")
+        self._view = self._host.numpy()
+        self._event = torch.Event(device=device) if accelerated else None
+        self._non_blocking = accelerated
+        self.waits = 0
+
+    def push(self, value: torch.Tensor) -> None:
+        """Start copying `value` (a 0-d tensor) to the host."""
+        self._host.copy_(value, non_blocking=self._non_blocking)
+        if self._event is not None:
+            self._event.record()
+
+    def read(self) -> int:
+        """The value pushed last."""
+        if self._event is not None and not self._event.query():
+            self._event.synchronize()
+            self.waits += 1
+        return int(self._view)
 
 
 def caller_list(frame: FrameType | None) -> tuple[object, FrameType] | None:
@@ -271,20 +304,20 @@ class GenerateCall:
         self._consumed = self.prompt_length
         self.sequences = input_ids
         self._forwards: int | None = None
-        self._probe_only_at_cues = probe_only_at_cues(device)
-        # Host-side knowledge that lets a step skip its bookkeeping (on a CPU only, where the detector asks the host):
-        # no row's cue is waiting for the next token to confirm it, and no row has exited in this call.
-        self._no_pending_cue = True
-        self.no_exit_yet = self._probe_only_at_cues
+        # What the host knows without waiting for the device: whether the previous step left a cue to confirm (read
+        # one step late from `_cues`, riding on generate's own wait), and whether a row has been made to exit.
+        self._cue_mirror = HostMirror(device)
+        self._cue_mirror.push(self.state.ids.max())
+        self._exit_mirror = HostMirror(device)
+        self._exit_pushed = False
+        self.no_exit_yet = True
+        self.nothing = torch.zeros(batch, dtype=torch.bool, device=device)  # the decisions of a step without events
         long = dict(dtype=torch.long, device=device)
-        self.pending_cue = torch.full((batch,), -1, **long)
-        self.pending_start = torch.full((batch,), -1, **long)
-        self.pending_score = torch.zeros(batch, dtype=torch.float32, device=device)
         self.exited = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.exit_position = torch.full((batch,), -1, **long)
-        self.exit_start = torch.full((batch,), -1, **long)
-        self.exit_cue = torch.full((batch,), -1, **long)
-        self.exit_score = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
+        # Each decision step's (position, rows decided, cue, cue end, score), kept as references (no tensor op) and
+        # read on the host when records are (`_exits`); a row's first decision is its exit.
+        self._decisions: list[tuple] = []
+        self._resolved: tuple[int, list] = (0, [None] * batch)
         self.cues_seen = torch.zeros(batch, **long)
         # The thinking budget: per row, generated tokens after which it was inside the thinking block.
         self.max_thinking_tokens = max_thinking_tokens
@@ -320,24 +353,28 @@ class GenerateCall:
                 self.tap.release()
             self.tap = None  # nor the hooks' modules
 
-    def _score(self, event: torch.Tensor) -> torch.Tensor:
-        # Before this call's first captured forward there is no generated token to score (the hooks arrive after the
-        # prefill). On a CPU a step without any cue skips the probe (a host check is free there); on accelerators the
-        # step stays branchless so that decoding never waits for the host. Without a probe nothing is scored.
-        if self.tap is None or self.tap.forwards() == self._start_forwards or (self._probe_only_at_cues and not bool(event.any())):
-            return torch.zeros_like(self.pending_score)
-        return self.lynx.probe.predict_proba(self.tap.features()).to(event.device, torch.float32)
+    def _score(self) -> torch.Tensor:
+        """The probe's scores of the cue token's hidden state: in stop mode the last forward fed it, in-stream the one
+        before. Before the call has captured that forward there is no generated token to score; without a probe
+        (`Lynx.budget`) nothing is scored."""
+        previous = self.mode == "stream"
+        if self.tap is None or self.tap.forwards() - self._start_forwards < 1 + previous:
+            return torch.zeros(self.batch, dtype=torch.float32, device=self.exited.device)
+        return self.lynx.probe.predict_proba(self.tap.features(previous)).to(self.exited.device, torch.float32)
 
     def observe(self, input_ids: torch.LongTensor, running: torch.Tensor | None = None) -> torch.Tensor:
         """Consume the token appended since the last step; return this step's exit decisions `[batch]` (bool).
 
         `running` (`[batch]`, nonzero for rows generate has not finished before this step; default all) keeps rows
         that another criterion already stopped (a stop string, EOS, a criterion of yours) from exiting or counting
-        cues on what generate writes after their end (padding, or model tokens where no EOS is set)."""
+        cues on what generate writes after their end (padding, or model tokens where no EOS is set).
+
+        A step after which no row has a cue to confirm (nearly all of them) only advances the cue automaton and
+        mirrors its largest state to the host: six tensor ops, no host sync; it returns `self.nothing`."""
         length = input_ids.shape[1]
         new = length - self._consumed
         if new == 0:
-            return torch.zeros_like(self.exited)
+            return self.nothing
         if new != 1 or input_ids.shape[0] != self.batch:
             raise UnsupportedGenerationError(
                 f"Lynx expected one new token per row per step but got {new} on {input_ids.shape[0]} rows "
@@ -360,58 +397,72 @@ class GenerateCall:
             )
         self._forwards = forwards
         self.sequences = input_ids
+        if self._exit_pushed:  # the last decision step's outcome has reached the host
+            self._exit_pushed = False
+            self.no_exit_yet = self.no_exit_yet and not self._exit_mirror.read()
+        cue_waiting = self._cue_mirror.read() >= self.detector.first_completed
         token = input_ids[:, -1]
-        cue, start = self.detector.step(self.state, token)
+        before = self.state.ids
+        self.detector.advance(self.state, token)
         self._consumed = length
-        if self._no_pending_cue and self.state.quiet and self.max_thinking_tokens is None:
-            # No event to decide (no cue waited for this token) and no new cue: nothing of the call changes. (The
-            # in-stream pending score is only read where a cue is pending, so it may stay as it is.)
-            self.pending_cue, self.pending_start = cue, start
-            return torch.zeros_like(self.exited)
-        self._no_pending_cue = self.state.quiet
-        # The cue completed at the previous token; the token just appended says whether its word really ended.
-        event_cue = torch.where(self.state.retracted, -1, self.pending_cue)
-        event_start = self.pending_start
-        event = event_cue >= 0
-        if running is not None:
-            event = event & running.to(device=event.device, dtype=torch.bool)
-        position = length - 2
-        if self.mode == "stop":
-            score = self._score(event)  # this step's forward fed the cue token: its hidden state is the cue's
-        else:
-            score = self.pending_score  # scored one step ago, when the cue token's forward ran
-            self.pending_score = self._score(cue >= 0)
-        self.pending_cue, self.pending_start = cue, start
-        decide = event & ~self.exited & (score >= self._tau)
+        self._cue_mirror.push(self.state.ids.max())
+        budget_due = False
         if self.max_thinking_tokens is not None:
-            # A row still thinking after its budget's last token exits there (a confident cue at the same step wins).
-            thinking = self.state.in_think if running is None else \
-                self.state.in_think & running.to(device=event.device, dtype=torch.bool)
-            self.thinking_tokens += thinking.long()
-            budget = thinking & (self.thinking_tokens >= self.max_thinking_tokens) & ~self.exited & ~decide
-            self.by_budget |= budget
-            decide = decide | budget
-            position = position + budget.long()  # the budget's last token, one after where a cue event ends
-            event_start = torch.where(budget, length, event_start)
-        # A row that exited is over: without an EOS criterion transformers keeps writing model tokens (not padding)
-        # after a custom criterion stopped it, and their cues must not count. Shadow mode counts every cue.
-        if self.shadow:
-            self.cues_seen += event.long()
-        elif self.audited is None:
-            self.cues_seen += (event & ~self.exited).long()
-        else:  # audited rows count every cue, as in shadow mode
-            self.cues_seen += (event & ~(self.exited & ~self.audited)).long()
-        self.exited |= decide
-        self.exit_position = torch.where(decide, position, self.exit_position)
-        self.exit_start = torch.where(decide, event_start, self.exit_start)
-        self.exit_cue = torch.where(decide, event_cue, self.exit_cue)
-        self.exit_score = torch.where(decide, score, self.exit_score)
-        if self.no_exit_yet:
-            self.no_exit_yet = not bool(decide.any())
+            # Per row, generated tokens after which it was inside the thinking block (rows generate ended excluded).
+            thinking = self.state.in_think
+            if running is not None:
+                thinking = thinking & running.to(device=thinking.device, dtype=torch.bool)
+            self.thinking_tokens += thinking
+            budget_due = length - self.prompt_length >= self.max_thinking_tokens  # no row can be over it before
+        if not cue_waiting and not budget_due:
+            return self.nothing
+        decide = self._decide(before, token, length, running, cue_waiting, thinking if budget_due else None)
+        if not self.shadow:
+            self._exit_mirror.push(self.acting(decide).any())
+            self._exit_pushed = True
         return decide
+
+    def _decide(self, before: torch.Tensor, token: torch.Tensor, length: int, running: torch.Tensor | None,
+                cue_waiting: bool, thinking: torch.Tensor | None) -> torch.Tensor:
+        """A step where a cue waits for confirmation or the thinking budget may run out: the exit decisions."""
+        # The cue completed at the previous token; the token just appended says whether its word really ended.
+        event_cue, event_end = self.detector.confirmed(before, token) if cue_waiting else (None, None)
+        position = length - 2
+        if event_cue is not None:
+            event = event_cue >= 0
+            if running is not None:
+                event = event & running.to(device=event.device, dtype=torch.bool)
+            score = self._score()
+            decide = event & ~self.exited & (score >= self._tau)
+        else:
+            event = decide = self.nothing
+        budget = None
+        if thinking is not None:
+            # A row still thinking after its budget's last token exits there (a confident cue at the same step wins).
+            budget = thinking & (self.thinking_tokens >= self.max_thinking_tokens) & ~self.exited & ~decide
+        if event_cue is not None:
+            # A row that exited is over: without an EOS criterion transformers keeps writing model tokens (not
+            # padding) after a custom criterion stopped it, and their cues must not count. Shadow mode counts every
+            # cue, as do audited rows.
+            if self.shadow:
+                self.cues_seen += event
+            elif self.audited is None:
+                self.cues_seen += event & ~self.exited
+            else:
+                self.cues_seen += event & ~(self.exited & ~self.audited)
+            self.exited |= decide
+            self._decisions.append((position, decide, event_cue, event_end, score))
+        if budget is None:
+            return decide
+        self.by_budget |= budget
+        self.exited |= budget
+        self._decisions.append((position + 1, budget, None, None, None))  # the budget's last token; nothing dropped
+        return decide | budget
 
     def acting(self, decide: torch.Tensor) -> torch.Tensor:
         """The rows of `decide` that the plug-in acts on: none in shadow mode, none of the audited rows."""
+        if decide is self.nothing:
+            return decide
         if self.shadow:
             return torch.zeros_like(decide)
         return decide if self.audited is None else decide & ~self.audited
@@ -422,20 +473,43 @@ class GenerateCall:
 
     def records(self) -> list[ExitRecord]:
         """Per-row telemetry of this call."""
-        rows = zip(self.exited.tolist(), self.exit_position.tolist(), self.exit_start.tolist(),
-                   self.exit_cue.tolist(), self.exit_score.tolist(), self.cues_seen.tolist(), self.answered(),
-                   self.by_budget.tolist(),
-                   self.audited.tolist() if self.audited is not None else [False] * self.batch)
-        return [
-            ExitRecord(
-                exited=bool(exited) and not self.shadow and not audited, would_exit=bool(exited), position=pos,
-                start=start, cue=self.detector.cues[cue] if cue >= 0 and not budget else None,
-                score=score if exited and not budget else None, threshold=self.threshold, cues_seen=seen,
-                shadow=self.shadow, answered=answered if exited and not self.shadow and not audited else None,
-                by_budget=bool(budget), audited=bool(audited),
-            )
-            for exited, pos, start, cue, score, seen, answered, budget, audited in rows
-        ]
+        exits = self._exits()
+        audited = self.audited.tolist() if self.audited is not None else [False] * self.batch
+        records = []
+        for exit_, seen, answered, was_audited in zip(exits, self.cues_seen.tolist(), self.answered(), audited):
+            position, start, cue, score, budget = exit_ if exit_ is not None else (-1, -1, -1, None, False)
+            acted = exit_ is not None and not self.shadow and not was_audited
+            records.append(ExitRecord(
+                exited=acted, would_exit=exit_ is not None, position=position, start=start,
+                cue=self.detector.cues[cue] if cue >= 0 else None, score=score, threshold=self.threshold,
+                cues_seen=seen, shadow=self.shadow, answered=answered if acted else None, by_budget=budget,
+                audited=bool(was_audited),
+            ))
+        return records
+
+    def _exits(self) -> list[tuple | None]:
+        """Per row, `(position, start, cue index, score, by budget)` of its exit, or None: its first decision. Found
+        incrementally, each decision step once, while the tokens it read are still the output's."""
+        done, found = self._resolved
+        new = self._decisions[done:]
+        if new:
+            decided = torch.stack([d[1] for d in new]).tolist()
+            for (position, _, cue, end, score), rows in zip(new, decided):
+                if not any(hit and found[row] is None for row, hit in enumerate(rows)):
+                    continue
+                cues, ends = (cue.tolist(), end.tolist()) if cue is not None else (None, None)
+                scores = score.tolist() if score is not None else None
+                for row, hit in enumerate(rows):
+                    if not hit or found[row] is not None:
+                        continue
+                    if cues is None:  # the budget: `start` is the index after its last token
+                        found[row] = (position, position + 1, -1, None, True)
+                    else:
+                        ids = self.sequences[row, : position + 1].tolist()
+                        start = self.detector.cue_start(ids, position, cues[row], ends[row])
+                        found[row] = (position, start, cues[row], scores[row], False)
+            self._resolved = (len(self._decisions), found)
+        return found
 
     def matches(self, sequences: torch.Tensor) -> bool:
         """Whether `sequences` is this call's output (what generate returned: the ids it saw, possibly with
@@ -443,7 +517,7 @@ class GenerateCall:
         seen = self.sequences
         if sequences.shape[0] != seen.shape[0] or not self.prompt_length < sequences.shape[1] <= seen.shape[1]:
             return False
-        if int(self.exit_position.max()) >= sequences.shape[1]:
+        if max((e[0] for e in self._exits() if e is not None), default=-1) >= sequences.shape[1]:
             return False
         return torch.equal(seen[:, : sequences.shape[1]], sequences.to(seen.device))
 

@@ -117,21 +117,24 @@ class LynxExitProcessor(LogitsProcessor):
         call, loop = self.calls.current_and_loop(input_ids, sys._getframe(1))
         running = loop_running(loop, input_ids.shape[0])
         decide = call.observe(input_ids, running)
-        if call.no_exit_yet:  # nothing forced or answering yet: the scores pass unchanged
-            return scores
-        # Rows that finished forcing are answering: track the box's brace depth for the answer stopper, and record a
-        # closed box here too, so that `answered` is right without the stopper (a row then writes on after its box).
-        last = input_ids[:, -1]
-        call.depth = torch.where(call.answering, call.depth + call.brace_delta[last], call.depth)
-        call.closed |= call.answering & (call.depth < 0)
-        if running is not None:
-            # A row that generate ended (a stop string inside the exit text, a criterion of yours) gets padding from
-            # now on, not the tokens forced here: it leaves Lynx's control, and its box stays unclosed.
-            ended = ~running.to(device=call.forcing.device, dtype=torch.bool)
-            call.forcing = torch.where(ended, torch.full_like(call.forcing, -1), call.forcing)
-            call.answering = call.answering & ~ended
-        if call.shadow:
-            return scores
+        if call.no_exit_yet:  # no row forced or answering yet (the host knows it without waiting)
+            if decide is call.nothing or call.shadow:  # and none exits now: the scores pass unchanged
+                return scores
+        else:
+            # Rows that finished forcing are answering: track the box's brace depth for the answer stopper, and
+            # record a closed box here too, so that `answered` is right without the stopper (a row then writes on
+            # after its box).
+            last = input_ids[:, -1]
+            call.depth = torch.where(call.answering, call.depth + call.brace_delta[last], call.depth)
+            call.closed |= call.answering & (call.depth < 0)
+            if running is not None:
+                # A row that generate ended (a stop string inside the exit text, a criterion of yours) gets padding
+                # from now on, not the tokens forced here: it leaves Lynx's control, and its box stays unclosed.
+                ended = ~running.to(device=call.forcing.device, dtype=torch.bool)
+                call.forcing = torch.where(ended, torch.full_like(call.forcing, -1), call.forcing)
+                call.answering = call.answering & ~ended
+            if call.shadow:
+                return scores
         if call.audited is not None:
             decide = call.acting(decide)
         call.forcing = torch.where(decide, torch.zeros_like(call.forcing), call.forcing)
@@ -208,8 +211,8 @@ class LynxAnswerStopper(StoppingCriteria):
         call = self.processor.running_call(input_ids)
         if call.audited is not None:  # the audit reads audited rows' full text, including this last token
             call.final_ids = input_ids
-        if call.no_exit_yet:
-            return torch.zeros_like(call.answering)
+        if call.no_exit_yet:  # (an exit decided at this step is answering only from a later one)
+            return call.nothing
         done = call.answering & (call.depth + call.brace_delta[input_ids[:, -1]] < 0)
         call.closed |= done
         return done
