@@ -215,16 +215,16 @@ def token_table(automaton: CharAutomaton, codes: np.ndarray, lengths: np.ndarray
         queue.extend(int(s) for s in np.unique(results[start][0]) if int(s) not in results)
 
     # Token states: (char state, cue, end); those without a completed cue first.
-    keys = {(s, -1, -1) for s in results}
-    for nxt, cue, end in results.values():
-        keys.update(zip(nxt.tolist(), cue.tolist(), end.tolist()))
+    span = (len(cues) + 1) * (width + 1)  # (char state, cue, end) packed into one integer
+    packed = np.unique(np.concatenate([np.array([s * span for s in results], dtype=np.int64)] + [
+        nxt * span + (cue + 1) * (width + 1) + end + 1 for nxt, cue, end in results.values()]))
+    keys = zip((packed // span).tolist(), (packed % span // (width + 1) - 1).tolist(), (packed % (width + 1) - 1).tolist())
     ordered = sorted(keys, key=lambda k: (k[1] >= 0, k))
     state_of = {k: i for i, k in enumerate(ordered)}
     char_states = sorted(results)
     column = {s: i for i, s in enumerate(char_states)}
     per_row = np.empty((len(rows), len(char_states)), dtype=np.int32)
-    n_cues = max(k[1] for k in ordered) + 1
-    lookup = np.full((automaton.next.shape[0], n_cues + 1, width + 1), -1, dtype=np.int64)
+    lookup = np.full((automaton.next.shape[0], len(cues) + 1, width + 1), -1, dtype=np.int64)
     for (s, c, e), i in state_of.items():
         lookup[s, c + 1, e + 1] = i
     for s, (nxt, cue, end) in results.items():
