@@ -21,7 +21,7 @@ from safetensors.torch import load, load_file
 import lynx_hf
 from lynx_hf import organism
 from lynx_hf import Lynx
-from lynx_hf.runtime.bundle import CUSTOM_GENERATE_SOURCE
+from lynx_hf.runtime.bundle_files import CUSTOM_GENERATE_SOURCE
 from lynx_hf.runtime.exit import exit_cut
 from hub_server import OlahServer, hub_endpoint, olah_executable
 from scripted import PROMPT, SCRIPT, ScriptProcessor, bundle, calibration, scripted_model

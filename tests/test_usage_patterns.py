@@ -261,7 +261,7 @@ def test_custom_generate_without_an_attention_mask_infers_it_from_the_padding_as
 
 
 def test_the_shipped_organism_bundle_carries_the_current_custom_generate_recipe():
-    from lynx_hf.runtime.bundle import CUSTOM_GENERATE_SOURCE
+    from lynx_hf.runtime.bundle_files import CUSTOM_GENERATE_SOURCE
 
     shipped = organism.BUNDLE_DIR / "custom_generate" / "generate.py"
     assert shipped.read_bytes() == CUSTOM_GENERATE_SOURCE.read_bytes()

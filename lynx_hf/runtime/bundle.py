@@ -1,14 +1,12 @@
 """`Lynx`: a probe bundle (cues, layers, probe, calibration, exit text) bound to its base model.
 
-On disk and on the Hub a bundle is `config.json` (`LynxConfig`), `model.safetensors` (probe weights and feature
-normalisation), `calibration.json` (calibration scores, so any confidence is exact at run time) and a model card
-rendered from `hub_cards/`. Hub I/O goes through huggingface_hub's `ModelHubMixin`.
+Hub I/O goes through huggingface_hub's `ModelHubMixin`; the files it reads and writes (config, probe weights,
+calibration, the `custom_generate` recipe, the model card) are `bundle_files.py`'s.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import numbers
@@ -16,16 +14,14 @@ import os
 import sys
 import warnings
 from collections import deque
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_download
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from huggingface_hub import ModelCard, ModelHubMixin
 from transformers import StoppingCriteria
 
-from .conformal import DEFAULT_GUARANTEE, GUARANTEE_ORDER, Calibration, check_guarantee, check_risk_level, check_rule
+from .bundle_files import model_card, read_bundle, write_bundle
+from .conformal import DEFAULT_GUARANTEE, Calibration, check_guarantee, check_risk_level, check_rule
 from .config import LynxConfig, check_base_model
 from .cues import CueDetector
 from ..errors import CorruptedBundleError, LynxConfigError, NotAttachedError
@@ -39,15 +35,6 @@ from .thinking import resolve_thinking, thinking_exit_ids
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CALIBRATION_NAME = "calibration.json"
-BUNDLE_FILES = (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME)
-CARD_TEMPLATE = Path(__file__).parent.parent / "hub_cards" / "lynx_probe.md"
-# transformers' generate-from-Hub recipe shipped in every bundle: `model.generate(custom_generate=<bundle>, ...)`.
-CUSTOM_GENERATE_DIR = "custom_generate"
-CUSTOM_GENERATE_SOURCE = Path(__file__).parent.parent / "custom_generate" / "generate.py"
-CUSTOM_GENERATE_REQUIREMENTS = "lynx-hf\n"
 # How many recent stop-mode generate calls `Lynx.answer` can match an output against.
 ANSWERABLE_CALLS = 8
 
@@ -518,15 +505,7 @@ class Lynx(
         if self.probe is None:
             raise LynxConfigError("A budget-only Lynx (Lynx.budget) has no probe or calibration to save: save a "
                                   "bundle built by `lynx-hf build`, and pass max_thinking_tokens= when loading it.")
-        (save_directory / CONFIG_NAME).write_text(self.config.to_json_string(), encoding="utf-8")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.probe.state_dict().items()}
-        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "lynx-hf"})
-        payload = {"calibration": self.calibration.to_dict(), "metadata": self.metadata}
-        (save_directory / CALIBRATION_NAME).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-        recipe = save_directory / CUSTOM_GENERATE_DIR
-        recipe.mkdir(exist_ok=True)
-        (recipe / "generate.py").write_bytes(CUSTOM_GENERATE_SOURCE.read_bytes())
-        (recipe / "requirements.txt").write_text(CUSTOM_GENERATE_REQUIREMENTS, encoding="utf-8")
+        write_bundle(save_directory, self.config, self.probe, self.calibration, self.metadata)
 
     def push_to_hub(
         self,
@@ -566,34 +545,7 @@ class Lynx(
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """The model card rendered from `hub_cards/lynx_probe.md`, with YAML metadata: the guarantee types, the data
         the calibration rests on, and thresholds and held-out results as tables of rounded numbers."""
-        info = self._hub_mixin_info
-        meta = self.metadata
-        data = ModelCardData(
-            library_name="lynx-hf", license="apache-2.0", base_model=self.config.base_model,
-            tags=list(info.model_card_data.tags or []), datasets=meta.get("datasets"),
-            metrics=["auroc", "premature_exit_rate"],
-        )
-        test_rows = _card_test_rows(meta.get("test_realised_rates") or [])
-        n_test = meta.get("test_questions")
-        return ModelCard.from_template(
-            card_data=data,
-            template_str=CARD_TEMPLATE.read_text(encoding="utf-8"),
-            config=self.config,
-            calibration=self.calibration,
-            table=_card_threshold_rows(self.calibration),
-            metadata=meta,
-            datasets=meta.get("datasets") or [],
-            auroc_rows=[(name, f"{meta[key]:.3f}") for name, key in (
-                ("validation", "probe_validation_auroc"), ("calibration", "calibration_auroc"), ("test", "test_auroc"))
-                if isinstance(meta.get(key), (int, float))],
-            test_rows=test_rows,
-            test_data=meta.get("test") or "held-out problems",
-            test_noise=(f"on {n_test} questions a per-question rate of 0.1 has a standard error of "
-                        f"{math.sqrt(0.1 * 0.9 / n_test):.3f}" if n_test else "its rates vary around the true ones"),
-            repo_url=info.repo_url,
-            paper_url=info.paper_url,
-            **kwargs,
-        )
+        return model_card(self.config, self.calibration, self.metadata, self._hub_mixin_info, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -623,16 +575,11 @@ class Lynx(
         `allow_base_model_mismatch=True`, except a hidden-size mismatch), a tokenizer that cannot spell a cue, or a
         confidence outside (0, 1).
         """
-        folder = _resolve_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
-                                 force_download=force_download, local_files_only=local_files_only, token=token)
-        config = LynxConfig.from_dict(_read_json(folder / CONFIG_NAME))
-        probe = _load_probe(folder / WEIGHTS_NAME, config)
-        payload = _read_json(folder / CALIBRATION_NAME)
-        if "calibration" not in payload:
-            raise CorruptedBundleError(f"{folder / CALIBRATION_NAME} is corrupted: no 'calibration' entry; re-save it.")
-        calibration = Calibration.from_dict(payload["calibration"])
+        config, probe, calibration, metadata = read_bundle(
+            pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, force_download=force_download,
+            local_files_only=local_files_only, token=token)
         lynx = cls(config, probe, calibration, confidence=confidence, guarantee=guarantee, risk_level=risk_level,
-                   rule=rule, shadow=shadow, max_thinking_tokens=max_thinking_tokens, metadata=payload.get("metadata"),
+                   rule=rule, shadow=shadow, max_thinking_tokens=max_thinking_tokens, metadata=metadata,
                    audit_rate=audit_rate, audit_seed=audit_seed)
         if model is not None:
             lynx.attach(model, tokenizer, allow_base_model_mismatch=allow_base_model_mismatch)
@@ -714,45 +661,6 @@ def _check_audit_seed(value: int) -> int:
     return int(value)
 
 
-CARD_CONFIDENCES = (0.8, 0.9, 0.95)
-CARD_RISK_LEVELS = (None, 0.1)
-
-
-def _strength(risk_level: float | None) -> str:
-    return "marginal" if risk_level is None else f"PAC, α = {risk_level:g}"
-
-
-def _card_threshold_rows(calibration: Calibration) -> list[dict]:
-    """Threshold table rows for the card: per guarantee and strength, rates rounded to 3 decimals."""
-    rows = []
-    for guarantee in GUARANTEE_ORDER:
-        for risk_level in CARD_RISK_LEVELS:
-            for row in calibration.table(CARD_CONFIDENCES, guarantee, risk_level=risk_level):
-                rows.append({
-                    "confidence": f"{row['confidence']:g}", "guarantee": guarantee, "strength": _strength(risk_level),
-                    "tau_text": "never exit" if math.isinf(row["tau"]) else f"{row['tau']:.4f}",
-                    "exit_text": f"{row['exit_rate']:.3f}", "premature_text": f"{row['premature_rate']:.3f}",
-                })
-    return rows
-
-
-def _card_test_rows(rates: Sequence[dict]) -> list[dict]:
-    """`metadata["test_realised_rates"]` as rounded table rows. Rows without a `rule` come from bundles built when the
-    paper's per-event rule was the only one."""
-    rows = []
-    for r in rates:
-        if not isinstance(r, dict) or "event" not in r or "question" not in r:
-            continue
-        rows.append({
-            "confidence": f"{r['confidence']:g}", "delta": f"{1 - r['confidence']:.2f}",
-            "strength": _strength(r.get("risk_level")), "rule": r.get("rule", "paper"),
-            "event": f"{r['event']['unsafe_event_exit_rate']:.3f}",
-            "question": f"{r['question']['question_premature_rate']:.3f}",
-            "exited": f"{r['question']['question_exit_rate']:.3f}",
-        })
-    return rows
-
-
 def _model_device(model) -> torch.device:
     device = getattr(model, "device", None)
     return device if isinstance(device, torch.device) else next(model.parameters()).device
@@ -783,50 +691,6 @@ def _tokenizer_for(model, base_model: str | None = None):
         f"Could not load a tokenizer for this model (tried {', '.join(errors) or 'no name: the model has no name_or_path'}); "
         "attach it explicitly: Lynx.from_pretrained(repo, model=model, tokenizer=tokenizer) or lynx.attach(model, tokenizer)."
     )
-
-
-def _resolve_folder(name_or_path, **hub_kwargs) -> Path:
-    path = Path(name_or_path)
-    if path.is_dir():
-        folder = path
-    elif path.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") > 1:
-        raise CorruptedBundleError(f"{name_or_path} is not a bundle folder: give a folder written by save_pretrained.")
-    else:
-        folder = Path(snapshot_download(
-            repo_id=str(name_or_path), allow_patterns=[*BUNDLE_FILES, "README.md", "custom_generate/*"], **hub_kwargs,
-        ))
-    missing = [name for name in BUNDLE_FILES if not (folder / name).is_file()]
-    if missing:
-        raise CorruptedBundleError(
-            f"{name_or_path} is not a complete Lynx bundle: missing {missing}. Re-save it with lynx.save_pretrained()."
-        )
-    return folder
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CorruptedBundleError(f"{path} is corrupted ({error}); re-download or re-save the bundle.") from error
-
-
-def _load_probe(path: Path, config: LynxConfig) -> LynxProbe:
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CorruptedBundleError(f"{path} is corrupted ({error}); re-download or re-save the bundle.") from error
-    # Built on the meta device: no random initialisation, so loading a bundle never moves the global RNG (a
-    # seeded sampling run gives the same tokens with or without Lynx loaded).
-    with torch.device("meta"):
-        probe = LynxProbe(config.feature_size, hidden_sizes=config.probe_hidden_sizes)
-    try:
-        probe.load_state_dict(state, assign=True)
-    except RuntimeError as error:
-        raise CorruptedBundleError(
-            f"{path} does not match config.json (layers {config.layers}, hidden size {config.hidden_size}, probe "
-            f"{config.probe_hidden_sizes}): {error}"
-        ) from error
-    return probe
 
 
 def _sequences_of(outputs) -> torch.Tensor:
