@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from ..runtime.answers import answers_match
-from .baselines import (
-    BudgetForcing, DeerStyle, FirstCue, Full, LynxBudget, LynxExit, Method, NoWait, Oracle, Outcome, Replay,
-    TextProbe, TextProbeExit, answer_stated_rules, matched_budget, regenerate, shard_batches,
-)
+from .cue_rules import DeerStyle, FirstCue, Full, LynxExit, Oracle
+from .live_rules import BudgetForcing, LynxBudget, NoWait, matched_budget, regenerate, shard_batches
+from .replay import Method, Outcome, Replay
+from .text_rules import TextProbe, TextProbeExit, answer_stated_rules
 from ..runtime.conformal import DEFAULT_GUARANTEE, GUARANTEE_ORDER, LynxCalibrationWarning, exits
 from ..pipeline.events import EventTable
 from ..runtime.exit import eos_token_ids
@@ -69,7 +69,7 @@ def metrics(outcome: Outcome, full: Outcome, references: Sequence[str] | None = 
     per-event guarantee bounds; threshold rules only).
 
     Example:
-        >>> from lynx_hf.evaluation.baselines import Outcome
+        >>> from lynx_hf.evaluation.replay import Outcome
         >>> t = torch.tensor
         >>> full = Outcome("Full", t([False, False]), t([-1, -1]), t([True, False]), t([10, 10]), t([12, 12]), t([0, 0]),
         ...                answers=["1", "3"])
