@@ -603,7 +603,7 @@ def binomial_tolerance(n: int, rate: float, level: float = 0.95) -> float:
         >>> binomial_tolerance(200, 0.1)
         0.135
     """
-    from ..runtime.conformal import binomial_cdf
+    from ..runtime.bounds import binomial_cdf
 
     return int((binomial_cdf(n, rate) < level).sum()) / n
 
