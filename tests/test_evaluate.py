@@ -14,10 +14,9 @@ from lynx_hf.evaluation.cue_rules import Full, LynxExit
 from lynx_hf.evaluation.live_rules import regenerate, shard_batches
 from lynx_hf.evaluation.replay import Replay
 from lynx_hf.runtime.conformal import Calibration, LynxCalibrationWarning
-from lynx_hf.evaluation.evaluate import (
-    calibration_curve, compare_exits, evaluate, format_agreement, format_aurocs, format_compact, format_table,
-    live_agreement, metrics, probe_aurocs, replay_methods, write_results,
-)
+from lynx_hf.evaluation.agreement import compare_exits, live_agreement
+from lynx_hf.evaluation.evaluate import calibration_curve, evaluate, metrics, probe_aurocs, replay_methods
+from lynx_hf.evaluation.tables import format_agreement, format_aurocs, format_compact, format_table, write_results
 from lynx_hf.evaluation.plots import calibration_plot, pareto_plot
 from test_baselines import _organism_tokenizer, _stated_tables, synthetic_replay, synthetic_table, tiny_table
 
@@ -166,7 +165,8 @@ def test_compact_table_has_five_columns_and_fits_a_terminal(text_setup):
 
 
 def test_text_only_margin_compares_with_the_best_mix_of_text_rules():
-    from lynx_hf.evaluation.evaluate import format_text_margin, text_only_margin
+    from lynx_hf.evaluation.evaluate import text_only_margin
+    from lynx_hf.evaluation.tables import format_text_margin
 
     def row(method, family, accuracy, tokens):
         return {"method": method, "family": family, "accuracy": accuracy, "thinking_tokens": tokens}
@@ -227,7 +227,8 @@ def test_importing_lynx_hf_loads_the_runtime_only():
                          cwd=ROOT).stdout.splitlines()
     loaded = eval(out[0])
     for heavy in ("lynx_hf.evaluation.replay", "lynx_hf.evaluation.cue_rules", "lynx_hf.evaluation.text_rules",
-                  "lynx_hf.evaluation.live_rules", "lynx_hf.evaluation.evaluate", "lynx_hf.evaluation.demo",
+                  "lynx_hf.evaluation.live_rules", "lynx_hf.evaluation.evaluate", "lynx_hf.evaluation.agreement",
+                  "lynx_hf.evaluation.tables", "lynx_hf.evaluation.demo",
                   "lynx_hf.evaluation.plots", "lynx_hf.cli", "lynx_hf.pipeline.collect", "matplotlib", "evaluate",
                   "datasets"):
         assert heavy not in loaded, loaded

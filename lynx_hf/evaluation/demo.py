@@ -220,9 +220,10 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
     Example:
         >>> result = run_family(model, tok, lynx, "arithmetic", 50, Path("outputs/demo/arithmetic"), 0, 32)  # doctest: +SKIP
     """
-    from .evaluate import (
-        DEFAULT_METHOD, calibration_curve, format_agreement, format_aurocs, format_compact, format_guarantee_table,
-        format_text_margin, live_agreement, probe_aurocs, run_all, text_only_margin, versus_text_rule, write_results,
+    from .agreement import live_agreement
+    from .evaluate import DEFAULT_METHOD, calibration_curve, probe_aurocs, run_all, text_only_margin, versus_text_rule
+    from .tables import (
+        format_agreement, format_aurocs, format_compact, format_guarantee_table, format_text_margin, write_results,
     )
     from .plots import calibration_plot, pareto_plot
     from .splits import replay_split_rates
