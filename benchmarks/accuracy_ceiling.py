@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lynx_hf import Lynx, organism  # noqa: E402
-from lynx_hf.evaluation.baselines import Replay  # noqa: E402
+from lynx_hf.evaluation.replay import Replay  # noqa: E402
 from lynx_hf.pipeline.events import EventTable  # noqa: E402
 
 

@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lynx_hf import Lynx, organism  # noqa: E402
-from lynx_hf.evaluation.baselines import Full, Replay  # noqa: E402
+from lynx_hf.evaluation.cue_rules import Full  # noqa: E402
+from lynx_hf.evaluation.replay import Replay  # noqa: E402
 from lynx_hf.runtime.conformal import Calibration, LynxCalibrationWarning, exits, first_exit  # noqa: E402
 from lynx_hf.pipeline.events import EventTable  # noqa: E402
 from lynx_hf.evaluation.plots import calibration_plot  # noqa: E402

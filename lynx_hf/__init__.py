@@ -32,9 +32,9 @@ from .runtime.thinking import ThinkingFormat, detect_thinking
 __version__ = "0.1.0"
 
 # pipeline- and evaluation-side names, imported on first use so that `import lynx_hf` loads the runtime only
-_LAZY = {"EventTable": "pipeline.events", "AnswerStated": "evaluation.baselines",
-         "AnswerStatedCriteria": "evaluation.baselines", "TextProbe": "evaluation.baselines",
-         "TextProbeExit": "evaluation.baselines"}
+_LAZY = {"EventTable": "pipeline.events", "AnswerStated": "evaluation.text_rules",
+         "AnswerStatedCriteria": "evaluation.text_rules", "TextProbe": "evaluation.text_rules",
+         "TextProbeExit": "evaluation.text_rules"}
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lynx_hf.evaluation.baselines import Replay
+from lynx_hf.evaluation.replay import Replay
 from lynx_hf.pipeline.events import EventTable
 
 ROOT = Path(__file__).resolve().parents[1]

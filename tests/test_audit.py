@@ -20,7 +20,7 @@ from lynx_hf.runtime.audit import (
 )
 from lynx_hf.cli import main
 from lynx_hf.pipeline.collect import Collector
-from lynx_hf.runtime.conformal import betting_confidence_sequence, binomial_cdf, ratio_confidence_sequence
+from lynx_hf.runtime.bounds import betting_confidence_sequence, binomial_cdf, ratio_confidence_sequence
 from lynx_hf.runtime.exit import answer_after_exit, exit_cut
 
 GREEDY = dict(do_sample=False, max_new_tokens=300)

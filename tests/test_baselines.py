@@ -6,10 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lynx_hf.evaluation.baselines import (
-    DEFAULT_ANSWER_PATTERNS, AnswerStated, BudgetForcing, CueSuppressor, DeerStyle, FirstCue, Full, LynxExit, Method,
-    Oracle, Replay, TextProbe, TextProbeExit, answer_stated_rules, cue_token_ids, matched_budget, regenerate,
-    shard_batches, text_features,
+from lynx_hf.evaluation.cue_rules import DeerStyle, FirstCue, Full, LynxExit, Oracle
+from lynx_hf.evaluation.live_rules import (
+    BudgetForcing, CueSuppressor, cue_token_ids, matched_budget, regenerate, shard_batches,
+)
+from lynx_hf.evaluation.replay import Method, Replay
+from lynx_hf.evaluation.text_rules import (
+    DEFAULT_ANSWER_PATTERNS, AnswerStated, TextProbe, TextProbeExit, answer_stated_rules, text_features,
 )
 from lynx_hf.runtime.conformal import Calibration
 from lynx_hf.runtime.cues import _example_tokenizer
@@ -170,7 +173,7 @@ def test_cue_suppressor_bans_cue_words_with_punctuation_but_not_other_words():
 
 
 def test_budget_forcing_cuts_thinking_at_the_budget_and_answers(monkeypatch):
-    import lynx_hf.evaluation.baselines as baselines
+    import lynx_hf.evaluation.live_rules as live_rules
     from lynx_hf.runtime.exit import ExitAnswer
 
     calls = []
@@ -179,7 +182,7 @@ def test_budget_forcing_cuts_thinking_at_the_budget_and_answers(monkeypatch):
         calls.append((ids.shape, list(cuts), attention_mask.sum(-1).tolist()))
         return [ExitAnswer(token_ids=[1, 2], text="7}", answer="7") for _ in cuts]
 
-    monkeypatch.setattr(baselines, "answer_after_exit", fake_answer)
+    monkeypatch.setattr(live_rules, "answer_after_exit", fake_answer)
     replay = tiny_table()
     for t in replay.table.traces:
         t["token_ids"] = list(range(t["prompt_length"] + t["length"]))
@@ -349,7 +352,7 @@ def test_text_probe_learns_text_visible_labels_with_lynx_calibration():
 def test_answer_stated_live_stops_where_replay_exits_on_the_same_tokens(tmp_path):
     """Regenerate sampled organism traces with the live criteria: every row stops at replay's AnswerStated cue."""
     from lynx_hf import organism
-    from lynx_hf.evaluation.baselines import AnswerStatedCriteria
+    from lynx_hf.evaluation.text_rules import AnswerStatedCriteria
     from lynx_hf.pipeline.collect import Collector
 
     model, tok = organism.load()

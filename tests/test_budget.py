@@ -14,7 +14,9 @@ from conftest import tiny_qwen2
 from forcing import ForceScript
 from organism_batch import GREEDY, answers, organism_batch
 from lynx_hf import Lynx, LynxConfigError, organism
-from lynx_hf.evaluation.baselines import LynxBudget, LynxExit, Replay
+from lynx_hf.evaluation.cue_rules import LynxExit
+from lynx_hf.evaluation.live_rules import LynxBudget
+from lynx_hf.evaluation.replay import Replay
 from lynx_hf.runtime.exit import answer_after_exit
 
 
@@ -129,7 +131,7 @@ def test_custom_generate_caps_thinking_as_stop_mode_and_answer_do(batch):
 
 def test_replay_of_lynx_with_a_budget_matches_the_live_plug_in(batch):
     model, tok, lynx, _, _ = batch
-    from lynx_hf.evaluation.baselines import regenerate, shard_batches
+    from lynx_hf.evaluation.live_rules import regenerate, shard_batches
     from lynx_hf.evaluation.evaluate import collector_for
 
     collector = collector_for(model, tok, lynx, prompt_fn=organism.prompt, max_new_tokens=300, temperature=0.0)

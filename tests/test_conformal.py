@@ -356,7 +356,7 @@ def exact_binomial_cdf(n, k, p):
 
 
 def test_pac_allowance_is_the_clopper_pearson_count():
-    from lynx_hf.runtime.conformal import pac_allowance, pac_needed
+    from lynx_hf.runtime.bounds import pac_allowance, pac_needed
 
     for n in (1, 5, 22, 40, 97):
         for delta in (0.05, 0.1, 0.2):
@@ -419,7 +419,7 @@ def test_question_pac_threshold_matches_brute_force_learn_then_test():
 
 
 def test_betting_p_values_are_valid_under_the_null_and_reject_far_below_it():
-    from lynx_hf.runtime.conformal import betting_p_values
+    from lynx_hf.runtime.bounds import betting_p_values
 
     rng = np.random.default_rng(0)
     m0, alpha, runs = 0.1, 0.1, 4000
@@ -444,7 +444,7 @@ def clustered_questions(rng, n, levels=40):
 
 def brute_force_clustered_walk(questions, delta, alpha):
     """Fixed-sequence walk from tau = inf down over the unsafe scores, each null tested on the question-level sums."""
-    from lynx_hf.runtime.conformal import betting_p_values
+    from lynx_hf.runtime.bounds import betting_p_values
 
     order = np.random.default_rng(0).permutation(len(questions))
     n_unsafe = [sum(not s for _, s in q) for q in questions]

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from lynx_hf.evaluation.baselines import Full, LynxExit, Replay, regenerate, shard_batches
+from lynx_hf.evaluation.cue_rules import Full, LynxExit
+from lynx_hf.evaluation.live_rules import regenerate, shard_batches
+from lynx_hf.evaluation.replay import Replay
 from lynx_hf.runtime.conformal import Calibration, LynxCalibrationWarning
-from lynx_hf.evaluation.evaluate import (
-    calibration_curve, compare_exits, evaluate, format_agreement, format_aurocs, format_compact, format_table,
-    live_agreement, metrics, probe_aurocs, replay_methods, write_results,
-)
+from lynx_hf.evaluation.agreement import compare_exits, live_agreement
+from lynx_hf.evaluation.evaluate import calibration_curve, evaluate, metrics, probe_aurocs, replay_methods
+from lynx_hf.evaluation.tables import format_agreement, format_aurocs, format_compact, format_table, write_results
 from lynx_hf.evaluation.plots import calibration_plot, pareto_plot
 from test_baselines import _organism_tokenizer, _stated_tables, synthetic_replay, synthetic_table, tiny_table
 
@@ -105,7 +106,7 @@ def test_results_table_json_and_plots_are_written(tmp_path, text_setup):
 @pytest.fixture(scope="module")
 def text_setup():
     """Tables with real token ids whose labels the text shows, a fitted TextProbe and a replay with noisy scores."""
-    from lynx_hf.evaluation.baselines import TextProbe
+    from lynx_hf.evaluation.text_rules import TextProbe
 
     tok = _organism_tokenizer()
     train, cal, test = (_stated_tables(tok, n, seed) for n, seed in ((120, 0), (80, 1), (80, 2)))
@@ -164,7 +165,8 @@ def test_compact_table_has_five_columns_and_fits_a_terminal(text_setup):
 
 
 def test_text_only_margin_compares_with_the_best_mix_of_text_rules():
-    from lynx_hf.evaluation.evaluate import format_text_margin, text_only_margin
+    from lynx_hf.evaluation.evaluate import text_only_margin
+    from lynx_hf.evaluation.tables import format_text_margin
 
     def row(method, family, accuracy, tokens):
         return {"method": method, "family": family, "accuracy": accuracy, "thinking_tokens": tokens}
@@ -224,16 +226,19 @@ def test_importing_lynx_hf_loads_the_runtime_only():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout.splitlines()
     loaded = eval(out[0])
-    for heavy in ("lynx_hf.evaluation.baselines", "lynx_hf.evaluation.evaluate", "lynx_hf.evaluation.demo", "lynx_hf.evaluation.plots", "lynx_hf.cli",
-                  "lynx_hf.pipeline.collect", "matplotlib", "evaluate", "datasets"):
+    for heavy in ("lynx_hf.evaluation.replay", "lynx_hf.evaluation.cue_rules", "lynx_hf.evaluation.text_rules",
+                  "lynx_hf.evaluation.live_rules", "lynx_hf.evaluation.evaluate", "lynx_hf.evaluation.agreement",
+                  "lynx_hf.evaluation.tables", "lynx_hf.evaluation.demo",
+                  "lynx_hf.evaluation.plots", "lynx_hf.cli", "lynx_hf.pipeline.collect", "matplotlib", "evaluate",
+                  "datasets"):
         assert heavy not in loaded, loaded
-    assert out[1] == "lynx_hf.evaluation.baselines"
+    assert out[1] == "lynx_hf.evaluation.text_rules"
 
 
 def test_shipped_text_events_belong_to_the_shipped_bundle():
     """The demo's TextProbe trains on the bundle's own tables; a table with other labels is refused."""
     from lynx_hf import organism
-    from lynx_hf.evaluation.baselines import TextEvents, load_text_events
+    from lynx_hf.evaluation.text_rules import TextEvents, load_text_events
     from lynx_hf.runtime.bundle import Lynx
     from lynx_hf.evaluation.demo import TEXT_EVENTS, is_bundle_table
 
@@ -252,7 +257,7 @@ def test_shipped_text_events_belong_to_the_shipped_bundle():
 
 
 def test_text_events_round_trip_through_safetensors(tmp_path, text_setup):
-    from lynx_hf.evaluation.baselines import TextEvents, load_text_events, save_text_events
+    from lynx_hf.evaluation.text_rules import TextEvents, load_text_events, save_text_events
 
     _, text_probe, replay = text_setup
     events = TextEvents.from_table(replay.table)

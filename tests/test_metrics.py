@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lynx_hf.metrics
-from lynx_hf.evaluation.baselines import Full, LynxExit, Oracle
+from lynx_hf.evaluation.cue_rules import Full, LynxExit, Oracle
 from lynx_hf.runtime.conformal import LynxCalibrationWarning
 from lynx_hf.evaluation.evaluate import evaluate, exit_metric, metrics
 from test_baselines import synthetic_replay

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lynx_hf import organism
-from lynx_hf.evaluation.baselines import regenerate
+from lynx_hf.evaluation.live_rules import regenerate
 from lynx_hf.pipeline.collect import Collector
 from lynx_hf.pipeline.rollout import TransformersRollout, VllmRollout, cut_at_eos, request_seed
 

@@ -12,7 +12,7 @@ from ..pipeline.events import EventTable
 from ..runtime.audit import AuditRow, audit_report, observe_row
 from ..runtime.bundle import Lynx
 from ..runtime.conformal import check_guarantee, check_risk_level, exits
-from .baselines import Replay
+from .replay import Replay
 
 
 def replay_rows(table: EventTable, scores: torch.Tensor, threshold: float, settings: dict) -> list[AuditRow]:

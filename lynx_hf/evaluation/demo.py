@@ -85,7 +85,7 @@ def write_text_events(path: Path, train: EventTable, calibration: EventTable) ->
     Example:
         >>> write_text_events(organism.BUNDLE_DIR / TEXT_EVENTS, train, cal)  # doctest: +SKIP
     """
-    from .baselines import TextEvents, save_text_events
+    from .text_rules import TextEvents, save_text_events
     from ..pipeline.train import describe
 
     settings = train.settings
@@ -106,7 +106,7 @@ def bundle_text_events(model, tok, lynx, out: Path, runs: Path = RUNS, bundle_di
         >>> train, cal, note = bundle_text_events(model, tok, lynx, Path("outputs/demo"))  # doctest: +SKIP
     """
     from .. import organism
-    from .baselines import TextEvents, load_text_events
+    from .text_rules import TextEvents, load_text_events
 
     path = Path(bundle_dir or organism.BUNDLE_DIR) / TEXT_EVENTS
     if path.exists():
@@ -175,7 +175,7 @@ def fit_text_probe(model, tok, lynx, out: Path, runs: Path = RUNS, bundle_dir: P
     Example:
         >>> text_probe, note = fit_text_probe(model, tok, lynx, Path("outputs/demo"))  # doctest: +SKIP
     """
-    from .baselines import TextProbe
+    from .text_rules import TextProbe
     from ..pipeline.train import describe
 
     train, cal, note = bundle_text_events(model, tok, lynx, out, runs, bundle_dir)
@@ -220,9 +220,10 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
     Example:
         >>> result = run_family(model, tok, lynx, "arithmetic", 50, Path("outputs/demo/arithmetic"), 0, 32)  # doctest: +SKIP
     """
-    from .evaluate import (
-        DEFAULT_METHOD, calibration_curve, format_agreement, format_aurocs, format_compact, format_guarantee_table,
-        format_text_margin, live_agreement, probe_aurocs, run_all, text_only_margin, versus_text_rule, write_results,
+    from .agreement import live_agreement
+    from .evaluate import DEFAULT_METHOD, calibration_curve, probe_aurocs, run_all, text_only_margin, versus_text_rule
+    from .tables import (
+        format_agreement, format_aurocs, format_compact, format_guarantee_table, format_text_margin, write_results,
     )
     from .plots import calibration_plot, pareto_plot
     from .splits import replay_split_rates
@@ -243,7 +244,7 @@ def run_family(model, tok, lynx, family: str, n: int, out: Path, seed: int, live
         lynx.confidence, lynx.guarantee = LIVE_CONFIDENCE, DEFAULT_GUARANTEE
         reports.append(live_agreement(lynx, replay, live))
         greedy = _collect(model, tok, lynx, family, "test", live, seed, out / "events-greedy", temperature=0.0)
-        from .baselines import Replay
+        from .replay import Replay
 
         reports.append(live_agreement(lynx, Replay.from_bundle(greedy, lynx), live))
     curve = calibration_curve(replay)

@@ -1,9 +1,8 @@
-"""Evaluation: replay every exit method over an event table, compare with full reasoning, check live agreement.
+"""Evaluation: replay every exit method over an event table, compare with full reasoning (`lynx-hf eval`).
 
 Replay (`evaluate`) reads one event table and the bundle's probe scores, so any confidence, the oracle and the
-cue baselines cost nothing to evaluate; the live baselines (budget forcing, NoWait) run the model. `live_agreement`
-runs the real plug-ins inside `model.generate` (stop mode and shadow mode) on the collection's own batches and
-seeds and reports how often their exit decisions and answers agree with replay at the same threshold.
+cue baselines cost nothing to evaluate; the live baselines (budget forcing, NoWait) run the model. The live
+agreement check is in `agreement.py`, the tables and results files in `tables.py`.
 
 Accuracy, thinking tokens saved and premature-exit rates come from the `lynx_exit` metric shipped inside the package
 (`evaluate.load(lynx_hf.metrics.LYNX_EXIT)`, a local path, so it works offline); the rest of a row (total tokens,
@@ -13,7 +12,6 @@ helped / harmed) is counted here.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import time
@@ -24,14 +22,15 @@ from pathlib import Path
 import torch
 
 from ..runtime.answers import answers_match
-from .baselines import (
-    BudgetForcing, DeerStyle, FirstCue, Full, LynxBudget, LynxExit, Method, NoWait, Oracle, Outcome, Replay,
-    TextProbe, TextProbeExit, answer_stated_rules, matched_budget, regenerate, shard_batches,
-)
-from ..runtime.conformal import DEFAULT_GUARANTEE, GUARANTEE_ORDER, LynxCalibrationWarning, exits
+from .cue_rules import DeerStyle, FirstCue, Full, LynxExit, Oracle
+from .live_rules import BudgetForcing, LynxBudget, NoWait, matched_budget
+from .replay import Method, Outcome, Replay
+from .text_rules import TextProbe, TextProbeExit, answer_stated_rules
+from ..runtime.conformal import DEFAULT_GUARANTEE, GUARANTEE_ORDER, LynxCalibrationWarning
 from ..pipeline.events import EventTable
-from ..runtime.exit import eos_token_ids
 from ..runtime.probe import auroc
+from .agreement import live_agreement
+from .tables import _fmt, format_agreement, format_aurocs, format_compact, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ def metrics(outcome: Outcome, full: Outcome, references: Sequence[str] | None = 
     per-event guarantee bounds; threshold rules only).
 
     Example:
-        >>> from lynx_hf.evaluation.baselines import Outcome
+        >>> from lynx_hf.evaluation.replay import Outcome
         >>> t = torch.tensor
         >>> full = Outcome("Full", t([False, False]), t([-1, -1]), t([True, False]), t([10, 10]), t([12, 12]), t([0, 0]),
         ...                answers=["1", "3"])
@@ -181,20 +180,6 @@ def probe_aurocs(replay: Replay, text_probe: TextProbe | None = None) -> dict:
     return report
 
 
-def format_aurocs(report: dict) -> str:
-    """One line from `probe_aurocs`.
-
-    Example:
-        >>> format_aurocs({"n_events": 10, "n_safe": 4, "lynx_probe": 0.9, "text_probe": 0.85, "text_probe_window": 8})
-        'probe AUROC on 10 held-out cue events (4 safe): LYNX probe (hidden states) 0.900, TextProbe (last 8 tokens) 0.850'
-    """
-    text = (f"probe AUROC on {report['n_events']} held-out cue events ({report['n_safe']} safe): "
-            f"LYNX probe (hidden states) {_fmt(report['lynx_probe'])}")
-    if "text_probe" in report:
-        text += f", TextProbe (last {report['text_probe_window']} tokens) {_fmt(report['text_probe'])}"
-    return text
-
-
 TEXT_ONLY_FAMILIES = ("Full", "FirstCue", "AnswerStated", "TextProbe (event)", "TextProbe (question)",
                       "Budget forcing")
 """Exit rules whose decision reads only the text (or nothing): the frontier LYNX is compared against."""
@@ -259,31 +244,6 @@ def text_only_margin(rows: Sequence[dict], method: str = DEFAULT_METHOD) -> dict
         "accuracy_margin": None if math.isinf(accuracy) else float(row["accuracy"]) - accuracy,
         "text_methods": [r["method"] for r in text],
     }
-
-
-def format_text_margin(margin: dict) -> str:
-    """One line from `text_only_margin`, against issue 12's targets (+10 points savings at equal accuracy, or +5
-    points accuracy at equal thinking tokens).
-
-    Example:
-        >>> line = format_text_margin({"method": "L", "savings_margin": 0.12, "accuracy_margin": 0.01,
-        ...     "text_savings_at_equal_accuracy": 0.4, "text_accuracy_at_equal_tokens": 0.8, "text_methods": ["Full"]})
-        >>> print(line.replace("; ", ";\\n").replace("), ", "),\\n"))
-        L vs the best text-only exit (mixes of 1 rules): +12.0 points savings at equal accuracy (text 40.0%),
-        +1.0 points accuracy at equal thinking tokens (text 0.800);
-        target +10 or +5: met
-    """
-    def points(x):
-        return "n/a" if x is None else f"{100 * x:+.1f} points"
-
-    savings, accuracy = margin["savings_margin"], margin["accuracy_margin"]
-    met = (savings is not None and savings >= 0.10 - 1e-9) or (accuracy is not None and accuracy >= 0.05 - 1e-9)
-    text_savings = margin["text_savings_at_equal_accuracy"]
-    reach = "no text rule reaches its accuracy" if text_savings is None else f"text {100 * text_savings:.1f}%"
-    return (f"{margin['method']} vs the best text-only exit (mixes of {len(margin['text_methods'])} rules): "
-            f"{points(savings)} savings at equal accuracy ({reach}), {points(accuracy)} accuracy at equal thinking "
-            f"tokens (text {_fmt(margin['text_accuracy_at_equal_tokens'])}); target +10 or +5: "
-            f"{'met' if met else 'missed'}")
 
 
 def evaluate(replay: Replay, methods: Sequence[Method], progress: bool = False) -> tuple[list[dict], list[Outcome]]:
@@ -361,279 +321,6 @@ def calibration_curve(replay: Replay, confidences: Sequence[float] = CALIBRATION
     return points
 
 
-# ----- live agreement ---------------------------------------------------------------------------------------------
-def _strip(row: list[int], eos: set[int], pad: int | None) -> list[int]:
-    out = []
-    for token in row:
-        if token in eos:
-            break
-        out.append(token)
-    while pad is not None and out and out[-1] == pad:
-        out.pop()
-    return out
-
-
-def _diverged_at(a: list[int], b: list[int]) -> int | None:
-    """First index where two token lists differ within their common length (None: one is a prefix of the other)."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None
-
-
-def compare_exits(replay: Replay, trace: int, tau: float, live_position: int, live_score: float | None,
-                  live_tokens: list[int] | None = None) -> dict:
-    """Compare one live exit decision (position in the trace's unpadded tokens, -1 = none) with replay's at `tau`.
-
-    Returns `agree` (same exited? and same position), both positions and scores, and for a disagreement a `reason`:
-    the regenerated trace diverged before the exit (sampling numerics), the score sits near the threshold (cached
-    vs teacher-forced hidden states), or the live cue is not a replay event (cue detection differs).
-
-    Example:
-        >>> compare_exits(replay, 0, 0.5, live_position=-1, live_score=None)["agree"]  # doctest: +SKIP
-        True
-    """
-    table = replay.table
-    events = (table.trace == trace).nonzero().flatten()
-    fires = exits(replay.scores[events], tau)
-    replay_event = int(events[fires][0]) if bool(fires.any()) else -1
-    replay_position = int(table.position[replay_event]) if replay_event >= 0 else -1
-    row = {
-        "id": table.traces[trace]["id"], "tau": tau, "replay_position": replay_position,
-        "replay_score": float(replay.scores[replay_event]) if replay_event >= 0 else None,
-        "live_position": live_position, "live_score": live_score,
-        "agree": replay_position == live_position, "reason": None,
-    }
-    if row["agree"]:
-        return row
-    stored = table.traces[trace]["token_ids"]
-    prompt = table.traces[trace]["prompt_length"]
-    horizon = max(replay_position, live_position) + 1
-    if live_tokens is not None:
-        k = _diverged_at(live_tokens[:horizon - prompt], stored[prompt:horizon])
-        if k is not None:
-            row["reason"] = f"regenerated trace diverged at generated token {k}, before the exit"
-            return row
-    at_live = (table.position[events] == live_position).nonzero().flatten()
-    if live_position >= 0 and not at_live.numel():
-        row["reason"] = "live exit at a token that is not a replay cue event (cue detection differs)"
-        return row
-    # the event where the decisions differ: the earlier of the two exits
-    first = min(p for p in (replay_position, live_position) if p >= 0)
-    e = int(events[(table.position[events] == first).nonzero().flatten()[0]])
-    p = float(replay.scores[e])
-    row["replay_score_at_disagreement"] = p
-    row["margin"] = abs(p - tau)
-    scale = f"; live score {live_score:.6f}" if live_score is not None and first == live_position else ""
-    row["reason"] = (f"probe score near the threshold: replay p={p:.6f} vs tau={tau:.6f}{scale} (cached vs "
-                     "teacher-forced hidden states)" if abs(p - tau) < 1e-3 else
-                     f"replay p={p:.6f} vs tau={tau:.6f} is not near the threshold{scale}: unexplained")
-    return row
-
-
-@torch.no_grad()
-def live_agreement(lynx, replay: Replay, n: int, *, modes: Sequence[str] = ("stop", "shadow")) -> dict:
-    """Run the attached `lynx` live on the first `n` traces' batches and compare with replay at `lynx.threshold`.
-
-    Each batch is regenerated with the collection's prompts, batch composition, seed and sampling settings, so
-    tokens match the stored traces up to the exit. Stop mode (`stopping_criteria=[lynx]`, answers via
-    `lynx.answer`) and shadow mode (never intervenes) are both checked. Returns per mode: `exit_agreement` (same
-    exited? and same position), `exited_agreement` (same exited?), `answer_agreement` (stop mode: same final
-    answer as replay), `token_agreement` (regenerated tokens equal the stored ones up to the exit, or entirely in
-    shadow mode) and `disagreements` (each with a reason).
-
-    Example:
-        >>> report = live_agreement(lynx, replay, n=64)  # doctest: +SKIP
-        >>> report["stop"]["exit_agreement"]  # doctest: +SKIP
-        1.0
-    """
-    table = replay.table
-    tau = lynx.threshold
-    model, tokenizer = lynx.model, lynx.tokenizer
-    eos = set(eos_token_ids(model, tokenizer))
-    pad = tokenizer.pad_token_id
-    shadow_before = lynx.shadow
-    report = {"threshold": tau, "confidence": lynx.confidence, "guarantee": lynx.guarantee,
-              "sampling": "greedy" if float(table.settings.get("temperature", 0.6)) == 0 else "sampled"}
-    try:
-        for mode in modes:
-            lynx.shadow = mode == "shadow"
-            rows, started = [], time.perf_counter()
-            for indices, seed in shard_batches(table, n):
-                out, width = regenerate(model, tokenizer, table, indices, seed, stopping_criteria=[lynx])
-                records = lynx.last_exits
-                answers = lynx.answer(out) if mode == "stop" else None
-                for b, t in enumerate(indices):
-                    record = records[b]
-                    offset = width - table.traces[t]["prompt_length"]
-                    live_position = record.position - offset if record.would_exit else -1
-                    tokens = _strip(out[b, width:].tolist(), eos, pad if pad not in eos else None)
-                    row = compare_exits(replay, t, tau, live_position, record.score, tokens)
-                    stored = table.traces[t]["token_ids"][table.traces[t]["prompt_length"]:]
-                    if mode == "stop" and record.exited:
-                        horizon = live_position + 1 - table.traces[t]["prompt_length"]
-                        row["tokens_match"] = tokens[:horizon] == stored[:horizon]
-                    else:
-                        row["tokens_match"] = tokens == stored
-                    if answers is not None:
-                        replay_answer = _replay_answer(replay, t, tau)
-                        row["live_answer"], row["replay_answer"] = answers[b].answer, replay_answer
-                        row["answer_agree"] = answers[b].answer == replay_answer
-                    rows.append(row)
-            summary = {
-                "n": len(rows),
-                "exit_agreement": _share(r["agree"] for r in rows),
-                "exited_agreement": _share((r["live_position"] >= 0) == (r["replay_position"] >= 0) for r in rows),
-                "token_agreement": _share(r["tokens_match"] for r in rows),
-                "wall_time_s": time.perf_counter() - started,
-                "disagreements": [r for r in rows if not r["agree"] or not r.get("answer_agree", True)],
-            }
-            if mode == "stop":
-                summary["answer_agreement"] = _share(r["answer_agree"] for r in rows)
-                summary["exit_rate"] = _share(r["live_position"] >= 0 for r in rows)
-            report[mode] = summary
-    finally:
-        lynx.shadow = shadow_before
-    return report
-
-
-def _replay_answer(replay: Replay, trace: int, tau: float) -> str | None:
-    table = replay.table
-    events = (table.trace == trace).nonzero().flatten()
-    fires = exits(replay.scores[events], tau)
-    if bool(fires.any()):
-        return table.answers[int(events[fires][0])]
-    return table.traces[trace].get("answer")
-
-
-def _share(values) -> float:
-    values = list(values)
-    return sum(bool(v) for v in values) / len(values) if values else float("nan")
-
-
-# ----- output -----------------------------------------------------------------------------------------------------
-def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}" if not math.isinf(value) else "inf"
-    return str(value)
-
-
-def realised_rate(row: dict) -> float | None:
-    """The premature-exit rate in the unit of the row's guarantee (event: unsafe cues that exit; question: questions
-    answered wrongly at an exit), i.e. the number to compare with the target 1 - c; None for other methods.
-
-    Example:
-        >>> realised_rate({"guarantee": "question", "premature_per_question": 0.04, "unsafe_event_exit_rate": 0.2})
-        0.04
-    """
-    if row.get("guarantee") == "event":
-        return row.get("unsafe_event_exit_rate")
-    if row.get("guarantee") == "question":
-        return row.get("premature_per_question")
-    return None
-
-
-def format_table(rows: Sequence[dict]) -> str:
-    """Results rows as a markdown table (`realised` is the premature-exit rate the row's guarantee bounds).
-
-    Example:
-        >>> print(format_table([{"method": "Full", "accuracy": 0.5, "thinking_tokens": 10.0, "total_tokens": 12.0,
-        ...     "savings": 0.0, "exit_rate": 0.0, "premature_per_exit": 0.0, "premature_per_question": 0.0,
-        ...     "target": None, "unsafe_event_exit_rate": None, "exited_accuracy": float("nan"), "helped": 0,
-        ...     "harmed": 0, "wall_time_s": None}]).splitlines()[2])
-        | Full | 0.500 | 10.0 | 12.0 | 0.0% | 0.0% | – | – | – | – | – | – | 0 | 0 | – |
-    """
-    header = ("| method | accuracy | think tok | total tok | savings | exit rate | target 1-c | realised | "
-              "unsafe-event exits | premature/question | premature/exit | acc. on exits | helped | harmed | wall s |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in rows:
-        exited = bool(r["exit_rate"])
-        lines.append("| " + " | ".join([
-            r["method"], _fmt(r["accuracy"]), _fmt(r["thinking_tokens"], 1), _fmt(r["total_tokens"], 1),
-            f"{100 * r['savings']:.1f}%", f"{100 * r['exit_rate']:.1f}%", _fmt(r.get("target"), 2),
-            _fmt(realised_rate(r)), _fmt(r.get("unsafe_event_exit_rate")),
-            _fmt(r["premature_per_question"]) if exited else "–", _fmt(r["premature_per_exit"]) if exited else "–",
-            _fmt(r["exited_accuracy"]), str(r["helped"]), str(r["harmed"]), _fmt(r.get("wall_time_s"), 1),
-        ]) + " |")
-    return "\n".join(lines)
-
-
-def premature_text(row: dict) -> str:
-    """The compact table's premature-exit cell: the realised rate in the unit the row's guarantee bounds, with its
-    target; for exits without a guarantee, the share of questions answered wrongly at an exit; "–" without exits.
-
-    Example:
-        >>> premature_text({"guarantee": "event", "unsafe_event_exit_rate": 0.098, "target": 0.1, "exit_rate": 0.9})
-        '0.098 per unsafe cue (target 0.10)'
-        >>> premature_text({"guarantee": None, "premature_per_question": 0.5, "exit_rate": 0.9})
-        '0.500 per question'
-    """
-    if row.get("guarantee") == "event":
-        return f"{_fmt(row.get('unsafe_event_exit_rate'))} per unsafe cue (target {_fmt(row.get('target'), 2)})"
-    if row.get("guarantee") == "question":
-        return f"{_fmt(row.get('premature_per_question'))} per question (target {_fmt(row.get('target'), 2)})"
-    if not row.get("exit_rate"):
-        return "–"
-    return f"{_fmt(row.get('premature_per_question'))} per question"
-
-
-def format_compact(rows: Sequence[dict]) -> str:
-    """Results rows as a five-column markdown table that fits a terminal: method, accuracy, thinking tokens,
-    savings and the premature-exit rate against its target (`format_table` has every column; results.md holds it).
-
-    Example:
-        >>> print(format_compact([{"method": "Full", "accuracy": 0.5, "thinking_tokens": 10.0, "savings": 0.0,
-        ...     "exit_rate": 0.0, "guarantee": None}]).splitlines()[2])
-        | Full | 0.500 | 10.0 | 0.0% | – |
-    """
-    lines = ["| method | accuracy | thinking tokens | savings | premature exits (target) |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {_fmt(r['accuracy'])} | {_fmt(r['thinking_tokens'], 1)} | "
-                     f"{100 * r['savings']:.1f}% | {premature_text(r)} |")
-    return "\n".join(lines)
-
-
-def binomial_tolerance(n: int, rate: float, level: float = 0.95) -> float:
-    """The rate that `n` test questions exceed with probability at most 1 - `level` when the true rate is `rate`
-    (the upper `level` quantile of Binomial(n, rate) / n): a realised rate above it is unlikely under the bound.
-
-    Example:
-        >>> binomial_tolerance(200, 0.1)
-        0.135
-    """
-    from ..runtime.conformal import binomial_cdf
-
-    return int((binomial_cdf(n, rate) < level).sum()) / n
-
-
-def format_guarantee_table(rows: Sequence[dict], guarantee: str = DEFAULT_GUARANTEE) -> str:
-    """The LYNX rows of one guarantee, per confidence: the realised share of questions whose exit is premature
-    (what the guarantee bounds by δ = 1 - c, with the binomial 95% tolerance for this many test questions), the
-    share the exit made wrong (right at the end of the full trace, wrong at the exit), accuracy against full
-    reasoning and thinking saved.
-
-    Example:
-        >>> rows = [{"method": "Full", "family": "Full", "accuracy": 0.9, "n": 200},
-        ...         {"method": "Lynx c=0.9 (question)", "family": "Lynx (question)", "confidence": 0.9, "n": 200,
-        ...          "premature_per_question": 0.08, "harmed": 10, "accuracy": 0.86, "savings": 0.4}]
-        >>> print(format_guarantee_table(rows).splitlines()[2])
-        | 0.9 | 0.10 | 0.080 (≤ 0.135) | 0.050 | 0.860 (full 0.900) | 40.0% |
-    """
-    full = next(r for r in rows if r["family"] == "Full")
-    lines = ["| c | δ = 1 − c | premature exits per question (binomial tolerance) | made wrong by the exit | "
-             "accuracy | thinking saved |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["family"] != f"Lynx ({guarantee})":
-            continue
-        delta, n = 1 - r["confidence"], r["n"]
-        lines.append(f"| {r['confidence']:g} | {delta:.2f} | {_fmt(r['premature_per_question'])} "
-                     f"(≤ {binomial_tolerance(n, delta):.3f}) | {r['harmed'] / n:.3f} | {_fmt(r['accuracy'])} "
-                     f"(full {_fmt(full['accuracy'])}) | {100 * r['savings']:.1f}% |")
-    return "\n".join(lines)
-
-
 def versus_text_rule(rows: Sequence[dict], method: str = DEFAULT_METHOD,
                      rule: str = "AnswerStated (answer phrases)") -> str:
     """One line: `method` against the practitioner's one-line text rule, accuracy and thinking saved side by side,
@@ -657,61 +344,6 @@ def versus_text_rule(rows: Sequence[dict], method: str = DEFAULT_METHOD,
         verdict = f"miss ({accuracy}, {'saves more' if saves else 'saves less'})"
     return (f"{method}: accuracy {_fmt(a['accuracy'])}, {100 * a['savings']:.1f}% thinking saved; {rule}: "
             f"{_fmt(b['accuracy'])}, {100 * b['savings']:.1f}%: {verdict}")
-
-
-def format_agreement(report: dict) -> str:
-    """A short text summary of `live_agreement`'s report.
-
-    Example:
-        >>> format_agreement({"sampling": "greedy", "confidence": 0.9, "guarantee": "event", "threshold": 0.5,
-        ...     "stop": {"n": 4, "exit_agreement": 1.0, "exited_agreement": 1.0, "token_agreement": 1.0,
-        ...     "answer_agreement": 0.75, "disagreements": []}}).splitlines()[1]
-        '  stop: 4 traces, same exit decision and position 100.0%, same exited? 100.0%, same answer 75.0%, tokens identical up to the exit 100.0%'
-    """
-    lines = [f"live vs replay ({report['sampling']}, c={report['confidence']}, {report['guarantee']} guarantee, "
-             f"tau={_fmt(report['threshold'], 4)}):"]
-    for mode in ("stop", "shadow"):
-        if mode not in report:
-            continue
-        s = report[mode]
-        text = (f"  {mode}: {s['n']} traces, same exit decision and position {100 * s['exit_agreement']:.1f}%, "
-                f"same exited? {100 * s['exited_agreement']:.1f}%")
-        if "answer_agreement" in s:
-            text += f", same answer {100 * s['answer_agreement']:.1f}%"
-        text += f", tokens identical {'up to the exit' if mode == 'stop' else 'throughout'} {100 * s['token_agreement']:.1f}%"
-        lines.append(text)
-        for d in s["disagreements"][:5]:
-            reason = d["reason"] or (f"same exit, different answer: live {d.get('live_answer')!r} vs replay "
-                                     f"{d.get('replay_answer')!r} (greedy answer decode on padded cached vs "
-                                     "unpadded hidden states)")
-            lines.append(f"    {d['id']}: replay pos {d['replay_position']}, live pos {d['live_position']}: {reason}")
-    return "\n".join(lines)
-
-
-def write_results(rows: Sequence[dict], out: str | Path, name: str = "results", title: str = "",
-                  extra: dict | None = None, notes: Sequence[str] = ()) -> Path:
-    """Write `name.md` (the full markdown table, then `notes` as lines) and `name.json` (rows + `extra`) into
-    `out`; returns the markdown path.
-
-    Example:
-        >>> write_results(rows, "outputs/eval")  # doctest: +SKIP
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / f"{name}.md"
-    md.write_text((f"## {title}\n\n" if title else "") + format_table(rows) + "\n"
-                  + "".join(f"\n{note}\n" for note in notes), encoding="utf-8")
-    payload = {"rows": list(rows), **(extra or {})}
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=_json_default) + "\n", encoding="utf-8")
-    return md
-
-
-def _json_default(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def check_table_matches_bundle(table: EventTable, lynx) -> None:

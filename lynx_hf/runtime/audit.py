@@ -24,7 +24,7 @@ so the draws are rows: the per-row counts (X exits among N unsafe cues) go into 
 bound M = the most unsafe cues any calibration question had (the same range `conformal` uses); a row with more than
 M unsafe cues is scaled to M (X·M/N of M: its own rate kept, its weight capped), and the report counts such rows.
 
-The rate comes with an anytime-valid confidence sequence (`conformal.betting_confidence_sequence`: Waudby-Smith &
+The rate comes with an anytime-valid confidence sequence (`bounds.betting_confidence_sequence`: Waudby-Smith &
 Ramdas's hedged capital betting, implemented here rather than taken from `confseq`, to keep the runtime free of a
 compiled dependency and to reuse the betting code calibration already has): an audit is read after every batch, and
 a fixed-n Clopper-Pearson interval read that often would raise false alarms. Verdicts: "above δ: recalibrate" once
@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from .answers import answers_match, extract_boxed
-from .conformal import betting_confidence_sequence, exits, ratio_confidence_sequence
+from .bounds import betting_confidence_sequence, ratio_confidence_sequence
+from .conformal import exits
 
 if TYPE_CHECKING:
     from .monitor import GenerateCall
