@@ -64,6 +64,36 @@ def test_shadow_mode_records_the_exit_but_never_changes_the_output(setup):
     assert record.would_exit and not record.exited and record.position == _cue_index(tok, enc, plain, "Wait")
 
 
+def test_a_criterion_that_changes_lynxs_answer_in_place_never_changes_the_next_step(setup):
+    """Each step answers with a tensor of its own: a wrapper that writes into what it got back (as `|=` would)
+    cannot make a later step stop."""
+    from transformers import StoppingCriteria
+
+    model, tok, enc = setup
+    lynx = bundle(model, tok, probability=0.01, shadow=True).attach(model, tok)
+
+    class Scribbler(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = lynx(input_ids, scores)
+            answer = done.clone()
+            done.fill_(True)
+            return answer
+
+    plain = _generate(model, enc, [_script(tok, enc)])
+    assert torch.equal(_generate(model, enc, [_script(tok, enc)], [Scribbler()]), plain)
+    stream = dict(processors=[_script(tok, enc), lynx.exit_processor()])
+    stopper = lynx.answer_stopper()
+
+    class StreamScribbler(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = stopper(input_ids, scores)
+            answer = done.clone()
+            done.fill_(True)
+            return answer
+
+    assert torch.equal(_generate(model, enc, criteria=[StreamScribbler()], **stream), plain)
+
+
 def test_exit_processor_forces_the_exit_text_once_the_cue_word_has_ended_and_stops_when_the_box_closes(setup):
     model, tok, enc = setup
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)

@@ -370,7 +370,8 @@ class GenerateCall:
         cues on what generate writes after their end (padding, or model tokens where no EOS is set).
 
         A step after which no row has a cue to confirm (nearly all of them) only advances the cue automaton and
-        mirrors its largest state to the host: six tensor ops, no host sync; it returns `self.nothing`."""
+        mirrors its largest state to the host: six tensor ops, no host sync; it returns `self.nothing` (which the
+        plug-ins copy before handing it to the caller)."""
         length = input_ids.shape[1]
         new = length - self._consumed
         if new == 0:

@@ -45,7 +45,8 @@ class LynxStoppingCriteria(StoppingCriteria):
     def step(self, input_ids: torch.LongTensor, caller) -> torch.BoolTensor:
         """One decoding step of the call that `caller` (the frame calling the plug-in) belongs to."""
         call, loop = self.calls.current_and_loop(input_ids, caller)
-        return call.acting(call.observe(input_ids, loop_running(loop, input_ids.shape[0])))
+        decide = call.acting(call.observe(input_ids, loop_running(loop, input_ids.shape[0])))
+        return decide.clone() if decide is call.nothing else decide  # the caller may change what it gets in place
 
     @property
     def last_exits(self) -> list[ExitRecord]:
@@ -212,7 +213,7 @@ class LynxAnswerStopper(StoppingCriteria):
         if call.audited is not None:  # the audit reads audited rows' full text, including this last token
             call.final_ids = input_ids
         if call.no_exit_yet:  # (an exit decided at this step is answering only from a later one)
-            return call.nothing
+            return call.nothing.clone()  # the caller may change what it gets in place
         done = call.answering & (call.depth + call.brace_delta[input_ids[:, -1]] < 0)
         call.closed |= done
         return done
