@@ -7,14 +7,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from lynx_hf.runtime.cues import (DEFAULT_CUES, MAX_TOKEN_CHARS, CueEvent, _cue_reach, _fold, _fold_all, _id_space,
-                                  _token_strings)
-
-_TABLES = ("_table", "_lengths", "_is_letter", "continues_word", "_continues_ext", "_patterns", "_pattern_mask",
-           "_cue_lengths", "_pattern_free", "_boundary", "_shift_index", "_new_in_buffer", "_new_in_region", "_region")
+from lynx_hf.runtime.cue_table import pattern_reach
+from lynx_hf.runtime.cues import DEFAULT_CUES, MAX_TOKEN_CHARS, CueDetector
 
 
 @dataclass
@@ -38,84 +34,28 @@ class ReferenceState:
         return self.in_think.shape[0]
 
 
-class ReferenceCueDetector:
-    """The character-buffer detector (same arguments as `CueDetector`)."""
+class ReferenceCueDetector(CueDetector):
+    """The character-buffer matcher, on the same token texts and character codes as `CueDetector` (whose `start`
+    and `step` it replaces; `find_events_batch` runs them)."""
 
-    def __init__(
-        self,
-        tokenizer,
-        cues: Sequence[str] = DEFAULT_CUES,
-        think_start: str | None = "<think>",
-        think_end: str | None = "</think>",
-    ) -> None:
-        if isinstance(cues, str):
-            raise TypeError(f"cues must be a sequence of words, got the string {cues!r}; pass ({cues!r},) instead.")
-        canonical = []
-        for cue in cues:
-            word = _fold(str(cue).strip())
-            if not word or not (word[0].isalpha() and word[-1].isalpha()):
-                raise ValueError(
-                    f"Cue {cue!r} must be a word that starts and ends with a letter (word boundaries are checked "
-                    "around it); strip punctuation and spaces from it."
-                )
-            if word not in canonical:
-                canonical.append(word)
-        if not canonical:
-            raise ValueError("cues is empty; pass at least one cue word, e.g. DEFAULT_CUES.")
-        for name, marker in (("think_start", think_start), ("think_end", think_end)):
-            if marker is not None and not marker:
-                raise ValueError(f"{name} is an empty string; pass the marker text, or None to disable it.")
-
-        self.tokenizer = tokenizer
-        self.cues: tuple[str, ...] = tuple(canonical)
-        self.think_start = think_start
-        self.think_end = think_end
-        self._start_text = _fold(think_start) if think_start else None
-        self._end_text = _fold(think_end) if think_end else None
-
-        vocab_size = _id_space(tokenizer)
-        self.vocab_size = vocab_size
-        raw = _token_strings(tokenizer, vocab_size)
-        self._strings: list[str] = _fold_all(raw)
-
+    def __init__(self, tokenizer, cues: Sequence[str] = DEFAULT_CUES, think_start: str | None = "<think>",
+                 think_end: str | None = "</think>") -> None:
+        super().__init__(tokenizer, cues=cues, think_start=think_start, think_end=think_end)
         # Patterns: cues first, then the markers (matched without word boundaries).
-        patterns = list(self.cues)
-        self._open_index = self._close_index = -1
-        if self._start_text:
-            self._open_index = len(patterns)
-            patterns.append(self._start_text)
-        if self._end_text:
-            self._close_index = len(patterns)
-            patterns.append(self._end_text)
+        patterns = list(self.cues) + [m for m in (self._start_text, self._end_text) if m]
+        self._open_index = len(self.cues) if self._start_text else -1
+        self._close_index = len(patterns) - 1 if self._end_text else -1
         longest = max(len(p) for p in patterns)
         cap = max(1, min(MAX_TOKEN_CHARS, max(len(s) for s in self._strings)))
         tails = [s[-cap:] for s in self._strings]
-        # Only the last M characters of each new token are matched, so the buffer holds M + longest characters and
-        # the table stores only the characters the buffer can ever hold.
-        self._match_slots = _cue_reach(tails, patterns, len(self.cues)) + 1
-        self.buffer_chars = self._match_slots + longest
-        width = max(1, min(cap, self.buffer_chars))
-        self.max_token_chars = width
+        # Only the last M characters of each new token are matched, so the buffer holds M + longest characters.
+        self._match_slots = pattern_reach(tails, patterns, len(self.cues)) + 1
+        assert self.buffer_chars == self._match_slots + longest
+        width = self.max_token_chars
         self._longest = longest
         window = longest + 2  # left neighbour + pattern + right neighbour
-
-        # Compact character codes: 0 = no character or a non-letter, 1 = a letter no pattern uses, 2.. = each
-        # character some pattern uses. Matching only ever compares with pattern characters and asks "letter?".
-        pattern_chars = sorted({c for p in patterns for c in p})
-        self._codes = {c: i + 2 for i, c in enumerate(pattern_chars)}
-        self._is_letter = torch.tensor([False, True] + [c.isalpha() for c in pattern_chars], dtype=torch.bool)
-        # Character table [V + 1, width] of codes, right-aligned; row V is the empty string (ids out of range).
-        padded = "".join(t[-width:].rjust(width, "\0") for t in tails) + "\0" * width
-        points = np.frombuffer(padded.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        present = np.zeros(0x110000, dtype=bool)
-        present[points] = True
-        lookup = np.zeros(0x110000, dtype=np.uint8)
-        distinct = np.flatnonzero(present)
-        lookup[distinct] = [self._char_code(chr(c)) for c in distinct.tolist()]
-        self._table = torch.from_numpy(lookup[points].reshape(vocab_size + 1, width))
-        self._lengths = torch.tensor([min(len(t), width) for t in tails] + [0], dtype=torch.uint8)
-        self.continues_word: torch.Tensor = torch.tensor([s[:1].isalpha() for s in raw], dtype=torch.bool)
-        self._continues_ext = torch.cat([self.continues_word, torch.zeros(1, dtype=torch.bool)])
+        self._is_letter = torch.tensor(self._is_letter, dtype=torch.bool)
+        self._table = torch.from_numpy(self._char_codes(tails, width))
 
         # Pattern table [P, window], right-aligned before the right-neighbour slot.
         pat = torch.zeros(len(patterns), window, dtype=torch.long)
@@ -124,8 +64,6 @@ class ReferenceCueDetector:
             pat[p, window - 1 - len(text): window - 1] = torch.tensor([self._codes[c] for c in text])
             mask[p, window - 1 - len(text): window - 1] = True
         self._patterns = pat
-        self._pattern_mask = mask
-        self._cue_lengths = torch.tensor([len(c) for c in self.cues], dtype=torch.long)
         self._pattern_free = ~mask  # window slots a pattern does not constrain
         self._boundary = torch.zeros(len(self.cues), window, dtype=torch.bool)  # each cue's two neighbour slots
         self._boundary[torch.arange(len(self.cues)), window - 2 - self._cue_lengths] = True
@@ -139,21 +77,6 @@ class ReferenceCueDetector:
         self._new_in_buffer = virtual >= buf  # [width + 1, W]
         self._new_in_region = self._new_in_buffer[:, buf - slots:]  # [width + 1, M]
         self._region = torch.arange(slots)
-        self.device = torch.device("cpu")
-
-    def _char_code(self, ch: str) -> int:
-        code = self._codes.get(ch)
-        if code is not None:
-            return code
-        return 1 if ch.isalpha() else 0
-
-    @property
-    def to(self, device: str | torch.device) -> "ReferenceCueDetector":
-        device = torch.device(device)
-        for name in _TABLES:
-            setattr(self, name, getattr(self, name).to(device))
-        self.device = device
-        return self
 
     def start(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ReferenceState:
         if prompt_ids.dim() != 2:
@@ -256,56 +179,3 @@ class ReferenceCueDetector:
         state.chars, state.char_pos, state.char_think = chars, char_pos, think
         state.length += 1
         return cue.masked_fill(~found, -1), cue_start.masked_fill(~found, -1)
-
-    def find_events(self, token_ids: Sequence[int] | torch.Tensor, prompt_length: int) -> list[CueEvent]:
-        return self.find_events_batch([token_ids], [prompt_length])[0]
-
-    def find_events_batch(
-        self, sequences: Sequence[Sequence[int] | torch.Tensor], prompt_lengths: Sequence[int]
-    ) -> list[list[CueEvent]]:
-        if len(sequences) != len(prompt_lengths):
-            raise ValueError(f"got {len(sequences)} sequences but {len(prompt_lengths)} prompt lengths; pass one "
-                             "prompt length per sequence.")
-        if not sequences:
-            return []
-        seqs = [s.reshape(-1).tolist() if isinstance(s, torch.Tensor) else list(s) for s in sequences]
-        for s, p in zip(seqs, prompt_lengths):
-            if not 0 <= p <= len(s):
-                raise ValueError(f"prompt_length {p} is outside a sequence of {len(s)} tokens.")
-        pad = max(prompt_lengths)
-        gen = max(len(s) - p for s, p in zip(seqs, prompt_lengths))
-        batch = len(seqs)
-        prompt = torch.zeros(batch, pad, dtype=torch.long)
-        mask = torch.zeros(batch, pad, dtype=torch.long)
-        generated = torch.full((batch, max(gen, 1)), self.vocab_size, dtype=torch.long)  # empty-string filler
-        for b, (s, p) in enumerate(zip(seqs, prompt_lengths)):
-            if p:
-                prompt[b, pad - p:] = torch.tensor(s[:p])
-                mask[b, pad - p:] = 1
-            if len(s) > p:
-                generated[b, : len(s) - p] = torch.tensor(s[p:])
-        state = self.start(prompt, mask)
-        generated = generated.to(self.device)
-        cues, starts, retracted = [], [], []
-        for t in range(gen):
-            cue, start = self.step(state, generated[:, t])
-            cues.append(cue)
-            starts.append(start)
-            retracted.append(state.retracted)
-        if not gen:
-            return [[] for _ in seqs]
-        cue_t = torch.stack(cues, 1).tolist()
-        start_t = torch.stack(starts, 1).tolist()
-        # Retraction at step t + 1 voids the event at step t.
-        void = torch.cat([torch.stack(retracted, 1)[:, 1:], torch.zeros(batch, 1, dtype=torch.bool,
-                                                                       device=self.device)], 1).tolist()
-        out: list[list[CueEvent]] = []
-        for b, (s, p) in enumerate(zip(seqs, prompt_lengths)):
-            shift = pad - p
-            events = []
-            for t in range(len(s) - p):
-                if cue_t[b][t] >= 0 and not (void[b][t] and t + 1 < len(s) - p):
-                    events.append(CueEvent(position=p + t, start=start_t[b][t] - shift, cue=self.cues[cue_t[b][t]]))
-            out.append(events)
-        return out
-

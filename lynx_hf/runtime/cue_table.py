@@ -34,7 +34,46 @@ import numpy as np
 # (in_think, prev_letter, cue partials {(cue, matched)}, marker partials {(marker, matched)}, candidate cue or -1)
 CharState = tuple
 
-__all__ = ["CharAutomaton", "TokenTable", "char_automaton", "feed", "token_table"]
+__all__ = ["CharAutomaton", "TokenTable", "char_automaton", "feed", "pattern_reach", "token_table"]
+
+
+def pattern_reach(tails: list[str], patterns: list[str], n_cues: int) -> int:
+    """How far from a token's end a pattern can end inside that token (a cue end followed by a letter in the same
+    token can never match, so it does not count). Searches all tokens at once in one joined string."""
+    import bisect
+
+    joined = "".join(tails)
+    starts, at = [], 0
+    for t in tails:
+        starts.append(at)
+        at += len(t)
+
+    def token_of(pos: int) -> tuple[str, int]:
+        index = bisect.bisect_right(starts, pos) - 1
+        return tails[index], pos - starts[index]
+
+    def count(s: str, end: int, is_cue: bool) -> int:
+        return -1 if is_cue and end + 1 < len(s) and s[end + 1].isalpha() else len(s) - 1 - end
+
+    by_first: dict[str, list[str]] = {}
+    for t in tails:
+        if t:
+            by_first.setdefault(t[0], []).append(t)
+    reach = 0
+    for index, p in enumerate(patterns):
+        is_cue = index < n_cues
+        pos = joined.find(p)
+        while pos >= 0:  # whole occurrences (they never span two tokens unless a token boundary splits them)
+            s, at = token_of(pos)
+            if at + len(p) <= len(s) and not (is_cue and at > 0 and s[at - 1].isalpha()):
+                reach = max(reach, count(s, at + len(p) - 1, is_cue))
+            pos = joined.find(p, pos + 1)
+        for k in range(1, len(p)):  # tokens that start with the rest of a pattern begun before them
+            suffix = p[-k:]
+            for s in by_first.get(suffix[0], ()):
+                if s.startswith(suffix):
+                    reach = max(reach, count(s, k - 1, is_cue))
+    return reach
 
 
 def feed(state: CharState, code: int, cues: Sequence[tuple[int, ...]], markers: Sequence[tuple[int, ...] | None],

@@ -68,7 +68,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cue_table import char_automaton, feed, token_table
+from .cue_table import char_automaton, feed, pattern_reach, token_table
+from .token_texts import fold, fold_all, id_space, token_strings
 
 logger = logging.getLogger(__name__)
 
@@ -154,115 +155,6 @@ class CueState:
         return self.think_of[self.ids]
 
 
-def _fold(text: str) -> str:
-    """Lower-case character by character, keeping one character per character (so positions line up)."""
-    low = text.lower()
-    if len(low) == len(text) and "ς" not in low:  # no character grew, no context-dependent final sigma
-        return low
-    out = []
-    for ch in text:
-        low = ch.lower()
-        out.append(low if len(low) == 1 else ch)
-    return "".join(out)
-
-
-def _token_strings(tokenizer, vocab_size: int) -> list[str]:
-    """The text each token id stands for, decoded behind a fixed prefix so leading spaces survive."""
-    prefix = tokenizer("a", add_special_tokens=False)["input_ids"][:1]
-    kwargs = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    prefix_text = tokenizer.decode(prefix, **kwargs) if prefix else ""
-    sequences = [prefix + [i] for i in range(vocab_size)]
-    decoded = _decode_batch(tokenizer, sequences, kwargs)
-    strings = []
-    for i, text in enumerate(decoded):
-        if text.startswith(prefix_text):
-            strings.append(text[len(prefix_text):])
-        else:
-            strings.append(tokenizer.decode([i], **kwargs))
-    return strings
-
-
-def _decode_batch(tokenizer, sequences: list[list[int]], kwargs: dict) -> list[str]:
-    """`tokenizer.batch_decode(sequences)`, straight through the Rust backend of a fast tokenizer when that gives the
-    same text (checked on a sample): transformers' per-sequence Python conversions cost seconds at 150k tokens."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        try:
-            fast = backend.decode_batch(sequences, skip_special_tokens=False)
-        except Exception:  # noqa: BLE001 - any backend refusal: take the general path
-            fast = None
-        if fast is not None:
-            step = max(1, len(sequences) // 200)
-            sample = list(range(0, len(sequences), step))[:200] + list(range(max(0, len(sequences) - 50), len(sequences)))
-            reference = tokenizer.batch_decode([sequences[i] for i in sample], **kwargs)
-            if all(fast[i] == text for i, text in zip(sample, reference)):
-                return fast
-    return tokenizer.batch_decode(sequences, **kwargs)
-
-
-def _id_space(tokenizer) -> int:
-    """One more than the largest token id (added tokens may leave holes above the base vocabulary)."""
-    size = len(tokenizer)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    added = getattr(tokenizer, "added_tokens_decoder", None)
-    if backend is not None and added is not None:
-        return max([size, backend.get_vocab_size(with_added_tokens=False)] + [int(i) + 1 for i in added])
-    vocab = tokenizer.get_vocab()
-    return max(size, max(vocab.values()) + 1) if vocab else size
-
-
-def _fold_all(strings: list[str]) -> list[str]:
-    """`[_fold(s) for s in strings]`, lower-casing them all at once where that gives the same characters."""
-    joined = "".join(strings)
-    low = joined.lower()
-    if len(low) != len(joined) or "ς" in low:
-        return [_fold(s) for s in strings]
-    out, at = [], 0
-    for s in strings:
-        out.append(low[at: at + len(s)])
-        at += len(s)
-    return out
-
-
-def _cue_reach(tails: list[str], patterns: list[str], n_cues: int) -> int:
-    """How far from a token's end a pattern can end inside that token (a cue end followed by a letter in the same
-    token can never match, so it does not count). Searches all tokens at once in one joined string."""
-    import bisect
-
-    joined = "".join(tails)
-    starts, at = [], 0
-    for t in tails:
-        starts.append(at)
-        at += len(t)
-
-    def token_of(pos: int) -> tuple[str, int]:
-        index = bisect.bisect_right(starts, pos) - 1
-        return tails[index], pos - starts[index]
-
-    def count(s: str, end: int, is_cue: bool) -> int:
-        return -1 if is_cue and end + 1 < len(s) and s[end + 1].isalpha() else len(s) - 1 - end
-
-    by_first: dict[str, list[str]] = {}
-    for t in tails:
-        if t:
-            by_first.setdefault(t[0], []).append(t)
-    reach = 0
-    for index, p in enumerate(patterns):
-        is_cue = index < n_cues
-        pos = joined.find(p)
-        while pos >= 0:  # whole occurrences (they never span two tokens unless a token boundary splits them)
-            s, at = token_of(pos)
-            if at + len(p) <= len(s) and not (is_cue and at > 0 and s[at - 1].isalpha()):
-                reach = max(reach, count(s, at + len(p) - 1, is_cue))
-            pos = joined.find(p, pos + 1)
-        for k in range(1, len(p)):  # tokens that start with the rest of a pattern begun before them
-            suffix = p[-k:]
-            for s in by_first.get(suffix[0], ()):
-                if s.startswith(suffix):
-                    reach = max(reach, count(s, k - 1, is_cue))
-    return reach
-
-
 def _example_tokenizer():
     """A tiny byte-level word tokenizer (one token per word) used by the docstring examples."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -314,7 +206,7 @@ class CueDetector:
             raise TypeError(f"cues must be a sequence of words, got the string {cues!r}; pass ({cues!r},) instead.")
         canonical = []
         for cue in cues:
-            word = _fold(str(cue).strip())
+            word = fold(str(cue).strip())
             if not word or not (word[0].isalpha() and word[-1].isalpha()):
                 raise ValueError(
                     f"Cue {cue!r} must be a word that starts and ends with a letter (word boundaries are checked "
@@ -332,29 +224,22 @@ class CueDetector:
         self.cues: tuple[str, ...] = tuple(canonical)
         self.think_start = think_start
         self.think_end = think_end
-        self._start_text = _fold(think_start) if think_start else None
-        self._end_text = _fold(think_end) if think_end else None
+        self._start_text = fold(think_start) if think_start else None
+        self._end_text = fold(think_end) if think_end else None
 
-        vocab_size = _id_space(tokenizer)
+        vocab_size = id_space(tokenizer)
         self.vocab_size = vocab_size
-        raw = _token_strings(tokenizer, vocab_size)
-        self._strings: list[str] = _fold_all(raw)
+        raw = token_strings(tokenizer, vocab_size)
+        self._strings: list[str] = fold_all(raw)
 
         # Patterns: cues first, then the markers (matched without word boundaries).
-        patterns = list(self.cues)
-        self._open_index = self._close_index = -1
-        if self._start_text:
-            self._open_index = len(patterns)
-            patterns.append(self._start_text)
-        if self._end_text:
-            self._close_index = len(patterns)
-            patterns.append(self._end_text)
+        patterns = list(self.cues) + [m for m in (self._start_text, self._end_text) if m]
         longest = max(len(p) for p in patterns)
         cap = max(1, min(MAX_TOKEN_CHARS, max(len(s) for s in self._strings)))
         tails = [s[-cap:] for s in self._strings]
         # A pattern can end only in the last M characters of a token, so no token state depends on more than the
         # last M + longest characters of each token: the automaton reads only those.
-        self.buffer_chars = _cue_reach(tails, patterns, len(self.cues)) + 1 + longest
+        self.buffer_chars = pattern_reach(tails, patterns, len(self.cues)) + 1 + longest
         width = max(1, min(cap, self.buffer_chars))
         self.max_token_chars = width
 
@@ -363,15 +248,7 @@ class CueDetector:
         pattern_chars = sorted({c for p in patterns for c in p})
         self._codes = {c: i + 2 for i, c in enumerate(pattern_chars)}
         self._is_letter = [False, True] + [c.isalpha() for c in pattern_chars]
-        # Character codes [V + 1, width], right-aligned; row V is the empty string (ids out of range).
-        padded = "".join(t[-width:].rjust(width, "\0") for t in tails) + "\0" * width
-        points = np.frombuffer(padded.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        present = np.zeros(0x110000, dtype=bool)
-        present[points] = True
-        lookup = np.zeros(0x110000, dtype=np.uint8)
-        distinct = np.flatnonzero(present)
-        lookup[distinct] = [self._char_code(chr(c)) for c in distinct.tolist()]
-        codes = lookup[points].reshape(vocab_size + 1, width)
+        codes = self._char_codes(tails, width)
         self._host_lengths = [min(len(t), width) for t in tails] + [0]
         lengths = np.array(self._host_lengths, dtype=np.uint8)
         self._lengths = torch.from_numpy(lengths)
@@ -410,6 +287,18 @@ class CueDetector:
         for ch in text:
             state = feed(state, self._char_code(ch), self._cue_codes, self._marker_codes, self._is_letter, prompt=True)[0]
         return (opened,) + state[1:]
+
+    def _char_codes(self, tails: list[str], width: int) -> np.ndarray:
+        """Character codes `[V + 1, width]` of each token's last `width` characters, right-aligned; row V is the empty
+        string (ids out of range)."""
+        padded = "".join(t[-width:].rjust(width, "\0") for t in tails) + "\0" * width
+        points = np.frombuffer(padded.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        present = np.zeros(0x110000, dtype=bool)
+        present[points] = True
+        lookup = np.zeros(0x110000, dtype=np.uint8)
+        distinct = np.flatnonzero(present)
+        lookup[distinct] = [self._char_code(chr(c)) for c in distinct.tolist()]
+        return lookup[points].reshape(len(tails) + 1, width)
 
     def _char_code(self, ch: str) -> int:
         """The compact code of one (case-folded) character."""
