@@ -170,9 +170,10 @@ def _example_tokenizer():
 class CueDetector:
     r"""Finds reflection cues ("Hmm", "Wait", "Alternatively", ...) in generated thinking, per row, on device.
 
-    The tokenizer's vocabulary is preprocessed once into a character table; [`CueDetector.step`] then consumes one
-    token per row per decoding step with a fixed number of tensor ops (no decoding, no Python loop over rows), and
-    [`CueDetector.find_events`] gives exactly the same events for a finished sequence. See the module docstring for
+    The tokenizer's vocabulary and the matching rules are compiled once into a token automaton; [`CueDetector.advance`]
+    then consumes one token per row per decoding step with three tensor ops (no decoding, no Python loop over rows),
+    [`CueDetector.step`] does the same and reports the cues, and [`CueDetector.find_events`] gives exactly the same
+    events for a finished sequence. See the module docstring for
     the matching rules (word boundaries, thinking block, positions).
 
     Args:

@@ -305,7 +305,7 @@ class GenerateCall:
         self.sequences = input_ids
         self._forwards: int | None = None
         # What the host knows without waiting for the device: whether the previous step left a cue to confirm (read
-        # one step late from `_cues`, riding on generate's own wait), and whether a row has been made to exit.
+        # one step late from `_cue_mirror`, riding on generate's own wait), and whether a row has been made to exit.
         self._cue_mirror = HostMirror(device)
         self._cue_mirror.push(self.state.ids.max())
         self._exit_mirror = HostMirror(device)
