@@ -73,25 +73,19 @@ def test_a_criterion_that_changes_lynxs_answer_in_place_never_changes_the_next_s
     lynx = bundle(model, tok, probability=0.01, shadow=True).attach(model, tok)
 
     class Scribbler(StoppingCriteria):
+        def __init__(self, inner):
+            self.inner = inner
+
         def __call__(self, input_ids, scores, **kwargs):
-            done = lynx(input_ids, scores)
+            done = self.inner(input_ids, scores)
             answer = done.clone()
             done.fill_(True)
             return answer
 
     plain = _generate(model, enc, [_script(tok, enc)])
-    assert torch.equal(_generate(model, enc, [_script(tok, enc)], [Scribbler()]), plain)
+    assert torch.equal(_generate(model, enc, [_script(tok, enc)], [Scribbler(lynx)]), plain)
     stream = dict(processors=[_script(tok, enc), lynx.exit_processor()])
-    stopper = lynx.answer_stopper()
-
-    class StreamScribbler(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            done = stopper(input_ids, scores)
-            answer = done.clone()
-            done.fill_(True)
-            return answer
-
-    assert torch.equal(_generate(model, enc, criteria=[StreamScribbler()], **stream), plain)
+    assert torch.equal(_generate(model, enc, criteria=[Scribbler(lynx.answer_stopper())], **stream), plain)
 
 
 def test_exit_processor_forces_the_exit_text_once_the_cue_word_has_ended_and_stops_when_the_box_closes(setup):
