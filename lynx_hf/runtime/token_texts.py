@@ -67,13 +67,5 @@ def id_space(tokenizer) -> int:
 
 
 def fold_all(strings: list[str]) -> list[str]:
-    """`[fold(s) for s in strings]`, lower-casing them all at once where that gives the same characters."""
-    joined = "".join(strings)
-    low = joined.lower()
-    if len(low) != len(joined) or "ς" in low:
-        return [fold(s) for s in strings]
-    out, at = [], 0
-    for s in strings:
-        out.append(low[at: at + len(s)])
-        at += len(s)
-    return out
+    """`[fold(s) for s in strings]`, taking `str.lower` straight wherever it keeps each character one character."""
+    return [low if len(low) == len(s) and "ς" not in low else fold(s) for s, low in zip(strings, map(str.lower, strings))]
