@@ -283,6 +283,10 @@ def sync_checks(report: Report, model, tokenizer, lynx: Lynx, device) -> None:
                  counter.syncs == 0 and counter.calls > 1,
                  f"{counter.syncs} sync(s) in {counter.calls - 1} calls" + (f" ({counter.examples[0]})"
                                                                              if counter.examples else ""))
+    call = lynx.stopping_criteria().calls.last
+    waits = call._cue_mirror.waits + call._exit_mirror.waits
+    report.check("the plug-in read each step's cue flag from the host mirror without waiting for its copy",
+                 waits == 0, f"{waits} wait(s) in {counter.calls - 1} steps (generate's own per-step sync lands the copy)")
     lynx.detach()
 
 

@@ -23,6 +23,7 @@ def test_gpu_check_runs_at_toy_size_and_writes_its_report(tmp_path, monkeypatch)
     assert "RANDOM WEIGHTS AND A RANDOM PROBE" in report
     assert "| QwQ-32B (toy size) | 2 |" in report
     assert "[PASS] [float32] stop mode + answer (cached) equals the re-prefilled exit" in report
+    assert "[PASS] the plug-in read each step's cue flag from the host mirror without waiting" in report
     assert "FAIL" not in report
 
 
