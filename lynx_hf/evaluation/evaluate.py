@@ -413,6 +413,7 @@ def main(args) -> None:
     from ..loading import load_model, load_problems, prompt_fn
     from .plots import calibration_plot, pareto_plot
     from .splits import replay_split_rates
+    from ..pipeline.events import relabel
     from ..pipeline.train import check_disjoint, check_test_disjoint, prompt_digests
 
     out = Path(args.out)
@@ -434,6 +435,9 @@ def main(args) -> None:
         table = collector.collect(problems, folder, batch_size=32, seed=args.seed)
     else:
         raise ValueError("Give --events (an existing event table) or --problems (to collect one into --out/events).")
+    # replay reads a table's labels as "the answer is right": agreement labels say "unchanged", so go back to gold
+    # (an unlabelled table raises, naming the fix: accuracy needs gold answers)
+    table = relabel(table, "gold")
     check_table_matches_bundle(table, lynx)
     check_test_disjoint(table, lynx.metadata, f"the evaluation table {args.events or args.problems}")
     text_probe = None
