@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add 'Lynx + budget' rows (exit at a confident cue, else after B thinking tokens) and budget "
                         "forcing at B")
     p.add_argument("--live", type=int, default=0, help="also run the plug-ins live on this many problems")
+    p.add_argument("--replay-only", action="store_true",
+                   help="only the replayed methods: skip the baselines that regenerate every trace (budget forcing, "
+                        "Lynx + budget, NoWait)")
     p.add_argument("--text-probe-train", help="event table the bundle's probe was trained on: fits the TextProbe "
                                               "control (text features, same MLP, split and calibration)")
     p.add_argument("--text-probe-calibration", help="event table the bundle was calibrated on (with --text-probe-train)")

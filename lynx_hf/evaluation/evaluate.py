@@ -454,7 +454,8 @@ def main(args) -> None:
         text_probe = TextProbe.fit(train_table, cal_table, model.get_input_embeddings().weight, seed=args.seed)
     budget = getattr(args, "max_thinking_tokens", None)
     rows, _, replay = run_all(lynx, table, model, tokenizer, confidences=args.confidences, text_probe=text_probe,
-                              thinking_budgets=[budget] if budget else None)
+                              thinking_budgets=[budget] if budget else None,
+                              live=not getattr(args, "replay_only", False))
     aurocs = probe_aurocs(replay, text_probe)
     extra = {"calibration_curve": calibration_curve(replay), "calibration_splits": replay_split_rates(replay),
              "aurocs": aurocs}

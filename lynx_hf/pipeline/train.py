@@ -180,11 +180,11 @@ def calibrate_bundle(probe: LynxProbe, calibration_table: EventTable, test_table
     Returns:
         The `Lynx` bundle.
     """
+    settings = settings or calibration_table.settings  # as collected: the probe's labels, unless told
+    probe_labels = probe_labels or settings.get("labels", "gold")
     if labels is not None:
         calibration_table = relabel(calibration_table, labels)
     labels = table_labels(calibration_table)
-    settings = settings or calibration_table.settings
-    probe_labels = probe_labels or settings.get("labels", "gold")
     check_same_settings(settings, calibration_table.settings, where="the probe's and the calibration settings")
     cal_digests = prompt_digests(calibration_table)
     check_disjoint(train_digests, cal_digests, _TRAIN_AND_CALIBRATION)
