@@ -333,3 +333,16 @@ def test_gold_labels_on_problems_without_answers_are_refused_naming_agreement_la
         collector.collect_batch(_prompts_only(problems[:2]), seed=0)
     with pytest.raises(LynxConfigError, match="unknown labels 'silver'"):
         Collector(collector.model, collector.tokenizer, prompt_fn=organism.prompt, labels="silver")
+
+
+def test_relabelling_by_agreement_drops_traces_without_a_full_answer_with_their_events():
+    from lynx_hf.pipeline.events import relabel
+
+    long = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    table = EventTable(settings={}, features=torch.arange(3.0).reshape(3, 1), safe=torch.tensor([True, False, True]),
+                       trace=long(0, 0, 1), position=long(3, 5, 4), start=long(3, 5, 4), cue=long(0, 0, 0),
+                       answer_length=long(1, 1, 1), answer_confidence=torch.ones(3), answers=["4", "5", "3"],
+                       traces=[{"id": "q0", "gold": "4", "answer": "5"}, {"id": "q1", "gold": "3", "answer": None}])
+    agree = relabel(table, "agreement")
+    assert agree.n_traces == 1 and agree.dropped == ["q1"] and agree.safe.tolist() == [False, True]
+    assert agree.features.flatten().tolist() == [0.0, 1.0]

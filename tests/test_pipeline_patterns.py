@@ -393,3 +393,22 @@ def test_calibrating_with_agreement_labels_records_them_and_relabels_the_test_ta
     assert lynx.metadata["labels"] == {"probe": "gold", "calibration": "agreement"}
     assert torch.equal(lynx.calibration.safe, relabel(cal, "agreement").safe)
     assert lynx.metadata["dropped_traces"]["test"] == len(relabel(test, "agreement").dropped)
+
+
+def test_eval_reads_an_agreement_labelled_table_with_gold_accuracy_not_agreement(runs, bundle_dir, tmp_path, capsys):
+    from lynx_hf.pipeline.events import relabel, write_settings
+
+    test = EventTable.load(runs / "test")
+    agree = relabel(test, "agreement")
+    write_settings(tmp_path / "agree", agree.settings)
+    agree.save_shard(tmp_path / "agree", 0)
+    accuracy = {}
+    for name, events in (("gold", runs / "test"), ("agreement", tmp_path / "agree")):
+        out = tmp_path / f"eval-{name}"
+        assert cli_main(["eval", "--bundle", str(bundle_dir), "--events", str(events), "--replay-only",
+                         "--out", str(out)]) == 0
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        accuracy[name] = {r["method"]: r["accuracy"] for r in rows}
+    capsys.readouterr()
+    if not agree.dropped:  # same traces: the same accuracies, read against gold either way
+        assert accuracy["agreement"] == accuracy["gold"]

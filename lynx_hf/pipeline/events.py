@@ -303,8 +303,9 @@ def relabel(table: EventTable, labels: str) -> EventTable:
         reference = [t.get("answer") for t in table.traces]
     keep = [i for i, r in enumerate(reference) if r is not None]
     dropped = list(table.dropped) + [str(table.traces[i]["id"]) for i, r in enumerate(reference) if r is None]
-    safe = torch.tensor([answers_match(a, reference[t]) for a, t in zip(table.answers, table.trace.tolist())],
-                        dtype=torch.bool)
+    # events of a trace without a reference are dropped with it below
+    safe = torch.tensor([reference[t] is not None and answers_match(a, reference[t])
+                         for a, t in zip(table.answers, table.trace.tolist())], dtype=torch.bool)
     relabelled = EventTable(**{**table.__dict__, "safe": safe, "settings": {**table.settings, "labels": labels}})
     relabelled = relabelled.select_traces(keep) if len(keep) < table.n_traces else relabelled
     relabelled.dropped = dropped
