@@ -20,6 +20,7 @@ from .errors import (
     CorruptedBundleError,
     LynxConfigError,
     LynxError,
+    MissingExtraError,
     NotAttachedError,
     UnsupportedGenerationError,
 )
@@ -29,7 +30,7 @@ from .runtime.plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingC
 from .runtime.probe import LynxProbe, train_probe
 from .runtime.thinking import ThinkingFormat, detect_thinking
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # pipeline- and evaluation-side names, imported on first use so that `import lynx_hf` loads the runtime only
 _LAZY = {"EventTable": "pipeline.events", "AnswerStated": "evaluation.text_rules",
@@ -69,6 +70,7 @@ __all__ = [
     "LynxExitProcessor",
     "LynxProbe",
     "LynxStoppingCriteria",
+    "MissingExtraError",
     "NotAttachedError",
     "TextProbe",
     "TextProbeExit",
