@@ -2,7 +2,7 @@
 
 ```python
 from lynx_hf import Lynx
-# no real-model probe is published yet: `lynx-hf build --push you/lynx-deepseek-r1-distill-qwen-1.5b` creates one
+# no real-model probe is published yet: `lynx-hf build --repo-id you/lynx-deepseek-r1-distill-qwen-1.5b` creates one
 lynx = Lynx.from_pretrained("lynx/deepseek-r1-distill-qwen-1.5b", model=model, confidence=0.9)
 out = model.generate(**inputs, stopping_criteria=[lynx])
 ```
