@@ -135,7 +135,16 @@ def _organism_defaults(args, command: str) -> None:
               file=sys.stderr)
 
 
+def _require_eval_extra(command: str) -> None:
+    """Fail before any model loads when the evaluation's optional packages are missing."""
+    from ._extras import require
+
+    for module in ("matplotlib", "evaluate"):
+        require(module, extra="eval", purpose=f"lynx-hf {command}")
+
+
 def cmd_eval(args) -> None:
+    _require_eval_extra("eval")
     from .evaluation.evaluate import main as evaluate_main
 
     _organism_defaults(args, "eval")
@@ -153,6 +162,7 @@ def cmd_audit(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    _require_eval_extra("demo")
     from .evaluation.demo import main as demo_main
 
     demo_main(args)

@@ -35,6 +35,7 @@ if missing or not license:
 EOF
 
 echo "== fresh virtualenv at $VENV"
+if [ -e "$VENV" ]; then echo "$VENV exists: give a folder that does not, so the virtualenv is fresh" >&2; exit 2; fi
 "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
 # CPU torch first (the Makefile does the same), so the wheel's torch range is satisfied without a CUDA build.
@@ -72,3 +73,13 @@ try:
 except ImportError as error:
     print("without the eval extra:", error)
 EOF
+
+echo "== the command line in the same venv"
+"$VENV/bin/lynx-hf" --version
+"$VENV/bin/lynx-hf" inspect organism
+"$VENV/bin/lynx-hf" try organism --seed 1 \
+    "Dan has 4 stamps. He gets 4. He loses 4. He finds 8. He gives away 2. How many stamps does Dan have now?" 2>/dev/null
+echo "== a command that needs an extra names it"
+if "$VENV/bin/lynx-hf" demo --n 1 --out "$(dirname "$VENV")/demo"; then
+    echo "lynx-hf demo ran without the eval extra" >&2; exit 1
+fi

@@ -155,3 +155,14 @@ def test_try_scores_are_the_scores_decoding_saw():
 def test_try_needs_a_bundle_for_a_model_other_than_the_organism(capsys):
     assert main(["try", "some/model", "2 + 2?"]) == 2
     assert "--bundle" in capsys.readouterr().err
+
+
+def test_the_collection_progress_bar_says_what_it_counts(tmp_path, capsys):
+    from lynx_hf.pipeline.collect import Collector
+
+    model, tok = organism.load()
+    problems = organism.problems("arithmetic", "test", n=2)
+    Collector(model, tok, prompt_fn=organism.prompt, max_new_tokens=64).collect(problems, tmp_path, batch_size=1)
+    bar = capsys.readouterr().err
+    assert "traces sampled and labelled" in bar and "2/2" in bar and "trace" in bar
+    assert "collect[" not in bar

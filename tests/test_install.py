@@ -123,3 +123,12 @@ def test_license_and_citation_files_ship_with_the_repository():
     assert "2512.05325" in str(parsed["preferred-citation"])
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert f"## {lynx_hf.__version__}" in changelog and "## 0.1.0" in changelog
+
+
+@pytest.mark.parametrize("command", [["demo", "--n", "1"], ["eval", "--events", "nowhere"]])
+def test_commands_that_need_the_eval_extra_say_so_before_loading_anything(command, monkeypatch, capsys):
+    from lynx_hf.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(command) == 2
+    assert 'pip install "lynx-hf[eval]"' in capsys.readouterr().err
