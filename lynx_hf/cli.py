@@ -3,7 +3,7 @@
     lynx-hf collect   --model organism --problems organism:arithmetic:train --n 800 --out events/train
     lynx-hf collect   --model organism --problems organism:arithmetic:calibration --n 400 --out events/cal
     lynx-hf train     --events events/train --out probe/
-    lynx-hf calibrate --probe probe/ --events events/cal --test events/test --out bundle/
+    lynx-hf calibrate --probe probe/ --events events/cal --test-events events/test --out bundle/
     lynx-hf push      --bundle bundle/ --repo-id you/lynx-organism
     lynx-hf eval      --model organism --bundle bundle/ --events events/test
     lynx-hf audit     --bundle bundle/ --events events/test --guarantee question --step 25
@@ -462,8 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="conformal calibration on held-out problems; writes the bundle")
     p.add_argument("--probe", required=True, help="folder written by `train`")
     p.add_argument("--events", required=True, help="calibration event table (problems disjoint from training)")
-    p.add_argument("--test", help="test event table: realised premature-exit rates go into the model card "
-                                  "(default: none)")
+    p.add_argument("--test-events", dest="test", help="test event table: realised premature-exit rates go into "
+                                                       "the model card (default: none)")
+    p.add_argument("--test", dest="test", action=_DeprecatedAlias, new_option="--test-events")
     p.add_argument("--datasets", nargs="*", help="dataset names for the model card (default: none)")
     p.add_argument("--out", required=True, help="bundle folder")
     p.set_defaults(func=cmd_calibrate)

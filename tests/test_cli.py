@@ -85,6 +85,22 @@ def test_the_old_push_spelling_still_works_and_warns():
     assert args.repo_id == "me/y"
 
 
+def test_a_spelling_means_one_thing_across_subcommands():
+    # build's --test is a number of test problems; calibrate's test event table is --test-events
+    parser = build_parser()
+    calibrate = {o for a in visible_options(subcommands(parser)["calibrate"]) for o in a.option_strings}
+    assert "--test-events" in calibrate and "--test" not in calibrate
+    with pytest.warns(FutureWarning, match="--test-events"):
+        args = parser.parse_args(["calibrate", "--probe", "p", "--events", "e", "--out", "o", "--test", "t"])
+    assert args.test == "t"
+    meaning = {}
+    for name, sub in subcommands(parser).items():
+        for action in visible_options(sub):
+            for option in action.option_strings:
+                meaning.setdefault(option, set()).add(action.type.__name__ if action.type else "str")
+    assert {o for o, types in meaning.items() if len(types) > 1} == set()
+
+
 def test_eval_and_audit_name_the_organism_default_in_their_help_and_when_used(capsys):
     parser = build_parser()
     for name in ("eval", "audit"):
