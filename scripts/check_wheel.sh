@@ -59,6 +59,9 @@ model, tokenizer = organism.load()
 problem = organism.problems("arithmetic", "test", n=1)[0]
 inputs = tokenizer(organism.prompt(tokenizer, problem["question"]), return_tensors="pt", add_special_tokens=False)
 
+import torch
+
+torch.manual_seed(1)  # the organism samples (its generation config): a seed makes the run repeatable
 lynx = Lynx.from_pretrained(organism.BUNDLE_DIR)
 out = model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=300)
 

@@ -148,10 +148,13 @@ def test_try_on_the_organism_prints_the_cues_their_scores_the_threshold_and_the_
     assert all(r[2] in lynx.config.cues for r in rows)
     exits = [r for r in rows if "exits" in r]
     # the exit is the first cue at or above the threshold, and the text around it says so
-    first_above = next(r for r in rows if float(r[3]) >= lynx.threshold)
-    assert exits == [first_above]
-    assert f"[[#{first_above[0]} " in out and "EXIT]]" in out
-    assert "answer at the exit:" in out
+    first_above = next((r for r in rows if float(r[3]) >= lynx.threshold), None)
+    if first_above is None:
+        assert exits == [] and "no exit" in out and "EXIT]]" not in out
+    else:
+        assert exits == [first_above]
+        assert f"[[#{first_above[0]} " in out and out.count("EXIT]]") == 1
+        assert "answer at the exit:" in out
 
 
 def test_try_scores_are_the_scores_decoding_saw():
@@ -160,9 +163,12 @@ def test_try_scores_are_the_scores_decoding_saw():
     inputs = tok(organism.prompt(tok, QUESTION), return_tensors="pt", add_special_tokens=False)
     import torch
 
-    torch.manual_seed(1)
-    out = model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=400)
-    record = lynx.last_exits[0]
+    for seed in range(1, 20):  # sampled traces: take the first seed whose trace reaches the threshold
+        torch.manual_seed(seed)
+        out = model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=400)
+        record = lynx.last_exits[0]
+        if record.would_exit:
+            break
     assert record.would_exit
     (score,) = cue_scores(lynx, model, out[0], [record.position])
     assert score == pytest.approx(record.score, abs=1e-4)
