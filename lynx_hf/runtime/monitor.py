@@ -515,12 +515,16 @@ class GenerateCall:
     def matches(self, sequences: torch.Tensor) -> bool:
         """Whether `sequences` is this call's output (what generate returned: the ids it saw, possibly with
         trailing steps undone)."""
-        seen = self.sequences
-        if sequences.shape[0] != seen.shape[0] or not self.prompt_length < sequences.shape[1] <= seen.shape[1]:
+        seen = self.sequences if self.final_ids is None else self.final_ids
+        # In-stream, the processor never sees the call's last token; without the answer stopper nothing else does.
+        extra = 1 if self.mode == "stream" and self.final_ids is None else 0
+        if sequences.shape[0] != seen.shape[0] or \
+                not self.prompt_length < sequences.shape[1] <= seen.shape[1] + extra:
             return False
         if max((e[0] for e in self._exits() if e is not None), default=-1) >= sequences.shape[1]:
             return False
-        return torch.equal(seen[:, : sequences.shape[1]], sequences.to(seen.device))
+        width = min(sequences.shape[1], seen.shape[1])
+        return torch.equal(seen[:, :width], sequences[:, :width].to(seen.device))
 
 
 class LastCall:
@@ -594,6 +598,27 @@ class CallTracker:
                 call = self._start(owner, loop, input_ids)
             self._recent = (weakref.ref(owner), call)
         return call, loop
+
+    def lookup(self, owner) -> GenerateCall | None:
+        """The call started for (or registered under) the list `owner`, if any."""
+        with self._lock:
+            entry = self._calls.get(id(owner))
+        return entry[1] if entry is not None and entry[0]() is owner else None
+
+    def start(self, owner, loop: FrameType | None, input_ids: torch.LongTensor) -> GenerateCall:
+        """Start the call of `owner` (a processor list) from `input_ids` (the prompt), before the plug-in's own first
+        step: the Lynx criterion does so when it joins its exit processor to a running call."""
+        with self._lock:
+            call = self._start(owner, loop, input_ids)
+            self._recent = (weakref.ref(owner), call)
+        return call
+
+    def register(self, owner, call: GenerateCall) -> None:
+        """Make `call` the call of a second list too (the criteria list of the call that the Lynx criterion joined)."""
+        with self._lock:
+            key = id(owner)
+            self._calls[key] = (weakref.ref(owner), call)
+            weakref.finalize(owner, self._finish, key, call)
 
     def _start(self, owner, loop: FrameType | None, input_ids: torch.LongTensor) -> GenerateCall:
         model, mask = loop_context(loop)
