@@ -138,9 +138,9 @@ def _direct_changed(model, tok, lynx, enc, out, records) -> list[bool | None]:
 def test_audited_rows_never_stop_in_stop_mode_and_their_disagreement_equals_a_direct_recomputation(organism_setup):
     model, tok, enc = organism_setup
     shadow = _lynx(model, tok, shadow=True)
-    expected = model.generate(**enc, stopping_criteria=[shadow], **GREEDY)
+    expected = model.generate(**enc, stopping_criteria=[shadow.stopper()], **GREEDY)
     lynx = _lynx(model, tok, audit_rate=1.0)
-    out = model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+    out = model.generate(**enc, stopping_criteria=[lynx.stopper()], **GREEDY)
     records = lynx.last_exits
     assert torch.equal(out, expected)  # nothing stopped: the full traces
     assert all(r.audited and not r.exited for r in records)
@@ -159,9 +159,9 @@ def test_audited_rows_never_stop_in_stop_mode_and_their_disagreement_equals_a_di
 def test_only_audited_rows_run_on_and_the_others_exit_as_without_the_audit(organism_setup):
     model, tok, enc = organism_setup
     plain = _lynx(model, tok)
-    plain_out = model.generate(**enc, stopping_criteria=[plain], **GREEDY)
+    plain_out = model.generate(**enc, stopping_criteria=[plain.stopper()], **GREEDY)
     lynx = _lynx(model, tok, audit_rate=0.5, audit_seed=3)
-    out = model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+    out = model.generate(**enc, stopping_criteria=[lynx.stopper()], **GREEDY)
     records, reference = lynx.last_exits, plain.last_exits
     audited = [r.audited for r in records]
     assert 0 < sum(audited) < 8 and audited == (np.random.default_rng((3, 0)).random(8) < 0.5).tolist()
@@ -178,7 +178,7 @@ def test_only_audited_rows_run_on_and_the_others_exit_as_without_the_audit(organ
 def test_in_stream_audited_rows_are_never_forced_and_audit_like_stop_mode(organism_setup):
     model, tok, enc = organism_setup
     stop = _lynx(model, tok, audit_rate=1.0)
-    full = model.generate(**enc, stopping_criteria=[stop], **GREEDY)
+    full = model.generate(**enc, stopping_criteria=[stop.stopper()], **GREEDY)
     stop.answer(full)
     lynx = _lynx(model, tok, audit_rate=1.0)
     out = model.generate(**enc, logits_processor=[lynx.exit_processor()],
@@ -196,7 +196,7 @@ def test_audit_rate_zero_is_token_identical_and_audits_nothing(organism_setup):
     outputs = []
     for lynx in (_lynx(model, tok), _lynx(model, tok, audit_rate=0.0, audit_seed=5)):
         torch.manual_seed(0)
-        outputs.append(model.generate(**enc, stopping_criteria=[lynx], do_sample=True, max_new_tokens=200))
+        outputs.append(model.generate(**enc, stopping_criteria=[lynx.stopper()], do_sample=True, max_new_tokens=200))
         assert lynx._stop_calls[-1].audited is None and len(lynx.audit_log) == 0
         assert not any(r.audited for r in lynx.last_exits)
     assert torch.equal(*outputs)
@@ -209,13 +209,13 @@ def test_audit_draws_are_seeded_and_reset_audit_restarts_them(organism_setup):
     draws = []
     for _ in range(2):
         lynx = _lynx(model, tok, audit_rate=0.5, audit_seed=11)
-        model.generate(**enc, stopping_criteria=[lynx], **short)
+        model.generate(**enc, stopping_criteria=[lynx.stopper()], **short)
         first = [r.audited for r in lynx.last_exits]
-        model.generate(**enc, stopping_criteria=[lynx], **short)
+        model.generate(**enc, stopping_criteria=[lynx.stopper()], **short)
         draws.append((first, [r.audited for r in lynx.last_exits]))
         lynx.reset_audit()
         assert len(lynx.audit_log) == 0 and lynx.audit_log.pending_rows == 0
-        model.generate(**enc, stopping_criteria=[lynx], **short)
+        model.generate(**enc, stopping_criteria=[lynx.stopper()], **short)
         assert [r.audited for r in lynx.last_exits] == first
     assert draws[0] == draws[1] and draws[0][0] != draws[0][1]
 
@@ -224,14 +224,14 @@ def test_threads_sharing_one_lynx_audit_into_one_log(organism_setup):
     # one thread checks its rows in answer(), the other's are checked lazily by audit()
     model, tok, enc = organism_setup
     alone = _lynx(model, tok, audit_rate=1.0)
-    alone.answer(model.generate(**enc, stopping_criteria=[alone], **GREEDY))
+    alone.answer(model.generate(**enc, stopping_criteria=[alone.stopper()], **GREEDY))
     expected = sorted((r.reference or "", r.changed, r.unsafe_cues) for r in alone.audit_log.rows)
     lynx = _lynx(model, tok, audit_rate=1.0)
     errors = []
 
     def work(index: int) -> None:
         try:
-            out = model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+            out = model.generate(**enc, stopping_criteria=[lynx.stopper()], **GREEDY)
             if index == 0:  # settled while the other thread may still generate on the same model
                 lynx.answer(out)
         except Exception as error:  # noqa: BLE001 - reported below
@@ -252,7 +252,7 @@ def test_threads_sharing_one_lynx_audit_into_one_log(organism_setup):
 def test_audit_log_saves_loads_and_resets(organism_setup, tmp_path):
     model, tok, enc = organism_setup
     lynx = _lynx(model, tok, audit_rate=1.0)
-    lynx.answer(model.generate(**enc, stopping_criteria=[lynx], **GREEDY))
+    lynx.answer(model.generate(**enc, stopping_criteria=[lynx.stopper()], **GREEDY))
     before = str(lynx.audit())
     lynx.audit_log.save(tmp_path / "audit.json")
     lynx.reset_audit()
@@ -302,7 +302,7 @@ def test_live_audit_agrees_with_the_replay_on_the_same_traces(organism_setup, gr
     lynx = _lynx(model, tok, audit_rate=1.0, guarantee="question")
     for trace in table.traces:  # one row per call, so no padding: exactly the collected traces
         ids = torch.tensor([trace["token_ids"][: trace["prompt_length"]]])
-        out = model.generate(input_ids=ids, stopping_criteria=[lynx], **GREEDY)
+        out = model.generate(input_ids=ids, stopping_criteria=[lynx.stopper()], **GREEDY)
         generated = out[0].tolist()
         while generated[-1] in organism_eos(model):  # the rollout keeps no EOS
             generated.pop()
