@@ -48,7 +48,21 @@ class Lynx(
     repo_url="https://github.com/lynx-hf/lynx-hf",
     paper_url="https://arxiv.org/abs/2512.05325",
 ):
-    """A calibrated LYNX exit probe for one base model, usable directly as a `generate` stopping criterion.
+    """A calibrated LYNX exit probe for one base model: pass it to `generate` and each row that exits comes back answered.
+
+    `model.generate(**inputs, stopping_criteria=[lynx])` is one call that returns finished outputs: at the first cue
+    where the probe is confident, the row's thinking is closed with the bundle's exit text and the model's greedy
+    answer follows in the same call (the criterion brings `exit_processor()` into the call it runs in and ends the
+    row once its `\\boxed{...}` closes, as `answer_stopper()` does); rows that do not exit think and answer as without
+    Lynx. It works the same through `pipeline("text-generation")`, `TextStreamer` / `TextIteratorStreamer` (what is
+    streamed is what is returned), `num_return_sequences` and left-padded batches. `lynx.answer(out)` reads those
+    answers back without generating again.
+
+    The exact path is `stopping_criteria=[lynx.stopper()]`, then `lynx.answer(out)`: the row halts one token after
+    its cue, and `answer` drops the cue word, closes the thinking block and answers greedily, reusing the KV cache:
+    the construction the calibration labels were made with. The one call cannot drop the cue (it was already
+    sampled): it keeps the cue word and the token that ended it before the exit text, so its answers can differ from
+    the exact path's. ONE_CALL_AGREEMENT
 
     `confidence` c sets the exit threshold from the stored calibration scores: with `guarantee="question"` (the
     default) the share of questions whose exit is premature (the forced answer is wrong) is at most 1 - c
@@ -78,12 +92,23 @@ class Lynx(
     ```python
     >>> from lynx_hf import Lynx, organism
     >>> model, tok = organism.load()
-    >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.9)
-    >>> inputs = tok(organism.prompt(tok, "Ann has 5 pens and gives away 2. How many are left?"), return_tensors="pt")
+    >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, confidence=0.9)   # attaches to the model it runs with
+    >>> problem = organism.problems("arithmetic", "test", n=1)[0]
+    >>> inputs = tok(organism.prompt(tok, problem["question"]), return_tensors="pt")
     >>> out = model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=300)
-    >>> answers = lynx.answer(out)      # closes the thinking block where it stopped, lets the model answer
-    >>> len(answers), lynx.last_exits[0].threshold == lynx.threshold
-    (1, True)
+    >>> lynx.last_exits[0].exited
+    True
+    >>> print(tok.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)[-45:])
+    So the answer is 10.
+    wait,
+    </think>
+    <BLANKLINE>
+    Final Answer: \\boxed{10}
+    >>> lynx.answer(out)[0].answer      # read from the output, not generated again
+    '10'
+    >>> exact = model.generate(**inputs, stopping_criteria=[lynx.stopper()], max_new_tokens=300)
+    >>> lynx.answer(exact)[0].answer    # the exact path: halted after the cue, answered from the cue dropped
+    '10'
 
     ```
     """
@@ -651,8 +676,9 @@ class Lynx(
         """A thinking-budget cap alone, for any model with a thinking format: no probe, no bundle, no guarantee.
 
         Each row that has thought `max_thinking_tokens` tokens exits there with the model's exit text (from its
-        tokenizer and chat template, `lynx_hf.runtime.thinking`, or the markers given), in stop mode (`stopping_criteria=
-        [cap]`, then `cap.answer(out)`) or in-stream (`logits_processor=[cap.exit_processor()]`, `stopping_criteria=
+        tokenizer and chat template, `lynx_hf.runtime.thinking`, or the markers given), in one call (`stopping_criteria=
+        [cap]`: it answers in the same call), in stop mode (`stopping_criteria=[cap.stopper()]`, then
+        `cap.answer(out)`) or in-stream (`logits_processor=[cap.exit_processor()]`, `stopping_criteria=
         [cap.answer_stopper()]`); rows that close their thinking earlier are left alone. `last_exits` records it.
 
         Example:

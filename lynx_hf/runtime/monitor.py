@@ -236,7 +236,7 @@ def loop_logits(loop: FrameType | None, scores: torch.Tensor) -> torch.Tensor:
         raise UnsupportedGenerationError(
             "Lynx's in-stream exit could not read the model's logits of this step from transformers' decoding loop "
             "(`outputs.logits` in `_sample`), which it needs to answer greedily as the calibration labels were: "
-            "use stop mode (stopping_criteria=[lynx], then lynx.answer(out)) with this transformers version."
+            "use stop mode (stopping_criteria=[lynx.stopper()], then lynx.answer(out)) with this transformers version."
         )
     return logits
 

@@ -123,7 +123,8 @@ def _generation_config(model, generation_config, kwargs: dict) -> GenerationConf
     if refused:
         raise lynx_hf.UnsupportedGenerationError(
             f"Lynx custom_generate does not support {', '.join(f'{k}={config.to_dict()[k]!r}' for k in refused)}: "
-            "drop these options, or use stop mode (stopping_criteria=[lynx]) with plain generate."
+            "drop these options, or use stop mode (stopping_criteria=[lynx.stopper()], then lynx.answer(out)) with "
+            "plain generate."
         )
     return config
 
