@@ -70,6 +70,12 @@ class LynxGenerateOutput(ModelOutput):
     exits: list | None = None
 
 
+def _given(kwargs: dict, names) -> dict:
+    """Pop `names` from `kwargs`; those given a value other than None."""
+    popped = {k: kwargs.pop(k) for k in names if k in kwargs}
+    return {k: v for k, v in popped.items() if v is not None}
+
+
 def _bundle_source(explicit) -> str | os.PathLike | None:
     """Where this recipe was loaded from: transformers does not pass `custom_generate` on, so read it from the
     calling `GenerationMixin.generate` frame."""
@@ -154,8 +160,9 @@ def generate(model, *args, **kwargs) -> torch.LongTensor | LynxGenerateOutput:
     attention_mask = kwargs.pop("attention_mask", None)
     tokenizer = kwargs.pop("tokenizer", None)
     source = _bundle_source(kwargs.pop("lynx", None))
-    hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if kwargs.get(k) is not None}
-    call_options = {k: kwargs.pop(k) for k in _CALL_OPTIONS if kwargs.get(k) is not None}
+    # An explicit None (what a wrapper forwarding its own defaults passes) means "the bundle's setting".
+    hub_kwargs = _given(kwargs, _HUB_KWARGS)
+    call_options = _given(kwargs, _CALL_OPTIONS)
     attach_options = {k: kwargs.pop(k) for k in ("allow_base_model_mismatch",) if k in kwargs}
     for key in _UNSUPPORTED:
         if kwargs.pop(key, None) is not None:
