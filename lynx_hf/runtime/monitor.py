@@ -82,6 +82,9 @@ class ExitRecord:
     for the live audit (`audit_rate`): it ran as in shadow mode (never exited) so that `Lynx.audit()` can compare
     its would-exit answer with its full one.
 
+    A row that ended (EOS, a stop string, a criterion of yours) is over: it never exits afterwards, and its EOS is
+    no thinking token, so the budget never exits a row at its own EOS.
+
     Example:
         >>> ExitRecord(exited=True, would_exit=True, position=12, start=11, cue="wait", score=0.97, threshold=0.9,
         ...            cues_seen=2, shadow=False).cue
@@ -248,6 +251,15 @@ def loop_running(loop: FrameType | None, batch: int) -> torch.Tensor | None:
     return running if isinstance(running, torch.Tensor) and running.shape == (batch,) else None
 
 
+def loop_end_ids(loop: FrameType | None, device: torch.device) -> torch.Tensor:
+    """The token ids that end a row in transformers' decoding loop: the EOS ids of its stopping criteria (those with
+    an `eos_token_id`, as `_sample` itself tells them), `[n]` long on `device`; empty where EOS ends nothing."""
+    criteria = loop.f_locals.get("stopping_criteria") if loop is not None else None
+    ids = [torch.as_tensor(c.eos_token_id).reshape(-1) for c in (criteria or ())
+           if getattr(c, "eos_token_id", None) is not None]
+    return torch.cat(ids).to(device=device, dtype=torch.long) if ids else torch.zeros(0, dtype=torch.long, device=device)
+
+
 def loop_context(loop: FrameType | None) -> tuple[nn.Module, torch.Tensor | None]:
     """(generating model, attention mask so far) from transformers' decoding-loop frame."""
     name = loop.f_code.co_name if loop is not None else "<unknown>"
@@ -323,6 +335,9 @@ class GenerateCall:
         self.max_thinking_tokens = max_thinking_tokens
         self.thinking_tokens = torch.zeros(batch, **long)
         self.by_budget = torch.zeros(batch, dtype=torch.bool, device=device)
+        # The ids that end a row (the call's EOS; set by whoever starts the call): a row's ending token is no
+        # thinking token, so the budget never exits a row at its own EOS.
+        self.end_ids = torch.zeros(0, dtype=torch.long, device=device)
         self._tau = torch.tensor(float32_threshold(threshold), dtype=torch.float32, device=device)
         self.consumed_caches: set[int] = set()  # ids of KV caches that `Lynx.answer` already used up
         # Rows drawn for the live audit run as in shadow mode; None (no row drawn) keeps the step path unchanged.
@@ -365,9 +380,11 @@ class GenerateCall:
     def observe(self, input_ids: torch.LongTensor, running: torch.Tensor | None = None) -> torch.Tensor:
         """Consume the token appended since the last step; return this step's exit decisions `[batch]` (bool).
 
-        `running` (`[batch]`, nonzero for rows generate has not finished before this step; default all) keeps rows
-        that another criterion already stopped (a stop string, EOS, a criterion of yours) from exiting or counting
-        cues on what generate writes after their end (padding, or model tokens where no EOS is set).
+        `running` (`[batch]`, nonzero for rows generate had not finished before the token just appended; default
+        all) keeps rows that another criterion already stopped (a stop string, EOS, a criterion of yours) from
+        exiting or counting cues on what generate writes after their end (padding, or model tokens where no EOS is
+        set). A row that the token just appended ended (by default: its token is one of `end_ids`, its EOS) has no
+        thinking token there, so the budget never exits it at that token.
 
         A step after which no row has a cue to confirm (nearly all of them) only advances the cue automaton and
         mirrors its largest state to the host: six tensor ops, no host sync; it returns `self.nothing` (which the
@@ -413,6 +430,7 @@ class GenerateCall:
             thinking = self.state.in_think
             if running is not None:
                 thinking = thinking & running.to(device=thinking.device, dtype=torch.bool)
+            thinking = thinking & ~torch.isin(token, self.end_ids)
             self.thinking_tokens += thinking
             budget_due = length - self.prompt_length >= self.max_thinking_tokens  # no row can be over it before
         if not cue_waiting and not budget_due:
@@ -600,6 +618,7 @@ class CallTracker:
         if self.check_list is not None:
             self.check_list(owner)
         call = self.lynx._start_call(self.mode, model, input_ids, mask, self.call_class)
+        call.end_ids = loop_end_ids(loop, call.end_ids.device)
         key = id(owner)
         self._calls[key] = (weakref.ref(owner), call)
         weakref.finalize(owner, self._finish, key, call)
