@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import StoppingCriteria
 
 import lynx_hf.custom_generate.generate as custom
 from forcing import ForceScript
@@ -40,3 +41,37 @@ def test_an_explicit_none_for_a_per_call_option_means_the_bundles_setting(setup,
     out = _custom(model, enc, lynx, scripts, **{option: None})
     assert torch.equal(out.sequences, plain.sequences)
     assert out.exits == plain.exits
+
+
+class _StopRowZeroAfter(StoppingCriteria):
+    """A criterion of the user's: ends row 0 once it has `n` generated tokens."""
+
+    def __init__(self, width: int, n: int):
+        self.width, self.n = width, n
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done[0] = input_ids.shape[1] - self.width >= self.n
+        return done
+
+
+@pytest.mark.parametrize("ending", ["eos", "stop_string", "criterion"])
+def test_a_row_that_ended_before_the_budget_is_no_budget_exit_when_a_neighbour_reaches_it(setup, ending):
+    model, tok, enc = setup
+    width, budget = enc.input_ids.shape[1], 6
+    lynx = bundle(model, tok, probability=0.01).attach(model, tok)  # never confident: only the budget acts
+    so = _ids(tok, " so")
+    options = {}
+    if ending == "eos":
+        scripts = [so * 3 + [tok.eos_token_id], so * 20]
+    elif ending == "stop_string":
+        scripts = [so * 2 + _ids(tok, " done") + so * 20, so * 20]
+        options = dict(stop_strings=[" done"], tokenizer=tok)
+    else:
+        scripts = [so * 20, so * 20]
+        options = dict(stopping_criteria=[_StopRowZeroAfter(width, 3)])
+    out = _custom(model, enc, lynx, scripts, max_thinking_tokens=budget, **options)
+    ended, thinker = out.exits
+    assert not ended.exited and not ended.would_exit and not ended.by_budget and ended.position == -1
+    assert thinker.exited and thinker.by_budget and thinker.position == width + budget - 1
+    assert torch.equal(out.sequences[0, width:width + 3], torch.tensor(scripts[0][:3]))  # the tokens were right

@@ -260,7 +260,11 @@ def _decode(model, lynx, input_ids, attention_mask, config, processors, criteria
             if thinking.any():
                 if call is None:
                     call = lynx._start_call("stop", model, ids, mask, **call_options)
-                decide = call.acting(call.observe(ids)) & thinking  # shadow and audited rows never exit
+                    call.end_ids = eos.long()  # a row's EOS is no thinking token (a cue it confirms is an event)
+                # Rows that ended (EOS, a stop string, a criterion of yours) or exited are over: what this loop
+                # writes after their end (padding) neither thinks nor counts cues, whatever their neighbours do.
+                # Shadow and audited rows never exit.
+                decide = call.acting(call.observe(ids, running=thinking)) & thinking
                 user_stop = criteria(ids, scores)
             finish_thinking = thinking & ~decide & (is_eos | user_stop)
 
