@@ -341,8 +341,9 @@ class GenerateCall:
         # thinking token, so the budget never exits a row at its own EOS, while a cue that EOS confirms is an event
         # (the calibration traces end there too).
         self.end_ids = torch.zeros(0, dtype=torch.long, device=device)
-        # Rows whose exit was decided at the token that ended them, too late for the plug-in to act (in-stream).
-        self.missed = torch.zeros(batch, dtype=torch.bool, device=device)
+        # In-stream, each decision step's (decisions, rows still running after the token): references, read when
+        # records are, to find rows whose exit came at the token that ended them, too late for the plug-in to act.
+        self._late: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._tau = torch.tensor(float32_threshold(threshold), dtype=torch.float32, device=device)
         self.consumed_caches: set[int] = set()  # ids of KV caches that `Lynx.answer` already used up
         # Rows drawn for the live audit run as in shadow mode; None (no row drawn) keeps the step path unchanged.
@@ -450,9 +451,8 @@ class GenerateCall:
             return self.nothing
         decide = self._decide(before, token, length, running, cue_waiting, thinking if budget_due else None)
         if running_after is not None:
-            too_late = decide & ~running_after.to(device=decide.device, dtype=torch.bool)
-            self.missed |= too_late
-            decide = decide & ~too_late
+            self._late.append((decide, running_after))
+            decide = torch.logical_and(decide, running_after.to(decide.device))
         if not self.shadow:
             self._exit_mirror.push(self.acting(decide).any())
             self._exit_pushed = True
@@ -513,7 +513,7 @@ class GenerateCall:
         audited = self.audited.tolist() if self.audited is not None else [False] * self.batch
         records = []
         for exit_, seen, answered, was_audited, missed in zip(exits, self.cues_seen.tolist(), self.answered(), audited,
-                                                              self.missed.tolist()):
+                                                              self.missed()):
             position, start, cue, score, budget = exit_ if exit_ is not None else (-1, -1, -1, None, False)
             acted = exit_ is not None and not self.shadow and not was_audited and not missed
             records.append(ExitRecord(
@@ -523,6 +523,14 @@ class GenerateCall:
                 audited=bool(was_audited),
             ))
         return records
+
+    def missed(self) -> list[bool]:
+        """Per row, whether its exit was decided at the token that ended it (in-stream: generate had already
+        finished the row, so the plug-in could not act on it)."""
+        missed = torch.zeros(self.batch, dtype=torch.bool, device=self.exited.device)
+        for decide, after in self._late:
+            missed |= decide & ~after.to(device=missed.device, dtype=torch.bool)
+        return missed.tolist()
 
     def _exits(self) -> list[tuple | None]:
         """Per row, `(position, start, cue index, score, by budget)` of its exit, or None: its first decision. Found
