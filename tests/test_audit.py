@@ -4,6 +4,7 @@ more answers than the guarantee allows; audited rows never intervene; audit_rate
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import pickle
 import threading
@@ -98,6 +99,47 @@ def test_each_setting_is_audited_against_its_own_delta():
     report = audit_report(_rows(np.zeros(50), 0.9) + _rows(np.zeros(50), 0.95))
     assert [(g.confidence, g.delta, g.rows) for g in report.groups] == [(0.9, 0.1, 50), (0.95, 0.05, 50)]
     assert "c=0.95" in str(report) and report.to_dict()["groups"][1]["delta"] == 0.05
+
+
+
+def test_the_verdict_and_sequence_of_one_batch_do_not_depend_on_the_order_of_its_rows():
+    # 4 of 20 rows of one call changed their answer: the same rows in any order are the same evidence.
+    rows = _rows(np.arange(20) < 4)
+    orders = [rows, rows[4:] + rows[:4], rows[::2] + rows[1::2]]
+    groups = [audit_report(order).groups[0] for order in orders]
+    assert len({(g.lower, g.upper, g.verdict) for g in groups}) == 1
+    # Rows of several calls (batches): each call's rows are one unit, read after the call.
+    batched = [dataclasses.replace(r, batch=i // 5) for i, r in enumerate(_rows(np.arange(40) % 7 == 0))]
+    shuffled = [r for b in range(8) for r in reversed(batched[5 * b: 5 * b + 5])]
+    assert (audit_report(batched).groups[0].lower, audit_report(batched).groups[0].upper) == \
+        (audit_report(shuffled).groups[0].lower, audit_report(shuffled).groups[0].upper)
+
+
+def test_batched_sequence_keeps_its_coverage_under_a_look_after_every_batch():
+    rng = np.random.default_rng(5)
+    rate, alpha, streams = 0.1, 0.05, 300
+    misses = 0
+    for _ in range(streams):
+        sizes = rng.integers(1, 17, size=40)  # calls of 1 to 16 audited rows
+        batch = np.repeat(np.arange(len(sizes)), sizes)
+        x = (rng.uniform(size=batch.size) < rate).astype(float)
+        lower, upper = betting_confidence_sequence(x, alpha, grid=200, include=(rate,), batches=batch)
+        assert len(lower) == len(sizes)  # one look per batch
+        misses += bool((lower > rate).any() or (upper < rate).any())
+    assert misses / streams <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / streams)
+
+
+def test_a_rate_outside_its_sequence_is_explained_in_the_printout():
+    # A first call where every row changed, then calls where none did: the sequence keeps the first call's evidence
+    # (it is a running intersection over every look), so the pooled rate can fall below its lower bound.
+    early = [dataclasses.replace(r, batch=0) for r in _rows(np.ones(12))]
+    late = [dataclasses.replace(r, batch=1 + i // 8) for i, r in enumerate(_rows(np.zeros(160)))]
+    group = audit_report(early + late).groups[0]
+    assert group.rate < group.lower
+    text = str(audit_report(early + late))
+    assert "outside" in text and "running intersection" in text
+    inside = audit_report(_rows(np.arange(40) % 10 == 0))
+    assert "outside" not in str(inside)
 
 
 # --- live audit on the organism --------------------------------------------------------------------------------------

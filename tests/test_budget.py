@@ -191,3 +191,38 @@ def test_bad_budgets_and_saving_a_budget_only_lynx_are_refused_with_the_fix(batc
             copy.copy(lynx).max_thinking_tokens = bad
     with pytest.raises(LynxConfigError, match="no probe or calibration to save"):
         Lynx.budget(8, model=model, tokenizer=tok).save_pretrained(tmp_path / "cap")
+
+
+@pytest.fixture(scope="module")
+def scripted(smollm2_tokenizer):
+    from scripted import PROMPT, bundle, scripted_model
+
+    tok = smollm2_tokenizer
+    model = scripted_model(tok)
+    enc = tok([PROMPT, PROMPT], return_tensors="pt", add_special_tokens=False)
+    lynx = bundle(model, tok, probability=0.01).attach(model, tok)  # the probe is never confident: the budget acts
+    return model, tok, enc, lynx
+
+
+def test_a_row_whose_budget_token_is_its_own_eos_ended_there_and_exits_by_budget_in_neither_mode(scripted):
+    model, tok, enc, lynx = scripted
+    width, eos = enc.input_ids.shape[1], tok.eos_token_id
+    so = tok(" so", add_special_tokens=False).input_ids
+    budget = 6
+    # Row 0's 6th thinking token is its EOS (it ended the row, it is no thinking token); row 1 thinks on.
+    force = ForceScript([so * (budget - 1) + [eos], so * 20], width)
+    common = dict(do_sample=False, max_new_tokens=12, pad_token_id=model.generation_config.pad_token_id)
+    lynx.max_thinking_tokens = budget
+    try:
+        stop = model.generate(**enc, logits_processor=[force], stopping_criteria=[lynx.stopping_criteria()], **common)
+        stop_records = lynx.last_exits
+        model.generate(**enc, logits_processor=[force, lynx.exit_processor()],
+                       stopping_criteria=[lynx.answer_stopper()], **common)
+        stream_records = lynx.last_exits
+    finally:
+        lynx.max_thinking_tokens = None
+    for records in (stop_records, stream_records):
+        assert not records[0].exited and not records[0].would_exit and not records[0].by_budget
+        assert records[1].exited and records[1].by_budget and records[1].position == width + budget - 1
+    assert stop[0, width + budget - 1] == eos
+    assert lynx.answer(stop)[0].token_ids == []  # answer() leaves the ended row as it is: no exit text after its EOS

@@ -288,3 +288,42 @@ def test_steps_the_host_knows_are_quiet_change_nothing_against_deciding_at_every
     branchless, branchless_records = sample()
     assert torch.equal(quick, branchless) and quick_records == branchless_records
     assert any(r.exited for r in quick_records) and any(r.cues_seen > 1 for r in quick_records)
+
+
+@pytest.mark.parametrize("shadow", [False, True], ids=["live", "shadow"])
+def test_a_confident_cue_confirmed_by_eos_is_an_event_in_both_modes_as_offline(setup, shadow):
+    from forcing import ForceScript
+
+    model, tok, _ = setup
+    tok.padding_side = "left"
+    enc = tok([PROMPT, PROMPT], return_tensors="pt", add_special_tokens=False)
+    width = enc.input_ids.shape[1]
+    so, wait = (tok(w, add_special_tokens=False).input_ids for w in (" so", " Wait"))
+    # Row 0 writes a cue and then its EOS (nothing continues the word); row 1 thinks on.
+    force = ForceScript([so * 2 + wait + [tok.eos_token_id], so * 20], width)
+    lynx = bundle(model, tok, probability=0.99, shadow=shadow).attach(model, tok)  # every cue confident
+    common = dict(do_sample=False, max_new_tokens=12, pad_token_id=model.generation_config.pad_token_id)
+    # Offline (how the calibration events were found, on the trace cut before its EOS) the cue is an event.
+    trace = enc.input_ids[0].tolist() + so * 2 + wait
+    offline = lynx.detector.find_events(trace, width)
+    assert [(e.position, e.cue) for e in offline] == [(width + 2, "wait")]
+    stop = model.generate(**enc, logits_processor=[force], stopping_criteria=[lynx.stopping_criteria()], **common)
+    stop_record = lynx.last_exits[0]
+    model.generate(**enc, logits_processor=[force, lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()],
+                   **common)
+    stream_record = lynx.last_exits[0]
+    import lynx_hf.custom_generate.generate as custom
+
+    custom_record = custom.generate(model, input_ids=enc.input_ids, attention_mask=enc.attention_mask, lynx=lynx,
+                                    logits_processor=[force], return_dict_in_generate=True, **common).exits[0]
+    assert custom_record == stop_record  # custom_generate decides as stop mode does
+    for record in (stop_record, stream_record):
+        assert record.would_exit and record.cue == "wait" and record.cues_seen == 1
+        assert (record.position, record.start) == (offline[0].position, offline[0].start)
+    assert stream_record.score == pytest.approx(stop_record.score)
+    # Stop mode exits and answers from before the cue; in-stream the row has already ended with its EOS, so the
+    # plug-in could not act on it.
+    assert stop_record.exited is not shadow and not stream_record.exited
+    if not shadow:  # answered from before the cue: neither the cue nor the EOS is in the answer's context
+        assert exit_cut(stop_record.position, stop_record.start, lynx.config.exit_construction) == width + 2
+        assert stop[0, width + 3] == tok.eos_token_id and lynx.answer(stop)[0].token_ids

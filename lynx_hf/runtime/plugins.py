@@ -78,6 +78,7 @@ class StreamCall(GenerateCall):
         self.answering = torch.zeros(self.batch, dtype=torch.bool, device=device)
         self.closed = torch.zeros(self.batch, dtype=torch.bool, device=device)
         self.depth = torch.zeros(self.batch, dtype=torch.long, device=device)
+        self.loop_running: torch.Tensor | None = None  # generate's unfinished-rows flags at the last step
 
     def answered(self) -> list[bool | None]:
         return self.closed.tolist()
@@ -120,7 +121,10 @@ class LynxExitProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         call, loop = self.calls.current_and_loop(input_ids, sys._getframe(1))
         running = loop_running(loop, input_ids.shape[0])
-        decide = call.observe(input_ids, running)
+        # The loop's flags as they were before the token just appended (last step's; None: all rows, at the start)
+        # and after it: a cue that the row's own EOS confirms is an event, though the row has ended.
+        before, call.loop_running = call.loop_running, running
+        decide = call.observe(input_ids, before, running)
         if call.no_exit_yet:  # no row forced or answering yet (the host knows it without waiting)
             if decide is call.nothing or call.shadow:  # and none exits now: the scores pass unchanged
                 return scores
