@@ -16,7 +16,13 @@ _LETTER = re.compile(r"^\(?([A-Ea-e])\)?[.:]?$")
 def close_box(text: str) -> str | None:
     """The content of a `\\boxed{` whose opening brace was already consumed: `text` up to the matching `}`.
 
-    Returns None if the brace never closes (the answer was cut off).
+    Nested braces are counted, so `\\frac{1}{2}` stays whole.
+
+    Args:
+        text: The text that follows `\\boxed{`.
+
+    Returns:
+        The boxed content, stripped; None if the brace never closes (the answer was cut off).
 
     Example:
         >>> close_box("\\\\frac{1}{2}} and more")
@@ -34,7 +40,16 @@ def close_box(text: str) -> str | None:
 
 
 def extract_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` in `text`, braces matched; None if there is none or it is unclosed.
+    """The content of the last `\\boxed{...}` in `text`, braces matched.
+
+    The last box is the final answer when a model boxes intermediate results; braces are matched rather than cut at
+    the first `}`.
+
+    Args:
+        text: A model's answer text.
+
+    Returns:
+        The content of the last box, stripped; None if there is no box or it is unclosed.
 
     Example:
         >>> extract_boxed("so \\\\boxed{1} then \\\\boxed{\\\\frac{a}{b}}.")
@@ -47,12 +62,34 @@ def extract_boxed(text: str) -> str | None:
 
 
 def is_choice_letter(answer: str) -> bool:
-    """True for a multiple-choice letter such as `B`, `(B)` or `b.`."""
+    """True for a multiple-choice letter such as `B`, `(B)` or `b.`.
+
+    Args:
+        answer: An extracted answer.
+
+    Returns:
+        Whether `answer` is one letter A-E, optionally in parentheses or followed by `.` or `:`.
+
+    Example:
+        >>> is_choice_letter("(B)"), is_choice_letter("b."), is_choice_letter("12")
+        (True, True, False)
+    """
     return bool(_LETTER.match(answer.strip()))
 
 
 def answers_match(predicted: str | None, gold: str) -> bool:
     """Strict check: multiple-choice letters match exactly (case-insensitive); anything else goes through math-verify.
+
+    Identical strings match without math-verify; otherwise both sides are parsed as LaTeX math and compared by value
+    (so `\\frac{1}{2}` matches `0.5`). Off the main thread math-verify's timeouts are disabled, since they rely on
+    `signal.alarm`.
+
+    Args:
+        predicted: The extracted answer (e.g. from `extract_boxed`); None or blank never matches.
+        gold: The reference answer.
+
+    Returns:
+        Whether the answers match.
 
     Example:
         >>> answers_match("\\\\frac{1}{2}", "0.5"), answers_match("(B)", "B"), answers_match(None, "3")
