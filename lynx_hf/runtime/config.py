@@ -23,6 +23,39 @@ _CONFIG_KEYS = (
 class LynxConfig:
     """Everything about a probe bundle except its weights and calibration scores.
 
+    Saved as the bundle's `config.json`: which model and layers the probe reads, which cue words it scores, how
+    thinking is marked and closed, and fingerprints of the base model that `Lynx.from_pretrained` checks so a probe
+    never silently runs on another model. `Lynx` and the build pipeline make it; you rarely build one by hand.
+
+    Args:
+        base_model: Hub id or path of the model the probe was trained on.
+        layers: Hidden-state layer indices the probe reads (`output_hidden_states` convention).
+        hidden_size: The base model's hidden size.
+        cues: Reflection cue words whose token the probe scores; defaults to `DEFAULT_CUES`.
+        think_start: Text that opens thinking; None takes it from the model's tokenizer and chat template when the
+            bundle is attached.
+        think_end: Text that closes thinking; None as for `think_start`.
+        exit_text: Text appended at an exit to close thinking and start the answer; None as for `think_start`.
+        thinking: Name of a thinking-format preset (see `ThinkingFormat`); None detects it from the tokenizer.
+        exit_construction: How the forced exit is built at a cue: `"drop_cue"` (default) cuts the cue word before
+            the exit text; see `lynx_hf.runtime.exit.EXIT_CONSTRUCTIONS` for the others.
+        probe_hidden_sizes: Hidden layer widths of the probe MLP.
+        model_fingerprint: Hash of the base model's architecture settings (`model_fingerprint`); empty skips the
+            check.
+        tokenizer_fingerprint: Hash of the tokenizer's vocabulary (`tokenizer_fingerprint`); empty skips the check.
+        weights_sample: A few embedding values (`weights_sample`) that tell two checkpoints of one architecture
+            apart; empty skips the check.
+        layer_sample: A few values of matrices inside the first, middle and last decoder blocks (`layer_sample`);
+            empty in bundles made before it existed, which are then not checked on it.
+        cue_token_ids: The token ids of each cue's spellings under the training tokenizer.
+        exit_token_ids: The token ids of the exit text under the training tokenizer.
+        answer_max_new_tokens: Tokens the greedy answer after an exit may use.
+        format_version: The `config.json` format; a newer one than this library reads is refused.
+        library_name: Written to the model card so the Hub lists the bundle under lynx-hf.
+
+    Raises:
+        LynxConfigError: If `exit_construction` is unknown, or `layers` or `cues` is empty.
+
     Example:
         >>> config = LynxConfig(base_model="my/model", layers=[2, 4], hidden_size=128)
         >>> LynxConfig.from_dict(config.to_dict()) == config
@@ -64,16 +97,50 @@ class LynxConfig:
 
     @property
     def feature_size(self) -> int:
-        """Size of the probe's input: the chosen layers' hidden states concatenated."""
+        """Size of the probe's input: the chosen layers' hidden states concatenated.
+
+        Returns:
+            `hidden_size * len(layers)`.
+
+        Example:
+            >>> LynxConfig(base_model="my/model", layers=[2, 4], hidden_size=128).feature_size
+            256
+        """
         return self.hidden_size * len(self.layers)
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable dict."""
+        """A JSON-serialisable dict of every field (what `config.json` holds).
+
+        Returns:
+            A new dict; `from_dict` reads it back.
+
+        Example:
+            >>> LynxConfig(base_model="my/model", layers=[2], hidden_size=8).to_dict()["layers"]
+            [2]
+        """
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "LynxConfig":
-        """Build from `to_dict()` output, with a clear error for a missing field or a newer format."""
+        """Build from `to_dict()` output, with a clear error for a missing field or a newer format.
+
+        Unknown keys are ignored, so a config written by a newer lynx-hf of the same format still loads.
+
+        Args:
+            data: A dict as written by `to_dict` (the parsed `config.json`).
+
+        Returns:
+            The config.
+
+        Raises:
+            CorruptedBundleError: If `data` is not a dict, lacks `base_model`, `layers` or `hidden_size`, or has a
+                `format_version` newer than this library reads.
+            LynxConfigError: If the fields it holds cannot work (see the class).
+
+        Example:
+            >>> LynxConfig.from_dict({"base_model": "my/model", "layers": [2], "hidden_size": 8, "extra": 1}).layers
+            [2]
+        """
         if not isinstance(data, dict):
             raise CorruptedBundleError("config.json is corrupted: expected a JSON object; re-save the bundle.")
         version = data.get("format_version", FORMAT_VERSION)
@@ -89,6 +156,15 @@ class LynxConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json_string(self) -> str:
+        """The config as `config.json` text: indented, keys sorted, ending in a newline.
+
+        Returns:
+            The JSON text.
+
+        Example:
+            >>> print(LynxConfig(base_model="my/model", layers=[2], hidden_size=8).to_json_string().splitlines()[1])
+              "answer_max_new_tokens": 16,
+        """
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
