@@ -60,7 +60,21 @@ _VERSION = 1
 
 
 class LynxCalibrationWarning(UserWarning):
-    """The requested confidence cannot be certified with this calibration set; the threshold is ``inf``."""
+    """The requested confidence cannot be certified with this calibration set; the threshold is ``inf``.
+
+    Emitted by `Calibration.threshold` (and so by `Lynx` at load time) when there are too few calibration events or
+    questions for the confidence asked: that setting never exits. Calibrate on more problems or lower the
+    confidence. It is a `UserWarning`, so the usual `warnings` filters apply.
+
+    Example:
+        >>> import warnings
+        >>> cal = Calibration(scores=[0.9, 0.2], safe=[True, False], question=[0, 1])
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     tau = cal.threshold(0.99)
+        >>> tau, caught[0].category.__name__
+        (inf, 'LynxCalibrationWarning')
+    """
 
 
 def _exact_confidence(confidence: float) -> Fraction:
@@ -77,14 +91,42 @@ def _exact_confidence(confidence: float) -> Fraction:
 
 
 def check_guarantee(guarantee: str) -> str:
-    """Return `guarantee` if it is one of `GUARANTEES`, else raise `LynxConfigError` naming the choices."""
+    """Return `guarantee` if it is one of `GUARANTEES`, else raise `LynxConfigError` naming the choices.
+
+    Args:
+        guarantee: ``"event"`` (per cue event) or ``"question"`` (per question).
+
+    Returns:
+        `guarantee`, unchanged.
+
+    Raises:
+        LynxConfigError: If `guarantee` is not one of `GUARANTEES`.
+
+    Example:
+        >>> check_guarantee("question")
+        'question'
+    """
     if guarantee not in GUARANTEES:
         raise LynxConfigError(f"unknown guarantee {guarantee!r}; choose 'event' (per cue event) or 'question' (per question).")
     return guarantee
 
 
 def check_rule(rule: str) -> str:
-    """Return `rule` if it is one of `RULES`, else raise `LynxConfigError` naming the choices."""
+    """Return `rule` if it is one of `RULES`, else raise `LynxConfigError` naming the choices.
+
+    Args:
+        rule: ``"envelope"`` (default, monotone in confidence) or ``"paper"`` (the paper's exact per-event rule).
+
+    Returns:
+        `rule`, unchanged.
+
+    Raises:
+        LynxConfigError: If `rule` is not one of `RULES`.
+
+    Example:
+        >>> check_rule("paper")
+        'paper'
+    """
     if rule not in RULES:
         raise LynxConfigError(
             f"unknown rule {rule!r}; choose 'envelope' (default, monotone in confidence) or 'paper' (the paper's exact "
@@ -94,7 +136,18 @@ def check_rule(rule: str) -> str:
 
 
 def check_risk_level(risk_level: float | None) -> float | None:
-    """``None`` (marginal guarantee) or a number ``alpha`` in (0, 1) (PAC: holds with probability >= 1 - alpha).
+    """Validate a risk level: ``None`` (marginal guarantee) or a number ``alpha`` in (0, 1).
+
+    With ``alpha`` the guarantee is PAC: it holds with probability >= 1 - alpha over calibration draws.
+
+    Args:
+        risk_level: None, or a number in the open interval (0, 1).
+
+    Returns:
+        None, or `risk_level` as a float.
+
+    Raises:
+        LynxConfigError: If `risk_level` is not None and not a number in (0, 1).
 
     Example:
         >>> check_risk_level(0.1), check_risk_level(None)
@@ -186,6 +239,17 @@ def exits(scores: Tensor, tau: float) -> Tensor:
     smallest float32 that is ``>= tau``, which gives the same answer as the float64 comparison for every score and
     also runs on devices without float64.
 
+    Args:
+        scores: Probe scores, any float dtype and shape.
+        tau: The threshold (``inf``: never exit).
+
+    Returns:
+        A bool tensor of `scores`' shape and device.
+
+    Raises:
+        TypeError: If `scores` is not a float tensor.
+        ValueError: If `tau` is NaN.
+
     Example:
         >>> import torch
         >>> exits(torch.tensor([0.2, 0.7, 0.9], dtype=torch.float64), 0.7).tolist()
@@ -208,8 +272,16 @@ def exits(scores: Tensor, tau: float) -> Tensor:
 
 
 def float32_threshold(tau: float) -> float:
-    """The smallest float32 that is ``>= tau``: for float32 scores ``p``, ``p >= float32_threshold(tau)`` iff
-    ``p >= tau`` (what the plug-ins compare on device, where float64 may not exist).
+    """The smallest float32 that is ``>= tau``.
+
+    For float32 scores ``p``, ``p >= float32_threshold(tau)`` iff ``p >= tau``: what the plug-ins compare on device,
+    where float64 may not exist.
+
+    Args:
+        tau: A float64 threshold.
+
+    Returns:
+        The smallest float32 value ``>= tau``, as a Python float.
 
     Example:
         >>> float32_threshold(0.7) >= 0.7, float32_threshold(float("inf"))
@@ -227,6 +299,18 @@ def first_exit(scores: Tensor, question: Tensor, tau: float) -> Tensor:
     ``question`` gives each event's question id; the events of a question must be contiguous and in trace order.
     Questions are returned in order of appearance; indices point into ``scores`` (global event indices). This is the
     offline replay of the exit rule.
+
+    Args:
+        scores: 1-D probe scores, one per event.
+        question: 1-D question ids, one per event, each question's events contiguous and in trace order.
+        tau: The threshold (``inf``: never exit).
+
+    Returns:
+        A long tensor with one entry per question: the index of its first exit, or -1.
+
+    Raises:
+        ValueError: If `scores` and `question` are not 1-D of the same length, or a question's events are not
+            contiguous.
 
     Example:
         >>> import torch
@@ -272,6 +356,15 @@ class Calibration:
       questions. Quote this one for "fraction of questions harmed".
 
     Confidences are read as the decimal they print as (``0.9`` means 9/10), so ranks are exact.
+
+    Args:
+        scores: Probe probabilities in [0, 1], one per calibration cue event (moved to CPU float64).
+        safe: One bool per event: True when the forced exit at this cue answers correctly (0/1 accepted).
+        question: One integer question id per event; each question's events contiguous and in trace order.
+
+    Raises:
+        ValueError: If the three have different lengths or no events, a score is outside [0, 1] or NaN, `safe` is
+            not boolean, `question` is not integer, or a question's events are not contiguous.
 
     Example:
         >>> cal = Calibration(scores=[0.3, 0.9, 0.8, 0.7, 0.2, 0.95], safe=[False, True, False, True, False, True],
@@ -328,27 +421,52 @@ class Calibration:
 
     @property
     def n_events(self) -> int:
-        """Number of calibration cue events."""
+        """Number of calibration cue events.
+
+        Example:
+            >>> Calibration(scores=[0.2, 0.9], safe=[False, True], question=[0, 0]).n_events
+            2
+        """
         return int(self.scores.numel())
 
     @property
     def n_questions(self) -> int:
-        """Number of calibration questions (traces with at least one cue event)."""
+        """Number of calibration questions (traces with at least one cue event).
+
+        Example:
+            >>> Calibration(scores=[0.2, 0.9, 0.5], safe=[False, True, True], question=[0, 0, 1]).n_questions
+            2
+        """
         return int(self._stat("n_questions"))
 
     @property
     def n_safe(self) -> int:
-        """Number of safe events (a forced exit there answers correctly)."""
+        """Number of safe events (a forced exit there answers correctly).
+
+        Example:
+            >>> Calibration(scores=[0.2, 0.9, 0.5], safe=[False, True, True], question=[0, 0, 1]).n_safe
+            2
+        """
         return int(self.safe.sum().item())
 
     @property
     def n_unsafe(self) -> int:
-        """Number of unsafe events."""
+        """Number of unsafe events (a forced exit there answers wrongly).
+
+        Example:
+            >>> Calibration(scores=[0.2, 0.9, 0.5], safe=[False, True, True], question=[0, 0, 1]).n_unsafe
+            1
+        """
         return self.n_events - self.n_safe
 
     @property
     def max_unsafe_per_question(self) -> int:
-        """The most unsafe events any calibration question has: the range of the per-event betting bounds."""
+        """The most unsafe events any calibration question has: the range of the per-event betting bounds.
+
+        Example:
+            >>> Calibration(scores=[0.2, 0.3, 0.5], safe=[False, False, True], question=[0, 0, 1]).max_unsafe_per_question
+            2
+        """
         return int(self._stat("unsafe_per_question").max(initial=0))
 
     def _stat(self, name: str):
@@ -397,6 +515,15 @@ class Calibration:
 
         The prediction set of an event with score p holds "safe" iff ``1 - p <= q_pos`` and "unsafe" iff ``p <= q_neg``.
 
+        Args:
+            confidence: c in (0, 1), read as the decimal it prints as.
+
+        Returns:
+            ``(q_pos, q_neg)``: the quantiles of the safe class's ``1 - p`` and of the unsafe class's ``p``.
+
+        Raises:
+            ValueError: If `confidence` is not a number in (0, 1).
+
         Example:
             >>> cal = Calibration(scores=[0.875, 0.75, 0.25, 0.5], safe=[True, True, False, False], question=[0, 1, 2, 3])
             >>> cal.event_quantiles(0.5)
@@ -422,6 +549,22 @@ class Calibration:
         confidence it can bind, so the paper's ``tau`` is not monotone in ``c``. ``rule="envelope"`` (default) returns
         ``min over c' >= c`` of the paper's ``tau(c')``, which is ``>= U(c)`` (same guarantee) and monotone. Per
         question both rules coincide (the thresholds are monotone by construction).
+
+        Args:
+            confidence: c = 1 - delta in (0, 1), read as the decimal it prints as.
+            guarantee: ``"event"`` (default here; `Lynx` defaults to ``"question"``) or ``"question"``.
+            rule: ``"envelope"`` (default, monotone in c) or ``"paper"``; only the per-event guarantee uses it.
+            risk_level: None (guarantee in expectation) or alpha in (0, 1) (PAC, with probability >= 1 - alpha).
+
+        Returns:
+            ``tau``: exit at a cue iff ``p >= tau``; ``inf`` when nothing can be certified.
+
+        Raises:
+            ValueError: If `confidence` is not a number in (0, 1).
+            LynxConfigError: If `guarantee`, `rule` or `risk_level` is not one of the choices.
+
+        Warns:
+            LynxCalibrationWarning: When the calibration set is too small to certify any exit (``tau = inf``).
 
         Example:
             >>> cal = Calibration(scores=[0.9, 0.4, 0.8, 0.3], safe=[True, False, True, False], question=[0, 0, 1, 1])
@@ -610,6 +753,20 @@ class Calibration:
         ``premature_rate`` in the unit of the guarantee (event: share of events that exit / of unsafe events that
         exit; question: share of questions that exit / whose first exit is unsafe), and all four explicitly:
         ``event_exit_rate``, ``unsafe_event_exit_rate``, ``question_exit_rate``, ``question_premature_rate``.
+        Confidences that cannot be certified give ``tau = inf`` here without a warning.
+
+        Args:
+            confidences: The confidences to list, each in (0, 1).
+            guarantee: ``"event"`` (default) or ``"question"``, as in `threshold`.
+            rule: ``"envelope"`` (default) or ``"paper"``, as in `threshold`.
+            risk_level: None or alpha in (0, 1), as in `threshold`.
+
+        Returns:
+            One dict per confidence, in the order given, with the keys above.
+
+        Raises:
+            ValueError: If a confidence is not a number in (0, 1).
+            LynxConfigError: If `guarantee`, `rule` or `risk_level` is not one of the choices.
 
         Example:
             >>> cal = Calibration(scores=[0.9, 0.4, 0.8, 0.3], safe=[True, False, True, False], question=[0, 0, 1, 1])
@@ -649,6 +806,10 @@ class Calibration:
     def to_dict(self) -> dict:
         """JSON-serialisable form (floats as Python floats, which JSON writes by ``repr``: the round trip is exact).
 
+        Returns:
+            A dict with ``format``, ``version``, ``n_events``, ``scores``, ``safe`` and ``question``: what a bundle's
+            ``calibration.json`` holds.
+
         Example:
             >>> import json
             >>> cal = Calibration(scores=[0.1, 0.7], safe=[False, True], question=[0, 0])
@@ -667,7 +828,20 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Calibration:
-        """Rebuild from :meth:`to_dict` output, validating every field (``ValueError`` naming the bad field).
+        """Rebuild from `to_dict` output, validating every field.
+
+        ``format``, ``version`` and ``n_events`` are checked when present, so a bare
+        ``{"scores", "safe", "question"}`` dict also loads.
+
+        Args:
+            data: A mapping as written by `to_dict` (the parsed ``calibration.json``).
+
+        Returns:
+            The calibration.
+
+        Raises:
+            ValueError: Naming the bad field, if `data` is not a mapping, a field is missing or of the wrong type,
+                the lengths differ, or the format or version is not this library's.
 
         Example:
             >>> Calibration.from_dict({"scores": [0.2, 0.9], "safe": [False, True], "question": [0, 1]}).n_questions
@@ -725,6 +899,15 @@ DEFAULT_LABELS = "gold"
 def check_labels(labels: str) -> str:
     """Return `labels` if it is one of `LABELS`, else raise `LynxConfigError` naming the choices.
 
+    Args:
+        labels: ``"gold"`` or ``"agreement"``.
+
+    Returns:
+        `labels`, unchanged.
+
+    Raises:
+        LynxConfigError: If `labels` is not one of `LABELS`.
+
     Example:
         >>> check_labels("agreement")
         'agreement'
@@ -737,22 +920,26 @@ def check_labels(labels: str) -> str:
 
 def guarantee_statement(labels: str = DEFAULT_LABELS, guarantee: str = DEFAULT_GUARANTEE,
                         confidence: float | None = None, risk_level: float | None = None) -> str:
-    """The guarantee of a calibration in words, for the labels it was calibrated with: the one sentence the model
-    card, `repr` and the audit use, so they never disagree.
+    """The guarantee of a calibration in words, for the labels it was calibrated with.
+
+    It is the one sentence the model card, `repr` and the audit use, so they never disagree.
 
     Gold labels bound how often the exit makes the final answer *wrong*; agreement labels bound how often it
     *changes* the final answer (the model's answer after its full thinking), which needs no gold answer and is what
     the live audit measures.
 
     Args:
-        labels: ``"gold"`` or ``"agreement"`` (see `LABELS`).
-        guarantee: ``"question"`` or ``"event"``.
-        confidence: c; None writes the bound as ``1 - c``.
-        risk_level: None (on average over calibration sets) or alpha (PAC: for this calibration set with
+        labels: ``"gold"`` (default) or ``"agreement"`` (see `LABELS`).
+        guarantee: ``"question"`` (default) or ``"event"``.
+        confidence: c; None (default) writes the bound as ``1 - c``.
+        risk_level: None (default: on average over calibration sets) or alpha (PAC: for this calibration set with
             probability at least 1 - alpha).
 
     Returns:
         One sentence, without a final full stop.
+
+    Raises:
+        LynxConfigError: If `labels` or `guarantee` is not one of the choices.
 
     Example:
         >>> guarantee_statement("gold", "question", 0.9)
