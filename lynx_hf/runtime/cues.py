@@ -88,6 +88,9 @@ _DETECTORS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionar
 class CueEvent:
     """One reflection cue found in a sequence.
 
+    `CueDetector.find_events` returns these; the exit at a cue cuts the sequence at `start` (the whole cue word is
+    dropped) and the probe reads the hidden state of the token at `position`.
+
     Attributes:
         position: index in the full sequence of the token that completes the cue word (holds its last letter).
         start: index of the token that holds the cue word's first letter (equal to `position` for one-token cues).
@@ -146,12 +149,24 @@ class CueState:
 
     @property
     def batch_size(self) -> int:
-        """Number of rows."""
+        """Number of rows.
+
+        Example:
+            >>> state = CueState(ids=torch.zeros(2, dtype=torch.int32), length=0, think_of=torch.tensor([False]))
+            >>> state.batch_size
+            2
+        """
         return self.ids.shape[0]
 
     @property
     def in_think(self) -> torch.Tensor:
-        """`[B]` bool, whether the row is inside the thinking block after the last consumed token."""
+        """`[B]` bool, whether the row is inside the thinking block after the last consumed token.
+
+        Example:
+            >>> state = CueState(ids=torch.zeros(2, dtype=torch.int32), length=0, think_of=torch.tensor([False]))
+            >>> state.in_think
+            tensor([False, False])
+        """
         return self.think_of[self.ids]
 
 
@@ -176,11 +191,20 @@ class CueDetector:
     events for a finished sequence. See the module docstring for
     the matching rules (word boundaries, thinking block, positions).
 
+    Building the tables takes a moment for a large vocabulary; `CueDetector.for_tokenizer` builds one per
+    tokenizer and reuses it.
+
     Args:
-        tokenizer: any Hugging Face tokenizer of the model.
-        cues: cue words, matched case-insensitively as whole words; must start and end with a letter.
-        think_start: text that opens the thinking block, or `None` if generation starts inside it.
-        think_end: text that closes the thinking block, or `None` if it never closes.
+        tokenizer: Any Hugging Face tokenizer of the model.
+        cues: Cue words, matched case-insensitively as whole words; each must start and end with a letter.
+            Defaults to `DEFAULT_CUES` (`("hmm", "wait", "alternatively")`).
+        think_start: Text that opens the thinking block (default `"<think>"`), or `None` if generation starts
+            inside it.
+        think_end: Text that closes the thinking block (default `"</think>"`), or `None` if it never closes.
+
+    Raises:
+        TypeError: If `cues` is a single string rather than a sequence of words.
+        ValueError: If a cue does not start and end with a letter, `cues` is empty, or a marker is an empty string.
 
     Example:
         >>> from tokenizers import Tokenizer, models, pre_tokenizers, decoders
@@ -310,7 +334,12 @@ class CueDetector:
 
     @property
     def table_bytes(self) -> int:
-        """Bytes of the precomputed tables (what `to(device)` puts on the model's device)."""
+        """Bytes of the precomputed tables (what `to(device)` puts on the model's device).
+
+        Example:
+            >>> CueDetector(_example_tokenizer()).table_bytes > 0
+            True
+        """
         return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in _TABLES)
 
     # ------------------------------------------------------------------ setup
@@ -324,8 +353,24 @@ class CueDetector:
         think_end: str | None = "</think>",
         device: str | torch.device | None = None,
     ) -> CueDetector:
-        """A detector for `tokenizer`, built once per tokenizer, cue set and markers and reused (bundles attached to
-        one model share it); `device` gives a copy whose tables live there (also reused).
+        """A detector for `tokenizer`, built once per tokenizer, cue set and markers, and reused.
+
+        Bundles attached to one model share it; the cache entry goes away with the tokenizer. `device` gives a copy
+        whose tables live there (also reused).
+
+        Args:
+            tokenizer: Any Hugging Face tokenizer of the model.
+            cues: Cue words, as for the constructor (default `DEFAULT_CUES`).
+            think_start: Text that opens the thinking block, or `None` (default `"<think>"`).
+            think_end: Text that closes the thinking block, or `None` (default `"</think>"`).
+            device: Where the tables should live; None (default) returns the CPU detector.
+
+        Returns:
+            The shared detector (or its copy on `device`).
+
+        Raises:
+            TypeError: If `cues` is a single string.
+            ValueError: If a cue or marker is invalid (see the constructor).
 
         Example:
             >>> tok = _example_tokenizer()
@@ -354,6 +399,12 @@ class CueDetector:
     def to(self, device: str | torch.device) -> CueDetector:
         """Move the precomputed tables to `device` (in place) and return the detector.
 
+        Args:
+            device: The device for the tables (the model's device, so decoding needs no host sync).
+
+        Returns:
+            This detector.
+
         Example:
             >>> det = CueDetector(_example_tokenizer()).to("cpu")
             >>> det.continues_word.device
@@ -370,6 +421,9 @@ class CueDetector:
 
         A cue is spelled if the token strings of `tokenizer.encode(" " + cue)` or of `tokenizer.encode(cue)` contain
         the word (unknown tokens, byte fallbacks that lose letters, or normalisers that change the text all fail).
+
+        Returns:
+            The canonical cue words that no spelling tried produces, in cue order.
 
         Example:
             >>> CueDetector(_example_tokenizer(), cues=("wait", "alternatively")).missing_cues()
@@ -391,6 +445,12 @@ class CueDetector:
     def continues(self, token_ids: torch.Tensor) -> torch.Tensor:
         """`continues_word[token_ids]`, treating ids at or beyond `len(tokenizer)` as empty strings (False).
 
+        Args:
+            token_ids: Token ids, any shape, on the detector's device.
+
+        Returns:
+            A bool tensor of the same shape: True where the token's text starts with a letter.
+
         Example:
             >>> tok = _example_tokenizer()
             >>> CueDetector(tok).continues(torch.tensor([tok.convert_tokens_to_ids("ing"), 10**6]))
@@ -408,6 +468,16 @@ class CueDetector:
         wins), so chat templates that end with "<think>\\n" work. The prompt's last characters give the left
         context (a cue's left boundary, a marker begun in the prompt) but never count as cue characters.
         Generated tokens get absolute positions from `prompt_ids.shape[1]` on.
+
+        Args:
+            prompt_ids: `[B, length]` prompt token ids, left-padded.
+            attention_mask: `[B, length]`, 0 on padding; None treats every token as text.
+
+        Returns:
+            The per-row state for `step` / `advance`.
+
+        Raises:
+            ValueError: If `prompt_ids` is not 2-D.
 
         Example:
             >>> tok = _example_tokenizer()
@@ -442,9 +512,15 @@ class CueDetector:
         )
 
     def advance(self, state: CueState, tokens: torch.Tensor) -> None:
-        """Consume one new token per row (`[B]`), updating `state.ids` and `state.length` only: three tensor ops and no
-        host sync, what `generate`'s plug-ins run every step. `state.ids.max() >= first_completed` says whether some
-        row's token completed a cue; [`CueDetector.confirmed`] reads the events one token later.
+        """Consume one new token per row, updating `state.ids` and `state.length` only.
+
+        Three tensor ops and no host sync: what `generate`'s plug-ins run every step.
+        `state.ids.max() >= first_completed` says whether some row's token completed a cue;
+        [`CueDetector.confirmed`] reads the events one token later.
+
+        Args:
+            state: The per-row state from `start`, updated in place.
+            tokens: `[B]` long, the token each row just generated.
 
         Example:
             >>> tok = _example_tokenizer()
@@ -459,9 +535,16 @@ class CueDetector:
         state.length += 1
 
     def confirmed(self, before: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cue events that `tokens` confirm, for rows whose state was `before` (`state.ids` before the `advance`
-        that consumed `tokens`): `(cue index or -1, characters between the cue's end and its token's end)`, both
-        `[B]`. A cue that ended at its token's last character stands unless the next token continues the word.
+        """The cue events that `tokens` confirm, for rows whose automaton state was `before`.
+
+        A cue that ended at its token's last character stands unless the next token continues the word.
+
+        Args:
+            before: `[B]`, `state.ids` before the `advance` that consumed `tokens`.
+            tokens: `[B]` long, the tokens that followed the cue's token.
+
+        Returns:
+            `(cue index or -1, characters between the cue's end and its token's end)`, both `[B]`.
 
         Example:
             >>> tok = _example_tokenizer()
@@ -475,8 +558,18 @@ class CueDetector:
         return self._state_confirm[before, self._continues_ext[ids].long()], self._state_end[before]
 
     def cue_start(self, row: Sequence[int], position: int, cue: int, end: int) -> int:
-        """Index of the token holding the first letter of cue `cue`, which ended `end` characters before the end of
-        token `position` of `row` (host-side: what the records of an exit report as `start`).
+        """Index of the token holding the first letter of a cue, found on the host.
+
+        What the records of an exit report as `start`.
+
+        Args:
+            row: The row's token ids (full sequence).
+            position: Index of the token that completed the cue.
+            cue: Index of the cue in `self.cues`.
+            end: Characters between the cue's last letter and the end of token `position` (from `confirmed`).
+
+        Returns:
+            The index in `row` of the token holding the cue's first letter.
 
         Example:
             >>> tok = _example_tokenizer()
@@ -499,9 +592,16 @@ class CueDetector:
         Updates `state` in place: the automaton state, `pending` and `retracted` (see [`CueState`]), the recent
         tokens, and `length`. ([`CueDetector.advance`] is the same step without the outputs.)
 
+        Args:
+            state: The per-row state from `start`, updated in place.
+            new_tokens: The token each row just generated, `[B]` (or `[B, 1]`).
+
         Returns:
             `(cue_index, cue_start)`, both `[B]` long: the index into `self.cues` of the cue completed by this token
             and the absolute position of the token holding its first letter, or -1 where no cue completed.
+
+        Raises:
+            ValueError: If `new_tokens` does not hold exactly one token per row of `state`.
 
         Example:
             >>> tok = _example_tokenizer()
@@ -546,6 +646,16 @@ class CueDetector:
         Runs [`CueDetector.start`] on the first `prompt_length` tokens and [`CueDetector.step`] on the rest, and
         drops events whose word the next token continues; an event at the very last token is kept.
 
+        Args:
+            token_ids: The full sequence: prompt then generation.
+            prompt_length: How many of the first tokens are the prompt (they never produce events).
+
+        Returns:
+            The events in sequence order.
+
+        Raises:
+            ValueError: If `prompt_length` is outside the sequence.
+
         Example:
             >>> tok = _example_tokenizer()
             >>> ids = tok.convert_tokens_to_ids(["<think>", "Ċ", "Hmm", ",", "Ġwait", "</think>", "Ġwait"])
@@ -561,6 +671,16 @@ class CueDetector:
 
         Rows are aligned at their prompt end (prompts left-padded, generations right-padded), and each row's
         positions are reported in its own, unpadded sequence.
+
+        Args:
+            sequences: Full sequences (prompt then generation), of any lengths.
+            prompt_lengths: One prompt length per sequence.
+
+        Returns:
+            One list of events per sequence, positions in that sequence.
+
+        Raises:
+            ValueError: If the counts differ or a prompt length is outside its sequence.
 
         Example:
             >>> tok = _example_tokenizer()
