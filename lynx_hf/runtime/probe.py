@@ -35,7 +35,10 @@ class LynxProbe(nn.Module):
 
     Args:
         input_size: Feature dimension ``d`` (hidden size times the number of probed layers).
-        hidden_sizes: Widths of the hidden layers.
+        hidden_sizes: Widths of the hidden layers (default ``(256, 64)``, the paper's).
+
+    Raises:
+        ValueError: If `input_size` or a hidden size is not a positive integer.
 
     Example:
         >>> import torch
@@ -69,6 +72,9 @@ class LynxProbe(nn.Module):
     def config(self) -> dict:
         """Constructor arguments, JSON-serialisable: ``LynxProbe(**probe.config)`` rebuilds the architecture.
 
+        Returns:
+            ``{"input_size": ..., "hidden_sizes": [...]}``.
+
         Example:
             >>> LynxProbe(16, hidden_sizes=(8,)).config
             {'input_size': 16, 'hidden_sizes': [8]}
@@ -78,6 +84,13 @@ class LynxProbe(nn.Module):
     @torch.no_grad()
     def set_standardization(self, mean: Tensor, std: Tensor) -> None:
         """Set the standardisation buffers; dimensions with ``std`` below 1e-6 are centred but not scaled.
+
+        Args:
+            mean: ``[d]`` per-dimension mean of the training features.
+            std: ``[d]`` per-dimension standard deviation of the training features.
+
+        Raises:
+            ValueError: If either has other than ``d`` entries or holds NaN/inf.
 
         Example:
             >>> import torch
@@ -102,6 +115,16 @@ class LynxProbe(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """Logits ``[N]`` for raw features ``[N, d]`` (any float dtype; cast to the probe's dtype and device).
+
+        Args:
+            features: ``[N, d]`` raw hidden states, any float dtype and device.
+
+        Returns:
+            ``[N]`` logits of "a forced exit here answers correctly", on the probe's device.
+
+        Raises:
+            TypeError: If `features` is not a tensor.
+            ValueError: If `features` is not 2-D or has other than ``d`` columns.
 
         Example:
             >>> import torch
@@ -128,6 +151,16 @@ class LynxProbe(nn.Module):
     def predict_proba(self, features: Tensor) -> Tensor:
         """P(safe to exit) ``[N]`` = sigmoid of the logits, computed without gradients.
 
+        Args:
+            features: ``[N, d]`` raw hidden states, any float dtype and device.
+
+        Returns:
+            ``[N]`` probabilities in [0, 1].
+
+        Raises:
+            TypeError: If `features` is not a tensor.
+            ValueError: If `features` is not 2-D or has other than ``d`` columns.
+
         Example:
             >>> import torch
             >>> LynxProbe(4).predict_proba(torch.zeros(2, 4)).shape
@@ -138,6 +171,9 @@ class LynxProbe(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Re-initialise the linear layers (PyTorch's default scheme) from ``generator``, for reproducible training.
+
+        Args:
+            generator: Source of randomness; None uses the global generator.
 
         Example:
             >>> import torch
@@ -156,11 +192,20 @@ class LynxProbe(nn.Module):
 
 @dataclass
 class ProbeTrainingReport:
-    """What :func:`train_probe` did; JSON-serialisable with ``dataclasses.asdict`` when group ids are str/int.
+    """What `train_probe` did; JSON-serialisable with ``dataclasses.asdict`` when group ids are str/int.
 
-    ``best_epoch`` is 1-based; ``val_loss`` is the class-balanced BCE on the validation problems at that epoch;
-    ``val_auroc`` is ``None`` when the validation problems contain a single class. ``positive_rate`` is the share
-    of safe events among all events given.
+    Args:
+        train_size: Training events.
+        val_size: Validation events.
+        best_epoch: The epoch whose weights were kept, 1-based.
+        val_loss: Class-balanced BCE on the validation problems at that epoch.
+        val_auroc: AUROC on the validation problems at that epoch; ``None`` when they contain a single class.
+        positive_rate: Share of safe events among all events given.
+        epochs_run: Epochs trained before early stopping (or `max_epochs`).
+        train_loss: Class-balanced BCE on the training events at the best epoch, if recorded.
+        train_groups: Number of training problems.
+        val_groups: The validation problems' ids.
+        pos_weight: The weight given to safe events in the loss, if recorded.
 
     Example:
         >>> r = ProbeTrainingReport(train_size=80, val_size=20, best_epoch=3, val_loss=0.4, val_auroc=0.9,
@@ -192,8 +237,18 @@ def split_groups(groups: Sequence[Hashable], fractions: Sequence[float], seed: i
     """Split events into parts by group (problem id): all events of a group land in the same part.
 
     Distinct groups are shuffled with ``seed`` and dealt out in proportion to ``fractions`` (largest remainder;
-    every part with a positive fraction gets at least one group when there are enough groups). Returns one sorted
-    ``int64`` array of event indices per part, so trace order is preserved inside each part.
+    every part with a positive fraction gets at least one group when there are enough groups).
+
+    Args:
+        groups: Each event's group (problem id); any hashable values.
+        fractions: Share of the groups per part, non-negative, summing to 1.
+        seed: Seed of the shuffle.
+
+    Returns:
+        One sorted ``int64`` array of event indices per part, so trace order is preserved inside each part.
+
+    Raises:
+        ValueError: If `fractions` is empty, negative, not finite, or does not sum to 1.
 
     Example:
         >>> train, val = split_groups(["a", "a", "b", "c", "c", "d"], [0.5, 0.5], seed=0)
@@ -239,6 +294,16 @@ def split_groups(groups: Sequence[Hashable], fractions: Sequence[float], seed: i
 
 def auroc(scores: Tensor, labels: Tensor) -> float:
     """Area under the ROC curve via the Mann-Whitney U statistic (ties count one half); no sklearn needed.
+
+    Args:
+        scores: Scores, one per example.
+        labels: 0/1 or bool labels, one per example.
+
+    Returns:
+        The AUROC in [0, 1].
+
+    Raises:
+        ValueError: If the lengths differ, scores hold NaN/inf, labels are not binary, or only one class occurs.
 
     Example:
         >>> import torch
@@ -290,11 +355,33 @@ def train_probe(
     seed: int = 0,
     hidden_sizes: Sequence[int] = (256, 64),
 ) -> tuple[LynxProbe, ProbeTrainingReport]:
-    """Train a :class:`LynxProbe` on cue events, with a problem-level validation split and early stopping.
+    """Train a `LynxProbe` on cue events, with a problem-level validation split and early stopping.
 
     ``groups`` gives each event's problem id; a ``val_fraction`` share of the problems (whole traces) is held out
     for early stopping on the class-balanced BCE, and the best epoch's weights are restored. Standardisation
     statistics come from the training problems only. Deterministic given ``seed``.
+
+    Args:
+        features: ``[N, d]`` float hidden states, one row per cue event.
+        labels: ``[N]`` 0/1 or bool: 1 when the forced exit at this cue answers correctly.
+        groups: ``[N]`` problem ids; a problem's events all go to one side of the split.
+        val_fraction: Share of problems held out for early stopping, in (0, 1) (default 0.2).
+        max_epochs: Most epochs to train (default 200).
+        patience: Epochs without a better validation loss before stopping (default 10).
+        lr: AdamW learning rate (default 1e-3).
+        weight_decay: AdamW weight decay (default 1e-4).
+        batch_size: Events per optimisation step (default 256).
+        seed: Seed of the split, the initialisation and the batch order (default 0).
+        hidden_sizes: Widths of the probe's hidden layers (default ``(256, 64)``).
+
+    Returns:
+        ``(probe, report)``: the trained probe in eval mode with the best epoch's weights, and what training did.
+
+    Raises:
+        TypeError: If `features` is not a float tensor.
+        ValueError: If the shapes disagree, there are no events, features hold NaN/inf, labels are not binary or
+            hold a single class (overall or in the training split), an option is out of range, or there are too
+            few problems for the validation split.
 
     Example:
         >>> import torch
