@@ -35,9 +35,18 @@ __all__ = ["ANSWER_PROMPT", "PRESETS", "ThinkingFormat", "detect_thinking", "res
 class ThinkingFormat:
     """One model family's thinking markers and exit text.
 
-    `think_start` opens the thinking block (None: generation starts inside it), `think_end` closes it, `exit_text`
-    is what the model writes when it closes its thinking by itself followed by the answer prompt, and
-    `chat_template_kwargs` are what prompts must be built with for the model to think (Qwen3's `enable_thinking`).
+    The presets in `PRESETS` cover the common families; `detect_thinking` picks one from a tokenizer and
+    `resolve_thinking` overrides any of the strings.
+
+    Args:
+        name: The preset's name (`"think"`, `"magistral"`, `"harmony"`; `"+custom"` appended when strings were
+            overridden).
+        think_start: Text that opens the thinking block; None when generation starts inside it.
+        think_end: Text that closes the thinking block.
+        exit_text: What the model writes when it closes its thinking by itself, followed by the answer prompt
+            (`ANSWER_PROMPT`); the forced exit appends it.
+        chat_template_kwargs: What prompts must be built with for the model to think (Qwen3's
+            `enable_thinking=True`); empty by default.
 
     Example:
         >>> PRESETS["think"].exit_text
@@ -88,7 +97,19 @@ def _single_token(tokenizer, text: str) -> int | None:
 def detect_thinking(tokenizer) -> ThinkingFormat:
     """The thinking format of the model this tokenizer belongs to (see the module docstring for the presets).
 
-    Raises `LynxConfigError` when neither the vocabulary nor the chat template has thinking markers.
+    A marker that is a single token in the vocabulary is what the model writes; failing that, markers spelled in
+    the model's own chat template count. A chat template that takes `enable_thinking` adds it to
+    `chat_template_kwargs`.
+
+    Args:
+        tokenizer: The model's Hugging Face tokenizer.
+
+    Returns:
+        The matching preset.
+
+    Raises:
+        LynxConfigError: When neither the vocabulary nor the chat template has thinking markers; the message says
+            how to pass them explicitly.
 
     Example:
         >>> from lynx_hf import organism
@@ -134,6 +155,19 @@ def resolve_thinking(
 
     Detection runs only when something is left unset, so a fully explicit format works for any tokenizer.
 
+    Args:
+        tokenizer: The model's Hugging Face tokenizer.
+        think_start: Opening marker; None takes the preset's or the detected one.
+        think_end: Closing marker; None takes the preset's or the detected one.
+        exit_text: Exit text; None takes the preset's or the detected one.
+        preset: A name from `PRESETS`; None detects the format from the tokenizer.
+
+    Returns:
+        The format, named after its base with `"+custom"` appended when a string was overridden.
+
+    Raises:
+        LynxConfigError: If `preset` is unknown, or detection is needed and finds no markers.
+
     Example:
         >>> from lynx_hf.runtime.cues import _example_tokenizer
         >>> resolve_thinking(_example_tokenizer(), "<think>", "</think>", "</think> so").exit_text
@@ -152,8 +186,21 @@ def resolve_thinking(
 
 
 def thinking_exit_ids(tokenizer, fmt: ThinkingFormat) -> list[int]:
-    """Token ids of `fmt.exit_text`, checked to decode back to it and to hold the closing marker as the model's
-    single token where the tokenizer has one (never spelled out in characters).
+    """Token ids of `fmt.exit_text`, holding the closing marker as the model's single token.
+
+    The ids are checked to decode back to the exit text and, where the tokenizer has the closing marker as one
+    token, to hold that token (never the marker spelled out in characters).
+
+    Args:
+        tokenizer: The model's Hugging Face tokenizer.
+        fmt: The thinking format whose exit text to encode.
+
+    Returns:
+        The exit text's token ids.
+
+    Raises:
+        LynxConfigError: If the exit text does not round-trip through the tokenizer, or spells the closing marker
+            in several tokens where the model writes one.
 
     Example:
         >>> from lynx_hf import organism
