@@ -34,12 +34,25 @@ from .answers import close_box
 from ..errors import LynxConfigError
 
 DEFAULT_EXIT_TEXT = "\n</think>\n\nFinal Answer: \\boxed{"
+"""The exit text of `<think>` models: close thinking, then the answer prompt `Final Answer: \\boxed{`.
+
+A bundle uses its model's own format (`ThinkingFormat.exit_text`); this is the default where none is given."""
 ExitConstruction = Literal["drop_cue", "keep_cue"]
 EXIT_CONSTRUCTIONS = ("drop_cue", "keep_cue")
 
 
 def exit_token_ids(tokenizer, exit_text: str = DEFAULT_EXIT_TEXT) -> list[int]:
     """Token ids of the exit text, checked to decode back to it exactly.
+
+    Args:
+        tokenizer: The model's Hugging Face tokenizer.
+        exit_text: The text to encode (default `DEFAULT_EXIT_TEXT`).
+
+    Returns:
+        The token ids, without special tokens added.
+
+    Raises:
+        LynxConfigError: If the ids do not decode back to `exit_text`.
 
     Example:
         >>> from lynx_hf import organism
@@ -58,7 +71,24 @@ def exit_token_ids(tokenizer, exit_text: str = DEFAULT_EXIT_TEXT) -> list[int]:
 
 
 def exit_cut(position: int, start: int, construction: ExitConstruction = "drop_cue") -> int:
-    """Length of the prefix kept before the exit text, for a cue word spanning tokens `start..position`."""
+    """Length of the prefix kept before the exit text, for a cue word spanning tokens `start..position`.
+
+    Args:
+        position: Index of the token that completes the cue word.
+        start: Index of the token holding the cue word's first letter.
+        construction: `"drop_cue"` (default, the paper's: cut before the cue word) or `"keep_cue"` (keep the
+            cue-completing token).
+
+    Returns:
+        The number of tokens kept.
+
+    Raises:
+        LynxConfigError: If `construction` is unknown.
+
+    Example:
+        >>> exit_cut(12, 11), exit_cut(12, 11, "keep_cue")
+        (11, 13)
+    """
     if construction == "drop_cue":
         return start
     if construction == "keep_cue":
@@ -67,14 +97,38 @@ def exit_cut(position: int, start: int, construction: ExitConstruction = "drop_c
 
 
 def exit_prefix(token_ids: Sequence[int], cut: int, exit_ids: Sequence[int]) -> list[int]:
-    """`token_ids[:cut] + exit_ids`: the input the model answers from after a forced exit."""
+    """`token_ids[:cut] + exit_ids`: the input the model answers from after a forced exit.
+
+    Args:
+        token_ids: The full sequence.
+        cut: Tokens to keep (from `exit_cut`).
+        exit_ids: The exit text's token ids.
+
+    Returns:
+        A new list of token ids.
+
+    Example:
+        >>> exit_prefix([5, 6, 7, 8], 2, [1, 2])
+        [5, 6, 1, 2]
+    """
     return list(token_ids[:cut]) + list(exit_ids)
 
 
 @dataclass
 class ExitAnswer:
-    """One forced exit's answer: the generated ids, their text, the boxed content (None if never closed), and the
-    model's confidence in it (geometric mean of the greedy tokens' probabilities, as DEER uses)."""
+    """One forced exit's answer, as `answer_after_exit` returns it.
+
+    Args:
+        token_ids: The generated answer's token ids.
+        text: Their decoded text.
+        answer: The boxed content; None if the box never closed.
+        confidence: The model's confidence in the answer: the geometric mean of the greedy tokens' probabilities,
+            as DEER uses (NaN when not computed).
+
+    Example:
+        >>> ExitAnswer(token_ids=[3, 4], text="42}", answer="42").answer
+        '42'
+    """
 
     token_ids: list[int]
     text: str
@@ -101,6 +155,23 @@ def answer_after_exit(
     cache `generate` returns), is consumed (extended and narrowed to the unfinished rows); otherwise one forward over
     `sequences[:, :max(cuts)]` builds a fresh one, or each row is answered alone where masking would not be exact
     (see the module docstring). Decoding stops per row at the box's closing brace or EOS.
+
+    Args:
+        model: The transformers causal LM that generated `sequences`.
+        tokenizer: Its tokenizer (decodes the answers).
+        sequences: `[B, T]` token ids, prompt and thinking; left padding allowed.
+        cuts: One prefix length per row (from `exit_cut`), in `sequences`' padded coordinates.
+        exit_ids: The exit text's token ids, appended after each row's cut.
+        attention_mask: `[B, T]`, 0 on padding; None treats every token as text.
+        past_key_values: A cache of `sequences` to reuse (consumed), e.g. the one `generate` returns; None or a
+            non-reusable cache builds a fresh one.
+        max_new_tokens: Most answer tokens per row (default 16).
+
+    Returns:
+        One `ExitAnswer` per row, in row order.
+
+    Raises:
+        ValueError: If `cuts` does not hold one cut per row.
 
     Example:
         >>> from lynx_hf import organism
