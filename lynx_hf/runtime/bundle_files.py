@@ -43,7 +43,28 @@ CARD_RISK_LEVELS = (None, 0.1)
 
 def write_bundle(directory: Path, config: LynxConfig, probe: LynxProbe, calibration: Calibration,
                  metadata: dict) -> None:
-    """Write a bundle's files (what `Lynx.save_pretrained` and `push_to_hub` upload) into `directory`."""
+    """Write a bundle's files (what `Lynx.save_pretrained` and `push_to_hub` upload) into `directory`.
+
+    Writes `config.json`, `model.safetensors`, `calibration.json` (the calibration and the metadata) and the
+    `custom_generate/` recipe; the model card is written separately.
+
+    Args:
+        directory: An existing folder; files there are overwritten.
+        config: The bundle's config.
+        probe: The trained probe (its state dict is saved on CPU).
+        calibration: The calibration events.
+        metadata: JSON-serialisable facts about the build (labels, datasets, AUROCs, ...).
+
+    Example:
+        >>> import tempfile
+        >>> from lynx_hf import Calibration, LynxConfig, LynxProbe
+        >>> config = LynxConfig(base_model="my/model", layers=[1], hidden_size=4, probe_hidden_sizes=[2])
+        >>> calibration = Calibration(scores=[0.2, 0.9], safe=[False, True], question=[0, 1])
+        >>> folder = tempfile.mkdtemp()
+        >>> write_bundle(folder, config, LynxProbe(4, hidden_sizes=(2,)), calibration, {"labels": "gold"})
+        >>> sorted(p.name for p in Path(folder).iterdir())
+        ['calibration.json', 'config.json', 'custom_generate', 'model.safetensors']
+    """
     directory = Path(directory)
     (directory / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
     state = {k: v.detach().cpu().contiguous() for k, v in probe.state_dict().items()}
@@ -57,8 +78,34 @@ def write_bundle(directory: Path, config: LynxConfig, probe: LynxProbe, calibrat
 
 
 def read_bundle(name_or_path: str | os.PathLike, **hub_kwargs) -> tuple[LynxConfig, LynxProbe, Calibration, dict]:
-    """`(config, probe, calibration, metadata)` of a bundle folder or Hub repo id (`hub_kwargs` go to
-    `snapshot_download`), with a clear error for a missing or corrupted file."""
+    """Read a bundle folder or Hub repo id, with a clear error for a missing or corrupted file.
+
+    The probe is built on the meta device and assigned the saved weights, so reading a bundle never moves the
+    global random state.
+
+    Args:
+        name_or_path: A folder written by `Lynx.save_pretrained`, or a Hub repo id (downloaded with
+            `snapshot_download`).
+        **hub_kwargs: Passed to `snapshot_download` (`revision`, `token`, `cache_dir`, ...).
+
+    Returns:
+        `(config, probe, calibration, metadata)`.
+
+    Raises:
+        CorruptedBundleError: If the path is not a bundle folder, a file is missing, unreadable or inconsistent with
+            `config.json`, or `config.json` is newer than this library reads.
+
+    Example:
+        >>> import tempfile
+        >>> from lynx_hf import Calibration, LynxConfig, LynxProbe
+        >>> config = LynxConfig(base_model="my/model", layers=[1], hidden_size=4, probe_hidden_sizes=[2])
+        >>> calibration = Calibration(scores=[0.2, 0.9], safe=[False, True], question=[0, 1])
+        >>> folder = tempfile.mkdtemp()
+        >>> write_bundle(folder, config, LynxProbe(4, hidden_sizes=(2,)), calibration, {"labels": "gold"})
+        >>> config, probe, calibration, metadata = read_bundle(folder)
+        >>> config.layers, calibration.n_events, metadata
+        ([1], 2, {'labels': 'gold'})
+    """
     folder = _resolve_folder(name_or_path, **hub_kwargs)
     config = LynxConfig.from_dict(_read_json(folder / CONFIG_NAME))
     probe = _load_probe(folder / WEIGHTS_NAME, config)
@@ -69,16 +116,21 @@ def read_bundle(name_or_path: str | os.PathLike, **hub_kwargs) -> tuple[LynxConf
 
 
 def bundle_labels(metadata: dict | None) -> dict[str, str]:
-    """Which labels a bundle's probe and calibration used, from its metadata: ``{"probe": ..., "calibration": ...}``,
-    each ``"gold"`` or ``"agreement"``. Bundles saved before labels were recorded read as gold.
+    """Which labels a bundle's probe and calibration used, read from its metadata.
+
+    The result is ``{"probe": ..., "calibration": ...}``, each ``"gold"`` or ``"agreement"``. Bundles saved before
+    labels were recorded read as gold.
 
     Args:
-        metadata: the bundle's metadata (`Lynx.metadata`); its ``"labels"`` entry is such a dict or one label for
-            both.
+        metadata: The bundle's metadata (`Lynx.metadata`); its ``"labels"`` entry is such a dict or one label for
+            both. None or no entry means gold labels.
 
     Returns:
         The labels of the probe and of the calibration (the calibration's decide what the guarantee means:
         `guarantee_statement`).
+
+    Raises:
+        LynxConfigError: If a recorded label is not one of `LABELS`.
 
     Example:
         >>> bundle_labels({}), bundle_labels({"labels": {"probe": "gold", "calibration": "agreement"}})["calibration"]
@@ -91,8 +143,21 @@ def bundle_labels(metadata: dict | None) -> dict[str, str]:
 
 
 def model_card(config: LynxConfig, calibration: Calibration, metadata: dict, info, **kwargs) -> ModelCard:
-    """The card rendered from `hub_cards/lynx_probe.md` (`info`: the `ModelHubMixin` class info: tags and URLs); its
-    guarantee is stated by `guarantee_statement` for the labels the calibration used (`bundle_labels`)."""
+    """The bundle's model card, rendered from `hub_cards/lynx_probe.md`.
+
+    Its guarantee is stated by `guarantee_statement` for the labels the calibration used (`bundle_labels`); the
+    threshold table and the held-out rates come from `calibration` and `metadata`.
+
+    Args:
+        config: The bundle's config.
+        calibration: The calibration events.
+        metadata: The bundle's metadata.
+        info: The `ModelHubMixin` class info (tags and URLs).
+        **kwargs: Further values for the card template.
+
+    Returns:
+        A `huggingface_hub.ModelCard`.
+    """
     meta = metadata or {}
     labels = bundle_labels(meta)
     data = ModelCardData(
