@@ -26,17 +26,30 @@ _TENSORS = ("features", "safe", "trace", "position", "start", "cue", "answer_len
 
 @dataclass
 class EventTable:
-    """Cue events of a set of traces. Events of a trace are contiguous and in trace order.
+    """Cue events of a set of traces, with their features, forced-exit answers and labels.
 
-    Tensors (one row per event): `features` [E, d] float32, `safe` [E] bool, `trace` [E] long (index into
-    `traces`), `position` / `start` [E] long (cue-completing token and cue word's first token), `cue` [E] long
-    (index into `settings["cues"]`), `answer_length` [E] long (tokens the forced answer took after the exit text)
-    and `answer_confidence` [E] float (geometric-mean probability of those tokens, DEER's trial-answer
-    confidence). `answers` [E] holds each forced exit's answer text. `traces` holds one dict per
-    trace: `id`, `gold`, `answer` (the full trace's), `correct`, `prompt_length`, `think_length` (generated
-    thinking tokens), `length` (generated tokens), `token_ids` (prompt + generation). `gold` and `correct` are None
-    for a problem without a gold answer. `dropped` lists the ids of problems whose traces were left out because
-    agreement labels found no full answer to check against (`table_labels` says which labels `safe` holds).
+    Events of a trace are contiguous and in trace order. Collection (`Collector`) writes tables, training and
+    calibration read their features and labels, and replay evaluation recomputes any confidence from them without
+    re-generating. Tensors hold one row per event (`E` events).
+
+    Args:
+        settings: How the events were collected (model fingerprints, layers, cues, exit text, sampling, labels);
+            tables with different settings are never combined.
+        features: `[E, d]` float32 hidden states at the cues.
+        safe: `[E]` bool labels: the forced exit at this cue answers correctly (`table_labels` says against what).
+        trace: `[E]` long, index into `traces`.
+        position: `[E]` long, index of the cue-completing token.
+        start: `[E]` long, index of the cue word's first token.
+        cue: `[E]` long, index into `settings["cues"]`.
+        answer_length: `[E]` long, tokens the forced answer took after the exit text.
+        answer_confidence: `[E]` float, geometric-mean probability of those tokens (DEER's trial-answer
+            confidence).
+        answers: `[E]` each forced exit's answer text (None where the box never closed).
+        traces: One dict per trace: `id`, `gold`, `answer` (the full trace's), `correct`, `prompt_length`,
+            `think_length` (generated thinking tokens), `length` (generated tokens), `token_ids` (prompt +
+            generation). `gold` and `correct` are None for a problem without a gold answer.
+        dropped: Ids of problems whose traces were left out because agreement labels found no full answer to
+            check against.
 
     Example:
         >>> table = EventTable.empty({"cues": ["wait"], "layers": [1]}, feature_size=4)
@@ -59,6 +72,19 @@ class EventTable:
 
     @classmethod
     def empty(cls, settings: dict, feature_size: int) -> "EventTable":
+        """A table without events or traces.
+
+        Args:
+            settings: The collection settings it belongs to.
+            feature_size: Width `d` of its (empty) feature matrix.
+
+        Returns:
+            The empty table.
+
+        Example:
+            >>> EventTable.empty({}, feature_size=8).features.shape
+            torch.Size([0, 8])
+        """
         long = torch.zeros(0, dtype=torch.long)
         return cls(settings, torch.zeros(0, feature_size), torch.zeros(0, dtype=torch.bool), long, long.clone(),
                    long.clone(), long.clone(), long.clone(), torch.zeros(0))
@@ -68,18 +94,56 @@ class EventTable:
 
     @property
     def n_traces(self) -> int:
+        """Number of traces (problems), with or without cue events.
+
+        Example:
+            >>> import torch
+            >>> table = EventTable(settings={"cues": ["wait"]}, features=torch.zeros(3, 2),
+            ...     safe=torch.tensor([True, False, True]), trace=torch.tensor([0, 0, 1]),
+            ...     position=torch.tensor([3, 5, 4]), start=torch.tensor([3, 5, 4]), cue=torch.zeros(3, dtype=torch.long),
+            ...     answer_length=torch.ones(3, dtype=torch.long), answer_confidence=torch.ones(3),
+            ...     answers=["4", "5", "7"], traces=[{"id": "a", "gold": "4"}, {"id": "b", "gold": "7"}])
+            >>> table.n_traces, len(table)
+            (2, 3)
+        """
         return len(self.traces)
 
     @property
     def groups(self) -> list[str]:
-        """Problem id of each event (for problem-level splits)."""
+        """Problem id of each event (for problem-level splits).
+
+        Example:
+            >>> import torch
+            >>> table = EventTable(settings={"cues": ["wait"]}, features=torch.zeros(3, 2),
+            ...     safe=torch.tensor([True, False, True]), trace=torch.tensor([0, 0, 1]),
+            ...     position=torch.tensor([3, 5, 4]), start=torch.tensor([3, 5, 4]), cue=torch.zeros(3, dtype=torch.long),
+            ...     answer_length=torch.ones(3, dtype=torch.long), answer_confidence=torch.ones(3),
+            ...     answers=["4", "5", "7"], traces=[{"id": "a", "gold": "4"}, {"id": "b", "gold": "7"}])
+            >>> table.groups
+            ['a', 'a', 'b']
+        """
         ids = [t["id"] for t in self.traces]
         return [ids[i] for i in self.trace.tolist()]
 
     def check_order(self) -> None:
-        """Raise unless every event names a trace of the table and each trace's events are contiguous and in trace
-        order (what collection writes): per-question first exits, and so question thresholds and replay, read the
-        events in this order. `table.select_traces(range(table.n_traces))` puts a table in order."""
+        """Check that every event names a trace of the table and each trace's events are contiguous and in order.
+
+        That is what collection writes: per-question first exits, and so question thresholds and replay, read the
+        events in this order. `table.select_traces(range(table.n_traces))` puts a table in order.
+
+        Raises:
+            ValueError: If an event names no trace of the table, or the events are out of order.
+
+        Example:
+            >>> import torch
+            >>> table = EventTable(settings={"cues": ["wait"]}, features=torch.zeros(3, 2),
+            ...     safe=torch.tensor([True, False, True]), trace=torch.tensor([0, 0, 1]),
+            ...     position=torch.tensor([3, 5, 4]), start=torch.tensor([3, 5, 4]), cue=torch.zeros(3, dtype=torch.long),
+            ...     answer_length=torch.ones(3, dtype=torch.long), answer_confidence=torch.ones(3),
+            ...     answers=["4", "5", "7"], traces=[{"id": "a", "gold": "4"}, {"id": "b", "gold": "7"}])
+            >>> table.check_order()
+            >>> table.select_traces([1, 0]).check_order()  # re-indexed and re-ordered: still fine
+        """
         trace, position = self.trace, self.position
         if len(self) and (int(trace.min()) < 0 or int(trace.max()) >= self.n_traces):
             raise ValueError(f"Events name trace {int(trace.max())} but the table holds {self.n_traces} traces: "
@@ -90,7 +154,25 @@ class EventTable:
                              "table.select_traces(range(table.n_traces)).")
 
     def select_traces(self, indices) -> "EventTable":
-        """A table with only the given traces (re-indexed), keeping their events."""
+        """A table with only the given traces (re-indexed, in the order given), keeping their events.
+
+        Args:
+            indices: Trace indices to keep, in their new order.
+
+        Returns:
+            A new table; its events are grouped by the new trace order.
+
+        Example:
+            >>> import torch
+            >>> table = EventTable(settings={"cues": ["wait"]}, features=torch.zeros(3, 2),
+            ...     safe=torch.tensor([True, False, True]), trace=torch.tensor([0, 0, 1]),
+            ...     position=torch.tensor([3, 5, 4]), start=torch.tensor([3, 5, 4]), cue=torch.zeros(3, dtype=torch.long),
+            ...     answer_length=torch.ones(3, dtype=torch.long), answer_confidence=torch.ones(3),
+            ...     answers=["4", "5", "7"], traces=[{"id": "a", "gold": "4"}, {"id": "b", "gold": "7"}])
+            >>> only_b = table.select_traces([1])
+            >>> only_b.groups, only_b.answers
+            (['b'], ['7'])
+        """
         indices = [int(i) for i in indices]
         remap = torch.full((max(self.n_traces, 1),), -1, dtype=torch.long)
         remap[torch.tensor(indices, dtype=torch.long)] = torch.arange(len(indices))
@@ -108,7 +190,30 @@ class EventTable:
 
     @staticmethod
     def concat(tables: list["EventTable"]) -> "EventTable":
-        """Concatenate tables collected with the same settings."""
+        """Concatenate tables collected with the same settings.
+
+        Args:
+            tables: Tables to join, in order; trace indices are offset so they stay distinct.
+
+        Returns:
+            One table with every trace and event, and the union of `dropped`.
+
+        Raises:
+            ValueError: If `tables` is empty.
+            LynxConfigError: If two tables differ in a setting that changes features or labels, or hold different
+                labels.
+
+        Example:
+            >>> import torch
+            >>> table = EventTable(settings={"cues": ["wait"]}, features=torch.zeros(3, 2),
+            ...     safe=torch.tensor([True, False, True]), trace=torch.tensor([0, 0, 1]),
+            ...     position=torch.tensor([3, 5, 4]), start=torch.tensor([3, 5, 4]), cue=torch.zeros(3, dtype=torch.long),
+            ...     answer_length=torch.ones(3, dtype=torch.long), answer_confidence=torch.ones(3),
+            ...     answers=["4", "5", "7"], traces=[{"id": "a", "gold": "4"}, {"id": "b", "gold": "7"}])
+            >>> both = EventTable.concat([table, table.select_traces([1])])
+            >>> both.n_traces, both.groups
+            (3, ['a', 'a', 'b', 'b'])
+        """
         if not tables:
             raise ValueError("No event tables to concatenate.")
         first = tables[0]
@@ -132,7 +237,29 @@ class EventTable:
 
     # ----- disk -----------------------------------------------------------------------------------------
     def save_shard(self, folder: str | os.PathLike, index: int) -> None:
-        """Write this table as shard `index` of `folder` (atomically: a half-written shard never counts as done)."""
+        """Write this table as shard `index` of `folder`, atomically: a half-written shard never counts as done.
+
+        Writes `shard-{index:05d}.jsonl` (answers and traces) and then `shard-{index:05d}.safetensors` (tensors),
+        which marks the shard done. `settings.json` is written separately (`write_settings`).
+
+        Args:
+            folder: The collection folder (created if missing).
+            index: The shard number.
+
+        Example:
+            >>> import tempfile
+            >>> import torch
+            >>> table = EventTable(settings={"cues": ["wait"]}, features=torch.zeros(3, 2),
+            ...     safe=torch.tensor([True, False, True]), trace=torch.tensor([0, 0, 1]),
+            ...     position=torch.tensor([3, 5, 4]), start=torch.tensor([3, 5, 4]), cue=torch.zeros(3, dtype=torch.long),
+            ...     answer_length=torch.ones(3, dtype=torch.long), answer_confidence=torch.ones(3),
+            ...     answers=["4", "5", "7"], traces=[{"id": "a", "gold": "4"}, {"id": "b", "gold": "7"}])
+            >>> folder = tempfile.mkdtemp()
+            >>> write_settings(folder, table.settings)
+            >>> table.save_shard(folder, 0)
+            >>> EventTable.load(folder).groups
+            ['a', 'a', 'b']
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         name = f"shard-{index:05d}"
@@ -152,7 +279,34 @@ class EventTable:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "EventTable":
-        """Load every shard of a collection folder (in shard order)."""
+        """Load every shard of a collection folder (in shard order).
+
+        Args:
+            folder: A folder written by collection (`settings.json` and `shard-*` files).
+
+        Returns:
+            One table with every shard's traces.
+
+        Raises:
+            FileNotFoundError: If the folder has no `settings.json` or no shards.
+            CorruptedBundleError: If a shard is unreadable or missing, a shard does not belong to the collection, or
+                a problem is in more than one shard.
+            LynxConfigError: If shards hold different labels.
+
+        Example:
+            >>> import tempfile
+            >>> import torch
+            >>> table = EventTable(settings={"cues": ["wait"]}, features=torch.zeros(3, 2),
+            ...     safe=torch.tensor([True, False, True]), trace=torch.tensor([0, 0, 1]),
+            ...     position=torch.tensor([3, 5, 4]), start=torch.tensor([3, 5, 4]), cue=torch.zeros(3, dtype=torch.long),
+            ...     answer_length=torch.ones(3, dtype=torch.long), answer_confidence=torch.ones(3),
+            ...     answers=["4", "5", "7"], traces=[{"id": "a", "gold": "4"}, {"id": "b", "gold": "7"}])
+            >>> folder = tempfile.mkdtemp()
+            >>> write_settings(folder, table.settings)
+            >>> table.save_shard(folder, 0)
+            >>> len(EventTable.load(folder))
+            3
+        """
         folder = Path(folder)
         settings = read_settings(folder)
         shards = sorted(folder.glob("shard-*.safetensors"))
@@ -196,7 +350,24 @@ def _load_shard(path: Path, settings: dict) -> EventTable:
 
 
 def write_settings(folder: str | os.PathLike, settings: dict) -> None:
-    """Write `settings.json`, or check that an existing one matches (resuming with other settings is an error)."""
+    """Write `settings.json`, or check that an existing one matches (resuming with other settings is an error).
+
+    Args:
+        folder: The collection folder (created if missing).
+        settings: The collection settings.
+
+    Raises:
+        LynxConfigError: If the folder's `settings.json` differs in a pinned setting, or the folder holds shards
+            but no `settings.json`.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> write_settings(folder, {"layers": [1]})
+        >>> write_settings(folder, {"layers": [1]})  # the same settings: resuming is fine
+        >>> read_settings(folder)
+        {'layers': [1]}
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SETTINGS_NAME
@@ -213,6 +384,24 @@ def write_settings(folder: str | os.PathLike, settings: dict) -> None:
 
 
 def read_settings(folder: str | os.PathLike) -> dict:
+    """The `settings.json` of a collection folder.
+
+    Args:
+        folder: The collection folder.
+
+    Returns:
+        The settings as written by `write_settings`.
+
+    Raises:
+        FileNotFoundError: If the folder has no `settings.json`.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> write_settings(folder, {"cues": ["wait"]})
+        >>> read_settings(folder)["cues"]
+        ['wait']
+    """
     path = Path(folder) / SETTINGS_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {folder} is not a collection folder (run `lynx-hf collect`).")
@@ -239,8 +428,25 @@ def _describe(key: str, x, y) -> str:
 
 def check_same_settings(a: dict, b: dict, where: str = "these event tables", keys: tuple[str, ...] = _PINNED,
                         if_recorded: tuple[str, ...] = _PINNED_IF_RECORDED) -> None:
-    """Raise if two collections differ in a setting that changes features or labels (`if_recorded`: only where both
-    record it)."""
+    """Raise if two collections differ in a setting that changes features or labels.
+
+    Args:
+        a: One collection's settings.
+        b: The other's.
+        where: What the error message calls them.
+        keys: Settings that must agree (default: those that change features or labels).
+        if_recorded: Settings that must agree only where both record them.
+
+    Raises:
+        LynxConfigError: Naming each differing setting.
+
+    Example:
+        >>> check_same_settings({"layers": [1]}, {"layers": [1]})
+        >>> check_same_settings({"layers": [1]}, {"layers": [2]})
+        Traceback (most recent call last):
+        ...
+        lynx_hf.errors.LynxConfigError: Mismatched settings in these event tables: layers: [1] vs [2]. Collect into a new folder, or use the same model, layers and cues.
+    """
     diff = {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
     diff.update({k: (a[k], b[k]) for k in if_recorded if a.get(k) and b.get(k) and a[k] != b[k]})
     if diff:
@@ -251,8 +457,18 @@ def check_same_settings(a: dict, b: dict, where: str = "these event tables", key
 
 
 def table_labels(table: EventTable) -> str:
-    """Which labels a table's `safe` holds: ``"gold"`` or ``"agreement"`` (tables collected before labels were
-    recorded hold gold labels).
+    """Which labels a table's `safe` holds: ``"gold"`` or ``"agreement"``.
+
+    Tables collected before labels were recorded hold gold labels.
+
+    Args:
+        table: An event table.
+
+    Returns:
+        ``"gold"`` or ``"agreement"``.
+
+    Raises:
+        LynxConfigError: If the table's settings record an unknown label kind.
 
     Example:
         >>> table_labels(EventTable.empty({}, 1)), table_labels(EventTable.empty({"labels": "agreement"}, 1))
@@ -270,14 +486,15 @@ def relabel(table: EventTable, labels: str) -> EventTable:
     collected with agreement labels from unlabelled prompts cannot be relabelled with gold).
 
     Args:
-        table: an event table (its forced answers are in `table.answers`).
+        table: An event table (its forced answers are in `table.answers`).
         labels: ``"gold"`` or ``"agreement"``.
 
     Returns:
         The relabelled table (the same object when it already holds `labels`).
 
     Raises:
-        LynxConfigError: gold labels asked for traces without a gold answer (the message names the fix).
+        LynxConfigError: If gold labels are asked for traces without a gold answer (the message names the fix),
+            or `labels` is unknown.
 
     Example:
         >>> import torch
