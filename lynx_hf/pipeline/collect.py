@@ -48,12 +48,13 @@ def check_problems(problems: Sequence[dict], labels: str = DEFAULT_LABELS) -> No
     """Raise a clear error for problems without an id or a question, or (gold labels) without a gold answer.
 
     Args:
-        problems: dicts with `id`, `question` and, for ``labels="gold"``, `answer`.
-        labels: ``"gold"`` or ``"agreement"`` (which needs no answers).
+        problems: Dicts with `id`, `question` and, for ``labels="gold"``, `answer`.
+        labels: ``"gold"`` (default) or ``"agreement"`` (which needs no answers).
 
     Raises:
-        ValueError: a problem lacks an id or a question, ids repeat, or gold labels meet a problem without an answer
-            (the message names ``labels="agreement"``, the fix for unlabelled prompts).
+        ValueError: If there are no problems, a problem lacks an id or a question, or ids repeat.
+        LynxConfigError: If `labels` is unknown, or gold labels meet a problem without an answer (the message names
+            ``labels="agreement"``, the fix for unlabelled prompts). It is a `ValueError` too.
 
     Example:
         >>> check_problems([{"id": "p0", "question": "What is 2 + 2?"}], labels="agreement")
@@ -84,6 +85,39 @@ def check_problems(problems: Sequence[dict], labels: str = DEFAULT_LABELS) -> No
 
 class Collector:
     """Collects event tables for one model, tokenizer and setting (layers, cues, exit text, sampling).
+
+    This is the first step of building a probe (`lynx-hf collect` / `lynx-hf build` run it): sample one trace per
+    problem, force an exit at every cue, label each by whether its answer is right (`labels`), and keep the hidden
+    states at the cue. The settings are recorded with every table so that tables from different settings are never
+    mixed, and a bundle made from them runs with the same markers, exit text and layers.
+
+    Args:
+        model: The transformers causal LM to collect from (put in eval mode).
+        tokenizer: Its tokenizer.
+        layers: Hidden-state layers to record (`output_hidden_states` convention); None takes `default_layers`
+            (about 1/3, 1/2 and 3/4 of the depth plus the last).
+        cues: Reflection cue words (default `DEFAULT_CUES`).
+        think_start: Text that opens thinking; None takes it from the model's format (`resolve_thinking`).
+        think_end: Text that closes thinking; None as for `think_start`.
+        exit_text: Text that closes thinking at a forced exit and prompts the answer; None as for `think_start`.
+        thinking: A preset name from `lynx_hf.runtime.thinking.PRESETS`; None detects it from the tokenizer.
+        exit_construction: `"drop_cue"` (default, the paper's: cut before the cue word) or `"keep_cue"`.
+        max_new_tokens: Most tokens sampled per trace (default 1024).
+        temperature: Sampling temperature (default 0.6, the R1 setting; 0 is greedy).
+        top_p: Nucleus sampling mass, in (0, 1] (default 0.95).
+        answer_max_new_tokens: Most tokens of each forced answer (default 16).
+        prompt_fn: `prompt_fn(tokenizer, question) -> str` building the prompt; None applies the chat template with
+            `instruction` (`build_prompt`).
+        instruction: The instruction appended to each question by the default prompt (default: the R1
+            "reason step by step ... \\boxed{}" instruction).
+        rollout: What samples the traces (`TransformersRollout` by default; `VllmRollout` for vLLM).
+        labels: ``"gold"`` (default: forced answer vs the problem's gold answer) or ``"agreement"`` (forced answer
+            vs the trace's own full answer; no gold needed).
+
+    Raises:
+        ValueError: If a token budget is not a positive integer, `temperature` or `top_p` is out of range, or the
+            tokenizer cannot spell a cue.
+        LynxConfigError: If `labels`, `thinking` or a layer index is invalid, or no thinking markers are found.
 
     Example:
         >>> from lynx_hf import organism
@@ -172,10 +206,19 @@ class Collector:
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's first parameter."""
         return next(self.model.parameters()).device
 
     def sample(self, problems: Sequence[dict], seed: int) -> list[tuple[list[int], int]]:
-        """One sampled trace per problem: (prompt + generated ids, prompt length), sampled by the rollout."""
+        """One sampled trace per problem, sampled by the rollout.
+
+        Args:
+            problems: Dicts with at least `question`.
+            seed: Sampling seed.
+
+        Returns:
+            One `(prompt + generated ids, prompt length)` per problem.
+        """
         prompts = [self.tokenizer(self.prompt_fn(self.tokenizer, p["question"]), add_special_tokens=False)["input_ids"]
                    for p in problems]
         generated = self.rollout.generate(
@@ -188,7 +231,14 @@ class Collector:
     def label_trace(self, token_ids: list[int], prompt_length: int, events: list[CueEvent] | None = None):
         """Events of one finished trace, their features and forced-exit answers (`force_exits`).
 
-        `events` may be passed when already found (`find_events_batch` over a whole batch is faster).
+        Args:
+            token_ids: The trace: prompt then generation.
+            prompt_length: How many of the first tokens are the prompt.
+            events: The trace's cue events when already found (`find_events_batch` over a whole batch is faster);
+                None finds them.
+
+        Returns:
+            `(events, features, answers)`: the events, their `[E, d]` features and one `ExitAnswer` each.
         """
         if events is None:
             events = self.detector.find_events(token_ids, prompt_length)
@@ -198,14 +248,33 @@ class Collector:
         return events, features, answers
 
     def think_length(self, generated: list[int]) -> int:
-        """Generated tokens before the end-of-thinking marker (all of them if it never came)."""
+        """Generated tokens before the end-of-thinking marker (all of them if it never came).
+
+        Args:
+            generated: The generated token ids (without the prompt).
+
+        Returns:
+            The number of thinking tokens.
+        """
         return think_length(generated, self.think_end_ids)
 
     def collect_batch(self, problems: Sequence[dict], seed: int) -> EventTable:
         """Sample, find events, label them (by the collector's `labels`): the event table of one batch of problems.
 
         With agreement labels, traces without an extractable full answer are left out and their ids listed in the
-        table's `dropped`."""
+        table's `dropped`.
+
+        Args:
+            problems: Dicts with `id`, `question` and (gold labels) `answer`.
+            seed: Sampling seed.
+
+        Returns:
+            The batch's event table (not written to disk).
+
+        Raises:
+            ValueError: If the problems are invalid (see `check_problems`).
+            LynxConfigError: If gold labels meet a problem without an answer.
+        """
         check_problems(problems, self.labels)
         cue_index = {c: i for i, c in enumerate(self.detector.cues)}
         rows = {k: [] for k in ("features", "safe", "trace", "position", "start", "cue", "answer_length",
@@ -261,6 +330,35 @@ class Collector:
         folder (under `accelerate launch` both default to accelerate's process index and count). Shards are seeded
         by their index, so any number of processes produces exactly the tables one process would. Every process
         returns None except the main one, which waits for the others and returns the merged table.
+
+        Args:
+            problems: Dicts with `id`, `question` and (gold labels) `answer`.
+            output_dir: The collection folder; a folder with the same settings is resumed.
+            batch_size: Problems per shard (default 16).
+            seed: Base sampling seed; shard `i` samples with a seed derived from it and `i` (default 0).
+            progress: Show a progress bar counting traces sampled and labelled (default True).
+            rank: This process's index; None takes accelerate's.
+            world_size: The number of processes; None takes accelerate's.
+
+        Returns:
+            The merged table on the main process (rank 0); None on the others.
+
+        Raises:
+            ValueError: If the problems are invalid, `batch_size` is not a positive integer, or `rank` is outside
+                `0..world_size - 1`.
+            LynxConfigError: If `output_dir` holds a collection with other settings, or gold labels meet a problem
+                without an answer.
+            MissingExtraError: If `tqdm` (the `build` extra) is not installed.
+
+        Example:
+            >>> import tempfile
+            >>> from lynx_hf import organism
+            >>> model, tok = organism.load()
+            >>> collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=64)
+            >>> table = collector.collect(organism.problems("arithmetic", "train", 2), tempfile.mkdtemp(),
+            ...                           batch_size=2, progress=False, rank=0, world_size=1)
+            >>> table.n_traces
+            2
         """
         check_problems(problems, self.labels)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -323,7 +421,19 @@ def _barrier(world_size: int) -> None:
 
 
 def think_length(generated: list[int], think_end_ids: list[int]) -> int:
-    """Tokens of `generated` before the first occurrence of `think_end_ids` (all of them if it never occurs)."""
+    """Tokens of `generated` before the first occurrence of `think_end_ids` (all of them if it never occurs).
+
+    Args:
+        generated: Generated token ids.
+        think_end_ids: The end-of-thinking marker's token ids.
+
+    Returns:
+        The number of thinking tokens.
+
+    Example:
+        >>> think_length([5, 6, 9, 7], [9]), think_length([5, 6], [9])
+        (2, 2)
+    """
     n = len(think_end_ids)
     for i in range(len(generated) - n + 1):
         if generated[i:i + n] == think_end_ids:
