@@ -30,17 +30,33 @@ REPORT_RISK_LEVELS = (None, 0.1)
 
 
 def train(table: EventTable, *, seed: int = 0, labels: str | None = None, **probe_kwargs):
-    """Train a probe on a table's events (problem-level validation split inside); returns (probe, report).
+    """Train a probe on a table's events, with a problem-level validation split inside.
 
     Args:
         table: the training event table.
-        seed: seeds the split and the initialisation.
-        labels: None (the table's own labels), ``"gold"`` or ``"agreement"`` (the table is relabelled first).
-        **probe_kwargs: passed to `train_probe`.
+        seed: Seeds the split and the initialisation (default 0).
+        labels: None (default: the table's own labels), ``"gold"`` or ``"agreement"`` (the table is relabelled
+            first).
+        **probe_kwargs: Passed to `train_probe` (`max_epochs`, `lr`, `hidden_sizes`, ...).
+
+    Returns:
+        `(probe, report)`: the trained `LynxProbe` and its `ProbeTrainingReport`.
+
+    Raises:
+        ValueError: If the table has no cue events (before or after relabelling), or `train_probe` refuses the
+            events (a single class, too few problems).
+        LynxConfigError: If gold labels are asked for traces without a gold answer.
 
     Example:
-        >>> from lynx_hf.pipeline.train import train  # doctest: +SKIP
-        >>> probe, report = train(EventTable.load("events/train"))  # doctest: +SKIP
+        >>> from lynx_hf import organism
+        >>> from lynx_hf.pipeline.collect import Collector
+        >>> model, tok = organism.load()
+        >>> collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=400,
+        ...                       temperature=organism.TEMPERATURE)
+        >>> train_table = collector.collect_batch(organism.problems("arithmetic", "train", 8), seed=0)
+        >>> probe, report = train(train_table, max_epochs=20)
+        >>> report.train_size + report.val_size == len(train_table)
+        True
     """
     if len(table) == 0:
         raise ValueError("The event table has no cue events: collect more traces (or check the cue words).")
@@ -53,15 +69,40 @@ def train(table: EventTable, *, seed: int = 0, labels: str | None = None, **prob
 
 @torch.no_grad()
 def score(probe: LynxProbe, table: EventTable) -> torch.Tensor:
-    """Probe scores (float32, as at run time) of a table's events."""
+    """Probe scores (float32, as at run time) of a table's events.
+
+    Args:
+        probe: A trained probe.
+        table: An event table whose features match the probe's input size.
+
+    Returns:
+        `[E]` float32 scores in [0, 1]; empty for a table without events.
+
+    Example:
+        >>> from lynx_hf import LynxProbe
+        >>> score(LynxProbe(4), EventTable.empty({}, 4)).shape
+        torch.Size([0])
+    """
     if len(table) == 0:
         return torch.zeros(0)
     return probe.predict_proba(table.features).float().cpu()
 
 
 def calibrate(probe: LynxProbe, table: EventTable, labels: str | None = None) -> Calibration:
-    """Split-conformal calibration from held-out events (scores as float32, as the plug-ins compute them); `labels`
-    None uses the table's own labels, ``"gold"`` / ``"agreement"`` relabels it first."""
+    """Split-conformal calibration from held-out events, scored as float32 as the plug-ins compute them.
+
+    Args:
+        probe: A trained probe.
+        table: Held-out events (problems the probe never saw).
+        labels: None (default: the table's own labels), ``"gold"`` or ``"agreement"`` (relabelled first).
+
+    Returns:
+        The `Calibration` of the table's scores, labels and traces.
+
+    Raises:
+        ValueError: If the table has no cue events, or its events are out of trace order.
+        LynxConfigError: If gold labels are asked for traces without a gold answer.
+    """
     if labels is not None:
         table = relabel(table, labels)
     if len(table) == 0:
@@ -73,8 +114,22 @@ def calibrate(probe: LynxProbe, table: EventTable, labels: str | None = None) ->
 def realised_rates(probe: LynxProbe, calibration: Calibration, table: EventTable,
                    confidences: Sequence[float] = REPORT_CONFIDENCES,
                    risk_levels: Sequence[float | None] = REPORT_RISK_LEVELS) -> list[dict]:
-    """Premature-exit rates realised on held-out (test) events, per event and per question, at each confidence and
-    risk level (None: the marginal guarantee; alpha: PAC). Each row names its `rule` and `risk_level`."""
+    """Premature-exit rates realised on held-out (test) events, per event and per question.
+
+    Args:
+        probe: The trained probe.
+        calibration: Its calibration.
+        table: Held-out test events (problems neither trained nor calibrated on).
+        confidences: Confidences to report (default 0.8, 0.9, 0.95).
+        risk_levels: Risk levels to report: None (the marginal guarantee) and alphas (PAC); default None and 0.1.
+
+    Returns:
+        One row per risk level and confidence: `confidence`, `risk_level`, `rule`, and for `"event"` and
+        `"question"` the threshold and the realised rates.
+
+    Raises:
+        ValueError: If the table's events are out of trace order.
+    """
     table.check_order()
     return rates_on_scores(score(probe, table).double(), table.safe, table.trace, table.n_traces, calibration,
                            confidences, risk_levels)
@@ -83,8 +138,22 @@ def realised_rates(probe: LynxProbe, calibration: Calibration, table: EventTable
 def rates_on_scores(scores: torch.Tensor, safe: torch.Tensor, trace: torch.Tensor, n_traces: int,
                     calibration: Calibration, confidences: Sequence[float] = REPORT_CONFIDENCES,
                     risk_levels: Sequence[float | None] = REPORT_RISK_LEVELS) -> list[dict]:
-    """:func:`realised_rates` from the probe's scores on held-out events of `n_traces` traces (per-question rates
-    count traces without a cue as not exiting)."""
+    """`realised_rates` from the probe's scores on held-out events.
+
+    Per-question rates count traces without a cue as not exiting.
+
+    Args:
+        scores: `[E]` probe scores of the held-out events.
+        safe: `[E]` their labels.
+        trace: `[E]` their trace indices, each trace's events contiguous and in order.
+        n_traces: Number of held-out traces, with or without cues.
+        calibration: The calibration that sets the thresholds.
+        confidences: Confidences to report.
+        risk_levels: Risk levels to report (None: marginal; alpha: PAC).
+
+    Returns:
+        The rows described in `realised_rates`.
+    """
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LynxCalibrationWarning)
@@ -110,7 +179,22 @@ def rates_on_scores(scores: torch.Tensor, safe: torch.Tensor, trace: torch.Tenso
 
 def build_bundle(settings: dict, probe: LynxProbe, calibration: Calibration, tokenizer=None,
                  metadata: dict | None = None, **options) -> Lynx:
-    """A `Lynx` bundle from collection settings (which pin model, layers, cues, exit text), a probe and a calibration."""
+    """A `Lynx` bundle from collection settings, a probe and a calibration.
+
+    The settings pin the model, layers, cues and exit text, so the bundle runs exactly as the events were
+    collected.
+
+    Args:
+        settings: The collection settings (`EventTable.settings`).
+        probe: The trained probe.
+        calibration: Its calibration.
+        tokenizer: When given, the exit text's token ids are recorded in the config.
+        metadata: Facts for the model card.
+        **options: Passed to `Lynx` (e.g. `confidence`).
+
+    Returns:
+        The bundle, not attached to a model.
+    """
     config = LynxConfig(
         base_model=settings["base_model"], layers=list(settings["layers"]), hidden_size=int(settings["hidden_size"]),
         cues=list(settings["cues"]), think_start=settings["think_start"], think_end=settings["think_end"],
@@ -127,8 +211,16 @@ def build_bundle(settings: dict, probe: LynxProbe, calibration: Calibration, tok
 
 
 def prompt_digests(table: EventTable) -> list[str]:
-    """One short digest per trace of its prompt token ids: the identity of a problem across tables, whatever its
-    id (two benchmark splits may both number their problems from 0; the same question asked twice has one digest).
+    """One short digest per trace of its prompt token ids: the identity of a problem across tables.
+
+    It holds whatever the problem's id: two benchmark splits may both number their problems from 0, and the same
+    question asked twice has one digest.
+
+    Args:
+        table: An event table whose traces record `token_ids` and `prompt_length`.
+
+    Returns:
+        One digest per trace, in trace order.
 
     Example:
         >>> prompt_digests(EventTable.empty({}, 1))
@@ -138,7 +230,23 @@ def prompt_digests(table: EventTable) -> list[str]:
 
 
 def check_disjoint(a: Sequence[str], b: Sequence[str], what: str) -> None:
-    """Raise if two lists of prompt digests share a problem (`what` names the two tables and the fix)."""
+    """Raise if two lists of prompt digests share a problem.
+
+    Args:
+        a: Prompt digests of one table (`prompt_digests`).
+        b: Those of another.
+        what: Names the two tables and the fix, for the message.
+
+    Raises:
+        ValueError: If a digest is in both.
+
+    Example:
+        >>> check_disjoint(["x1"], ["y2"], "a and b")
+        >>> check_disjoint(["x1"], ["x1"], "a and b")
+        Traceback (most recent call last):
+        ...
+        ValueError: 1 problem(s) are in both a and b.
+    """
     shared = set(a) & set(b)
     if shared:
         raise ValueError(f"{len(shared)} problem(s) are in both {what}.")
@@ -163,22 +271,41 @@ def calibrate_bundle(probe: LynxProbe, calibration_table: EventTable, test_table
     ones (`train_digests`, see `prompt_digests`) and the test problems from both.
 
     Args:
-        probe: the trained probe.
-        calibration_table: held-out events to calibrate on.
-        test_table: optional held-out events for the realised rates in the card.
-        settings: the probe's collection settings (default: the calibration table's).
-        tokenizer: to record the exit text's token ids.
-        datasets: names for the model card.
-        train_note: one line on the training data (`describe`).
-        validation_auroc: the probe's validation AUROC.
-        train_digests: prompt digests of the training problems (checked disjoint from calibration).
-        labels: the calibration's labels: None (the calibration table's own) or ``"gold"`` / ``"agreement"``
+        probe: The trained probe.
+        calibration_table: Held-out events to calibrate on.
+        test_table: Optional held-out events for the realised rates in the card.
+        settings: The probe's collection settings (default: the calibration table's).
+        tokenizer: To record the exit text's token ids.
+        datasets: Names for the model card.
+        train_note: One line on the training data (`describe`).
+        validation_auroc: The probe's validation AUROC.
+        train_digests: Prompt digests of the training problems (checked disjoint from calibration).
+        labels: The calibration's labels: None (the calibration table's own) or ``"gold"`` / ``"agreement"``
             (relabelled); the test table is relabelled to match.
-        probe_labels: the labels the probe was trained on (default: the probe's settings', else gold).
-        train_dropped: training traces dropped for lack of a full answer (recorded in the metadata).
+        probe_labels: The labels the probe was trained on (default: the probe's settings', else gold).
+        train_dropped: Training traces dropped for lack of a full answer (recorded in the metadata).
 
     Returns:
-        The `Lynx` bundle.
+        The `Lynx` bundle, not attached to a model.
+
+    Raises:
+        ValueError: If the calibration table has no events or shares problems with the training ones.
+        LynxConfigError: If the calibration table was collected with other settings than the probe's, or gold
+            labels are asked for traces without a gold answer.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> from lynx_hf.pipeline.collect import Collector
+        >>> model, tok = organism.load()
+        >>> collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=400,
+        ...                       temperature=organism.TEMPERATURE)
+        >>> train_table = collector.collect_batch(organism.problems("arithmetic", "train", 8), seed=0)
+        >>> calibration_table = collector.collect_batch(organism.problems("arithmetic", "calibration", 8), seed=1)
+        >>> probe, report = train(train_table, max_epochs=20)
+        >>> lynx = calibrate_bundle(probe, calibration_table, tokenizer=tok,
+        ...                         train_digests=prompt_digests(train_table))
+        >>> lynx.metadata["labels"]
+        {'probe': 'gold', 'calibration': 'gold'}
     """
     settings = settings or calibration_table.settings  # as collected: the probe's labels, unless told
     probe_labels = probe_labels or settings.get("labels", "gold")
@@ -231,8 +358,40 @@ def fit(train_table: EventTable, calibration_table: EventTable, test_table: Even
         **probe_kwargs) -> Lynx:
     """Train on one table, calibrate on another (disjoint problems), report on a third: a ready bundle.
 
-    `labels` None keeps each table's own labels; ``"gold"`` / ``"agreement"`` relabels all three (one kind of
-    labels for the probe, the calibration and the test rates: never mixed)."""
+    The problem-level splits are checked: the calibration problems must be disjoint from the training ones (before
+    training starts) and the test problems from both.
+
+    Args:
+        train_table: Events to train the probe on.
+        calibration_table: Events of other problems, to calibrate on.
+        test_table: Optional events of further problems; their realised rates go into the model card.
+        seed: Seeds the probe's training (default 0).
+        tokenizer: When given, the exit text's token ids are recorded in the bundle.
+        datasets: Dataset names for the model card.
+        labels: None (default) keeps each table's own labels; ``"gold"`` / ``"agreement"`` relabels all three (one
+            kind of labels for the probe, the calibration and the test rates: never mixed).
+        **probe_kwargs: Passed to `train_probe` (`max_epochs`, `lr`, `hidden_sizes`, ...).
+
+    Returns:
+        The calibrated `Lynx` bundle, ready to `save_pretrained` or attach to the model.
+
+    Raises:
+        ValueError: If a table has no events, the tables share problems, or `train_probe` refuses the events.
+        LynxConfigError: If the tables were collected with other settings, or gold labels are asked for traces
+            without a gold answer.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> from lynx_hf.pipeline.collect import Collector
+        >>> model, tok = organism.load()
+        >>> collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=400,
+        ...                       temperature=organism.TEMPERATURE)
+        >>> train_table = collector.collect_batch(organism.problems("arithmetic", "train", 8), seed=0)
+        >>> calibration_table = collector.collect_batch(organism.problems("arithmetic", "calibration", 8), seed=1)
+        >>> lynx = fit(train_table, calibration_table, tokenizer=tok, max_epochs=20)
+        >>> type(lynx).__name__, lynx.metadata["labels"]["calibration"]
+        ('Lynx', 'gold')
+    """
     if labels is not None:
         train_table, calibration_table = relabel(train_table, labels), relabel(calibration_table, labels)
     check_same_settings(train_table.settings, calibration_table.settings)
@@ -246,8 +405,22 @@ def fit(train_table: EventTable, calibration_table: EventTable, test_table: Even
 
 
 def check_test_disjoint(table: EventTable, metadata: dict, name: str = "the evaluation table") -> None:
-    """Raise if `table` holds a problem that a bundle (its `metadata`) was trained or calibrated on: rates measured
-    there say nothing about held-out problems. Bundles saved before digests were recorded are not checked."""
+    """Raise if `table` holds a problem that a bundle was trained or calibrated on.
+
+    Rates measured there say nothing about held-out problems. Bundles saved before digests were recorded are not
+    checked.
+
+    Args:
+        table: The evaluation table.
+        metadata: The bundle's metadata (`Lynx.metadata`), with its `problem_digests`.
+        name: What the message calls the table.
+
+    Raises:
+        ValueError: If the table shares a problem with the bundle's training or calibration problems.
+
+    Example:
+        >>> check_test_disjoint(EventTable.empty({}, 1), {})  # nothing recorded: nothing to check
+    """
     recorded = metadata.get("problem_digests") or {}
     digests = prompt_digests(table)
     for part in ("train", "calibration"):
@@ -256,8 +429,18 @@ def check_test_disjoint(table: EventTable, metadata: dict, name: str = "the eval
 
 
 def load_probe_folder(folder) -> tuple[LynxProbe, dict]:
-    """The probe and `probe.json` of a folder written by `lynx-hf train` (or a build), with an error naming the file
-    and the fix for a missing or damaged one."""
+    """The probe and `probe.json` of a folder written by `lynx-hf train` (or a build).
+
+    Args:
+        folder: The folder holding `probe.json` and `probe.safetensors`.
+
+    Returns:
+        `(probe, meta)`: the probe and the parsed `probe.json`.
+
+    Raises:
+        FileNotFoundError: If either file is missing.
+        CorruptedBundleError: If the files cannot be read into a probe.
+    """
     import json
     from pathlib import Path
 
@@ -280,8 +463,13 @@ def load_probe_folder(folder) -> tuple[LynxProbe, dict]:
 
 
 def describe(table: EventTable) -> str:
-    """One line about a table: events, traces, share safe, and (agreement labels) traces dropped for lack of a full
-    answer.
+    """One line about a table: events, traces, share safe, and (agreement labels) traces dropped.
+
+    Args:
+        table: An event table.
+
+    Returns:
+        The line, as the model card and the logs show it.
 
     Example:
         >>> describe(EventTable.empty({}, 1))
