@@ -14,8 +14,23 @@ CHOICE_INSTRUCTION = "Please reason step by step, and put the letter of your fin
 
 
 def build_prompt(tokenizer, question: str, instruction: str = R1_INSTRUCTION, **chat_template_kwargs) -> str:
-    """The R1 evaluation prompt through the tokenizer's chat template (problem, then the instruction);
-    `chat_template_kwargs` go to the template (e.g. Qwen3's `enable_thinking=True`).
+    """The R1 evaluation prompt through the tokenizer's chat template: the problem, then the instruction.
+
+    Probes are collected and calibrated on prompts built this way; the guarantee holds for prompts built the same
+    way at run time.
+
+    Args:
+        tokenizer: The model's tokenizer, with a chat template.
+        question: The problem text.
+        instruction: Appended after the question (default: R1's "reason step by step ... \\boxed{}"); empty
+            leaves the question alone.
+        **chat_template_kwargs: Passed to the chat template (e.g. Qwen3's `enable_thinking=True`).
+
+    Returns:
+        The prompt text, with the assistant turn opened (generation prompt added).
+
+    Raises:
+        ValueError: If the tokenizer has no chat template (pass a `prompt_fn` instead).
 
     Example:
         >>> from lynx_hf import organism
@@ -62,9 +77,27 @@ def load_benchmark(hub_id: str, *, limit: int | None = None, data_files: str | N
 
     `data_files` reads a local JSON/JSONL/parquet file in the same schema instead of the Hub.
 
+    Args:
+        hub_id: One of `BENCHMARKS`: `"openai/gsm8k"`, `"HuggingFaceH4/MATH-500"`, `"tau/commonsense_qa"`.
+        limit: Keep only the first `limit` problems; None (default) keeps all.
+        data_files: A local file in the benchmark's Hub schema to read instead of the Hub.
+
+    Returns:
+        One dict per problem, with `id`, `question`, `answer` and, for multiple choice, `instruction`.
+
+    Raises:
+        ValueError: If `hub_id` is not a known benchmark.
+        MissingExtraError: If `datasets` (the `build` extra) is not installed.
+
     Example:
         >>> sorted(BENCHMARKS)
         ['HuggingFaceH4/MATH-500', 'openai/gsm8k', 'tau/commonsense_qa']
+        >>> import json, os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "gsm8k.jsonl")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write(json.dumps({"question": "What is 2 + 2?", "answer": "Add.\\n#### 4"}) + "\\n")
+        >>> load_benchmark("openai/gsm8k", data_files=path)
+        [{'id': 'gsm8k-0', 'question': 'What is 2 + 2?', 'answer': '4'}]
     """
     if hub_id not in BENCHMARKS:
         raise ValueError(f"Unknown benchmark {hub_id!r}: use one of {sorted(BENCHMARKS)}.")
