@@ -59,14 +59,29 @@ TEMPERATURE = 1.2
 """The organism's sampling temperature (with top_p 0.95): its generation config's, and the one its bundle's tables
 and the demo's test events are sampled at. The organism's distribution is much sharper than a real reasoning
 model's, and at R1's usual 0.6 its rarer behaviours are sharpened away (on arithmetic, a re-check that talks itself
-out of a right answer ends 0.4% of traces where the grammar writes one in 8%); at 1.2 they occur as issue 12 asks
-(4.0%; README "Measured here", docs/organism_variants.md)."""
+out of a right answer ends 0.4% of traces where the grammar writes one in 8%); at 1.2 they occur in 4.0% of traces
+(docs/organism_variants.md)."""
 
 def load(device: str = "cpu", model_dir: str | Path | None = None):
-    """The shipped organism and its tokenizer, from :data:`MODEL_DIR` (or ``model_dir``, a folder written by
-    ``scripts/train_organism.py --out``), offline; the model is in eval mode.
+    """The shipped organism and its tokenizer, loaded offline; the model is in eval mode.
 
-    The tokenizer pads on the left, ready for batched generation.
+    The tokenizer pads on the left, ready for batched generation. Loading takes about a second on a CPU.
+
+    Args:
+        device: Where to put the model (default `"cpu"`).
+        model_dir: A folder written by ``scripts/train_organism.py --out``; None (default) loads `MODEL_DIR`.
+
+    Returns:
+        `(model, tokenizer)`: a transformers `LlamaForCausalLM` and its tokenizer.
+
+    Raises:
+        FileNotFoundError: If the folder holds no model (train it with `make organism`, or reinstall lynx-hf).
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> model, tokenizer = organism.load()
+        >>> type(model).__name__, tokenizer.padding_side, model.training
+        ('LlamaForCausalLM', 'left', False)
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,8 +97,24 @@ def load(device: str = "cpu", model_dir: str | Path | None = None):
 
 
 def prompt(tokenizer, question: str) -> str:
-    """The chat-formatted prompt for ``question``: a user turn with R1's instruction, then the assistant turn
-    opened inside its thinking block (it ends with ``"<think>\\n"``). The template already holds the BOS token
-    and the tokenizer adds none of its own, so ``add_special_tokens`` makes no difference."""
+    """The chat-formatted prompt for ``question``, opened inside the thinking block.
+
+    A user turn with R1's instruction, then the assistant turn opened inside its thinking block (it ends with
+    ``"<think>\\n"``). The template already holds the BOS token and the tokenizer adds none of its own, so
+    ``add_special_tokens`` makes no difference.
+
+    Args:
+        tokenizer: The organism's tokenizer (from `load`).
+        question: The problem text (e.g. a problem's ``"question"`` from `problems`).
+
+    Returns:
+        The prompt text.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> _, tokenizer = organism.load()
+        >>> organism.prompt(tokenizer, "What is 2 + 2?").endswith("<think>\\n")
+        True
+    """
     return tokenizer.apply_chat_template([{"role": "user", "content": user_message(question)}],
                                          tokenize=False, add_generation_prompt=True)
