@@ -50,6 +50,29 @@ __all__ = ["BuildPlan", "build", "split_problems"]
 class BuildPlan:
     """What a build collects and how; saved as `build.json` in the output folder so a re-run can resume it.
 
+    A re-run with a different plan in the same folder is refused, so shards of different settings never mix.
+
+    Args:
+        model: A Hub id or local path of the model, or `"organism"` for the shipped toy model.
+        problems: A problem source (`lynx_hf.loading.PROBLEM_SOURCES`): a benchmark Hub id, a local JSONL file, or
+            `organism:<family>:<split>`.
+        sizes: Problems per split: `train`, `calibration`, `test` (default 400, 400, 200).
+        seed: Seeds the problem split, the sampling and the probe (default 0).
+        gguf_file: A GGUF file inside `model` to load, if the model is stored as GGUF.
+        layers: Hidden-state layers the probe reads; None takes `default_layers`.
+        cues: Reflection cue words (default `DEFAULT_CUES`).
+        think_start: Text that opens thinking; None takes it from the model's format.
+        think_end: Text that closes thinking; None takes it from the model's format.
+        exit_text: Text that closes thinking at a forced exit; None takes it from the model's format.
+        thinking: A thinking-format preset name; None detects it from the tokenizer.
+        max_new_tokens: Most tokens sampled per trace (default 1024).
+        temperature: Sampling temperature (default 0.6, the R1 setting); the guarantee holds for traces sampled
+            the same way.
+        top_p: Nucleus sampling mass (default 0.95).
+        answer_max_new_tokens: Most tokens of each forced answer (default 16).
+        batch_size: Problems per collection shard (default 16).
+        labels: ``"gold"`` (default) or ``"agreement"`` (module docstring).
+
     Example:
         >>> plan = BuildPlan(model="organism", problems="organism:arithmetic:train", sizes={"train": 8})
         >>> BuildPlan(**json.loads(json.dumps(plan.to_dict()))) == plan
@@ -75,15 +98,41 @@ class BuildPlan:
     labels: str = "gold"
 
     def to_dict(self) -> dict:
+        """The plan as a JSON-serialisable dict (what `build.json` holds).
+
+        Returns:
+            A new dict of every field.
+
+        Example:
+            >>> BuildPlan(model="organism", problems="organism:arithmetic:train").to_dict()["sizes"]
+            {'train': 400, 'calibration': 400, 'test': 200}
+        """
         return asdict(self)
 
     @property
     def total(self) -> int:
+        """Problems the build needs: the sum of the split sizes.
+
+        Example:
+            >>> BuildPlan(model="organism", problems="organism:arithmetic:train", sizes={"train": 8}).total
+            8
+        """
         return sum(self.sizes.get(s, 0) for s in SPLITS)
 
 
 def split_problems(problems: Sequence[dict], sizes: dict, seed: int = 0) -> dict[str, list[dict]]:
     """Disjoint train / calibration / test problems (a seeded shuffle, then consecutive slices).
+
+    Args:
+        problems: The problem source's problems.
+        sizes: Problems per split (`train`, `calibration`, `test`; a missing split gets 0).
+        seed: Seed of the shuffle (default 0).
+
+    Returns:
+        `{"train": [...], "calibration": [...], "test": [...]}`.
+
+    Raises:
+        ValueError: If a size is not a non-negative integer, or the source has fewer problems than the splits need.
 
     Example:
         >>> rows = [{"id": str(i), "question": "q", "answer": "a"} for i in range(10)]
@@ -185,10 +234,32 @@ def build(
     progress: bool = True,
     say: Callable[[str], None] = logger.info,
 ):
-    """Run (or, with `dry_run`, estimate) a build; returns the bundle, or the pilot's estimate for a dry run.
+    """Run (or, with `dry_run`, estimate) a build: collect, train, calibrate, save and optionally push a bundle.
 
     `plan.labels` decides what a safe cue is (module docstring): ``"gold"`` needs a gold answer for every problem
-    and raises `LynxConfigError` naming ``--labels agreement`` otherwise; ``"agreement"`` needs none.
+    and raises `LynxConfigError` naming ``--labels agreement`` otherwise; ``"agreement"`` needs none. Re-running the
+    same plan into the same `out` resumes: finished shards, the trained probe and the saved bundle are reused.
+
+    Args:
+        plan: What to collect and how.
+        out: The output folder (`build.json`, `events/`, `probe/`, `bundle/`).
+        device: Where to load the model; None lets the loader choose.
+        dry_run: Only sample a pilot and print what the full run will generate (default False).
+        pilot: Problems in the dry run's pilot (default 4).
+        push: A Hub repo id to push the bundle to; None (default) does not push.
+        private: Whether a pushed repo is private; None keeps the Hub's default.
+        token: A Hub token for the push; None uses the logged-in one.
+        progress: Show collection progress bars (default True).
+        say: Receives each progress line (default: the module logger's `info`).
+
+    Returns:
+        The saved `Lynx` bundle, or, for a dry run, the pilot's estimate (a dict of problems, traces, expected
+        tokens and forced exits, and hours at the pilot's rate).
+
+    Raises:
+        LynxConfigError: If gold labels meet problems without answers, a split the build needs is empty, or the
+            model's thinking markers or layers do not fit.
+        ValueError: If the problems cannot be split as asked, or `out` holds a build with other settings.
 
     Example:
         >>> plan = BuildPlan(model="organism", problems="organism:arithmetic:train",
