@@ -49,6 +49,15 @@ class AnswerStated(Method):
     is the end of the text before the cue, i.e. the end of the line the cue follows). The cut, the exit text and
     the answer are those of every other replay method, so it differs from LYNX only in how it picks the cue.
 
+    Args:
+        tokenizer: The tokenizer that decodes the traces.
+        patterns: Regexes that match a stated answer: a mapping from a short label to the regex, or a sequence of
+            regexes (each its own label); None (default) uses `DEFAULT_ANSWER_PATTERNS`.
+        name: The method's name in results tables; None names it after the patterns' labels.
+
+    Raises:
+        ValueError: If `patterns` is empty.
+
     Example:
         >>> from lynx_hf.runtime.cues import _example_tokenizer
         >>> rule = AnswerStated(_example_tokenizer(), {"answer is": r"\banswer is\b"})
@@ -72,11 +81,40 @@ class AnswerStated(Method):
         self.name = name or f"AnswerStated ({label})"
 
     def stated(self, text: str) -> bool:
-        """Whether `text` (the thinking so far) states an answer under this rule's patterns."""
+        """Whether `text` (the thinking so far) states an answer under this rule's patterns.
+
+        Args:
+            text: The generated thinking before a cue.
+
+        Returns:
+            True when one of the patterns matches (case-insensitive).
+
+        Example:
+            >>> from lynx_hf.runtime.cues import _example_tokenizer
+            >>> AnswerStated(_example_tokenizer()).stated("12 + 7 = 19")  # the default "= number line" pattern
+            True
+        """
         return self.regex.search(text) is not None
 
     def first_stated(self, token_ids: Sequence[int], prompt_length: int, starts: Sequence[int]) -> int:
-        """Index into `starts` (cue words' first tokens, in order) of the first cue after a stated answer, or -1."""
+        """Index into `starts` of the first cue after a stated answer, or -1.
+
+        Args:
+            token_ids: The trace: prompt then generation.
+            prompt_length: How many of the first tokens are the prompt (never read).
+            starts: The cue words' first tokens, in order.
+
+        Returns:
+            The index of the first cue whose preceding thinking states an answer; -1 if none does.
+
+        Example:
+            >>> from lynx_hf.runtime.cues import _example_tokenizer
+            >>> tok = _example_tokenizer()
+            >>> rule = AnswerStated(tok, {"so": r"\\bso\\b"})
+            >>> ids = tok.convert_tokens_to_ids(["<think>", "Hmm", "Ġso", "Ġwait"])
+            >>> rule.first_stated(ids, prompt_length=1, starts=[1, 3])
+            1
+        """
         for i, start in enumerate(starts):
             text = self.tokenizer.decode(list(token_ids[prompt_length:start]), skip_special_tokens=True)
             if self.stated(text):
@@ -84,6 +122,31 @@ class AnswerStated(Method):
         return -1
 
     def run(self, replay: Replay) -> Outcome:
+        """Replay the rule on an event table: each trace exits at its first cue after a stated answer.
+
+        Args:
+            replay: The event table with its probe scores (only the table's traces and cue starts are read).
+
+        Returns:
+            The per-trace outcome, as for every replay method.
+
+        Raises:
+            ValueError: If a trace has no `token_ids` (the table was not written by `Collector.collect`).
+
+        Example:
+            >>> from lynx_hf.evaluation.replay import Replay
+            >>> from lynx_hf.runtime.cues import _example_tokenizer
+            >>> tok = _example_tokenizer()
+            >>> ids = tok.convert_tokens_to_ids(["<think>", "Hmm", "Ġso", "Ġwait", "</think>"])
+            >>> table = EventTable(settings={}, features=torch.zeros(2, 1), safe=torch.tensor([True, True]),
+            ...     trace=torch.tensor([0, 0]), position=torch.tensor([1, 3]), start=torch.tensor([1, 3]),
+            ...     cue=torch.tensor([0, 1]), answer_length=torch.tensor([1, 1]), answer_confidence=torch.ones(2),
+            ...     answers=["4", "4"], traces=[{"id": "q", "gold": "4", "answer": "4", "correct": True,
+            ...     "prompt_length": 1, "think_length": 3, "length": 4, "token_ids": ids}])
+            >>> replay = Replay(table, scores=torch.zeros(2), exit_length=1)
+            >>> AnswerStated(tok, {"so": r"\\bso\\b"}).run(replay).event.tolist()  # exits at the "wait" after "so"
+            [1]
+        """
         table = replay.table
         event = torch.full((replay.n_traces,), -1, dtype=torch.long)
         if len(table):
@@ -103,8 +166,15 @@ class AnswerStated(Method):
 
 
 def answer_stated_rules(tokenizer) -> list[AnswerStated]:
-    """The default text rules for results tables: all default patterns, the answer phrases alone, and the
-    concluding `= number` line alone (each can beat the union on some traces, so all three are reported).
+    """The default text rules for results tables: all default patterns, the answer phrases alone, the `= number` line.
+
+    Each can beat the union on some traces, so all three are reported.
+
+    Args:
+        tokenizer: The tokenizer that decodes the traces.
+
+    Returns:
+        Three `AnswerStated` rules.
 
     Example:
         >>> from lynx_hf.runtime.cues import _example_tokenizer
@@ -126,11 +196,28 @@ class AnswerStatedCriteria(StoppingCriteria):
     `answer_after_exit(model, tokenizer, sequences, exit_start, exit_ids)`. A new `generate` call is recognised by
     its input length (or call `reset()`). Decoding text costs a host sync at each cue, never between cues.
 
+    Args:
+        rule: The text rule to apply at each confirmed cue (its tokenizer decodes the thinking).
+        cues: Reflection cue words (default `("hmm", "wait", "alternatively")`).
+        think_start: Text that opens thinking (default `"<think>"`), or None.
+        think_end: Text that closes thinking (default `"</think>"`), or None.
+
+    Raises:
+        TypeError: If `cues` is a single string.
+        ValueError: If a cue or marker is invalid (see `CueDetector`).
+
     Example:
-        >>> criteria = AnswerStatedCriteria(AnswerStated(tok))  # doctest: +SKIP
-        >>> out = model.generate(**inputs, do_sample=False, stopping_criteria=[criteria])  # doctest: +SKIP
-        >>> criteria.exit_start  # doctest: +SKIP
-        tensor([57, -1])
+        >>> from lynx_hf import organism
+        >>> model, tok = organism.load()
+        >>> criteria = AnswerStatedCriteria(AnswerStated(tok))
+        >>> questions = [p["question"] for p in organism.problems("arithmetic", "test", n=2)]
+        >>> inputs = tok([organism.prompt(tok, q) for q in questions], return_tensors="pt", padding=True,
+        ...              add_special_tokens=False)
+        >>> out = model.generate(**inputs, do_sample=False, max_new_tokens=400, stopping_criteria=[criteria])
+        >>> criteria.exit_start
+        tensor([81, 80])
+        >>> tok.decode(out[0, inputs.input_ids.shape[1]:81])[-18:]  # stated "= 8", then the cue: stop there
+        'gets 4: 4 + 4 = 8\\n'
     """
 
     def __init__(self, rule: AnswerStated, cues: Sequence[str] = ("hmm", "wait", "alternatively"),
@@ -143,7 +230,18 @@ class AnswerStatedCriteria(StoppingCriteria):
         self.reset()
 
     def reset(self) -> None:
-        """Forget the current `generate` call (the next call starts afresh)."""
+        """Forget the current `generate` call (the next call starts afresh).
+
+        A new call is also recognised by its input length, so this is needed only to reuse the criteria on inputs
+        of the length the last call ended at.
+
+        Example:
+            >>> from lynx_hf.runtime.cues import _example_tokenizer
+            >>> criteria = AnswerStatedCriteria(AnswerStated(_example_tokenizer()))
+            >>> criteria.reset()
+            >>> criteria.batch
+            0
+        """
         self._consumed, self.batch = -1, 0
 
     def _start(self, input_ids: torch.LongTensor) -> None:
@@ -180,12 +278,19 @@ class AnswerStatedCriteria(StoppingCriteria):
 
 @dataclass
 class TextEvents:
-    """The text side of an event table, all a text-only probe may read: per cue event, the last `ids.shape[1]` token
-    ids up to and including the cue-completing token (-1 before the trace's start), the thinking tokens before that
-    token, the cue's index in its trace, its label, and its problem (for problem-level splits).
+    """The text side of an event table: all a text-only probe may read.
 
     Small enough to ship next to a bundle (`save_text_events`), so the `TextProbe` control can be trained on the
     bundle's own tables without re-collecting them.
+
+    Args:
+        ids: `[E, W]` per cue event, the last `W` token ids up to and including the cue-completing token (-1 before
+            the trace's start).
+        thought: `[E]` the thinking tokens before that token.
+        cue_index: `[E]` the cue's index in its trace.
+        safe: `[E]` its label.
+        trace: `[E]` its trace's index into `trace_ids`.
+        trace_ids: The problem id of each trace (for problem-level splits).
 
     Example:
         >>> table = EventTable(settings={}, features=torch.zeros(1, 1), safe=torch.tensor([True]),
@@ -205,6 +310,26 @@ class TextEvents:
 
     @classmethod
     def from_table(cls, table: EventTable, max_window: int = 32) -> "TextEvents":
+        """The text side of an event table.
+
+        Args:
+            table: An event table written by `Collector.collect` (its traces hold `token_ids`).
+            max_window: Tokens kept per event, up to the cue-completing token (default 32).
+
+        Returns:
+            The table's text events.
+
+        Raises:
+            ValueError: If `max_window` < 1 or a trace has no `token_ids`.
+
+        Example:
+            >>> table = EventTable(settings={}, features=torch.zeros(1, 1), safe=torch.tensor([True]),
+            ...     trace=torch.tensor([0]), position=torch.tensor([3]), start=torch.tensor([3]), cue=torch.tensor([0]),
+            ...     answer_length=torch.tensor([1]), answer_confidence=torch.tensor([.9]), answers=["1"],
+            ...     traces=[{"id": "q", "prompt_length": 1, "token_ids": [5, 6, 7, 8, 9]}])
+            >>> TextEvents.from_table(table, max_window=2).thought.tolist()  # 2 thinking tokens before the cue's
+            [2]
+        """
         if max_window < 1:
             raise ValueError(f"max_window must be at least 1 token, got {max_window}.")
         n = len(table)
@@ -231,16 +356,56 @@ class TextEvents:
 
     @property
     def n_traces(self) -> int:
+        """Number of traces (problems).
+
+        Example:
+            >>> table = EventTable(settings={}, features=torch.zeros(1, 1), safe=torch.tensor([True]),
+            ...     trace=torch.tensor([0]), position=torch.tensor([3]), start=torch.tensor([3]), cue=torch.tensor([0]),
+            ...     answer_length=torch.tensor([1]), answer_confidence=torch.tensor([.9]), answers=["1"],
+            ...     traces=[{"id": "q", "prompt_length": 1, "token_ids": [5, 6, 7, 8, 9]}])
+            >>> TextEvents.from_table(table).n_traces
+            1
+        """
         return len(self.trace_ids)
 
     @property
     def groups(self) -> list[str]:
-        """Problem id of each event (for problem-level splits)."""
+        """Problem id of each event (for problem-level splits).
+
+        Example:
+            >>> table = EventTable(settings={}, features=torch.zeros(1, 1), safe=torch.tensor([True]),
+            ...     trace=torch.tensor([0]), position=torch.tensor([3]), start=torch.tensor([3]), cue=torch.tensor([0]),
+            ...     answer_length=torch.tensor([1]), answer_confidence=torch.tensor([.9]), answers=["1"],
+            ...     traces=[{"id": "q", "prompt_length": 1, "token_ids": [5, 6, 7, 8, 9]}])
+            >>> TextEvents.from_table(table).groups
+            ['q']
+        """
         return [self.trace_ids[i] for i in self.trace.tolist()]
 
     def features(self, embeddings: torch.Tensor, window: int) -> torch.Tensor:
-        """Float32 [E, window * d + 2]: the embeddings of the last `window` tokens (zeros before the trace),
-        concatenated in order, then log1p(thinking tokens so far) and the cue's index in its trace."""
+        """Text-only features: the embeddings of the last `window` tokens, then two counts.
+
+        The embeddings (zeros before the trace) are concatenated in order, then log1p(thinking tokens so far) and
+        the cue's index in its trace.
+
+        Args:
+            embeddings: `[V, d]` input embeddings of the model that wrote the traces.
+            window: Tokens to read, between 1 and the tokens kept per event.
+
+        Returns:
+            Float32 `[E, window * d + 2]`.
+
+        Raises:
+            ValueError: If `window` is out of range or a token id is outside `embeddings`.
+
+        Example:
+            >>> table = EventTable(settings={}, features=torch.zeros(1, 1), safe=torch.tensor([True]),
+            ...     trace=torch.tensor([0]), position=torch.tensor([3]), start=torch.tensor([3]), cue=torch.tensor([0]),
+            ...     answer_length=torch.tensor([1]), answer_confidence=torch.tensor([.9]), answers=["1"],
+            ...     traces=[{"id": "q", "prompt_length": 1, "token_ids": [5, 6, 7, 8, 9]}])
+            >>> TextEvents.from_table(table, max_window=4).features(torch.eye(10), window=2).shape
+            torch.Size([1, 22])
+        """
         if not 1 <= window <= self.ids.shape[1]:
             raise ValueError(f"window must be between 1 and {self.ids.shape[1]} (the tokens kept per event), "
                              f"got {window}.")
@@ -257,8 +422,22 @@ class TextEvents:
 def save_text_events(path, splits: Mapping[str, TextEvents], metadata: dict | None = None) -> None:
     """Write `TextEvents` of several splits (e.g. `train`, `calibration`) and JSON `metadata` into one safetensors file.
 
+    Args:
+        path: The file to write.
+        splits: Text events by split name.
+        metadata: JSON-serialisable facts to store with them.
+
     Example:
-        >>> save_text_events("text_events.safetensors", {"train": TextEvents.from_table(train)})  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> table = EventTable(settings={}, features=torch.zeros(1, 1), safe=torch.tensor([True]),
+        ...     trace=torch.tensor([0]), position=torch.tensor([3]), start=torch.tensor([3]), cue=torch.tensor([0]),
+        ...     answer_length=torch.tensor([1]), answer_confidence=torch.tensor([.9]), answers=["1"],
+        ...     traces=[{"id": "q", "prompt_length": 1, "token_ids": [5, 6, 7, 8, 9]}])
+        >>> path = os.path.join(tempfile.mkdtemp(), "text_events.safetensors")
+        >>> save_text_events(path, {"train": TextEvents.from_table(table)}, {"model": "organism"})
+        >>> splits, metadata = load_text_events(path)
+        >>> splits["train"].ids.shape, metadata
+        (torch.Size([1, 32]), {'model': 'organism'})
     """
     import json
 
@@ -275,10 +454,24 @@ def save_text_events(path, splits: Mapping[str, TextEvents], metadata: dict | No
 
 
 def load_text_events(path) -> tuple[dict[str, TextEvents], dict]:
-    """Read a `save_text_events` file: ({split: TextEvents}, metadata).
+    """Read a `save_text_events` file.
+
+    Args:
+        path: The file.
+
+    Returns:
+        `({split: TextEvents}, metadata)`.
 
     Example:
-        >>> splits, metadata = load_text_events("bundle/text_events.safetensors")  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> table = EventTable(settings={}, features=torch.zeros(1, 1), safe=torch.tensor([True]),
+        ...     trace=torch.tensor([0]), position=torch.tensor([3]), start=torch.tensor([3]), cue=torch.tensor([0]),
+        ...     answer_length=torch.tensor([1]), answer_confidence=torch.tensor([.9]), answers=["1"],
+        ...     traces=[{"id": "q", "prompt_length": 1, "token_ids": [5, 6, 7, 8, 9]}])
+        >>> path = os.path.join(tempfile.mkdtemp(), "text_events.safetensors")
+        >>> save_text_events(path, {"calibration": TextEvents.from_table(table, max_window=4)})
+        >>> load_text_events(path)[0]["calibration"].ids.tolist()
+        [[5, 6, 7, 8]]
     """
     import json
 
@@ -301,7 +494,17 @@ def text_features(table: EventTable | TextEvents, embeddings: torch.Tensor, wind
     Per event: the base model's input embeddings of the last `window` tokens up to and including the
     cue-completing token (the tokens the hidden state at the event has read last; zeros where the trace is
     shorter), concatenated in order, then the thinking tokens so far (log1p) and the cue's index in its trace.
-    Returns float32 [E, window * d + 2].
+
+    Args:
+        table: An event table (its traces hold `token_ids`) or its `TextEvents`.
+        embeddings: `[V, d]` input embeddings of the model that wrote the traces.
+        window: Tokens to read up to the cue.
+
+    Returns:
+        Float32 `[E, window * d + 2]`.
+
+    Raises:
+        ValueError: If a trace has no `token_ids`, `window` is out of range, or a token id is outside `embeddings`.
 
     Example:
         >>> table = EventTable(settings={}, features=torch.zeros(1, 1), safe=torch.tensor([True]),
@@ -318,17 +521,33 @@ def text_features(table: EventTable | TextEvents, embeddings: torch.Tensor, wind
 
 
 class TextProbe:
-    """The standard control of probing work: the LYNX probe's MLP, labels, problem-level split and conformal
-    calibration, with features from the text alone (`text_features`: input embeddings of the last tokens).
+    """The standard control of probing work: the LYNX probe with features from the text alone.
+
+    It keeps the LYNX probe's MLP, labels, problem-level split and conformal calibration; only the features differ
+    (`text_features`: input embeddings of the last tokens).
 
     `fit` trains one probe per window in `windows` with `train_probe` (same defaults and seed as the LYNX probe),
     keeps the window with the best AUROC on the training table's own problem-level validation split (never the
     calibration or test problems), and calibrates it on the calibration table as `Lynx` is calibrated. Used with
     `TextProbeExit`, it is compared with LYNX at equal confidence and under the same guarantee.
 
+    Args:
+        probe: The trained `LynxProbe` on text features.
+        calibration: Its calibration on the calibration table.
+        embeddings: `[V, d]` input embeddings the features are built from.
+        window: The chosen window (tokens read up to the cue).
+        reports: The `ProbeTrainingReport` of each window tried.
+
     Example:
-        >>> text_probe = TextProbe.fit(train, cal, model.get_input_embeddings().weight)  # doctest: +SKIP
-        >>> rows, _ = evaluate(replay, [TextProbeExit(text_probe, 0.9)])  # doctest: +SKIP
+        >>> import torch
+        >>> def events(names, seed):  # random text events: safe when the cue token's id is even
+        ...     ids = torch.randint(0, 10, (2 * len(names), 4), generator=torch.Generator().manual_seed(seed))
+        ...     return TextEvents(ids=ids, thought=torch.arange(2 * len(names)), cue_index=torch.tensor([0, 1] * len(names)),
+        ...                       safe=ids[:, -1] % 2 == 0, trace=torch.arange(2 * len(names)) // 2, trace_ids=list(names))
+        >>> train, cal = events([f"t{i}" for i in range(40)], 0), events([f"c{i}" for i in range(40)], 1)
+        >>> text_probe = TextProbe.fit(train, cal, torch.eye(10), windows=(1, 2), max_epochs=30)
+        >>> text_probe.window, text_probe.calibration.n_questions
+        (1, 40)
     """
 
     def __init__(self, probe, calibration: Calibration, embeddings: torch.Tensor, window: int,
@@ -344,8 +563,33 @@ class TextProbe:
     def fit(cls, train_table: EventTable | TextEvents, calibration_table: EventTable | TextEvents,
             embeddings: torch.Tensor, *, windows: Sequence[int] = (4, 8, 16, 32), seed: int = 0,
             **probe_kwargs) -> "TextProbe":
-        """Train on `train_table`, pick the window, calibrate on `calibration_table` (event tables or their
-        `TextEvents`, disjoint problems); extra keyword arguments go to `train_probe`."""
+        """Train on `train_table`, pick the window, calibrate on `calibration_table`.
+
+        Args:
+            train_table: Training events (an event table or its `TextEvents`).
+            calibration_table: Calibration events of other problems.
+            embeddings: `[V, d]` input embeddings of the model that wrote the traces.
+            windows: Windows to try (default 4, 8, 16, 32); the best validation AUROC wins.
+            seed: Seeds the probe's training (default 0, as for the LYNX probe).
+            **probe_kwargs: Passed to `train_probe`.
+
+        Returns:
+            The fitted text probe.
+
+        Raises:
+            ValueError: If either table has no events, they share problems, or `train_probe` refuses the events.
+
+        Example:
+            >>> import torch
+            >>> def events(names, seed):  # random text events: safe when the cue token's id is even
+            ...     ids = torch.randint(0, 10, (2 * len(names), 4), generator=torch.Generator().manual_seed(seed))
+            ...     return TextEvents(ids=ids, thought=torch.arange(2 * len(names)), cue_index=torch.tensor([0, 1] * len(names)),
+            ...                       safe=ids[:, -1] % 2 == 0, trace=torch.arange(2 * len(names)) // 2, trace_ids=list(names))
+            >>> train, cal = events([f"t{i}" for i in range(40)], 0), events([f"c{i}" for i in range(40)], 1)
+            >>> text_probe = TextProbe.fit(train, cal, torch.eye(10), windows=(1, 2), max_epochs=30)
+            >>> sorted(text_probe.reports)
+            [1, 2]
+        """
         from ..runtime.probe import train_probe
 
         if isinstance(train_table, EventTable):
@@ -377,7 +621,25 @@ class TextProbe:
 
     @torch.no_grad()
     def scores(self, table: EventTable | TextEvents) -> torch.Tensor:
-        """Float32 probe scores of a table's events from their text features (cached for the last table)."""
+        """Float32 probe scores of a table's events from their text features (cached for the last table).
+
+        Args:
+            table: An event table or its `TextEvents`.
+
+        Returns:
+            `[E]` float32 scores in [0, 1].
+
+        Example:
+            >>> import torch
+            >>> def events(names, seed):  # random text events: safe when the cue token's id is even
+            ...     ids = torch.randint(0, 10, (2 * len(names), 4), generator=torch.Generator().manual_seed(seed))
+            ...     return TextEvents(ids=ids, thought=torch.arange(2 * len(names)), cue_index=torch.tensor([0, 1] * len(names)),
+            ...                       safe=ids[:, -1] % 2 == 0, trace=torch.arange(2 * len(names)) // 2, trace_ids=list(names))
+            >>> train, cal = events([f"t{i}" for i in range(40)], 0), events([f"c{i}" for i in range(40)], 1)
+            >>> text_probe = TextProbe.fit(train, cal, torch.eye(10), windows=(1, 2), max_epochs=30)
+            >>> text_probe.scores(cal).shape
+            torch.Size([80])
+        """
         if self._cache is not None and self._cache[0] == id(table):
             return self._cache[1]
         if not len(table):
@@ -390,9 +652,24 @@ class TextProbe:
 class TextProbeExit(Method):
     """Exit at the first cue whose `TextProbe` score reaches its conformal threshold: LYNX with text features.
 
+    Compared with `LynxExit` at equal confidence and under the same guarantee, it measures what the hidden state
+    adds over the text.
+
+    Args:
+        text_probe: A fitted `TextProbe`.
+        confidence: c in (0, 1).
+        guarantee: ``"question"`` (default) or ``"event"``.
+
     Example:
-        >>> TextProbeExit(text_probe, 0.9).name  # doctest: +SKIP
-        'TextProbe c=0.9 (event)'
+        >>> import torch
+        >>> def events(names, seed):  # random text events: safe when the cue token's id is even
+        ...     ids = torch.randint(0, 10, (2 * len(names), 4), generator=torch.Generator().manual_seed(seed))
+        ...     return TextEvents(ids=ids, thought=torch.arange(2 * len(names)), cue_index=torch.tensor([0, 1] * len(names)),
+        ...                       safe=ids[:, -1] % 2 == 0, trace=torch.arange(2 * len(names)) // 2, trace_ids=list(names))
+        >>> train, cal = events([f"t{i}" for i in range(40)], 0), events([f"c{i}" for i in range(40)], 1)
+        >>> text_probe = TextProbe.fit(train, cal, torch.eye(10), windows=(1, 2), max_epochs=30)
+        >>> TextProbeExit(text_probe, 0.9).name
+        'TextProbe c=0.9 (question)'
     """
 
     def __init__(self, text_probe: TextProbe, confidence: float, guarantee: str = DEFAULT_GUARANTEE):
@@ -402,6 +679,18 @@ class TextProbeExit(Method):
         self.name = f"TextProbe c={self.confidence:g} ({guarantee})"
 
     def run(self, replay: Replay) -> Outcome:
+        """Replay the exit on an event table: each trace exits at its first cue scoring at least the threshold.
+
+        Args:
+            replay: The event table (with `token_ids` in its traces) to replay.
+
+        Returns:
+            The per-trace outcome, with the threshold, the window and the realised unsafe-event exit rate in
+            its `info`.
+
+        Raises:
+            ValueError: If a trace has no `token_ids`.
+        """
         scores = self.text_probe.scores(replay.table)
         event, tau, unsafe_rate = conformal_exit(replay, scores, self.text_probe.calibration, self.confidence,
                                                  self.guarantee)
