@@ -24,17 +24,53 @@ import torch
 
 
 class Rollout(Protocol):
-    """Samples one continuation per prompt (token ids in, token ids out)."""
+    """Samples one continuation per prompt (token ids in, token ids out).
+
+    Any object with a `name` and this `generate` can sample the traces a `Collector` labels.
+
+    Example:
+        >>> from lynx_hf.pipeline.rollout import Rollout
+        >>> class Echo:  # a toy rollout: repeats each prompt's last token
+        ...     name = "echo"
+        ...     def generate(self, prompts, *, seed, temperature, top_p, max_new_tokens, eos_token_ids):
+        ...         return [[p[-1]] * max_new_tokens for p in prompts]
+        >>> Echo().generate([[1, 2]], seed=0, temperature=0.6, top_p=0.95, max_new_tokens=3, eos_token_ids=[0])
+        [[2, 2, 2]]
+    """
 
     name: str
 
     def generate(self, prompts: Sequence[list[int]], *, seed: int, temperature: float, top_p: float,
                  max_new_tokens: int, eos_token_ids: Sequence[int]) -> list[list[int]]:
-        """Generated ids for each prompt, cut before the first token in `eos_token_ids`."""
+        """Generated ids for each prompt, cut before the first token in `eos_token_ids`.
+
+        Args:
+            prompts: Prompt token ids, one list per prompt (no padding).
+            seed: Seed of the call.
+            temperature: Sampling temperature (0: greedy).
+            top_p: Nucleus sampling mass.
+            max_new_tokens: Most tokens generated per prompt.
+            eos_token_ids: Tokens that end a trace.
+
+        Returns:
+            One list of generated ids per prompt, without the prompt and without the end-of-sequence token.
+        """
 
 
 def cut_at_eos(generated: Sequence[int], eos_token_ids: Sequence[int]) -> list[int]:
-    """`generated` up to (not including) its first end-of-sequence token."""
+    """`generated` up to (not including) its first end-of-sequence token.
+
+    Args:
+        generated: Generated token ids.
+        eos_token_ids: Tokens that end a trace.
+
+    Returns:
+        A new list.
+
+    Example:
+        >>> cut_at_eos([5, 6, 2, 7], eos_token_ids=[2])
+        [5, 6]
+    """
     eos = set(eos_token_ids)
     out = []
     for token in generated:
@@ -46,6 +82,14 @@ def cut_at_eos(generated: Sequence[int], eos_token_ids: Sequence[int]) -> list[i
 
 def left_pad(sequences: Sequence[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`(input_ids, attention_mask)` for id lists of different lengths, padded on the left.
+
+    Args:
+        sequences: Token id lists.
+        pad_token_id: The id written into the padding.
+        device: Where to put the tensors; None keeps them on the CPU.
+
+    Returns:
+        `[B, T]` long input ids and attention mask (0 on padding).
 
     Example:
         >>> left_pad([[5, 6], [7]], pad_token_id=0)
@@ -65,6 +109,12 @@ def left_pad(sequences: Sequence[list[int]], pad_token_id: int, device=None) -> 
 
 class TransformersRollout:
     """Samples with `model.generate` (left-padded batch, `torch.manual_seed(seed)` before the call).
+
+    The default rollout of `Collector`: the same model samples and labels.
+
+    Args:
+        model: The transformers causal LM.
+        pad_token_id: The id to pad prompts with.
 
     Example:
         >>> from lynx_hf import organism
@@ -86,6 +136,19 @@ class TransformersRollout:
 
     def generate(self, prompts: Sequence[list[int]], *, seed: int, temperature: float, top_p: float,
                  max_new_tokens: int, eos_token_ids: Sequence[int]) -> list[list[int]]:
+        """Generated ids for each prompt, cut before the first token in `eos_token_ids`.
+
+        Args:
+            prompts: Prompt token ids, one list per prompt (no padding).
+            seed: Seed of the call.
+            temperature: Sampling temperature (0: greedy).
+            top_p: Nucleus sampling mass.
+            max_new_tokens: Most tokens generated per prompt.
+            eos_token_ids: Tokens that end a trace.
+
+        Returns:
+            One list of generated ids per prompt.
+        """
         out, width = self.sequences(prompts, seed=seed, temperature=temperature, top_p=top_p,
                                     max_new_tokens=max_new_tokens)
         return [cut_at_eos(row, eos_token_ids) for row in out[:, width:].tolist()]
@@ -93,8 +156,28 @@ class TransformersRollout:
     @torch.no_grad()
     def sequences(self, prompts: Sequence[list[int]], *, seed: int, temperature: float, top_p: float,
                   max_new_tokens: int, **generate_kwargs) -> tuple[torch.Tensor, int]:
-        """The raw `generate` output for left-padded `prompts` and the padded prompt width; `generate_kwargs`
-        (plug-ins such as `stopping_criteria`) go to `model.generate`, which draws the same random numbers."""
+        """The raw `generate` output for left-padded `prompts`, and the padded prompt width.
+
+        Args:
+            prompts: Prompt token ids, one list per prompt.
+            seed: Seed set before the call.
+            temperature: Sampling temperature (0: greedy).
+            top_p: Nucleus sampling mass.
+            max_new_tokens: Most tokens generated per prompt.
+            **generate_kwargs: Passed to `model.generate` (plug-ins such as `stopping_criteria`), which draws the
+                same random numbers with them.
+
+        Returns:
+            `(sequences, width)`: the `[B, width + new]` output and the padded prompt width.
+
+        Example:
+            >>> from lynx_hf import organism
+            >>> model, tok = organism.load()
+            >>> rollout = TransformersRollout(model, pad_token_id=tok.pad_token_id)
+            >>> out, width = rollout.sequences([[1, 5], [5]], seed=0, temperature=0, top_p=1.0, max_new_tokens=4)
+            >>> out.shape, width
+            (torch.Size([2, 6]), 2)
+        """
         input_ids, attention_mask = left_pad(prompts, self.pad_token_id, next(self.model.parameters()).device)
         width = input_ids.shape[1]
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
@@ -113,6 +196,13 @@ class VllmRollout:
     `llm` is a `vllm.LLM` serving the same weights as the transformers model, or a model id / folder from which
     one is built with `engine_kwargs` (leave GPU memory for the transformers copy, e.g.
     `gpu_memory_utilization=0.5`). Requires `pip install 'lynx-hf[vllm]'` and a GPU.
+
+    Args:
+        llm: A `vllm.LLM`, or a model id / folder to build one from.
+        **engine_kwargs: Passed to `vllm.LLM` when `llm` is an id or folder.
+
+    Raises:
+        MissingExtraError: If vLLM is not installed.
 
     Example (on a GPU machine):
 
@@ -134,7 +224,14 @@ class VllmRollout:
         self.llm = vllm.LLM(model=str(llm), **engine_kwargs) if isinstance(llm, str) else llm
 
     def check_tokenizer(self, tokenizer) -> None:
-        """Raise if the engine's vocabulary differs from `tokenizer`'s (then it serves another model)."""
+        """Raise if the engine's vocabulary differs from `tokenizer`'s (then it serves another model).
+
+        Args:
+            tokenizer: The transformers model's tokenizer.
+
+        Raises:
+            ValueError: If the vocabularies differ.
+        """
         engine_vocab = self.llm.get_tokenizer().get_vocab()
         if engine_vocab != tokenizer.get_vocab():
             raise ValueError(
@@ -145,6 +242,22 @@ class VllmRollout:
 
     def generate(self, prompts: Sequence[list[int]], *, seed: int, temperature: float, top_p: float,
                  max_new_tokens: int, eos_token_ids: Sequence[int]) -> list[list[int]]:
+        """Generated ids for each prompt, one vLLM request each, cut before the first token in `eos_token_ids`.
+
+        Args:
+            prompts: Prompt token ids, one list per prompt (no padding).
+            seed: Seed of the call.
+            temperature: Sampling temperature (0: greedy).
+            top_p: Nucleus sampling mass.
+            max_new_tokens: Most tokens generated per prompt.
+            eos_token_ids: Tokens that end a trace.
+
+        Returns:
+            One list of generated ids per prompt.
+
+        Raises:
+            RuntimeError: If vLLM returns another number of outputs than prompts.
+        """
         params = [
             self.sampling_params_class(
                 n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
@@ -160,12 +273,31 @@ class VllmRollout:
 
 
 def request_seed(seed: int, row: int) -> int:
-    """The seed of row `row` of a call seeded with `seed` (vLLM takes one per request)."""
+    """The seed of row `row` of a call seeded with `seed` (vLLM takes one per request).
+
+    Args:
+        seed: The call's seed.
+        row: The request's row in the call.
+
+    Returns:
+        A seed in `0..2**31 - 2`.
+
+    Example:
+        >>> request_seed(0, 3), request_seed(1, 0)
+        (3, 1000003)
+    """
     return (seed * 1_000_003 + row) % (2**31 - 1)
 
 
 def import_vllm():
-    """`vllm`, or an ImportError that says how to install it."""
+    """The `vllm` module, or an error that says how to install it.
+
+    Returns:
+        The imported module.
+
+    Raises:
+        MissingExtraError: If vLLM is not installed (an `ImportError` too).
+    """
     from ..errors import MissingExtraError
 
     try:
