@@ -176,6 +176,12 @@ def _close(a: list[float], b: list[float], rtol: float = 1e-2, atol: float = 1e-
 def short_digest(payload) -> str:
     """16 hex digits of the SHA-256 of `payload` as sorted JSON: the fingerprints' and problem digests' hash.
 
+    Args:
+        payload: Anything JSON can write (other objects are written by `str`).
+
+    Returns:
+        The digest.
+
     Example:
         >>> short_digest([1, 2, 3])
         'a36b1f2c3f84522d'
@@ -185,6 +191,12 @@ def short_digest(payload) -> str:
 
 def model_fingerprint(model) -> str:
     """A short hash of the base model's architecture settings (not its weights): catches a probe for another model.
+
+    Args:
+        model: A transformers model (its text config is read).
+
+    Returns:
+        16 hex digits.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -198,9 +210,17 @@ def model_fingerprint(model) -> str:
 
 
 def weights_sample(model, n: int = 32) -> list[float]:
-    """`n` evenly strided values from each of the input and output embedding matrices: tells apart two checkpoints
-    of one architecture (a re-trained model, another fine-tune) where `model_fingerprint` cannot. Offloaded
-    (meta) weights contribute nothing.
+    """`n` evenly strided values from each of the input and output embedding matrices.
+
+    They tell apart two checkpoints of one architecture (a re-trained model, another fine-tune) where
+    `model_fingerprint` cannot. Offloaded (meta) weights contribute nothing.
+
+    Args:
+        model: A transformers causal LM.
+        n: Values per matrix (default 32).
+
+    Returns:
+        Up to `2 * n` values, rounded to 6 decimals.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -223,13 +243,21 @@ _SAMPLED_DTYPES = ("float16", "bfloat16", "float32", "float64")  # not quantised
 
 
 def layer_sample(model, n: int = 8) -> dict[str, list[float]]:
-    """`n` evenly strided values of every weight matrix (2-D or more) in the first, middle and last decoder blocks,
-    by parameter name within the blocks (`"2.self_attn.q_proj.weight"`): tells apart a fine-tune that left the
-    embeddings alone (a merged LoRA, frozen embeddings) from its base, where `weights_sample` cannot.
+    """`n` evenly strided values of every weight matrix in the first, middle and last decoder blocks.
+
+    Keyed by parameter name within the blocks (`"2.self_attn.q_proj.weight"`), the sample tells apart a fine-tune
+    that left the embeddings alone (a merged LoRA, frozen embeddings) from its base, where `weights_sample` cannot.
 
     Adapters are read through: a peft-wrapped layer contributes its base weight (under the base name), not the
     adapter's. Offloaded (meta) and quantised (integer, fp8) weights are left out, so `check_base_model` compares
     only the names present in both samples.
+
+    Args:
+        model: A transformers causal LM.
+        n: Values per matrix (default 8).
+
+    Returns:
+        Values by parameter name; empty for a layout whose decoder blocks cannot be found.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -277,9 +305,16 @@ def _layer_sample_differs(model, reference: dict[str, list[float]]) -> bool:
 
 
 def active_adapters(model) -> list[str]:
-    """Names of the adapters (peft: LoRA and the like) that change what `model` computes: active, not disabled and
-    not merged into the base weights. Adapters come from `peft.get_peft_model`/`PeftModel.from_pretrained` or from
-    transformers' `model.load_adapter`/`add_adapter`.
+    """Names of the adapters (peft: LoRA and the like) that change what `model` computes.
+
+    An adapter counts when it is active, not disabled and not merged into the base weights. Adapters come from
+    `peft.get_peft_model`/`PeftModel.from_pretrained` or from transformers' `model.load_adapter`/`add_adapter`.
+
+    Args:
+        model: A transformers model, possibly peft-wrapped.
+
+    Returns:
+        The adapter names, in the order found; empty without peft.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -306,19 +341,62 @@ def active_adapters(model) -> list[str]:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of the tokenizer's vocabulary (tokens, ids and added tokens)."""
+    """A short hash of the tokenizer's vocabulary (tokens, ids and added tokens).
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+
+    Returns:
+        16 hex digits.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> _, tok = organism.load()
+        >>> len(tokenizer_fingerprint(tok))
+        16
+    """
     return short_digest(sorted(tokenizer.get_vocab().items()))
 
 
 def model_hidden_size(model) -> int:
-    """The base model's hidden size."""
+    """The base model's hidden size (of its text config).
+
+    Args:
+        model: A transformers model.
+
+    Returns:
+        `hidden_size`.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> small = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=2, num_attention_heads=2))
+        >>> model_hidden_size(small)
+        16
+    """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(config.hidden_size)
 
 
 def weight_differences(config: LynxConfig, model) -> list[str]:
-    """How `model`'s weights differ from those `config` was calibrated on, beyond dtype casts (empty: they agree, or
-    the bundle holds no sample to compare)."""
+    """How `model`'s weights differ from those `config` was calibrated on, beyond dtype casts.
+
+    Args:
+        config: The bundle's config (its `weights_sample` and `layer_sample`).
+        model: The model the bundle is attached to.
+
+    Returns:
+        One sentence per difference (embeddings, decoder layers, active adapters); empty when they agree or the
+        bundle holds no sample to compare.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> small = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=2, num_attention_heads=2))
+        >>> config = LynxConfig(base_model="small", layers=[2], hidden_size=16, weights_sample=weights_sample(small))
+        >>> weight_differences(config, small)
+        []
+    """
     differences = []
     if config.weights_sample and not _close(weights_sample(model), config.weights_sample):
         differences.append("its embedding weights differ (another checkpoint or a re-trained model of this "
@@ -339,7 +417,31 @@ def check_base_model(config: LynxConfig, model, tokenizer, allow_mismatch: bool 
     """Raise `BaseModelMismatchError` if `model`/`tokenizer` are not the base the bundle was trained for.
 
     A hidden-size mismatch always raises (the probe cannot read the features). A fingerprint mismatch raises unless
-    `allow_mismatch=True`, in which case the differences are returned so the caller can warn.
+    `allow_mismatch=True`, in which case the differences are returned so the caller can warn. Same architecture
+    and vocabulary with other weights only warns, since dtype casts and quantisations of the calibrated checkpoint
+    are legitimate and also move the weights a little.
+
+    Args:
+        config: The bundle's config.
+        model: The model it is attached to.
+        tokenizer: The model's tokenizer.
+        allow_mismatch: Return fingerprint differences instead of raising (default False).
+
+    Returns:
+        The fingerprint differences found (empty when none, or raised).
+
+    Raises:
+        BaseModelMismatchError: If the hidden size differs, or (unless `allow_mismatch`) a fingerprint differs.
+
+    Warns:
+        UserWarning: When only the weights differ from the calibrated checkpoint.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> model, tok = organism.load()
+        >>> check_base_model(LynxConfig(base_model="organism", layers=[2], hidden_size=model_hidden_size(model),
+        ...                             tokenizer_fingerprint=tokenizer_fingerprint(tok)), model, tok)
+        []
     """
     hidden = model_hidden_size(model)
     if hidden != config.hidden_size:
