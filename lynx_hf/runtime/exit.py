@@ -255,8 +255,27 @@ def _answer_batch(model, tokenizer, sequences, cuts, exit_ids, attention_mask, p
 
 def answers_from_tokens(tokenizer, generated: torch.Tensor, log_probs: torch.Tensor, delta: torch.Tensor,
                         eos: Sequence[int]) -> list[ExitAnswer]:
-    """Each row's greedy answer tokens `[B, N]` (with their log-probabilities) as an `ExitAnswer`, cut after the
-    box's closing brace or before EOS; confidence is the geometric mean of the kept tokens' probabilities."""
+    """Each row's greedy answer tokens as an `ExitAnswer`, cut after the box's closing brace or before EOS.
+
+    Args:
+        tokenizer: Decodes the answers.
+        generated: `[B, N]` greedy answer tokens.
+        log_probs: `[B, N]` their log-probabilities.
+        delta: Per token id, `{` minus `}` in its text (`brace_delta`).
+        eos: End-of-sequence ids.
+
+    Returns:
+        One `ExitAnswer` per row; its confidence is the geometric mean of the kept tokens' probabilities.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> model, tok = organism.load()
+        >>> ids = tok("42}", add_special_tokens=False).input_ids
+        >>> answer = answers_from_tokens(tok, torch.tensor([ids + ids]), torch.zeros(1, 2 * len(ids)),
+        ...                              brace_delta(tok), eos=[])[0]
+        >>> answer.answer, answer.confidence
+        ('42', 1.0)
+    """
     answers = []
     for row, lp in zip(generated.tolist(), log_probs.tolist()):
         ids = _truncate_at_close(row, delta, eos)
@@ -267,7 +286,20 @@ def answers_from_tokens(tokenizer, generated: torch.Tensor, log_probs: torch.Ten
 
 
 def vocab_size(model) -> int:
-    """Rows of the model's output layer, which can exceed `len(tokenizer)` (R1-Distill-Qwen: 151,936 vs 151,665)."""
+    """Rows of the model's output layer, which can exceed `len(tokenizer)` (R1-Distill-Qwen: 151,936 vs 151,665).
+
+    Args:
+        model: A transformers causal LM.
+
+    Returns:
+        The output layer's rows, else `config.vocab_size`.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> model, tok = organism.load()
+        >>> vocab_size(model) >= len(tok)
+        True
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if weight is not None:
@@ -277,9 +309,27 @@ def vocab_size(model) -> int:
 
 
 def reusable_cache(model, cache, batch: int, needed: int) -> bool:
-    """Whether `cache` (e.g. the one `generate` returned) can serve the masked answer pass exactly: a
+    """Whether `cache` (e.g. the one `generate` returned) can serve the masked answer pass exactly.
+
+    That takes a
     `DynamicCache` of plain full-attention layers, for `batch` rows, holding at least `needed` positions, in the
-    model's current dtype (not one written before `model.to(torch.bfloat16)`)."""
+    model's current dtype (not one written before `model.to(torch.bfloat16)`).
+
+    Args:
+        model: The model that will answer.
+        cache: The candidate cache.
+        batch: Rows the answer pass has.
+        needed: Positions the cache must hold.
+
+    Returns:
+        True when the cache can be reused.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> model, tok = organism.load()
+        >>> reusable_cache(model, None, batch=1, needed=4)
+        False
+    """
     layers = getattr(cache, "layers", None)
     if not isinstance(cache, DynamicCache) or not layers or any(type(layer) is not DynamicLayer for layer in layers):
         return False
@@ -307,19 +357,62 @@ def _rows_answered_alone(model, longest: int) -> bool:
 
 
 def cache_kwargs(model, cache) -> dict:
-    """`{"cache": cache}` for models whose forward takes `cache` (transformers >= 5.2x), else `past_key_values`."""
+    """`{"cache": cache}` for models whose forward takes `cache` (transformers >= 5.2x), else `past_key_values`.
+
+    Args:
+        model: A transformers model.
+        cache: The cache to pass.
+
+    Returns:
+        The keyword argument for `model.forward`.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> model, tok = organism.load()
+        >>> list(cache_kwargs(model, None)) in (["cache"], ["past_key_values"])
+        True
+    """
     params = inspect.signature(model.forward).parameters
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
 def last_logits_only(model) -> dict:
-    """`{"logits_to_keep": 1}` where the model's forward supports it: skips the LM head on every position but the
-    last (a fifth of a forward for a 135M model with a 49k vocabulary)."""
+    """`{"logits_to_keep": 1}` where the model's forward supports it, else `{}`.
+
+    It skips the LM head on every position but the last (a fifth of a forward for a 135M model with a 49k
+    vocabulary).
+
+    Args:
+        model: A transformers model.
+
+    Returns:
+        The keyword arguments for `model.forward`.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> model, tok = organism.load()
+        >>> last_logits_only(model)
+        {'logits_to_keep': 1}
+    """
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
-    """End-of-sequence ids: the model's generation config's, else the tokenizer's (always a list)."""
+    """End-of-sequence ids: the model's generation config's, else the tokenizer's (always a list).
+
+    Args:
+        model: A transformers model.
+        tokenizer: Its tokenizer.
+
+    Returns:
+        The ids; empty if neither names one.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> model, tok = organism.load()
+        >>> tok.eos_token_id in eos_token_ids(model, tok)
+        True
+    """
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -329,7 +422,21 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def pad_token_id(model, tokenizer) -> int:
-    """The tokenizer's pad id, else the first end-of-sequence id (what `generate` falls back to), else 0."""
+    """The tokenizer's pad id, else the first end-of-sequence id (what `generate` falls back to), else 0.
+
+    Args:
+        model: A transformers model.
+        tokenizer: Its tokenizer.
+
+    Returns:
+        The pad id.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> model, tok = organism.load()
+        >>> pad_token_id(model, tok) == tok.pad_token_id
+        True
+    """
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     eos = eos_token_ids(model, tokenizer)
@@ -351,8 +458,15 @@ _BRACE_DELTA_CACHE: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.
 
 
 def brace_delta(tokenizer, size: int | None = None) -> torch.Tensor:
-    """Per token id, the number of `{` minus `}` in its text (computed once per tokenizer), zero-padded to `size`
-    entries for models whose output layer is larger than the tokenizer.
+    """Per token id, the number of `{` minus `}` in its text (computed once per tokenizer).
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        size: Zero-pad to this many entries, for models whose output layer is larger than the tokenizer; None
+            keeps `len(tokenizer)`.
+
+    Returns:
+        A long tensor with one entry per token id.
 
     Example:
         >>> from lynx_hf import organism
