@@ -27,6 +27,13 @@ def _log_binomial_coefficients(n: int) -> np.ndarray:
 def binomial_cdf(n: int, p: float) -> np.ndarray:
     """``P(Binomial(n, p) <= m)`` for m = 0..n (float64, exact up to rounding).
 
+    Args:
+        n: Number of trials.
+        p: Success probability.
+
+    Returns:
+        ``n + 1`` cumulative probabilities.
+
     Example:
         >>> binomial_cdf(2, 0.5).tolist()
         [0.25, 0.75, 1.0]
@@ -47,6 +54,15 @@ def pac_allowance(n: int, delta: float, alpha: float, strict: bool = False) -> i
     whose exact binomial (Clopper-Pearson) upper ``1 - alpha`` confidence bound on the rate is ``<= delta``; ``-1``
     when even ``m = 0`` does not (too little data).
 
+    Args:
+        n: Calibration size.
+        delta: The rate to certify.
+        alpha: The risk level (the bound holds with probability ``1 - alpha``).
+        strict: Require ``< alpha`` rather than ``<= alpha`` (default False).
+
+    Returns:
+        The largest such ``m``, or -1.
+
     Example:
         >>> pac_allowance(100, 0.1, 0.05), pac_allowance(10, 0.1, 0.05)
         (4, -1)
@@ -58,6 +74,13 @@ def pac_allowance(n: int, delta: float, alpha: float, strict: bool = False) -> i
 
 def pac_needed(delta: float, alpha: float) -> int:
     """Smallest ``n`` with ``(1 - delta)^n <= alpha``: the data a PAC bound needs to certify anything at all.
+
+    Args:
+        delta: The rate to certify.
+        alpha: The risk level.
+
+    Returns:
+        The smallest such ``n``.
 
     Example:
         >>> pac_needed(0.1, 0.1), pac_needed(0.05, 0.05)
@@ -79,6 +102,14 @@ def betting_p_values(y: np.ndarray, m0: float, cap: float = 0.9) -> np.ndarray:
     ``lambda_t`` depends on earlier columns only, so ``p = min(1, 1 / max_t wealth_t)`` is valid (Ville's inequality).
     ``lambda_t`` is the aGRAPA bet ``(m0 - mean) / (variance + (m0 - mean)^2)`` from the earlier columns, truncated to
     ``[0, cap / (1 - m0)]`` so that one draw at 1 cannot take more than the share ``cap`` of the wealth.
+
+    Args:
+        y: ``[rows, draws]`` values in [0, 1], each row one sequence of draws in a fixed order.
+        m0: The null's mean, in [0, 1).
+        cap: Most share of the wealth one draw may take (default 0.9).
+
+    Returns:
+        One p-value per row.
 
     Example:
         >>> import numpy as np
@@ -107,14 +138,29 @@ def _betting_log_wealth(y: np.ndarray, m0: float, cap: float = 0.9) -> np.ndarra
 
 def betting_confidence_sequence(x, alpha: float = 0.05, *, grid: int = 1000, include: Sequence[float] = (),
                                 batches=None) -> tuple[np.ndarray, np.ndarray]:
-    """Running lower and upper bounds after each observation (or each batch), an anytime-valid ``1 - alpha``
-    confidence sequence for the mean of i.i.d. observations ``x`` in [0, 1].
+    """Anytime-valid ``1 - alpha`` confidence sequence for the mean of i.i.d. observations ``x`` in [0, 1].
+
+    It gives running lower and upper bounds after each observation (or each batch).
 
     Anytime-valid: with probability at least ``1 - alpha`` the mean lies between the bounds at *every* time at once,
     so they can be read after every batch (a fixed-n Clopper-Pearson interval read after every batch excludes the
     true mean far more often than ``alpha``). The construction is Waudby-Smith & Ramdas's hedged capital process
     (JRSS-B 2024, Theorem 3, their recommended default) with predictable plug-in bets; see
     :func:`ratio_confidence_sequence`, of which this is the case ``n = 1`` (see there for ``batches``).
+
+    Args:
+        x: Observations in [0, 1].
+        alpha: The miscoverage (default 0.05).
+        grid: Grid points of [0, 1] tested, plus one (default 1000).
+        include: Extra points to test exactly (e.g. a target rate).
+        batches: One label per observation; runs of equal labels are read as one batch. None reads each
+            observation alone.
+
+    Returns:
+        ``(lower, upper)``, one entry per observation (per batch with ``batches``).
+
+    Raises:
+        ValueError: If `alpha` is not in (0, 1), an observation is outside [0, 1], or `batches` has another length.
 
     Example:
         >>> import numpy as np
@@ -140,9 +186,10 @@ def _batch_bounds(batches, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def ratio_confidence_sequence(x, n, alpha: float = 0.05, *, bound: float = 1.0, grid: int = 1000,
                               include: Sequence[float] = (), batches=None) -> tuple[np.ndarray, np.ndarray]:
-    """Anytime-valid ``1 - alpha`` confidence sequence for the pooled rate ``E[x] / E[n]`` of i.i.d. pairs with
-    ``0 <= x_t <= n_t <= bound`` (e.g. per question: the unsafe cues that exit and the unsafe cues; the cues of one
-    question may depend on each other in any way).
+    """Anytime-valid ``1 - alpha`` confidence sequence for the pooled rate ``E[x] / E[n]`` of i.i.d. pairs.
+
+    The pairs satisfy ``0 <= x_t <= n_t <= bound`` (e.g. per question: the unsafe cues that exit and the unsafe
+    cues; the cues of one question may depend on each other in any way).
 
     For a candidate rate ``r`` the draws ``y_t = (x_t - r n_t) / bound + r`` lie in [0, 1] and have mean ``r`` exactly
     when the rate is ``r`` (above it when the rate is higher). Each ``r`` of a grid (``grid + 1`` equally spaced points
@@ -160,7 +207,23 @@ def ratio_confidence_sequence(x, n, alpha: float = 0.05, *, bound: float = 1.0, 
     (the one its first observation would get), and the sequence is read after each batch only. The capital after a
     batch is then a product over its observations, so the bounds do not depend on their order within the batch,
     and it is still a martingale at batch ends under ``r`` (the same coverage, read once per batch).
-    Returns ``(lower, upper)``, one entry per observation (per batch with ``batches``).
+
+    Args:
+        x: Per observation, the count whose rate is bounded (e.g. unsafe cues that exit).
+        n: Per observation, its denominator (e.g. unsafe cues), ``x <= n <= bound``.
+        alpha: The miscoverage (default 0.05).
+        bound: The largest ``n`` can be (default 1).
+        grid: Grid points of [0, 1] tested, plus one (default 1000).
+        include: Extra points to test exactly (e.g. a target rate).
+        batches: One label per observation; runs of equal labels are one batch (see above). None reads each
+            observation alone.
+
+    Returns:
+        ``(lower, upper)``, one entry per observation (per batch with ``batches``).
+
+    Raises:
+        ValueError: If `x` and `n` differ in length, `alpha` is not in (0, 1), an observation breaks
+            ``0 <= x <= n <= bound``, or `batches` has another length.
 
     Example:
         >>> import numpy as np
