@@ -206,7 +206,15 @@ class Collector:
 
     @property
     def device(self) -> torch.device:
-        """The device of the model's first parameter."""
+        """The device of the model's first parameter.
+
+        Example:
+            >>> from lynx_hf import organism
+            >>> model, tok = organism.load()
+            >>> collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=64)
+            >>> collector.device
+            device(type='cpu')
+        """
         return next(self.model.parameters()).device
 
     def sample(self, problems: Sequence[dict], seed: int) -> list[tuple[list[int], int]]:
@@ -218,6 +226,13 @@ class Collector:
 
         Returns:
             One `(prompt + generated ids, prompt length)` per problem.
+
+        Example:
+            >>> from lynx_hf import organism
+            >>> model, tok = organism.load()
+            >>> collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=64)
+            >>> [(len(ids) > n) for ids, n in collector.sample(organism.problems("arithmetic", "train", 2), seed=0)]
+            [True, True]
         """
         prompts = [self.tokenizer(self.prompt_fn(self.tokenizer, p["question"]), add_special_tokens=False)["input_ids"]
                    for p in problems]
@@ -239,6 +254,15 @@ class Collector:
 
         Returns:
             `(events, features, answers)`: the events, their `[E, d]` features and one `ExitAnswer` each.
+
+        Example:
+            >>> from lynx_hf import organism
+            >>> model, tok = organism.load()
+            >>> collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=64)
+            >>> [(ids, n)] = collector.sample(organism.problems("arithmetic", "train", 1), seed=0)
+            >>> events, features, answers = collector.label_trace(ids, n)
+            >>> features.shape == (len(events), 2 * model.config.hidden_size), len(answers) == len(events)
+            (True, True)
         """
         if events is None:
             events = self.detector.find_events(token_ids, prompt_length)
@@ -255,6 +279,13 @@ class Collector:
 
         Returns:
             The number of thinking tokens.
+
+        Example:
+            >>> from lynx_hf import organism
+            >>> model, tok = organism.load()
+            >>> collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=64)
+            >>> collector.think_length(tok("so 4</think>4", add_special_tokens=False).input_ids) > 0
+            True
         """
         return think_length(generated, self.think_end_ids)
 
@@ -274,6 +305,14 @@ class Collector:
         Raises:
             ValueError: If the problems are invalid (see `check_problems`).
             LynxConfigError: If gold labels meet a problem without an answer.
+
+        Example:
+            >>> from lynx_hf import organism
+            >>> model, tok = organism.load()
+            >>> collector = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=64)
+            >>> table = collector.collect_batch(organism.problems("arithmetic", "train", 2), seed=0)
+            >>> table.n_traces, table.settings["labels"]
+            (2, 'gold')
         """
         check_problems(problems, self.labels)
         cue_index = {c: i for i, c in enumerate(self.detector.cues)}

@@ -148,6 +148,14 @@ class TransformersRollout:
 
         Returns:
             One list of generated ids per prompt.
+
+        Example:
+            >>> from lynx_hf import organism
+            >>> model, tok = organism.load()
+            >>> rollout = TransformersRollout(model, pad_token_id=tok.pad_token_id)
+            >>> [len(ids) for ids in rollout.generate([[1, 5], [5]], seed=0, temperature=0.6, top_p=0.95,
+            ...                                         max_new_tokens=3, eos_token_ids=[])]
+            [3, 3]
         """
         out, width = self.sequences(prompts, seed=seed, temperature=temperature, top_p=top_p,
                                     max_new_tokens=max_new_tokens)

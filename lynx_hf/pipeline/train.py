@@ -102,6 +102,18 @@ def calibrate(probe: LynxProbe, table: EventTable, labels: str | None = None) ->
     Raises:
         ValueError: If the table has no cue events, or its events are out of trace order.
         LynxConfigError: If gold labels are asked for traces without a gold answer.
+
+    Example:
+        >>> import torch
+        >>> from lynx_hf import LynxProbe
+        >>> table = EventTable(settings={}, features=torch.randn(4, 2, generator=torch.Generator().manual_seed(0)),
+        ...     safe=torch.tensor([True, False, True, True]), trace=torch.tensor([0, 0, 1, 2]),
+        ...     position=torch.tensor([3, 5, 4, 4]), start=torch.tensor([3, 5, 4, 4]), cue=torch.zeros(4, dtype=torch.long),
+        ...     answer_length=torch.ones(4, dtype=torch.long), answer_confidence=torch.ones(4),
+        ...     answers=["4", "5", "7", "1"], traces=[{"id": "a"}, {"id": "b"}, {"id": "c"}])
+        >>> probe = LynxProbe(2)
+        >>> calibrate(probe, table)
+        Calibration(n_events=4, n_questions=3, n_safe=3, n_unsafe=1)
     """
     if labels is not None:
         table = relabel(table, labels)
@@ -129,6 +141,19 @@ def realised_rates(probe: LynxProbe, calibration: Calibration, table: EventTable
 
     Raises:
         ValueError: If the table's events are out of trace order.
+
+    Example:
+        >>> import torch
+        >>> from lynx_hf import LynxProbe
+        >>> table = EventTable(settings={}, features=torch.randn(4, 2, generator=torch.Generator().manual_seed(0)),
+        ...     safe=torch.tensor([True, False, True, True]), trace=torch.tensor([0, 0, 1, 2]),
+        ...     position=torch.tensor([3, 5, 4, 4]), start=torch.tensor([3, 5, 4, 4]), cue=torch.zeros(4, dtype=torch.long),
+        ...     answer_length=torch.ones(4, dtype=torch.long), answer_confidence=torch.ones(4),
+        ...     answers=["4", "5", "7", "1"], traces=[{"id": "a"}, {"id": "b"}, {"id": "c"}])
+        >>> probe = LynxProbe(2)
+        >>> rows = realised_rates(probe, calibrate(probe, table), table, confidences=[0.5], risk_levels=[None])
+        >>> sorted(rows[0]), sorted(rows[0]["question"])
+        (['confidence', 'event', 'question', 'risk_level', 'rule'], ['question_exit_rate', 'question_premature_rate', 'tau', 'unsafe_event_exit_rate'])
     """
     table.check_order()
     return rates_on_scores(score(probe, table).double(), table.safe, table.trace, table.n_traces, calibration,
@@ -153,6 +178,15 @@ def rates_on_scores(scores: torch.Tensor, safe: torch.Tensor, trace: torch.Tenso
 
     Returns:
         The rows described in `realised_rates`.
+
+    Example:
+        >>> import torch
+        >>> from lynx_hf import Calibration
+        >>> calibration = Calibration(scores=[0.2, 0.9, 0.8], safe=[False, True, True], question=[0, 0, 1])
+        >>> row = rates_on_scores(torch.tensor([0.1, 0.95]), torch.tensor([False, True]), torch.tensor([0, 1]),
+        ...                       n_traces=3, calibration=calibration, confidences=[0.5], risk_levels=[None])[0]
+        >>> row["event"]["tau"], row["event"]["unsafe_event_exit_rate"]
+        (0.8, 0.0)
     """
     rows = []
     with warnings.catch_warnings():
@@ -194,6 +228,20 @@ def build_bundle(settings: dict, probe: LynxProbe, calibration: Calibration, tok
 
     Returns:
         The bundle, not attached to a model.
+
+    Raises:
+        KeyError: If `settings` lacks a setting the config needs (settings written by `Collector` hold them all).
+        LynxConfigError: If the settings cannot work (see `LynxConfig`).
+
+    Example:
+        >>> from lynx_hf import Calibration, LynxProbe
+        >>> settings = {"base_model": "my/model", "layers": [1], "hidden_size": 2, "cues": ["wait"],
+        ...             "think_start": "<think>", "think_end": "</think>", "exit_text": "</think>",
+        ...             "exit_construction": "drop_cue", "model_fingerprint": "", "tokenizer_fingerprint": ""}
+        >>> calibration = Calibration(scores=[0.2, 0.9], safe=[False, True], question=[0, 1])
+        >>> lynx = build_bundle(settings, LynxProbe(2), calibration)
+        >>> lynx.config.base_model, lynx.config.layers
+        ('my/model', [1])
     """
     config = LynxConfig(
         base_model=settings["base_model"], layers=list(settings["layers"]), hidden_size=int(settings["hidden_size"]),
@@ -440,6 +488,13 @@ def load_probe_folder(folder) -> tuple[LynxProbe, dict]:
     Raises:
         FileNotFoundError: If either file is missing.
         CorruptedBundleError: If the files cannot be read into a probe.
+
+    Example:
+        >>> import tempfile
+        >>> load_probe_folder(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: ... not found: give a folder written by `lynx-hf train`.
     """
     import json
     from pathlib import Path
