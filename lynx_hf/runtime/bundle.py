@@ -32,6 +32,7 @@ from .monitor import ExitRecord, GenerateCall, LastCall, ModelTap
 from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
 from .probe import LynxProbe
 from .thinking import resolve_thinking, thinking_exit_ids
+from .token_ids import id_batch
 
 logger = logging.getLogger(__name__)
 
@@ -702,9 +703,12 @@ def _sequences_of(outputs) -> torch.Tensor:
     if isinstance(sequences, torch.Tensor):
         return sequences
     try:
-        ids = torch.as_tensor(outputs)
+        ids = id_batch(outputs, "outputs")
     except (TypeError, ValueError, RuntimeError):
-        ids = None
+        try:
+            ids = torch.as_tensor(outputs)
+        except (TypeError, ValueError, RuntimeError):
+            ids = None
     if ids is None or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(
             f"answer() takes what model.generate(..., stopping_criteria=[lynx]) returned (a [batch, length] tensor of "

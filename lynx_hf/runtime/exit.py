@@ -31,6 +31,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .answers import close_box
+from .token_ids import id_batch
 from ..errors import LynxConfigError
 
 DEFAULT_EXIT_TEXT = "\n</think>\n\nFinal Answer: \\boxed{"
@@ -96,7 +97,8 @@ def answer_after_exit(
 ) -> list[ExitAnswer]:
     """Greedy-decode each row's answer from `sequences[b, :cuts[b]] + exit_ids`, reusing one KV cache.
 
-    `sequences` is `[B, T]` (left padding allowed, given by `attention_mask`). `past_key_values`, when given and
+    `sequences` is `[B, T]` (a tensor or a list of equally long rows; left padding allowed, given by
+    `attention_mask`). `past_key_values`, when given and
     reusable (a full-attention `DynamicCache` of these `B` rows covering at least `max(cuts)` positions, e.g. the
     cache `generate` returns), is consumed (extended and narrowed to the unfinished rows); otherwise one forward over
     `sequences[:, :max(cuts)]` builds a fresh one, or each row is answered alone where masking would not be exact
@@ -110,6 +112,7 @@ def answer_after_exit(
         >>> [a.answer is not None for a in answer_after_exit(model, tok, ids, [ids.shape[1]], exit_token_ids(tok))]
         [True]
     """
+    sequences = id_batch(sequences)
     device = sequences.device
     batch = sequences.shape[0]
     cuts = torch.as_tensor(cuts, dtype=torch.long, device=device).reshape(-1)
@@ -117,7 +120,7 @@ def answer_after_exit(
         raise ValueError(f"Got {cuts.numel()} cuts for {batch} sequences: give one cut per row.")
     if attention_mask is None:
         attention_mask = torch.ones_like(sequences)
-    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    attention_mask = id_batch(attention_mask, "attention_mask").to(device=device, dtype=torch.long)
     if past_key_values is not None and not reusable_cache(model, past_key_values, batch, int(cuts.max())):
         past_key_values = None
     if past_key_values is None and _rows_answered_alone(model, int(cuts.max()) + len(exit_ids) + max_new_tokens):
