@@ -139,6 +139,32 @@ class Lynx(
         self._stop_calls: deque[GenerateCall] = deque(maxlen=ANSWERABLE_CALLS)
         self._last_call = LastCall()
 
+    def __repr__(self) -> str:
+        """What this is, in one line: the base model, the guarantee and its settings, the threshold they give, the
+        mode (exit, shadow, audited share), any thinking budget, and what it is attached to."""
+        parts = [f"base_model={self.config.base_model!r}", f"guarantee={self._guarantee!r}",
+                 f"confidence={self._confidence:g}", f"risk_level={self._risk_level!r}"]
+        if self._rule != "envelope":
+            parts.append(f"rule={self._rule!r}")
+        threshold = self._threshold
+        if threshold is None and self.calibration is not None:
+            try:  # without caching it or warning here: the first generate call warns where it matters
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    threshold = self.calibration.threshold(self._confidence, self._guarantee, rule=self._rule,
+                                                           risk_level=self._risk_level)
+            except Exception:  # noqa: BLE001 - a repr never raises
+                threshold = None
+        parts.append("threshold=" + (f"{threshold:.4g}" if threshold is not None else "?"))
+        parts.append(f"mode={'shadow' if self.shadow else 'exit'!r}")
+        if self._audit_rate > 0:
+            parts.append(f"audit_rate={self._audit_rate:g}")
+        if self._max_thinking_tokens is not None:
+            parts.append(f"max_thinking_tokens={self._max_thinking_tokens}")
+        parts.append("attached to " + _describe_model(self.model, self._device) if self.model is not None
+                     else "not attached")
+        return f"Lynx({', '.join(parts)})"
+
     # ----- confidence and thresholds -------------------------------------------------------------------------
     @property
     def confidence(self) -> float:
@@ -665,6 +691,11 @@ def _check_audit_seed(value: int) -> int:
 def _model_device(model) -> torch.device:
     device = getattr(model, "device", None)
     return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def _describe_model(model, device) -> str:
+    name = _name(model)
+    return f"{type(model).__name__}" + (f"({name!r})" if name else "") + (f" on {device}" if device is not None else "")
 
 
 def _wraps(outer, inner) -> bool:

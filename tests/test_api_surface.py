@@ -1,0 +1,41 @@
+"""The API reads like transformers: reprs that say what an object is, one name per idea, our errors where
+transformers would give its own, typed, logged through transformers' logging, and a public API that the notebooks
+stay within."""
+
+from __future__ import annotations
+
+import pytest
+
+from lynx_hf import Lynx, LynxConfig, organism
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    model, tok = organism.load()
+    return model, tok
+
+
+def test_repr_of_lynx_says_base_model_guarantee_confidence_risk_level_mode_threshold_and_binding(loaded):
+    model, tok = loaded
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, confidence=0.8, guarantee="event", risk_level=0.1)
+    text = repr(lynx)
+    for part in ("base_model='lynx_hf/organism'", "guarantee='event'", "confidence=0.8", "risk_level=0.1",
+                 "mode='exit'", "not attached", f"threshold={lynx.threshold:.4g}"):
+        assert part in text, (part, text)
+    lynx.attach(model, tok)
+    lynx.shadow = True
+    lynx.audit_rate = 0.25
+    text = repr(lynx)
+    assert "attached to LlamaForCausalLM" in text and "mode='shadow'" in text and "audit_rate=0.25" in text
+    assert "\n" not in text and len(text) < 400
+
+
+def test_repr_of_config_leaves_out_fingerprints_but_they_are_still_saved_and_compared():
+    config = Lynx.from_pretrained(organism.BUNDLE_DIR).config
+    assert config.model_fingerprint and config.weights_sample
+    text = repr(config)
+    assert config.model_fingerprint not in text and config.tokenizer_fingerprint not in text
+    assert "weights_sample" not in text and "layer_sample" not in text and len(text) < 600
+    assert "base_model='lynx_hf/organism'" in text and "layers=[1, 2, 3, 4]" in text
+    other = LynxConfig.from_dict({**config.to_dict(), "model_fingerprint": "0" * 16})
+    assert other != config and "model_fingerprint" in config.to_dict()
