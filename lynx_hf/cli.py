@@ -122,7 +122,8 @@ def cmd_audit(args) -> None:
     from .evaluation.audit_replay import replay_audit
 
     for text in replay_audit(args.bundle, args.events, confidence=args.confidence, guarantee=args.guarantee,
-                             risk_level=args.risk_level, alpha=args.alpha, step=args.step):
+                             risk_level=args.risk_level, cs_level=args.cs_level, step=args.step,
+                             alpha=args.alpha):
         print(text, end="\n\n")
 
 
@@ -246,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float, default=0.9)
     p.add_argument("--guarantee", choices=["question", "event"], default="question")
     p.add_argument("--risk-level", type=float, help="PAC risk level alpha of the threshold (default: marginal)")
-    p.add_argument("--alpha", type=float, default=0.05, help="miscoverage of the confidence sequence")
+    p.add_argument("--cs-level", type=float, default=0.95,
+                   help="coverage of the audit's anytime-valid confidence sequences (default 0.95)")
+    p.add_argument("--alpha", type=float, default=None, help=argparse.SUPPRESS)  # deprecated: 1 - --cs-level
     p.add_argument("--step", type=int, default=25, help="print the report after every this many rows")
     p.set_defaults(func=cmd_audit)
 

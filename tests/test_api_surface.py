@@ -39,3 +39,23 @@ def test_repr_of_config_leaves_out_fingerprints_but_they_are_still_saved_and_com
     assert "base_model='lynx_hf/organism'" in text and "layers=[1, 2, 3, 4]" in text
     other = LynxConfig.from_dict({**config.to_dict(), "model_fingerprint": "0" * 16})
     assert other != config and "model_fingerprint" in config.to_dict()
+
+
+def test_the_audit_level_is_cs_level_and_the_old_alpha_keyword_still_works_with_a_future_warning(loaded):
+    model, tok = loaded
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, audit_rate=1.0)
+    enc = tok([organism.prompt(tok, p["question"]) for p in organism.problems("arithmetic", "test", n=4)],
+              return_tensors="pt", padding=True, add_special_tokens=False)
+    model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=300)
+    report = lynx.audit(cs_level=0.9)
+    assert report.cs_level == 0.9 and "90% CS" in str(report) and report.to_dict()["cs_level"] == 0.9
+    with pytest.warns(FutureWarning, match="cs_level=0.9"):
+        old = lynx.audit(alpha=0.1)
+    assert str(old) == str(report)
+    with pytest.warns(FutureWarning, match="cs_level"):
+        assert old.alpha == pytest.approx(0.1)
+    assert "95% CS" in str(lynx.audit())
+    with pytest.raises(TypeError):
+        lynx.audit(0.05)  # positional: was alpha, would now read as a 5% level, so it is refused
+    with pytest.raises(ValueError, match="cs_level"):
+        lynx.audit(cs_level=95)

@@ -27,7 +27,7 @@ from .cues import CueDetector
 from ..errors import CorruptedBundleError, LynxConfigError, NotAttachedError
 from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut, reusable_cache, vocab_size
 from .answers import extract_boxed
-from .audit import AuditLog, AuditReport
+from .audit import AuditLog, AuditReport, check_cs_level
 from .monitor import ExitRecord, GenerateCall, LastCall, ModelTap
 from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
 from .probe import LynxProbe
@@ -253,13 +253,22 @@ class Lynx(
             raise TypeError(f"audit_log must be an AuditLog (e.g. AuditLog.load(path)), got {type(log).__name__}.")
         self._audit_log = log
 
-    def audit(self, alpha: float = 0.05) -> AuditReport:
+    def audit(self, *, cs_level: float = 0.95, alpha: float | None = None) -> AuditReport:
         """Check the guarantee on the audited rows so far: per setting, how often the exit changed the row's answer
-        against δ, with an anytime-valid `1 - alpha` confidence sequence (valid however often you look) and a
-        verdict. Checks the finished calls not checked yet (`answer(out)` checks its own call's rows).
+        against δ, with an anytime-valid confidence sequence at level `cs_level` (valid however often you look) and
+        a verdict. Checks the finished calls not checked yet (`answer(out)` checks its own call's rows).
+
+        Args:
+            cs_level: coverage of the confidence sequences (default 0.95). Not the PAC `risk_level` of the threshold,
+                which is a property of the calibration.
+            alpha: deprecated, `1 - cs_level` (FutureWarning).
+
+        Returns:
+            An `AuditReport` (print it for a table).
         """
+        level = check_cs_level(cs_level, alpha)
         self._audit_log.settle()
-        return self._audit_log.report(alpha, max_unsafe=self.calibration.max_unsafe_per_question)
+        return self._audit_log.report(cs_level=level, max_unsafe=self.calibration.max_unsafe_per_question)
 
     def reset_audit(self) -> None:
         """Forget the audited rows (and calls not yet checked) and restart the audit draws."""
