@@ -59,3 +59,30 @@ def test_the_audit_level_is_cs_level_and_the_old_alpha_keyword_still_works_with_
         lynx.audit(0.05)  # positional: was alpha, would now read as a 5% level, so it is refused
     with pytest.raises(ValueError, match="cs_level"):
         lynx.audit(cs_level=95)
+
+
+def test_lynx_passed_as_a_logits_processor_gets_our_error_naming_the_fix(loaded):
+    from transformers import LogitsProcessorList
+
+    from lynx_hf import UnsupportedGenerationError
+
+    model, tok = loaded
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
+    enc = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt",
+              add_special_tokens=False)
+    for wrong in (lynx, lynx.stopping_criteria()):
+        with pytest.raises(UnsupportedGenerationError, match=r"stopping_criteria=\[lynx\].*exit_processor\(\)"):
+            model.generate(**enc, logits_processor=[wrong], do_sample=False, max_new_tokens=20)
+    # what it relies on: transformers' LogitsProcessorList reads each processor's signature and, for more than
+    # (input_ids, scores), raises its own "required parameters" error before calling it
+    class ThreeParameters:
+        def __call__(self, input_ids, scores, **kwargs):
+            return scores
+
+    with pytest.raises(ValueError, match="required parameters"):
+        LogitsProcessorList([ThreeParameters()])(enc.input_ids, enc.input_ids.float())
+    import inspect
+
+    assert list(inspect.signature(lynx.__call__).parameters) == ["input_ids", "scores"]
+    out = model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=20)  # still a criterion
+    assert len(lynx.last_exits) == len(out) == 1

@@ -29,7 +29,7 @@ from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut, reusable
 from .answers import extract_boxed
 from .audit import AuditLog, AuditReport, check_cs_level
 from .monitor import ExitRecord, GenerateCall, LastCall, ModelTap
-from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
+from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria, criterion_signature
 from .probe import LynxProbe
 from .thinking import resolve_thinking, thinking_exit_ids
 from .token_ids import id_batch
@@ -449,6 +449,7 @@ class Lynx(
         """Stops rows that `exit_processor()` made exit once their boxed answer closes."""
         return LynxAnswerStopper(self._processor)
 
+    @criterion_signature
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         return self._stopper.step(input_ids, sys._getframe(1))
 
