@@ -29,7 +29,11 @@ from .runtime.plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingC
 from .runtime.probe import LynxProbe, train_probe
 from .runtime.thinking import ThinkingFormat, detect_thinking
 
+from .runtime.logs import library_logger as _library_logger
+
 __version__ = "0.1.0"
+
+_library_logger()  # lynx_hf's logs follow transformers' verbosity (TRANSFORMERS_VERBOSITY, set_verbosity_info())
 
 # pipeline- and evaluation-side names, imported on first use so that `import lynx_hf` loads the runtime only
 _LAZY = {"EventTable": "pipeline.events", "AnswerStated": "evaluation.text_rules",

@@ -263,7 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    library = logging.getLogger("lynx_hf")  # the CLI prints through the root logger, at its own level
+    library.setLevel(level)
+    library.propagate = True
+    for handler in [h for h in library.handlers if isinstance(h, logging.StreamHandler)]:
+        library.removeHandler(handler)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, OSError, ImportError) as error:

@@ -86,3 +86,41 @@ def test_lynx_passed_as_a_logits_processor_gets_our_error_naming_the_fix(loaded)
     assert list(inspect.signature(lynx.__call__).parameters) == ["input_ids", "scores"]
     out = model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=20)  # still a criterion
     assert len(lynx.last_exits) == len(out) == 1
+
+
+def _stderr_of(snippet: str, **env) -> str:
+    import os
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "CI")}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-c", snippet], env=environment, capture_output=True, text=True,
+                          check=True).stderr
+
+
+def test_transformers_verbosity_shows_lynx_hf_info_logs():
+    snippet = ("import logging, lynx_hf; logging.getLogger('lynx_hf.runtime.probe').info('probe trained')")
+    assert "[lynx_hf] probe trained" in _stderr_of(snippet, TRANSFORMERS_VERBOSITY="info")
+    assert "probe trained" not in _stderr_of(snippet)  # transformers' default: warnings and above
+    assert "probe trained" not in _stderr_of(snippet, TRANSFORMERS_VERBOSITY="error")
+    in_code = ("import logging, transformers, lynx_hf; transformers.logging.set_verbosity_info(); "
+               "logging.getLogger('lynx_hf.runtime.bundle').info('attached')")
+    assert "[lynx_hf] attached" in _stderr_of(in_code)
+    own = ("import logging, lynx_hf; logging.getLogger('lynx_hf').setLevel(logging.INFO); "
+           "logging.getLogger('lynx_hf.pipeline.collect').info('resuming')")
+    assert "[lynx_hf] resuming" in _stderr_of(own)  # a level of its own wins over transformers'
+    warned = "import logging, lynx_hf; logging.getLogger('lynx_hf.runtime.bundle').warning('other model')"
+    assert "[lynx_hf] other model" in _stderr_of(warned)
+
+
+def test_the_package_is_typed():
+    import configparser
+    from pathlib import Path
+
+    import lynx_hf
+
+    assert (Path(lynx_hf.__file__).parent / "py.typed").exists()
+    setup = configparser.ConfigParser()
+    setup.read(Path(lynx_hf.__file__).parent.parent / "setup.cfg")
+    assert "py.typed" in setup["options.package_data"]["lynx_hf"]
