@@ -23,7 +23,7 @@ from .errors import (
     NotAttachedError,
     UnsupportedGenerationError,
 )
-from .runtime.exit import DEFAULT_EXIT_TEXT, answer_after_exit
+from .runtime.exit import DEFAULT_EXIT_TEXT, ExitAnswer, LynxAnswer, answer_after_exit
 from .runtime.monitor import ExitRecord
 from .runtime.plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
 from .runtime.probe import LynxProbe, train_probe
@@ -62,9 +62,11 @@ __all__ = [
     "CueEvent",
     "DEFAULT_EXIT_TEXT",
     "EventTable",
+    "ExitAnswer",
     "ExitRecord",
     "HiddenStateCapture",
     "Lynx",
+    "LynxAnswer",
     "LynxAnswerStopper",
     "LynxCalibrationWarning",
     "LynxConfig",

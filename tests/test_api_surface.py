@@ -124,3 +124,29 @@ def test_the_package_is_typed():
     setup = configparser.ConfigParser()
     setup.read(Path(lynx_hf.__file__).parent.parent / "setup.cfg")
     assert "py.typed" in setup["options.package_data"]["lynx_hf"]
+
+
+def test_answer_returns_lynx_answers_whose_text_is_the_final_response_for_exited_and_other_rows(loaded):
+    import lynx_hf
+    from lynx_hf import ExitAnswer, LynxAnswer
+
+    model, tok = loaded
+    assert ExitAnswer is LynxAnswer and "LynxAnswer" in lynx_hf.__all__
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.97)
+    enc = tok([organism.prompt(tok, p["question"]) for p in organism.problems("arithmetic", "test", n=12)],
+              return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=400)
+    answers = lynx.answer(out)
+    records = lynx.last_exits
+    assert any(r.exited for r in records) and not all(r.exited for r in records)
+    width = enc.input_ids.shape[1]
+    for row, (a, record) in enumerate(zip(answers, records)):
+        assert isinstance(a, LynxAnswer)
+        assert a.text.startswith("Final Answer: \\boxed{") and "</think>" not in a.text and "<think>" not in a.text
+        assert a.answer == organism.extract_answer(a.text) and a.answer is not None
+        assert a.full_text.endswith(a.text) and "</think>" in a.full_text
+        if record.exited:  # the thinking up to the exit, the exit text, the answer
+            kept = tok.decode(out[row, width:record.start], skip_special_tokens=True)
+            assert a.full_text.startswith(kept) and a.token_ids
+        else:
+            assert a.full_text == tok.decode(out[row, width:], skip_special_tokens=True) and a.token_ids == []

@@ -25,8 +25,7 @@ from .conformal import DEFAULT_GUARANTEE, Calibration, check_guarantee, check_ri
 from .config import LynxConfig, check_base_model
 from .cues import CueDetector
 from ..errors import CorruptedBundleError, LynxConfigError, NotAttachedError
-from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut, reusable_cache, vocab_size
-from .answers import extract_boxed
+from .exit import LynxAnswer, answer_after_exit, brace_delta, exit_cut, finished_answer, reusable_cache, vocab_size
 from .audit import AuditLog, AuditReport, check_cs_level
 from .monitor import ExitRecord, GenerateCall, LastCall, ModelTap
 from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria, criterion_signature
@@ -478,7 +477,7 @@ class Lynx(
         )
 
     @torch.no_grad()
-    def answer(self, outputs, max_new_tokens: int | None = None) -> list[ExitAnswer]:
+    def answer(self, outputs, max_new_tokens: int | None = None) -> list[LynxAnswer]:
         """Final answers after a stop-mode `generate`: exited rows get the exact exit (cue dropped, exit text
         appended, greedy answer); the others' answers are read from their own text.
 
@@ -489,6 +488,11 @@ class Lynx(
         recent calls), and so are its tokenizer and exit text, whatever ran since; calling it again gives the same
         answers (a consumed or since-changed cache is recomputed, with a warning). `max_new_tokens` caps the answer
         (default: the bundle's `answer_max_new_tokens`).
+
+        Returns:
+            One `LynxAnswer` per row, with one meaning for exited and non-exited rows: `text` is the final response
+            after the thinking block, `full_text` the whole generation as answered (thinking included), `answer`
+            the boxed answer.
         """
         integral = isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)
         if max_new_tokens is not None and not (integral and max_new_tokens >= 1):
@@ -505,7 +509,7 @@ class Lynx(
                           "prefix instead (same answers, slower).", stacklevel=3)
             cache = None
         records = call.records()
-        results: list[ExitAnswer | None] = [None] * len(records)
+        results: list[LynxAnswer | None] = [None] * len(records)
         rows = [i for i, r in enumerate(records) if r.exited]
         if rows:
             cuts = [exit_cut(records[i].position, records[i].start, call.exit_construction) for i in rows]
@@ -527,12 +531,14 @@ class Lynx(
                 past_key_values=cache,
                 max_new_tokens=int(max_new_tokens) if max_new_tokens is not None else self.config.answer_max_new_tokens,
             )
-            for i, a in zip(rows, answered):
-                results[i] = a
+            for i, cut, a in zip(rows, cuts, answered):
+                # the row's generation as answered: its thinking up to the cut, the exit text, the answer
+                generation = sequences[i, call.prompt_length:cut].tolist() + list(call.exit_ids) + a.token_ids
+                results[i] = finished_answer(call.tokenizer, generation, call.think_end, token_ids=a.token_ids,
+                                             answer=a.answer, confidence=a.confidence)
         for i, r in enumerate(results):
             if r is None:
-                text = call.tokenizer.decode(sequences[i, call.prompt_length:], skip_special_tokens=True)
-                results[i] = ExitAnswer(token_ids=[], text=text, answer=extract_boxed(text))
+                results[i] = finished_answer(call.tokenizer, sequences[i, call.prompt_length:].tolist(), call.think_end)
         if call.audited is not None:
             self._audit_log.settle(call)
         return results

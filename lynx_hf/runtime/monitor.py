@@ -287,6 +287,7 @@ class GenerateCall:
         self.detector = lynx.detector
         self.tokenizer = lynx.tokenizer
         self.exit_ids = list(lynx.exit_ids)
+        self.think_end = lynx.config.think_end  # where a row's final response starts (`LynxAnswer.text`)
         self.exit_construction = lynx.config.exit_construction
         device = input_ids.device
         batch = input_ids.shape[0]
