@@ -113,7 +113,7 @@ def response_text(tokenizer, generation_ids: Sequence[int], think_end: str | Non
     Example:
         >>> from lynx_hf import organism
         >>> _, tok = organism.load()
-        >>> response_text(tok, tok("Hmm 3 + 4 = 7.</think>\n\nSo 7.", add_special_tokens=False).input_ids, "</think>")
+        >>> response_text(tok, tok("Hmm 3 + 4 = 7.</think> So 7.", add_special_tokens=False).input_ids, "</think>")
         'So 7.'
     """
     raw = tokenizer.decode(list(generation_ids), skip_special_tokens=False)
