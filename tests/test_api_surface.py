@@ -150,3 +150,40 @@ def test_answer_returns_lynx_answers_whose_text_is_the_final_response_for_exited
             assert a.full_text.startswith(kept) and a.token_ids
         else:
             assert a.full_text == tok.decode(out[row, width:], skip_special_tokens=True) and a.token_ids == []
+
+
+def _count_thinking(tok, ids) -> int:
+    """Generated tokens before the row's `</think>` or end (the organism's prompt opens the thinking)."""
+    close = tok.convert_tokens_to_ids("</think>")
+    ids = list(ids)
+    end = ids.index(close) if close in ids else len(ids)
+    eos = [i for i, t in enumerate(ids[:end]) if t == tok.eos_token_id]
+    return eos[0] + 1 if eos else end
+
+
+def test_records_say_how_many_thinking_tokens_a_row_used_and_would_have_used(loaded):
+    model, tok = loaded
+    enc = tok([organism.prompt(tok, p["question"]) for p in organism.problems("arithmetic", "test", n=6)],
+              return_tensors="pt", padding=True, add_special_tokens=False)
+    width = enc.input_ids.shape[1]
+    plain = model.generate(**enc, do_sample=False, max_new_tokens=400)
+    full = [_count_thinking(tok, plain[row, width:].tolist()) for row in range(len(plain))]
+    shadow = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, guarantee="event", shadow=True)
+    model.generate(**enc, stopping_criteria=[shadow], do_sample=False, max_new_tokens=400)
+    lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, guarantee="event")
+    model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=400)
+    assert any(r.would_exit for r in shadow.last_exits)
+    for row, (seen, acted) in enumerate(zip(shadow.last_exits, lynx.last_exits)):
+        assert seen.full_thinking_tokens == full[row]  # the shadow row ran in full
+        if seen.would_exit:
+            assert seen.thinking_tokens == seen.start - width < full[row]  # the cue word dropped, as answer() does
+            assert acted.exited and acted.thinking_tokens == seen.thinking_tokens
+            assert acted.full_thinking_tokens is None  # cut: how long it would have thought is unknown
+        else:
+            assert seen.thinking_tokens == full[row] == acted.thinking_tokens == acted.full_thinking_tokens
+    stream = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, guarantee="event")
+    model.generate(**enc, logits_processor=[stream.exit_processor()], stopping_criteria=[stream.answer_stopper()],
+                   do_sample=False, max_new_tokens=400)
+    for seen, record in zip(shadow.last_exits, stream.last_exits):
+        if record.exited:  # in-stream keeps the cue word and the token after it before the exit text
+            assert record.thinking_tokens == record.position + 2 - width and record.full_thinking_tokens is None
