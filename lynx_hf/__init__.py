@@ -10,6 +10,7 @@ out = model.generate(**inputs, stopping_criteria=[lynx])
 
 from .runtime.answers import answers_match, extract_boxed
 from .runtime.audit import AuditLog, AuditReport, AuditRow
+from .runtime.budget import ThinkingBudgetCriteria
 from .runtime.bundle import Lynx
 from .runtime.capture import HiddenStateCapture
 from .runtime.config import LynxConfig
@@ -78,6 +79,7 @@ __all__ = [
     "NotAttachedError",
     "TextProbe",
     "TextProbeExit",
+    "ThinkingBudgetCriteria",
     "ThinkingFormat",
     "UnsupportedGenerationError",
     "answer_after_exit",

@@ -8,11 +8,15 @@ import sys
 import torch
 from transformers import StoppingCriteria
 
+from ..errors import LynxConfigError
 from .bundle import Lynx, _check_budget
 from .config import LynxConfig
 from .exit import LynxAnswer
 from .monitor import ExitRecord
 from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria, criterion_signature
+
+_NEEDS_BUDGET = ("ThinkingBudgetCriteria needs max_thinking_tokens: the number of thinking tokens to allow, e.g. "
+                 "ThinkingBudgetCriteria(4096, tokenizer=tok).")
 
 
 class ThinkingBudgetCriteria(StoppingCriteria):
@@ -45,12 +49,12 @@ class ThinkingBudgetCriteria(StoppingCriteria):
     ```python
     >>> from lynx_hf import ThinkingBudgetCriteria, organism
     >>> model, tok = organism.load()
-    >>> budget = ThinkingBudgetCriteria(8, tokenizer=tok)
+    >>> budget = ThinkingBudgetCriteria(30, tokenizer=tok)
     >>> inputs = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt")
     >>> out = model.generate(**inputs, stopping_criteria=[budget], max_new_tokens=200)
     >>> record = budget.last_exits[0]
     >>> record.by_budget, record.thinking_tokens, budget.answer(out)[0].answer is not None
-    (True, 8, True)
+    (True, 30, True)
 
     ```
     """
@@ -59,7 +63,7 @@ class ThinkingBudgetCriteria(StoppingCriteria):
                  think_start: str | None = None, think_end: str | None = None, exit_text: str | None = None,
                  shadow: bool = False):
         if max_thinking_tokens is None:
-            raise Lynx._budget_error()
+            raise LynxConfigError(_NEEDS_BUDGET)
         config = LynxConfig(base_model="", layers=[0], hidden_size=0, think_start=think_start, think_end=think_end,
                             exit_text=exit_text, thinking=thinking)
         self._lynx = Lynx(config, None, None, shadow=shadow, max_thinking_tokens=_check_budget(max_thinking_tokens),
@@ -83,7 +87,7 @@ class ThinkingBudgetCriteria(StoppingCriteria):
     @max_thinking_tokens.setter
     def max_thinking_tokens(self, value: int) -> None:
         if value is None:
-            raise Lynx._budget_error()
+            raise LynxConfigError(_NEEDS_BUDGET)
         self._lynx.max_thinking_tokens = value
 
     @property

@@ -65,7 +65,7 @@ class Lynx(
     `max_thinking_tokens=B` caps the thinking: a row that has thought B tokens without a confident cue exits there
     with the same exit text (stop mode: `answer` answers it; in-stream: the model answers in the same call), and
     its record says `by_budget=True`. Budget exits are outside the conformal guarantee (they happen whatever the
-    probe thinks); `Lynx.budget(B, tokenizer=...)` is the cap alone, without a probe or bundle.
+    probe thinks); `ThinkingBudgetCriteria(B, tokenizer=...)` is the cap alone, without a probe or bundle.
 
     Which model: `Lynx.from_pretrained(repo, model=model)` (or `lynx.attach(model)`) binds it explicitly; without
     it, the first `generate` call that uses one of its plug-ins attaches it to the model running that call (found
@@ -132,6 +132,7 @@ class Lynx(
         self._tap: ModelTap | None = None
         self._device: torch.device | None = None  # where the bound model is (and the cue tables, probe, capture)
         self._auto_attached = False
+        self._default_tokenizer = None  # the tokenizer to bind with on first use, where one was given without a model
         self._stopper = LynxStoppingCriteria(self)
         self._processor = LynxExitProcessor(self)
         # Recent stop-mode calls, so that `answer(outputs)` finds the call that produced `outputs`.
@@ -227,7 +228,7 @@ class Lynx(
     def audit_rate(self, value: float) -> None:
         value = _check_audit_rate(value)
         if value > 0 and self.probe is None:
-            raise LynxConfigError("A budget-only Lynx (Lynx.budget) has no probe and no guarantee to audit: audit a "
+            raise LynxConfigError("A budget-only Lynx (ThinkingBudgetCriteria) has no probe and no guarantee to audit: audit a "
                                   "bundle loaded with Lynx.from_pretrained(..., audit_rate=...).")
         self._audit_rate = value
 
@@ -355,7 +356,7 @@ class Lynx(
         """A new `generate` call of `model` uses one of this bundle's plug-ins: bind to `model` if needed, and start
         the call's own state with the settings in force now (or the given per-call overrides)."""
         if self.model is None:
-            self._bind(model)
+            self._bind(model, self._default_tokenizer)
             self._auto_attached = True
         elif self.model is not model and not _wraps(self.model, model):
             if not self._auto_attached:
@@ -546,7 +547,7 @@ class Lynx(
     # ----- persistence ------------------------------------------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
         if self.probe is None:
-            raise LynxConfigError("A budget-only Lynx (Lynx.budget) has no probe or calibration to save: save a "
+            raise LynxConfigError("A budget-only Lynx (ThinkingBudgetCriteria) has no probe or calibration to save: save a "
                                   "bundle built by `lynx-hf build`, and pass max_thinking_tokens= when loading it.")
         write_bundle(save_directory, self.config, self.probe, self.calibration, self.metadata)
 
@@ -631,37 +632,18 @@ class Lynx(
     @classmethod
     def budget(cls, max_thinking_tokens: int, *, model=None, tokenizer=None, thinking: str | None = None,
                think_start: str | None = None, think_end: str | None = None, exit_text: str | None = None,
-               shadow: bool = False) -> "Lynx":
-        """A thinking-budget cap alone, for any model with a thinking format: no probe, no bundle, no guarantee.
+               shadow: bool = False):
+        """Deprecated: use `ThinkingBudgetCriteria(max_thinking_tokens, tokenizer=...)`, which this returns.
 
-        Each row that has thought `max_thinking_tokens` tokens exits there with the model's exit text (from its
-        tokenizer and chat template, `lynx_hf.runtime.thinking`, or the markers given), in stop mode (`stopping_criteria=
-        [cap]`, then `cap.answer(out)`) or in-stream (`logits_processor=[cap.exit_processor()]`, `stopping_criteria=
-        [cap.answer_stopper()]`); rows that close their thinking earlier are left alone. `last_exits` records it.
-
-        Example:
-
-        ```python
-        >>> from lynx_hf import Lynx, organism
-        >>> model, tok = organism.load()
-        >>> cap = Lynx.budget(8, model=model, tokenizer=tok)
-        >>> inputs = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt")
-        >>> out = model.generate(**inputs, stopping_criteria=[cap], max_new_tokens=200)
-        >>> record = cap.last_exits[0]
-        >>> record.by_budget, record.position - inputs.input_ids.shape[1] + 1, len(cap.answer(out))
-        (True, 8, 1)
-
-        ```
+        The thinking budget alone (no probe, no bundle, no guarantee) is its own stopping criterion, not a `Lynx`.
         """
-        if max_thinking_tokens is None:
-            raise LynxConfigError("Lynx.budget needs max_thinking_tokens: the number of thinking tokens to allow.")
-        config = LynxConfig(base_model="", layers=[0], hidden_size=0, think_start=think_start, think_end=think_end,
-                            exit_text=exit_text, thinking=thinking)
-        lynx = cls(config, None, None, shadow=shadow, max_thinking_tokens=max_thinking_tokens,
-                   metadata={"budget_only": True})
-        if model is not None:
-            lynx.attach(model, tokenizer)
-        return lynx
+        warnings.warn("Lynx.budget(...) is deprecated: use ThinkingBudgetCriteria(max_thinking_tokens, tokenizer=...) "
+                      "(from lynx_hf import ThinkingBudgetCriteria), which it returns.", FutureWarning, stacklevel=2)
+        from .. import ThinkingBudgetCriteria
+
+        return ThinkingBudgetCriteria(max_thinking_tokens, model=model, tokenizer=tokenizer, thinking=thinking,
+                                      think_start=think_start, think_end=think_end, exit_text=exit_text,
+                                      shadow=shadow)
 
 
 def _unpickle(cls, config: LynxConfig, probe: LynxProbe, calibration: Calibration, options: dict) -> Lynx:

@@ -281,7 +281,7 @@ class GenerateCall:
 
     Settings (confidence, guarantee, threshold, shadow, thinking budget) are read once when the call starts, so
     changing them on the `Lynx` later never rewrites a finished call's records. A `Lynx` without a probe
-    (`Lynx.budget`) has no capture tap: its calls never score a cue and exit by the budget only.
+    (`ThinkingBudgetCriteria`) has no capture tap: its calls never score a cue and exit by the budget only.
     """
 
     def __init__(self, lynx: BundleLike, mode: Mode, model: nn.Module, input_ids: torch.LongTensor,
@@ -370,7 +370,7 @@ class GenerateCall:
     def _score(self) -> torch.Tensor:
         """The probe's scores of the cue token's hidden state: in stop mode the last forward fed it, in-stream the one
         before. Before the call has captured that forward there is no generated token to score; without a probe
-        (`Lynx.budget`) nothing is scored."""
+        (`ThinkingBudgetCriteria`) nothing is scored."""
         previous = self.mode == "stream"
         if self.tap is None or self.tap.forwards() - self._start_forwards < 1 + previous:
             return torch.zeros(self.batch, dtype=torch.float32, device=self.exited.device)
