@@ -37,7 +37,7 @@ __version__ = "0.1.0"
 _library_logger()  # lynx_hf's logs follow transformers' verbosity (TRANSFORMERS_VERBOSITY, set_verbosity_info())
 
 # pipeline- and evaluation-side names, imported on first use so that `import lynx_hf` loads the runtime only
-_LAZY = {"EventTable": "pipeline.events", "AnswerStated": "evaluation.text_rules",
+_LAZY = {"Collector": "pipeline.collect", "fit": "pipeline.train", "EventTable": "pipeline.events", "AnswerStated": "evaluation.text_rules",
          "AnswerStatedCriteria": "evaluation.text_rules", "TextProbe": "evaluation.text_rules",
          "TextProbeExit": "evaluation.text_rules"}
 
@@ -58,6 +58,7 @@ __all__ = [
     "AuditRow",
     "BaseModelMismatchError",
     "Calibration",
+    "Collector",
     "CorruptedBundleError",
     "CueDetector",
     "CueEvent",
@@ -86,5 +87,7 @@ __all__ = [
     "answers_match",
     "detect_thinking",
     "extract_boxed",
+    "fit",
+    "organism",
     "train_probe",
 ]

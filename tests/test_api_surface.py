@@ -187,3 +187,36 @@ def test_records_say_how_many_thinking_tokens_a_row_used_and_would_have_used(loa
     for seen, record in zip(shadow.last_exits, stream.last_exits):
         if record.exited:  # in-stream keeps the cue word and the token after it before the exit text
             assert record.thinking_tokens == record.position + 2 - width and record.full_thinking_tokens is None
+
+
+def test_the_notebooks_import_only_the_public_api_and_every_public_name_resolves():
+    import re
+    from pathlib import Path
+
+    import nbformat
+
+    import lynx_hf
+
+    for name in lynx_hf.__all__:
+        assert getattr(lynx_hf, name) is not None, name
+    examples = sorted((Path(lynx_hf.__file__).parent.parent / "examples").glob("*.ipynb"))
+    assert examples
+    for path in examples:
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type != "code":
+                continue
+            code = cell.source
+            assert not re.search(r"(from|import)\s+lynx_hf\.", code), (path.name, code)
+            assert not re.search(r"lynx_hf\.(runtime|pipeline|evaluation|cli|custom_generate)\b", code), path.name
+            for names in re.findall(r"from\s+lynx_hf\s+import\s+\(?([^)\n]+)", code):
+                for name in (n.strip().split(" as ")[0] for n in names.split(",")):
+                    assert name in lynx_hf.__all__, (path.name, name)
+
+
+def test_python_dash_m_lynx_hf_is_the_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lynx_hf", "audit", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--cs-level" in out
