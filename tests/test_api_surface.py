@@ -70,7 +70,9 @@ def test_lynx_passed_as_a_logits_processor_gets_our_error_naming_the_fix(loaded)
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
     enc = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt",
               add_special_tokens=False)
-    for wrong in (lynx, lynx.stopping_criteria()):
+    from lynx_hf import ThinkingBudgetCriteria
+
+    for wrong in (lynx, lynx._stopper, ThinkingBudgetCriteria(8, tokenizer=tok)):  # _stopper: what stopper() returns
         with pytest.raises(UnsupportedGenerationError, match=r"stopping_criteria=\[lynx\].*exit_processor\(\)"):
             model.generate(**enc, logits_processor=[wrong], do_sample=False, max_new_tokens=20)
     # what it relies on: transformers' LogitsProcessorList reads each processor's signature and, for more than

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 from transformers import StoppingCriteria
@@ -29,10 +28,12 @@ class ThinkingBudgetCriteria(StoppingCriteria):
     has a thinking format: there is no probe, no calibration and no guarantee (for a calibrated exit at
     reflection cues with the budget as a cap, use `Lynx(..., max_thinking_tokens=B)`).
 
-    Use it like any stopping criterion: `model.generate(**inputs, stopping_criteria=[budget])` stops each row at
-    its budget, and `budget.answer(out)` closes the thinking there and answers. `budget.exit_processor()` with
-    `budget.answer_stopper()` forces the exit text in the same call instead. `last_exits` records each row
-    (`by_budget=True` where it exited, `thinking_tokens`).
+    Use it like any stopping criterion: `model.generate(**inputs, stopping_criteria=[budget])` runs exactly as
+    `stopping_criteria=[lynx]` does for a `Lynx` (the same plug-ins, without a probe), and `budget.answer(out)` gives
+    each row's final answer. `budget.stopper()` is the exact stop mode (each row halted at its budget, then
+    `budget.answer(out)` closes the thinking there and answers); `budget.exit_processor()` with
+    `budget.answer_stopper()` is the explicit in-stream pair. `last_exits` records each row (`by_budget=True` where
+    it exited, `thinking_tokens`).
 
     Args:
         max_thinking_tokens: the number of thinking tokens a row may write before it is made to answer.
@@ -129,7 +130,7 @@ class ThinkingBudgetCriteria(StoppingCriteria):
     # ----- generate -----------------------------------------------------------------------------------------------
     @criterion_signature
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return self._lynx._stopper.step(input_ids, sys._getframe(1))
+        return self._lynx(input_ids, scores, **kwargs)  # what `stopping_criteria=[lynx]` runs (it finds the list)
 
     def stopper(self) -> LynxStoppingCriteria:
         """The stop-mode criterion itself (what `stopping_criteria=[budget]` runs): halts a row at its budget."""
