@@ -160,7 +160,7 @@ def _count_thinking(tok, ids) -> int:
     ids = list(ids)
     end = ids.index(close) if close in ids else len(ids)
     eos = [i for i, t in enumerate(ids[:end]) if t == tok.eos_token_id]
-    return eos[0] + 1 if eos else end
+    return eos[0] if eos else end  # a row's EOS is no thinking token
 
 
 def test_records_say_how_many_thinking_tokens_a_row_used_and_would_have_used(loaded):

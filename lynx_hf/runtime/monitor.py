@@ -83,8 +83,8 @@ class ExitRecord:
     for the live audit (`audit_rate`): it ran as in shadow mode (never exited) so that `Lynx.audit()` can compare
     its would-exit answer with its full one.
 
-    In thinking tokens (generated tokens inside the thinking block, counted as the budget counts them, up to the
-    row's end: its first end-of-sequence token): `thinking_tokens` is how many the row thinks with the exit: up to
+    In thinking tokens (generated tokens inside the thinking block, counted as the budget counts them, before the
+    row's end: its first end-of-sequence token is no thinking token): `thinking_tokens` is how many the row thinks with the exit: up to
     its exit where the rule fired (what `Lynx.answer` keeps in stop mode: the cue word dropped; in-stream: up to
     the token after the cue, or the budget's last token), else all of them. `full_thinking_tokens` is how many it
     thinks without the exit, where that is known: rows that did not exit, and shadow or audited rows, which ran in
@@ -518,7 +518,7 @@ class GenerateCall:
 
     def _thinking_counts(self) -> tuple[list[list[int]], list[int]]:
         """Per row, the running count of thinking tokens over the generated positions (`counts[row][k]`: among the
-        first k), and where the row ends (after its first end-of-sequence token). The cue automaton is replayed
+        first k), and where the row ends (at its first end-of-sequence token, which is no thinking token). The cue automaton is replayed
         over the output once, incrementally, off the decoding loop (records are read on the host anyway)."""
         sequences = self.sequences
         length = sequences.shape[1]
@@ -540,7 +540,7 @@ class GenerateCall:
         eos = set(self._eos_ids())
         ends = []
         for row in sequences[:, self.prompt_length:].tolist():
-            ends.append(next((k + 1 for k, token in enumerate(row) if token in eos), len(row)))
+            ends.append(next((k for k, token in enumerate(row) if token in eos), len(row)))
         return counts, ends
 
     def _eos_ids(self) -> list[int]:
