@@ -137,21 +137,22 @@ def test_answer_returns_lynx_answers_whose_text_is_the_final_response_for_exited
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.97)
     enc = tok([organism.prompt(tok, p["question"]) for p in organism.problems("arithmetic", "test", n=12)],
               return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=400)
-    answers = lynx.answer(out)
-    records = lynx.last_exits
-    assert any(r.exited for r in records) and not all(r.exited for r in records)
     width = enc.input_ids.shape[1]
-    for row, (a, record) in enumerate(zip(answers, records)):
-        assert isinstance(a, LynxAnswer)
-        assert a.text.startswith("Final Answer: \\boxed{") and "</think>" not in a.text and "<think>" not in a.text
-        assert a.answer == organism.extract_answer(a.text) and a.answer is not None
-        assert a.full_text.endswith(a.text) and "</think>" in a.full_text
-        if record.exited:  # the thinking up to the exit, the exit text, the answer
-            kept = tok.decode(out[row, width:record.start], skip_special_tokens=True)
-            assert a.full_text.startswith(kept) and a.token_ids
-        else:
-            assert a.full_text == tok.decode(out[row, width:], skip_special_tokens=True) and a.token_ids == []
+    for plugin in (lynx.stopper(), lynx):  # the exact path (answer() generates), the one call (answer() reads)
+        out = model.generate(**enc, stopping_criteria=[plugin], do_sample=False, max_new_tokens=400)
+        answers = lynx.answer(out)
+        records = lynx.last_exits
+        assert any(r.exited for r in records) and not all(r.exited for r in records)
+        for row, (a, record) in enumerate(zip(answers, records)):
+            assert isinstance(a, LynxAnswer)
+            assert a.text.startswith("Final Answer: \\boxed{") and "think>" not in a.text
+            assert a.answer == organism.extract_answer(a.text) and a.answer is not None
+            assert a.full_text.endswith(a.text) and "</think>" in a.full_text
+            if record.exited:  # the thinking up to the exit, the exit text, the answer
+                kept = tok.decode(out[row, width:record.start], skip_special_tokens=True)
+                assert a.full_text.startswith(kept) and a.token_ids
+            else:
+                assert a.full_text == tok.decode(out[row, width:], skip_special_tokens=True) and a.token_ids == []
 
 
 def _count_thinking(tok, ids) -> int:
@@ -171,9 +172,9 @@ def test_records_say_how_many_thinking_tokens_a_row_used_and_would_have_used(loa
     plain = model.generate(**enc, do_sample=False, max_new_tokens=400)
     full = [_count_thinking(tok, plain[row, width:].tolist()) for row in range(len(plain))]
     shadow = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, guarantee="event", shadow=True)
-    model.generate(**enc, stopping_criteria=[shadow], do_sample=False, max_new_tokens=400)
+    model.generate(**enc, stopping_criteria=[shadow.stopper()], do_sample=False, max_new_tokens=400)
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, guarantee="event")
-    model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=400)
+    model.generate(**enc, stopping_criteria=[lynx.stopper()], do_sample=False, max_new_tokens=400)
     assert any(r.would_exit for r in shadow.last_exits)
     for row, (seen, acted) in enumerate(zip(shadow.last_exits, lynx.last_exits)):
         assert seen.full_thinking_tokens == full[row]  # the shadow row ran in full
@@ -184,11 +185,13 @@ def test_records_say_how_many_thinking_tokens_a_row_used_and_would_have_used(loa
         else:
             assert seen.thinking_tokens == full[row] == acted.thinking_tokens == acted.full_thinking_tokens
     stream = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, guarantee="event")
-    model.generate(**enc, logits_processor=[stream.exit_processor()], stopping_criteria=[stream.answer_stopper()],
-                   do_sample=False, max_new_tokens=400)
-    for seen, record in zip(shadow.last_exits, stream.last_exits):
+    model.generate(**enc, stopping_criteria=[stream], do_sample=False, max_new_tokens=400)  # the one call
+    assert any(r.exited for r in stream.last_exits)
+    for row, (seen, record) in enumerate(zip(shadow.last_exits, stream.last_exits)):
         if record.exited:  # in-stream keeps the cue word and the token after it before the exit text
             assert record.thinking_tokens == record.position + 2 - width and record.full_thinking_tokens is None
+        else:
+            assert record.thinking_tokens == record.full_thinking_tokens == full[row]
 
 
 def test_the_notebooks_import_only_the_public_api_and_every_public_name_resolves():
