@@ -245,7 +245,12 @@ def test_thinking_budget_criteria_is_a_stopping_criterion_and_lynx_budget_a_depr
     old_out = model.generate(**enc, stopping_criteria=[old], return_dict_in_generate=True, **GREEDY)
     assert torch.equal(out.sequences, old_out.sequences)
     assert answers(budget.answer(out)) == answers(old.answer(old_out))
-    assert budget.stopper().last_exits == budget.last_exits
+    width = enc.input_ids.shape[1]
+    for row in range(len(out.sequences)):  # the one call: the exit text follows the 24th thinking token
+        assert out.sequences[row, width + 24: width + 24 + len(budget.exit_ids)].tolist() == budget.exit_ids
+    stop = model.generate(**enc, stopping_criteria=[budget.stopper()], **GREEDY)  # the exact stop mode
+    assert stop.shape[1] == width + 24 and budget.stopper().last_exits == budget.last_exits
+    assert all(r.by_budget and r.thinking_tokens == 24 for r in budget.last_exits)
     copied = copy.copy(budget)
     copied.max_thinking_tokens = 10
     assert budget.max_thinking_tokens == 24 and pickle.loads(pickle.dumps(copied)).max_thinking_tokens == 10
