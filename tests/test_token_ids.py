@@ -64,6 +64,8 @@ def test_a_single_flat_sequence_is_refused_with_the_fix():
         id_rows(torch.tensor([1, 2, 3]))
     with pytest.raises(TypeError, match=r"wrap one sequence"):
         id_rows([1, 2, 3])
+    with pytest.raises(TypeError, match="integer token ids"):
+        id_rows([[0.5, 1.5]])  # never truncated to ids silently
     with pytest.raises(ValueError, match="pad them"):
         id_batch([[1, 2], [3]])
     assert id_rows([[1, 2], [3]]) == [[1, 2], [3]]  # ragged rows are fine where the entry point allows them

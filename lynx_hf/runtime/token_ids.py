@@ -8,6 +8,7 @@ reads its argument through `id_rows` (ragged rows allowed) or `id_batch` (one re
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -51,6 +52,9 @@ def id_rows(ids, name: str = "sequences") -> list[list[int]]:
                                 f"{tuple(row.shape)} and dtype {row.dtype}.")
             rows.append(row.reshape(-1).tolist())
         elif isinstance(row, Sequence) and not isinstance(row, (str, bytes)):
+            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in row):
+                raise TypeError(f"each row of {name} must hold integer token ids, got "
+                                f"{sorted({type(t).__name__ for t in row})}: pass the ids themselves.")
             rows.append([int(t) for t in row])
         else:
             raise TypeError(f"{name} must be a batch of token ids (a 2-D tensor or a list of lists), but a row is "
