@@ -2,7 +2,7 @@
 
 ```python
 from lynx_hf import Lynx
-# no real-model probe is published yet: `lynx-hf build --push you/lynx-deepseek-r1-distill-qwen-1.5b` creates one
+# no real-model probe is published yet: `lynx-hf build --repo-id you/lynx-deepseek-r1-distill-qwen-1.5b` creates one
 lynx = Lynx.from_pretrained("lynx/deepseek-r1-distill-qwen-1.5b", model=model, confidence=0.9)
 out = model.generate(**inputs, stopping_criteria=[lynx])
 ```
@@ -21,6 +21,7 @@ from .errors import (
     CorruptedBundleError,
     LynxConfigError,
     LynxError,
+    MissingExtraError,
     NotAttachedError,
     UnsupportedGenerationError,
 )
@@ -32,12 +33,13 @@ from .runtime.thinking import ThinkingFormat, detect_thinking
 
 from .runtime.logs import library_logger as _library_logger
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _library_logger()  # lynx_hf's logs follow transformers' verbosity (TRANSFORMERS_VERBOSITY, set_verbosity_info())
 
 # pipeline- and evaluation-side names, imported on first use so that `import lynx_hf` loads the runtime only
-_LAZY = {"Collector": "pipeline.collect", "fit": "pipeline.train", "EventTable": "pipeline.events", "AnswerStated": "evaluation.text_rules",
+_LAZY = {"Collector": "pipeline.collect", "fit": "pipeline.train", "EventTable": "pipeline.events",
+         "AnswerStated": "evaluation.text_rules",
          "AnswerStatedCriteria": "evaluation.text_rules", "TextProbe": "evaluation.text_rules",
          "TextProbeExit": "evaluation.text_rules"}
 
@@ -77,6 +79,7 @@ __all__ = [
     "LynxExitProcessor",
     "LynxProbe",
     "LynxStoppingCriteria",
+    "MissingExtraError",
     "NotAttachedError",
     "TextProbe",
     "TextProbeExit",

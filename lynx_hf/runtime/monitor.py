@@ -354,8 +354,9 @@ class GenerateCall:
         # thinking token, so the budget never exits a row at its own EOS, while a cue that EOS confirms is an event
         # (the calibration traces end there too).
         self.end_ids = torch.zeros(0, dtype=torch.long, device=device)
-        # Rows whose exit was decided at the token that ended them, too late for the plug-in to act (in-stream).
-        self.missed = torch.zeros(batch, dtype=torch.bool, device=device)
+        # In-stream, each decision step's (decisions, rows still running after the token): references, read when
+        # records are, to find rows whose exit came at the token that ended them, too late for the plug-in to act.
+        self._late: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._tau = torch.tensor(float32_threshold(threshold), dtype=torch.float32, device=device)
         self.consumed_caches: set[int] = set()  # ids of KV caches that `Lynx.answer` already used up
         # Rows drawn for the live audit run as in shadow mode; None (no row drawn) keeps the step path unchanged.
@@ -464,9 +465,8 @@ class GenerateCall:
             return self.nothing
         decide = self._decide(before, token, length, running, cue_waiting, thinking if budget_due else None)
         if running_after is not None:
-            too_late = decide & ~running_after.to(device=decide.device, dtype=torch.bool)
-            self.missed |= too_late
-            decide = decide & ~too_late
+            self._late.append((decide, running_after))
+            decide = torch.logical_and(decide, running_after.to(decide.device))
         if not self.shadow:
             self._exit_mirror.push(self.acting(decide).any())
             self._exit_pushed = True
@@ -528,7 +528,7 @@ class GenerateCall:
         records = []
         counts, ends = self._thinking_counts()
         for row, (exit_, seen, answered, was_audited, missed) in enumerate(
-                zip(exits, self.cues_seen.tolist(), self.answered(), audited, self.missed.tolist())):
+                zip(exits, self.cues_seen.tolist(), self.answered(), audited, self.missed())):
             position, start, cue, score, budget = exit_ if exit_ is not None else (-1, -1, -1, None, False)
             acted = exit_ is not None and not self.shadow and not was_audited and not missed
             full = counts[row][ends[row]]
@@ -553,8 +553,9 @@ class GenerateCall:
 
     def _thinking_counts(self) -> tuple[list[list[int]], list[int]]:
         """Per row, the running count of thinking tokens over the generated positions (`counts[row][k]`: among the
-        first k), and where the row ends (at its first end-of-sequence token, which is no thinking token). The cue automaton is replayed
-        over the output once, incrementally, off the decoding loop (records are read on the host anyway)."""
+        first k), and where the row ends (at its first end-of-sequence token, which is no thinking token). The cue
+        automaton is replayed over the output once, incrementally, off the decoding loop (records are read on the
+        host anyway)."""
         sequences = self.sequences
         final = self.final_ids  # in-stream: the ids with the last token, which the processor never sees
         if isinstance(final, torch.Tensor) and final.shape[0] == self.batch and final.shape[1] > sequences.shape[1]:
@@ -585,6 +586,14 @@ class GenerateCall:
         model = self._model()
         return eos_token_ids(model, self.tokenizer) if model is not None else \
             [t for t in [getattr(self.tokenizer, "eos_token_id", None)] if t is not None]
+
+    def missed(self) -> list[bool]:
+        """Per row, whether its exit was decided at the token that ended it (in-stream: generate had already
+        finished the row, so the plug-in could not act on it)."""
+        missed = torch.zeros(self.batch, dtype=torch.bool, device=self.exited.device)
+        for decide, after in self._late:
+            missed |= decide & ~after.to(device=missed.device, dtype=torch.bool)
+        return missed.tolist()
 
     def _exits(self) -> list[tuple | None]:
         """Per row, `(position, start, cue index, score, by budget)` of its exit, or None: its first decision. Found
