@@ -14,7 +14,8 @@ from .runtime.budget import ThinkingBudgetCriteria
 from .runtime.bundle import Lynx
 from .runtime.capture import HiddenStateCapture
 from .runtime.config import LynxConfig
-from .runtime.conformal import Calibration, LynxCalibrationWarning
+from .runtime.bundle_files import bundle_labels
+from .runtime.conformal import LABELS, Calibration, LynxCalibrationWarning, guarantee_statement
 from .runtime.cues import CueDetector, CueEvent
 from .errors import (
     BaseModelMismatchError,
@@ -69,6 +70,7 @@ __all__ = [
     "ExitAnswer",
     "ExitRecord",
     "HiddenStateCapture",
+    "LABELS",
     "Lynx",
     "LynxAnswer",
     "LynxAnswerStopper",
@@ -88,9 +90,11 @@ __all__ = [
     "UnsupportedGenerationError",
     "answer_after_exit",
     "answers_match",
+    "bundle_labels",
     "detect_thinking",
     "extract_boxed",
     "fit",
+    "guarantee_statement",
     "organism",
     "train_probe",
 ]
