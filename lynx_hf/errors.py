@@ -23,3 +23,7 @@ class UnsupportedGenerationError(LynxError, ValueError):
 
 class NotAttachedError(LynxError, RuntimeError):
     """A plug-in used before `Lynx` was attached to a model."""
+
+
+class TooFewAuditedRowsError(LynxError, ValueError):
+    """Too few audited rows to certify the requested confidence when recalibrating (the message says how many more)."""
