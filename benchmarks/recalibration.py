@@ -336,6 +336,22 @@ def live(lynx_dir, n_cal: int, n_test: int, batch: int, seed: int) -> None:
     print(f"\nlive part: {time.time() - t0:.0f} s")
 
 
+def write_fixture(out: Path, lynx: Lynx, path: Path, names=("compare-calibration", "compare-test")) -> None:
+    """The audited rows the shipped bundle would log on the compare tables (scores and agreement labels per cue;
+    rows without a full answer left out): the pool of `tests/test_recalibration.py`'s statistical tests."""
+    import json
+
+    rows = []
+    for name in names:
+        replay = Replay.from_bundle(table(out, name) if name in TABLES else EventTable.load(name), lynx)
+        rows += [{"scores": list(r.scores), "agrees": list(r.agrees)} for r in rows_of(lynx, replay)
+                 if r.agrees is not None]
+    path.write_text(json.dumps({"description": "the shipped organism bundle's audited rows on compare traffic "
+                                f"({', '.join(names)}): per cue, probe score and agreement label", "rows": rows})
+                    + "\n")
+    print(f"wrote {len(rows)} rows to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["transfer", "drift", "live"],
@@ -346,7 +362,12 @@ def main() -> None:
     parser.add_argument("--live-test", type=int, default=200)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fixture", help="write the statistical tests' pool of audited rows here and stop")
+    parser.add_argument("--fixture-tables", nargs="+", default=["compare-calibration", "compare-test"])
     args = parser.parse_args()
+    if args.fixture:
+        write_fixture(Path(args.out), Lynx.from_pretrained(args.bundle), Path(args.fixture), args.fixture_tables)
+        return
     out = Path(args.out)
     start = time.time()
     lynx = Lynx.from_pretrained(args.bundle)

@@ -199,3 +199,82 @@ def test_live_audit_rows_recalibrate_like_the_collected_table_of_the_same_traces
         assert a.scores == pytest.approx(b.scores, abs=1e-5)
     new = lynx.recalibrate(confidence=0.5)
     assert new.calibration.n_events == sum(len(r.scores) for r in live if r.agrees is not None)
+
+
+# --- the guarantee after recalibration, over random draws of which rows are audited ---------------------------------
+#
+# The pool: the shipped (arithmetic) bundle's probe on organism compare traffic, one row per trace with its cues'
+# scores and agreement labels (`benchmarks/recalibration.py --fixture`). The pool is the traffic: each draw audits
+# N rows drawn uniformly (i.i.d.) from it, recalibrates on them, and measures the changed-answer rate the new
+# threshold has on the whole pool, i.e. on fresh rows of the same traffic (the population rate, so the only noise is
+# the draw's). Marginal: the mean over draws is at most δ; PAC: the share of draws above δ is at most α.
+
+from pathlib import Path  # noqa: E402
+
+AUDIT_FIXTURE = Path(__file__).parent / "fixtures" / "organism_compare_audit_rows.json"
+AUDIT_DRAWS = 300
+AUDITED = 200
+
+
+@pytest.fixture(scope="module")
+def pool():
+    if not AUDIT_FIXTURE.exists():
+        pytest.skip("run benchmarks/recalibration.py --fixture first")
+    data = json.loads(AUDIT_FIXTURE.read_text())
+    rows = [observe_row(SETTINGS, 0.9, "x", ["x" if a else "y" for a in r["agrees"]], torch.tensor(r["scores"]), -1)
+            for r in data["rows"]]
+    scores = torch.tensor([s for r in rows for s in r.scores], dtype=torch.float64)
+    agrees = torch.tensor([a for r in rows for a in r.agrees], dtype=torch.bool)
+    row_of = torch.tensor([i for i, r in enumerate(rows) for _ in r.scores])
+    return rows, scores, agrees, row_of
+
+
+def _pool_rate(pool, tau, guarantee):
+    """The changed-answer rate of threshold `tau` on the whole pool: per question, rows whose first exit changes the
+    answer; per event, answer-changing cues that exit."""
+    from lynx_hf.runtime.conformal import exits, first_exit
+
+    rows, scores, agrees, row_of = pool
+    if guarantee == "event":
+        return float(exits(scores[~agrees], tau).double().mean())
+    first = first_exit(scores, row_of, tau)
+    return float(((first >= 0) & ~agrees[first.clamp_min(0)]).double().sum()) / len(rows)
+
+
+def _draw_rates(pool, guarantee, settings, seed):
+    rows = pool[0]
+    g = torch.Generator().manual_seed(seed)
+    rates = {s: [] for s in settings}
+    for _ in range(AUDIT_DRAWS):
+        audited = [rows[i] for i in torch.randint(0, len(rows), (AUDITED,), generator=g).tolist()]
+        for delta, alpha in settings:
+            calibration = recalibrate_rows(audited, confidence=1 - delta, guarantee=guarantee,
+                                           risk_level=alpha).calibration
+            tau = calibration.threshold(1 - delta, guarantee, risk_level=alpha)
+            rates[delta, alpha].append(_pool_rate(pool, tau, guarantee))
+    return rates
+
+
+@pytest.mark.parametrize("guarantee", ["question", "event"])
+def test_recalibrated_changed_answer_rate_is_at_most_delta_on_average(pool, guarantee):
+    settings = [(0.1, None), (0.2, None)]
+    rates = _draw_rates(pool, guarantee, settings, seed=11)
+    for delta, alpha in settings:
+        values = torch.tensor(rates[delta, alpha], dtype=torch.float64)
+        mean, sem = float(values.mean()), float(values.std()) / math.sqrt(AUDIT_DRAWS)
+        print(f"per {guarantee}, δ={delta}: mean changed-answer rate {mean:.4f} over {AUDIT_DRAWS} draws of "
+              f"{AUDITED} audited rows")
+        assert mean <= delta + 3 * sem, (guarantee, delta, mean, sem)
+        assert mean > delta / 4, "the recalibrated thresholds should not be vacuous"
+
+
+@pytest.mark.parametrize("guarantee", ["question", "event"])
+def test_recalibrated_pac_guarantee_exceeds_delta_in_at_most_alpha_of_draws(pool, guarantee):
+    settings = [(0.1, 0.1), (0.1, None)]
+    rates = _draw_rates(pool, guarantee, settings, seed=12)
+    share = {s: sum(r > s[0] for r in rates[s]) / AUDIT_DRAWS for s in settings}
+    print(f"per {guarantee}, δ=0.1: share of draws above δ: PAC α=0.1 {share[0.1, 0.1]:.3f}, marginal "
+          f"{share[0.1, None]:.3f}")
+    tolerance = 2.33 * math.sqrt(0.1 * 0.9 / AUDIT_DRAWS)  # one-sided 99%
+    assert share[0.1, 0.1] <= 0.1 + tolerance, share
+    assert share[0.1, None] > share[0.1, 0.1], "PAC thresholds should exceed δ less often than marginal ones"
