@@ -21,6 +21,7 @@ from .errors import (
     LynxConfigError,
     LynxError,
     NotAttachedError,
+    TooFewAuditedRowsError,
     UnsupportedGenerationError,
 )
 from .runtime.exit import DEFAULT_EXIT_TEXT, answer_after_exit
@@ -73,6 +74,7 @@ __all__ = [
     "TextProbe",
     "TextProbeExit",
     "ThinkingFormat",
+    "TooFewAuditedRowsError",
     "UnsupportedGenerationError",
     "answer_after_exit",
     "answers_match",
