@@ -133,6 +133,7 @@ def test_recalibrated_lynx_keeps_probe_and_settings_and_starts_a_fresh_audit(lyn
     assert new.calibration.n_questions == 80 and new.threshold != base.threshold
     r = new.metadata["recalibration"]
     assert (r["audited_rows"], r["labels"], r["settings"]["confidence"]) == (80, "agreement", 0.8)
+    assert new.metadata["labels"] == {"probe": "gold", "calibration": "agreement"}
     assert new.metadata["problem_digests"]["calibration"][:2] == ["p0", "p1"]
     assert "test_realised_rates" not in new.metadata  # the old calibration's held-out rates do not describe it
     # settings can change in the same call

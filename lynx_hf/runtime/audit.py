@@ -655,7 +655,8 @@ def recalibrated_metadata(metadata: dict, result: Recalibration, settings: dict,
                           date: str | None = None) -> dict:
     """A bundle's metadata after `result` replaced its calibration: the probe's own entries kept, the old
     calibration's (data, AUROC, held-out rates) replaced by where the new one came from (`recalibration`: rows,
-    labels "agreement", date, settings, source; the old calibration's description kept as `previous_calibration`).
+    labels "agreement", date, settings, source; the old calibration's description kept as `previous_calibration`),
+    and `labels` saying that the probe keeps its labels and the calibration's are by agreement.
 
     Example:
         >>> rows = [observe_row(dict(guarantee="question", confidence=0.9, risk_level=None, rule="envelope"), 0.5,
@@ -664,8 +665,8 @@ def recalibrated_metadata(metadata: dict, result: Recalibration, settings: dict,
         >>> result = recalibrate_rows(rows, confidence=0.9, guarantee="question")
         >>> meta = recalibrated_metadata({"calibration_data": "500 traces"}, result, {"confidence": 0.9},
         ...                              source="audit", date="2026-12-07")
-        >>> meta["recalibration"]["audited_rows"], meta["recalibration"]["labels"], meta["calibration_labels"]
-        (20, 'agreement', 'agreement')
+        >>> meta["recalibration"]["audited_rows"], meta["labels"]
+        (20, {'probe': 'gold', 'calibration': 'agreement'})
     """
     import datetime
 
@@ -680,7 +681,8 @@ def recalibrated_metadata(metadata: dict, result: Recalibration, settings: dict,
     meta["calibration_auroc"] = auroc(cal.scores, cal.safe) if defined else None
     meta["calibration_data"] = (f"{cal.n_events} cue events from {result.used} audited rows "
                                 f"({result.agreement:.1%} agreeing with the row's full answer)")
-    meta["calibration_labels"] = "agreement"
+    previous = metadata.get("labels") if isinstance(metadata.get("labels"), dict) else {}
+    meta["labels"] = {"probe": previous.get("probe", "gold"), "calibration": "agreement"}
     meta["recalibration"] = {
         "source": source,
         "audited_rows": result.rows,
