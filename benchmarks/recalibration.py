@@ -259,80 +259,105 @@ def drift(out: Path, lynx: Lynx) -> None:
                   f"{fg.disagreements}/{fg.denominator} [{fg.lower:.3f}, {fg.upper:.3f}] | {fg.verdict} |")
 
 
-def _think_length(generated: list[int], end_ids: list[int]) -> int:
+def live(lynx_dir, n_cal: int, n_test: int, batch: int, seed: int, n_check: int) -> None:
+    """The live loop (module docstring). On the test problems both Lynx objects ride in the same `generate` calls
+    with every row audited: each one's plug-in decides live where it would exit (`last_exits`), and its audit forces
+    that exit with the construction `answer(out)` uses and compares it with the row's full answer. With `n_check`,
+    the first test batch is also run with each Lynx exiting for real, to check that the exits match the audit's."""
     from lynx_hf.pipeline.collect import think_length
-
-    return think_length(generated, end_ids)
-
-
-def live(lynx_dir, n_cal: int, n_test: int, batch: int, seed: int) -> None:
     from lynx_hf.pipeline.rollout import cut_at_eos
 
     model, tok = organism.load()
     sample = dict(do_sample=True, temperature=organism.TEMPERATURE, top_p=0.95, max_new_tokens=MAX_NEW_TOKENS)
     eos = model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos]
-    end_ids = None
 
-    def run(lynx, problems, tag):
-        nonlocal end_ids
-        """Stop-mode generate in batches with fixed seeds; per row: answer, thinking tokens, exited."""
-        rows = []
-        for k, start in enumerate(range(0, len(problems), batch)):
-            chunk = problems[start:start + batch]
-            enc = tok([organism.prompt(tok, p["question"]) for p in chunk], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
-            torch.manual_seed(seed * 1000 + k)
-            out = model.generate(**enc, stopping_criteria=[lynx.stopping_criteria()], **sample)
-            answers = lynx.answer(out)
-            width = enc.input_ids.shape[1]
-            for i, (record, answer) in enumerate(zip(lynx.last_exits, answers)):
-                generated = cut_at_eos(out[i, width:].tolist(), eos)
-                thinking = record.start - width if record.exited else _think_length(generated, end_ids)
-                rows.append({"answer": answer.answer, "thinking": thinking, "exited": record.exited,
-                             "tokens": generated})
-        return rows
+    def encode(problems):
+        return tok([organism.prompt(tok, p["question"]) for p in problems], return_tensors="pt", padding=True,
+                   add_special_tokens=False)
 
     t0 = time.time()
-    lynx = Lynx.from_pretrained(lynx_dir, model=model, tokenizer=tok, audit_rate=1.0)
-    end_ids = tok(lynx.thinking.think_end, add_special_tokens=False).input_ids
+    shipped = Lynx.from_pretrained(lynx_dir, model=model, tokenizer=tok, audit_rate=1.0)
+    end_ids = tok(shipped.thinking.think_end, add_special_tokens=False).input_ids
     cal_problems = organism.problems("compare", "calibration", n=n_cal, seed=seed)
-    run(lynx, cal_problems, "calibration")
+    for k, start in enumerate(range(0, len(cal_problems), batch)):
+        enc = encode(cal_problems[start:start + batch])
+        torch.manual_seed(seed * 1000 + k)
+        out = model.generate(**enc, stopping_criteria=[shipped.stopping_criteria()], **sample)
+        shipped.answer(out)  # settles this call's audit
+        print(f"calibration traffic: {start + enc.input_ids.shape[0]}/{n_cal} rows audited "
+              f"({time.time() - t0:.0f} s)", flush=True)
     print(f"\n### Live: audit_rate=1.0 on {n_cal} compare calibration-split problems, then `lynx.recalibrate()`\n")
-    print("```\n" + str(lynx.audit()) + "\n```\n")
-    recal = lynx.recalibrate()
+    print("```\n" + str(shipped.audit()) + "\n```\n")
+    recal = shipped.recalibrate()
     r = recal.metadata["recalibration"]
     print(f"recalibrated on {r['rows_used']} audited rows ({r['events']} cue events, {r['rows_with_cues']} rows with "
-          f"a cue); threshold at c = 0.9 per question: shipped {lynx.threshold:.4f}, recalibrated "
-          f"{recal.threshold:.4f} ({time.time() - t0:.0f} s so far)\n")
+          f"a cue); threshold at c = 0.9 per question: shipped {shipped.threshold:.4f}, recalibrated "
+          f"{recal.threshold:.4f} ({time.time() - t0:.0f} s)\n", flush=True)
+    shipped.reset_audit()  # the test rows' audit starts here, for both
     test_problems = organism.problems("compare", "test", n=n_test, seed=seed)
-    full = run(recal, test_problems, "full")  # audit_rate=1.0: every row runs in full and is audited
-    fresh = recal.audit()
-    shipped = Lynx.from_pretrained(lynx_dir, model=model, tokenizer=tok)
-    exiting = copy.copy(recal)
-    exiting.audit_rate = 0.0
-    print(f"Held-out: {n_test} compare test problems, each sampled three times with the same seeds (full, shipped "
-          f"exiting, recalibrated exiting); c = 0.9 per question, δ = 0.10.\n")
-    print("| Lynx | τ | rows exited | thinking saved | changed-answer rate | accuracy | same trace up to the exit |")
-    print("|---|---|---|---|---|---|---|")
     gold = [p["answer"] for p in test_problems]
-    full_thinking = sum(x["thinking"] for x in full)
-    full_acc = np.mean([x["answer"] is not None and answers_match(x["answer"], g) for x, g in zip(full, gold)])
-    print(f"| full reasoning | - | 0 | 0.0% | - | {full_acc:.3f} | - |")
-    for name, which in (("shipped", shipped), ("recalibrated", exiting)):
-        rows = run(which, test_problems, name)
-        referenced = [(x, f) for x, f in zip(rows, full) if f["answer"] is not None]
-        changed = sum(x["exited"] and not answers_match(x["answer"], f["answer"]) for x, f in referenced)
-        same = sum(x["tokens"][: max(x["thinking"], 0)] == f["tokens"][: max(x["thinking"], 0)]
-                   for x, f in zip(rows, full) if x["exited"])
-        exited = sum(x["exited"] for x in rows)
-        acc = np.mean([x["answer"] is not None and answers_match(x["answer"], g) for x, g in zip(rows, gold)])
-        saved = 1 - sum(x["thinking"] for x in rows) / full_thinking
-        print(f"| {name} | {which.threshold:.4f} | {exited}/{len(rows)} | {saved:.1%} | {changed}/{len(referenced)} = "
-              f"{changed / max(len(referenced), 1):.3f} | {acc:.3f} | {same}/{exited} |")
-    print(f"\nThe recalibrated Lynx's own audit on the {n_test} test rows (fresh traffic, its first audit):\n")
-    print("```\n" + str(fresh) + "\n```")
+    full_thinking, full_answers, seen = [], [], 0
+    thinking = {"shipped": [], "recalibrated": []}
+    for k, start in enumerate(range(0, len(test_problems), batch)):
+        chunk = test_problems[start:start + batch]
+        enc = encode(chunk)
+        width = enc.input_ids.shape[1]
+        torch.manual_seed(seed * 1000 + 500 + k)
+        out = model.generate(**enc, stopping_criteria=[shipped.stopping_criteria(), recal.stopping_criteria()],
+                             **sample)
+        for name, which in (("shipped", shipped), ("recalibrated", recal)):
+            records = which.last_exits
+            which.answer(out)
+            for i, record in enumerate(records):
+                generated = cut_at_eos(out[i, width:].tolist(), eos)
+                full = think_length(generated, end_ids)
+                exits_here = record.would_exit and not record.by_budget
+                thinking[name].append(record.start - width if exits_here else full)
+                if name == "shipped":
+                    full_thinking.append(full)
+                    full_answers.append(organism.extract_answer(tok.decode(generated, skip_special_tokens=True)))
+        seen += len(chunk)
+        if k == 0 and n_check:  # the same batch and seed, so the same samples up to each exit
+            check(model, tok, lynx_dir, recal, chunk, seed * 1000 + 500, sample, shipped.audit_log.rows,
+                  recal.audit_log.rows, encode)
+        print(f"\n#### Held-out compare test problems: {seen}/{n_test} ({time.time() - t0:.0f} s)\n")
+        print("c = 0.9 per question, δ = 0.10. Exit decisions by each Lynx's live plug-in (both in the same "
+              "generate calls, every row audited, so every row also ran in full); the answer at the exit is the "
+              "audit's forced exit, the construction `lynx.answer(out)` uses; changed = it differs from the row's "
+              "full answer.\n")
+        print("| Lynx | τ | rows that exit | thinking saved | changed-answer rate | accuracy (gold) |")
+        print("|---|---|---|---|---|---|")
+        acc_full = np.mean([a is not None and answers_match(a, g) for a, g in zip(full_answers, gold[:seen])])
+        print(f"| full reasoning | - | 0/{seen} | 0.0% | - | {acc_full:.3f} |")
+        for name, which in (("shipped", shipped), ("recalibrated", recal)):
+            rows = which.audit_log.rows
+            referenced = [x for x in rows if x.reference is not None]
+            changed = sum(x.changed for x in referenced)
+            answers = [x.exit_answer if x.would_exit else f for x, f in zip(rows, full_answers)]
+            acc = np.mean([a is not None and answers_match(a, g) for a, g in zip(answers, gold[:seen])])
+            saved = 1 - sum(thinking[name]) / sum(full_thinking)
+            print(f"| {name} | {which.threshold:.4f} | {sum(x.would_exit for x in rows)}/{len(rows)} | {saved:.1%} | "
+                  f"{changed}/{len(referenced)} = {changed / max(len(referenced), 1):.3f} | {acc:.3f} |")
+        print(f"\nThe recalibrated Lynx's audit on these test rows (fresh traffic, its first audit):\n")
+        print("```\n" + str(recal.audit()) + "\n```", flush=True)
     print(f"\nlive part: {time.time() - t0:.0f} s")
+
+
+def check(model, tok, lynx_dir, recal, problems, seed, sample, shipped_rows, recal_rows, encode) -> None:
+    """Run `problems` (the first test batch, same seed) with each Lynx exiting for real (stop mode,
+    `answer(out)`), and count rows whose exit position and answer equal what the audit recorded."""
+    enc = encode(problems)
+    for name, which, rows in (("shipped", Lynx.from_pretrained(lynx_dir, model=model, tokenizer=tok), shipped_rows),
+                              ("recalibrated", copy.copy(recal), recal_rows)):
+        which.audit_rate = 0.0
+        torch.manual_seed(seed)
+        out = model.generate(**enc, stopping_criteria=[which.stopping_criteria()], **sample)
+        answers = which.answer(out)
+        same = sum((rec.exited == row.would_exit) and (not rec.exited or answers_match(a.answer, row.exit_answer))
+                   for rec, a, row in zip(which.last_exits, answers, rows))
+        print(f"check, {name} exiting for real on {len(problems)} test problems: {same}/{len(problems)} rows exit "
+              "where the audit said and give the audit's exit answer", flush=True)
 
 
 def write_fixture(out: Path, lynx: Lynx, path: Path, names=("compare-calibration", "compare-test")) -> None:
@@ -359,6 +384,8 @@ def main() -> None:
     parser.add_argument("--bundle", default=str(organism.BUNDLE_DIR))
     parser.add_argument("--live-cal", type=int, default=200)
     parser.add_argument("--live-test", type=int, default=200)
+    parser.add_argument("--live-check", type=int, default=1, help="1: also run the first test batch with each Lynx "
+                        "exiting for real, to check the audit's exits (0: skip)")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fixture", help="write the statistical tests' pool of audited rows here and stop")
@@ -375,7 +402,7 @@ def main() -> None:
     if "drift" in args.parts:
         drift(out, lynx)
     if "live" in args.parts:
-        live(args.bundle, args.live_cal, args.live_test, args.batch, args.seed)
+        live(args.bundle, args.live_cal, args.live_test, args.batch, args.seed, args.live_check)
     print(f"\ntotal {time.time() - start:.0f} s")
 
 
