@@ -230,7 +230,7 @@ def drift(out: Path, lynx: Lynx) -> None:
     print(f"Shipped calibration, audit of {g.rows} T = 1.6 rows at c = 0.9 per question: {g.disagreements}/"
           f"{g.denominator} = {g.rate:.3f} changed, 95% CS [{g.lower:.3f}, {g.upper:.3f}]: **{g.verdict}**\n")
     print(f"Then recalibrated on the first N of those rows; fresh rows: {test.n_traces} held-out T = 1.6 test problems "
-          "(per question, marginal).\n")
+          f"(per question, marginal; full reasoning accuracy {float(test.correct.double().mean()):.3f}).\n")
     print("| calibration | N | c | δ | τ | thinking saved | accuracy | changed-answer rate | premature (gold) | "
           "audit of it on the fresh rows (95% CS) | verdict |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
