@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast organism bench install clean
+.PHONY: demo test test-fast organism bench install check-wheel clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ organism: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
+
+# the wheel from this checkout in a fresh virtualenv with the runtime dependencies only, running the one-line usage
+check-wheel: $(STAMP)
+	PYTHON=$(PY) bash scripts/check_wheel.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,7 +13,7 @@ Three parts (`--parts`, default all), each printing markdown tables:
   calibration's audit on it, then recalibration on N rows of it, then the audit of the new calibration and its
   rates on fresh T = 1.6 test rows.
 * **live**: the loop a user runs, with real `generate` calls: `audit_rate=1.0` on compare calibration-split
-  problems (stop mode, `lynx.stopping_criteria()` + `lynx.answer(out)`), `lynx.recalibrate()`, then held-out compare
+  problems (stop mode, `lynx.stopper()` + `lynx.answer(out)`), `lynx.recalibrate()`, then held-out compare
   test problems sampled three times with the same seeds (so every row's trace is the same up to its exit): fully
   (the recalibrated Lynx with every row audited: full answers, and the new calibration's own audit), with the
   shipped Lynx exiting, and with the recalibrated Lynx exiting. Thinking saved and changed-answer rate per Lynx.
@@ -283,7 +283,7 @@ def live(lynx_dir, n_cal: int, n_test: int, batch: int, seed: int, n_check: int)
     for k, start in enumerate(range(0, len(cal_problems), batch)):
         enc = encode(cal_problems[start:start + batch])
         torch.manual_seed(seed * 1000 + k)
-        out = model.generate(**enc, stopping_criteria=[shipped.stopping_criteria()], **sample)
+        out = model.generate(**enc, stopping_criteria=[shipped.stopper()], **sample)
         shipped.answer(out)  # settles this call's audit
         print(f"calibration traffic: {start + enc.input_ids.shape[0]}/{n_cal} rows audited "
               f"({time.time() - t0:.0f} s)", flush=True)
@@ -304,7 +304,7 @@ def live(lynx_dir, n_cal: int, n_test: int, batch: int, seed: int, n_check: int)
         enc = encode(chunk)
         width = enc.input_ids.shape[1]
         torch.manual_seed(seed * 1000 + 500 + k)
-        out = model.generate(**enc, stopping_criteria=[shipped.stopping_criteria(), recal.stopping_criteria()],
+        out = model.generate(**enc, stopping_criteria=[shipped.stopper(), recal.stopper()],
                              **sample)
         for name, which in (("shipped", shipped), ("recalibrated", recal)):
             records = which.last_exits
@@ -352,7 +352,7 @@ def check(model, tok, lynx_dir, recal, problems, seed, sample, shipped_rows, rec
                               ("recalibrated", copy.copy(recal), recal_rows)):
         which.audit_rate = 0.0
         torch.manual_seed(seed)
-        out = model.generate(**enc, stopping_criteria=[which.stopping_criteria()], **sample)
+        out = model.generate(**enc, stopping_criteria=[which.stopper()], **sample)
         answers = which.answer(out)
         same = sum((rec.exited == row.would_exit) and (not rec.exited or answers_match(a.answer, row.exit_answer))
                    for rec, a, row in zip(which.last_exits, answers, rows))

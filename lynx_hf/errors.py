@@ -25,5 +25,10 @@ class NotAttachedError(LynxError, RuntimeError):
     """A plug-in used before `Lynx` was attached to a model."""
 
 
+class MissingExtraError(LynxError, ImportError):
+    """A feature whose optional dependencies are not installed; the message names the extra that brings them
+    (`pip install "lynx-hf[eval]"`)."""
+
+
 class TooFewAuditedRowsError(LynxError, ValueError):
     """Too few audited rows to certify the requested confidence when recalibrating (the message says how many more)."""

@@ -176,7 +176,7 @@ def test_live_audit_rows_recalibrate_like_the_collected_table_of_the_same_traces
     enc = tok([organism.prompt(tok, p["question"]) for p in problems], return_tensors="pt", padding=True,
               add_special_tokens=False)
     torch.manual_seed(0)
-    out = model.generate(**enc, stopping_criteria=[lynx.stopping_criteria()], do_sample=True,
+    out = model.generate(**enc, stopping_criteria=[lynx.stopper()], do_sample=True,
                          temperature=organism.TEMPERATURE, top_p=0.95, max_new_tokens=600)
     lynx.answer(out)
     live = lynx.audit_log.rows

@@ -17,10 +17,10 @@ from .replay import Replay
 
 def replay_rows(table: EventTable, scores: torch.Tensor, threshold: float, settings: dict, *,
                 probe: str | None = None) -> list[AuditRow]:
-    """The audit's rows for a collected event table, in table order: would-exit = first cue scoring at or above
-    `threshold`, forced answers from the table, reference = each trace's full answer. Each row keeps its cues'
-    scores, agreement labels and prompt digest, as a live audited row does (`probe`: the scoring probe's digest),
-    so the rows can recalibrate a bundle (`Lynx.recalibrate(rows)`).
+    """The audit's rows for a collected event table, in table order, each trace its own batch (one look per trace):
+    would-exit = first cue scoring at or above `threshold`, forced answers from the table, reference = each trace's
+    full answer. Each row keeps its cues' scores, agreement labels and prompt digest, as a live audited row does
+    (`probe`: the scoring probe's digest), so the rows can recalibrate a bundle (`Lynx.recalibrate(rows)`).
 
     Example:
         >>> from lynx_hf.pipeline.events import EventTable
@@ -42,7 +42,7 @@ def replay_rows(table: EventTable, scores: torch.Tensor, threshold: float, setti
         stop = start + counts[t]
         hits = torch.nonzero(above[start:stop]).flatten()
         out.append(observe_row(settings, threshold, trace["answer"], table.answers[start:stop], scores[start:stop],
-                               int(hits[0]) if len(hits) else -1,
+                               int(hits[0]) if len(hits) else -1, batch=t,  # one trace per look
                                prompt=prompt_digest(trace["token_ids"][: trace["prompt_length"]]), probe=probe))
         start = stop
     return out
