@@ -166,6 +166,7 @@ def cmd_recalibrate(args) -> None:
     from .runtime.audit import AuditLog
     from .runtime.bundle import Lynx
 
+    _organism_defaults(args, "recalibrate")
     bundle = args.bundle
     if bundle is None:
         from . import organism  # the default bundle
@@ -567,15 +568,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recalibrate", help="recalibrate a bundle on its audited rows (a saved audit log) or on an "
                                            "event table, labels by agreement with each row's full answer")
-    p.add_argument("--bundle", help="bundle folder or Hub id (default: the organism's)")
+    p.add_argument("--bundle", help="bundle folder or Hub id (default: the organism's shipped bundle)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--audit-log", help="JSON written by lynx.audit_log.save(path)")
-    source.add_argument("--events", help="event table folder written by `collect` (its gold labels are not used)")
+    source.add_argument("--audit-log", help="JSON written by lynx.audit_log.save(path) (default: none; give this or "
+                                            "--events)")
+    source.add_argument("--events", help="event table folder written by `collect`, its gold labels not used (default: "
+                                         "none; give this or --audit-log)")
     p.add_argument("--out", required=True, help="folder for the recalibrated bundle")
-    p.add_argument("--confidence", type=float, default=0.9)
-    p.add_argument("--guarantee", choices=["question", "event"], default=DEFAULT_GUARANTEE)
+    p.add_argument("--confidence", type=float, default=0.9, help="confidence c the new calibration must certify")
+    p.add_argument("--guarantee", choices=GUARANTEES, default=DEFAULT_GUARANTEE,
+                   help="question (share of questions whose exit changes the answer <= 1 - c) or event")
     p.add_argument("--risk-level", type=float, help="PAC risk level alpha (default: marginal)")
-    p.add_argument("--rule", choices=["envelope", "paper"], default="envelope")
+    p.add_argument("--rule", choices=["envelope", "paper"], default="envelope", help="per-event threshold rule")
     p.set_defaults(func=cmd_recalibrate)
 
     p = sub.add_parser("demo", help="the whole method on the shipped model organism, in minutes on a CPU")
