@@ -24,6 +24,7 @@ from .errors import (
     LynxError,
     MissingExtraError,
     NotAttachedError,
+    TooFewAuditedRowsError,
     UnsupportedGenerationError,
 )
 from .runtime.exit import DEFAULT_EXIT_TEXT, ExitAnswer, LynxAnswer, answer_after_exit
@@ -87,6 +88,7 @@ __all__ = [
     "TextProbeExit",
     "ThinkingBudgetCriteria",
     "ThinkingFormat",
+    "TooFewAuditedRowsError",
     "UnsupportedGenerationError",
     "answer_after_exit",
     "answers_match",

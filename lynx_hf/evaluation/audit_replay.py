@@ -9,16 +9,18 @@ from collections.abc import Iterable
 import torch
 
 from ..pipeline.events import EventTable
-from ..runtime.audit import AuditRow, audit_report, check_cs_level, observe_row
+from ..runtime.audit import AuditRow, audit_report, check_cs_level, observe_row, probe_digest, prompt_digest
 from ..runtime.bundle import Lynx
 from ..runtime.conformal import check_guarantee, check_risk_level, exits
 from .replay import Replay
 
 
-def replay_rows(table: EventTable, scores: torch.Tensor, threshold: float, settings: dict) -> list[AuditRow]:
+def replay_rows(table: EventTable, scores: torch.Tensor, threshold: float, settings: dict, *,
+                probe: str | None = None) -> list[AuditRow]:
     """The audit's rows for a collected event table, in table order, each trace its own batch (one look per trace):
     would-exit = first cue scoring at or above `threshold`, forced answers from the table, reference = each trace's
-    full answer.
+    full answer. Each row keeps its cues' scores, agreement labels and prompt digest, as a live audited row does
+    (`probe`: the scoring probe's digest), so the rows can recalibrate a bundle (`Lynx.recalibrate(rows)`).
 
     Example:
         >>> from lynx_hf.pipeline.events import EventTable
@@ -40,9 +42,23 @@ def replay_rows(table: EventTable, scores: torch.Tensor, threshold: float, setti
         stop = start + counts[t]
         hits = torch.nonzero(above[start:stop]).flatten()
         out.append(observe_row(settings, threshold, trace["answer"], table.answers[start:stop], scores[start:stop],
-                               int(hits[0]) if len(hits) else -1, batch=t))  # one trace per look
+                               int(hits[0]) if len(hits) else -1, batch=t,  # one trace per look
+                               prompt=prompt_digest(trace["token_ids"][: trace["prompt_length"]]), probe=probe))
         start = stop
     return out
+
+
+def table_rows(lynx: Lynx, table: EventTable) -> list[AuditRow]:
+    """The audited rows a `Lynx` would have logged had it audited every trace of `table` (its probe's scores, its
+    current settings and threshold), labels by agreement with each trace's full answer: what `lynx-hf recalibrate
+    --events` calibrates on. The table's gold labels, if any, are not used.
+
+    Example:
+        >>> rows = table_rows(Lynx.from_pretrained(organism.BUNDLE_DIR), EventTable.load("events/cal"))  # doctest: +SKIP
+    """
+    scores = Replay.from_bundle(table, lynx).scores
+    settings = dict(guarantee=lynx.guarantee, confidence=lynx.confidence, risk_level=lynx.risk_level, rule=lynx.rule)
+    return replay_rows(table, scores, lynx.threshold, settings, probe=probe_digest(lynx.probe))
 
 
 def gold_rate(table: EventTable, scores: torch.Tensor, threshold: float, guarantee: str) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from .cues import CueDetector
 from ..errors import CorruptedBundleError, LynxConfigError, NotAttachedError
 from .exit import LynxAnswer, answer_after_exit, brace_delta, exit_cut, finished_answer, reusable_cache, vocab_size
 from .answers import close_box
-from .audit import AuditLog, AuditReport, check_cs_level
+from .audit import AuditLog, AuditReport, AuditRow, check_cs_level
 from .monitor import ExitRecord, GenerateCall, LastCall, ModelTap
 from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria, criterion_signature
 from .probe import LynxProbe
@@ -300,6 +301,75 @@ class Lynx(
         level = check_cs_level(cs_level, alpha)
         self._audit_log.settle()
         return self._audit_log.report(cs_level=level, max_unsafe=self.calibration.max_unsafe_per_question)
+
+    def recalibrate(self, audit_log: "AuditLog | Iterable[AuditRow] | None" = None, *,
+                    confidence: float | None = None, guarantee: str | None = None,
+                    risk_level: float | None = ..., rule: str | None = None) -> "Lynx":
+        """A new `Lynx` with this one's probe and settings and a calibration built from its audited rows.
+
+        The audit forces an exit at every cue of an audited row and compares each forced answer with the row's own
+        full answer; those comparisons are labels ("exiting here would not change the answer"), and with the
+        cues' probe scores they calibrate exactly as a collected event table does (`runtime.audit.recalibrate_rows`).
+        The guarantee then reads "the exit changes the final answer in at most 1 - c of questions" (per question;
+        per event: "an answer-changing cue exits with probability at most 1 - c"), for traffic like the audited
+        rows: it assumes they are a uniform random sample of the traffic the new calibration serves, and that this
+        traffic stays the same (if it drifts, the new `Lynx`'s own audit flags it, and you recalibrate again).
+
+        The new `Lynx` starts with a fresh audit log (rows that calibrated it never audit it), keeps the binding,
+        `audit_rate` and `audit_seed`, and records in `metadata["recalibration"]` where its calibration came from
+        (audited rows, labels by agreement, date, settings), which `save_pretrained` writes into its model card.
+
+        Args:
+            audit_log: the rows to calibrate on (default: this `Lynx`'s own `audit_log`, finished calls settled
+                first); an `AuditLog` (e.g. `AuditLog.load(path)`) or audited rows.
+            confidence: the confidence the new calibration must certify (default: this one's).
+            guarantee: ``"question"`` or ``"event"`` (default: this one's).
+            risk_level: None (marginal) or α (PAC) (default: this one's).
+            rule: the per-event threshold rule (default: this one's).
+
+        Returns:
+            The recalibrated `Lynx`.
+
+        Raises:
+            TooFewAuditedRowsError: too few audited rows to certify the confidence; the message says how many more.
+            LynxConfigError: the rows were scored by another probe, or come from a log too old to keep scores.
+
+        Example:
+
+        ```python
+        >>> from lynx_hf import Lynx, organism
+        >>> model, tok = organism.load()
+        >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, audit_rate=1.0)
+        >>> questions = [p["question"] for p in organism.problems("compare", "calibration", n=4)]
+        >>> enc = tok([organism.prompt(tok, q) for q in questions], return_tensors="pt", padding=True,
+        ...           add_special_tokens=False)
+        >>> out = model.generate(**enc, stopping_criteria=[lynx.stopper()], max_new_tokens=600)
+        >>> _ = lynx.answer(out)
+        >>> lynx.recalibrate(confidence=0.5).metadata["recalibration"]["audited_rows"]
+        4
+
+        ```
+        """
+        from .audit import probe_digest, recalibrate_rows, recalibrated_metadata
+
+        if self.probe is None:
+            raise LynxConfigError("A budget-only Lynx (Lynx.budget) has no probe to recalibrate: load a bundle with "
+                                  "Lynx.from_pretrained(..., audit_rate=...) and audit traffic with it.")
+        if audit_log is None:
+            self._audit_log.settle()
+            audit_log = self._audit_log
+        rows = audit_log.rows if isinstance(audit_log, AuditLog) else list(audit_log)
+        settings = dict(
+            confidence=_check_confidence(self._confidence if confidence is None else confidence),
+            guarantee=check_guarantee(self._guarantee if guarantee is None else guarantee),
+            risk_level=check_risk_level(self._risk_level if risk_level is ... else risk_level),
+            rule=check_rule(self._rule if rule is None else rule))
+        result = recalibrate_rows(rows, probe=probe_digest(self.probe), **settings)
+        metadata = recalibrated_metadata(self.metadata, result, settings, source="the live audit")
+        new = self._replica(self.config, self.probe, result.calibration, metadata)
+        new._confidence, new._guarantee = settings["confidence"], settings["guarantee"]
+        new._risk_level, new._rule = settings["risk_level"], settings["rule"]
+        return new
 
     def reset_audit(self) -> None:
         """Forget the audited rows (and calls not yet checked) and restart the audit draws."""
