@@ -7,6 +7,7 @@
     lynx-hf push      --bundle bundle/ --repo-id you/lynx-organism
     lynx-hf eval      --model organism --bundle bundle/ --events events/test
     lynx-hf audit     --bundle bundle/ --events events/test --guarantee question --step 25
+    lynx-hf recalibrate --bundle bundle/ --audit-log audit.json --out recalibrated/
     lynx-hf build     --model organism --problems organism:arithmetic:train --out runs/build [--dry-run] [--repo-id REPO]
     lynx-hf build     --model organism --problems prompts.jsonl --labels agreement --out runs/unlabelled
     lynx-hf demo
@@ -165,8 +166,37 @@ def cmd_audit(args) -> None:
     _organism_defaults(args, "audit")
 
     for text in replay_audit(args.bundle, args.events, confidence=args.confidence, guarantee=args.guarantee,
-                             risk_level=args.risk_level, alpha=args.alpha, step=args.step):
+                             risk_level=args.risk_level, cs_level=args.cs_level, step=args.step,
+                             alpha=args.alpha):
         print(text, end="\n\n")
+
+
+def cmd_recalibrate(args) -> None:
+    from .runtime.audit import AuditLog
+    from .runtime.bundle import Lynx
+
+    _organism_defaults(args, "recalibrate")
+    bundle = args.bundle
+    if bundle is None:
+        from . import organism  # the default bundle
+
+        bundle = organism.BUNDLE_DIR
+    lynx = Lynx.from_pretrained(bundle)
+    if args.audit_log:
+        rows, source = AuditLog.load(args.audit_log).rows, f"audit log {args.audit_log}"
+    else:
+        from .evaluation.audit_replay import table_rows
+        from .pipeline.events import EventTable
+
+        rows, source = table_rows(lynx, EventTable.load(args.events)), f"event table {args.events}"
+    new = lynx.recalibrate(rows, confidence=args.confidence, guarantee=args.guarantee, risk_level=args.risk_level,
+                           rule=args.rule)
+    new.metadata["recalibration"]["source"] = source
+    new.save_pretrained(args.out)
+    r = new.metadata["recalibration"]
+    print(f"recalibrated on {r['rows_used']} of {r['audited_rows']} audited rows ({r['events']} cue events, labels "
+          f"by agreement with each row's full answer) from {source}; threshold at c = {new.confidence:g} per "
+          f"{new.guarantee}: {lynx.threshold:.4f} -> {new.threshold:.4f}; saved to {args.out}")
 
 
 def cmd_demo(args) -> None:
@@ -561,9 +591,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which guarantee's threshold: question (share of questions with a premature exit <= 1 - c) "
                         "or event (an unsafe cue exits with probability <= 1 - c)")
     p.add_argument("--risk-level", type=float, help="PAC risk level alpha of the threshold (default: marginal)")
-    p.add_argument("--alpha", type=float, default=0.05, help="miscoverage of the confidence sequence")
+    p.add_argument("--cs-level", type=float, default=0.95,
+                   help="coverage of the audit's anytime-valid confidence sequences (default 0.95)")
+    p.add_argument("--alpha", type=float, default=None, help=argparse.SUPPRESS)  # deprecated: 1 - --cs-level
     p.add_argument("--step", type=int, default=25, help="print the report after every this many rows")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("recalibrate", help="recalibrate a bundle on its audited rows (a saved audit log) or on an "
+                                           "event table, labels by agreement with each row's full answer")
+    p.add_argument("--bundle", help="bundle folder or Hub id (default: the organism's shipped bundle)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--audit-log", help="JSON written by lynx.audit_log.save(path) (default: none; give this or "
+                                            "--events)")
+    source.add_argument("--events", help="event table folder written by `collect`, its gold labels not used (default: "
+                                         "none; give this or --audit-log)")
+    p.add_argument("--out", required=True, help="folder for the recalibrated bundle")
+    p.add_argument("--confidence", type=float, default=0.9, help="confidence c the new calibration must certify")
+    p.add_argument("--guarantee", choices=GUARANTEES, default=DEFAULT_GUARANTEE,
+                   help="question (share of questions whose exit changes the answer <= 1 - c) or event")
+    p.add_argument("--risk-level", type=float, help="PAC risk level alpha (default: marginal)")
+    p.add_argument("--rule", choices=["envelope", "paper"], default="envelope", help="per-event threshold rule")
+    p.set_defaults(func=cmd_recalibrate)
 
     p = sub.add_parser("demo", help="the whole method on the shipped model organism, in minutes on a CPU")
     p.add_argument("--n", type=int, default=200, help="problems per family")
@@ -605,7 +653,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    library = logging.getLogger("lynx_hf")  # the CLI prints through the root logger, at its own level
+    library.setLevel(level)
+    library.propagate = True
+    for handler in [h for h in library.handlers if isinstance(h, logging.StreamHandler)]:
+        library.removeHandler(handler)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, OSError, ImportError) as error:

@@ -103,3 +103,16 @@ class MissingExtraError(LynxError, ImportError):
         >>> issubclass(MissingExtraError, ImportError)
         True
     """
+
+
+class TooFewAuditedRowsError(LynxError, ValueError):
+    """Too few audited rows to certify the requested confidence when recalibrating (the message says how many more).
+
+    Recalibration from audited traffic needs enough rows for the confidence asked; audit more traffic, or ask for a
+    lower confidence. It is also a `ValueError`.
+
+    Example:
+        >>> from lynx_hf import TooFewAuditedRowsError
+        >>> issubclass(TooFewAuditedRowsError, ValueError)
+        True
+    """

@@ -253,7 +253,7 @@ class Collector:
                 None finds them.
 
         Returns:
-            `(events, features, answers)`: the events, their `[E, d]` features and one `ExitAnswer` each.
+            `(events, features, answers)`: the events, their `[E, d]` features and one `LynxAnswer` each.
 
         Example:
             >>> from lynx_hf import organism

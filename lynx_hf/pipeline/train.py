@@ -520,8 +520,11 @@ def load_probe_folder(folder) -> tuple[LynxProbe, dict]:
 def describe(table: EventTable) -> str:
     """One line about a table: events, traces, share safe, and (agreement labels) traces dropped.
 
+    Any table with `safe` and `n_traces` will do (the text-only controls' `TextEvents` too); only an `EventTable`
+    knows its labels and dropped traces.
+
     Args:
-        table: An event table.
+        table: An event table (or `TextEvents`).
 
     Returns:
         The line, as the model card and the logs show it.
@@ -532,6 +535,6 @@ def describe(table: EventTable) -> str:
     """
     safe = float(table.safe.double().mean()) if len(table) else float("nan")
     line = f"{len(table)} events from {table.n_traces} traces ({safe:.1%} safe)"
-    if table.settings.get("labels") == "agreement" or table.dropped:
+    if getattr(table, "settings", {}).get("labels") == "agreement" or getattr(table, "dropped", None):
         line = line[:-1] + f", {table_labels(table)} labels; {len(table.dropped)} traces dropped: no full answer)"
     return line
