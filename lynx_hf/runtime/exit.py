@@ -150,8 +150,16 @@ ExitAnswer = LynxAnswer  # the former name, still importable
 
 
 def response_text(tokenizer, generation_ids: Sequence[int], think_end: str | None) -> str:
-    """The final response in a generation: its text after the last end-of-thinking marker, with special tokens
-    removed and leading whitespace stripped ("" if the thinking never closed; all of it if there is no marker).
+    """The final response in a generation: its text after the last end-of-thinking marker.
+
+    Args:
+        tokenizer: Decodes the generation.
+        generation_ids: The generated ids.
+        think_end: The end-of-thinking marker; None means the generation has no thinking block.
+
+    Returns:
+        The text after the last marker, special tokens removed and leading whitespace stripped; "" if the thinking
+        never closed, all of it if `think_end` is None.
 
     Example:
         >>> from lynx_hf import organism
@@ -173,9 +181,30 @@ def response_text(tokenizer, generation_ids: Sequence[int], think_end: str | Non
 def finished_answer(tokenizer, generation_ids: Sequence[int], think_end: str | None, *,
                     token_ids: Sequence[int] = (), answer: str | None = None,
                     confidence: float = float("nan")) -> LynxAnswer:
-    """A `LynxAnswer` from a row's whole generation as answered (`generation_ids`: its generated ids, or for an
-    exited row its thinking up to the exit, the exit ids and the answer ids): one construction of `text` and
-    `full_text` for exited and non-exited rows. `answer` defaults to the last box of the generation."""
+    """A `LynxAnswer` from a row's whole generation as answered.
+
+    One construction of `text` and `full_text` for exited and non-exited rows.
+
+    Args:
+        tokenizer: Decodes the generation.
+        generation_ids: The row's generated ids, or for an exited row its thinking up to the exit, the exit ids and
+            the answer ids.
+        think_end: The end-of-thinking marker (see `response_text`).
+        token_ids: The greedy answer's ids after the exit text (empty for a row that did not exit).
+        answer: The answer; None takes the last box of the generation.
+        confidence: The model's confidence in an exited row's answer (NaN otherwise).
+
+    Returns:
+        The row's `LynxAnswer`.
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> _, tok = organism.load()
+        >>> ids = tok("3 + 4 = 7.</think> Final Answer: \\\\boxed{7}", add_special_tokens=False).input_ids
+        >>> a = finished_answer(tok, ids, "</think>")
+        >>> a.answer, a.text
+        ('7', 'Final Answer: \\\\boxed{7}')
+    """
     full_text = tokenizer.decode(list(generation_ids), skip_special_tokens=True)
     return LynxAnswer(token_ids=list(token_ids), text=response_text(tokenizer, generation_ids, think_end),
                       answer=extract_boxed(full_text) if answer is None else answer, confidence=confidence,
@@ -208,13 +237,15 @@ def answer_after_exit(
     Args:
         model: The transformers causal LM that generated `sequences`.
         tokenizer: Its tokenizer (decodes the answers).
-        sequences: `[B, T]` token ids, prompt and thinking; left padding allowed.
+        sequences: `[B, T]` token ids, prompt and thinking (a tensor or a list of equally long rows); left
+            padding allowed.
         cuts: One prefix length per row (from `exit_cut`), in `sequences`' padded coordinates.
         exit_ids: The exit text's token ids, appended after each row's cut.
         attention_mask: `[B, T]`, 0 on padding; None treats every token as text.
         past_key_values: A cache of `sequences` to reuse (consumed), e.g. the one `generate` returns; None or a
             non-reusable cache builds a fresh one.
         max_new_tokens: Most answer tokens per row (default 16).
+        think_end: The end-of-thinking marker; each answer's `text` starts after it (default `"</think>"`).
 
     Returns:
         One `LynxAnswer` per row, in row order.
