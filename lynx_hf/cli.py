@@ -7,7 +7,9 @@
     lynx-hf push      --bundle bundle/ --repo-id you/lynx-organism
     lynx-hf eval      --model organism --bundle bundle/ --events events/test
     lynx-hf audit     --bundle bundle/ --events events/test --guarantee question --step 25
+    lynx-hf recalibrate --bundle bundle/ --audit-log audit.json --out recalibrated/
     lynx-hf build     --model organism --problems organism:arithmetic:train --out runs/build [--dry-run] [--repo-id REPO]
+    lynx-hf build     --model organism --problems prompts.jsonl --labels agreement --out runs/unlabelled
     lynx-hf demo
     lynx-hf try       organism "Ann has 5 pens and gives away 2. How many are left?"
     lynx-hf inspect   bundle/
@@ -34,9 +36,10 @@ TABLE_CONFIDENCES = (0.8, 0.85, 0.9, 0.95, 0.99)
 
 
 def cmd_collect(args) -> None:
-    from .pipeline.collect import Collector
+    from .pipeline.collect import Collector, check_problems
 
     problems = load_problems(args.problems, args.n, args.seed)  # a bad source fails before the model loads
+    check_problems(problems, args.labels)
     model, tokenizer = load_model(args.model, args.gguf_file, args.device)
     options = {"exit_text": args.exit_text, "think_start": args.think_start, "think_end": args.think_end,
                "thinking": args.thinking}
@@ -50,22 +53,26 @@ def cmd_collect(args) -> None:
     collector = Collector(
         model, tokenizer, layers=args.layers, cues=args.cues, **options,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        answer_max_new_tokens=args.answer_max_new_tokens, prompt_fn=prompt_fn(args.model),
+        answer_max_new_tokens=args.answer_max_new_tokens, prompt_fn=prompt_fn(args.model), labels=args.labels,
     )
     table = collector.collect(problems, args.out, batch_size=args.batch_size, seed=args.seed)
     if table is None:  # a non-main process of a data-parallel run: the main one reports
         return
     safe = float(table.safe.double().mean()) if len(table) else float("nan")
-    print(f"{table.n_traces} traces, {len(table)} cue events ({safe:.1%} safe) in {args.out}")
+    dropped = f"; {len(table.dropped)} traces dropped (no full answer)" if args.labels == "agreement" else ""
+    print(f"{table.n_traces} traces, {len(table)} cue events ({safe:.1%} safe, {args.labels} labels{dropped}) in "
+          f"{args.out}")
 
 
 def cmd_train(args) -> None:
     from safetensors.torch import save_file
 
-    from .pipeline.events import EventTable
+    from .pipeline.events import EventTable, relabel, table_labels
     from .pipeline.train import describe, prompt_digests, train
 
     table = EventTable.load(args.events)
+    if args.labels:
+        table = relabel(table, args.labels)
     probe, report = train(table, seed=args.seed, max_epochs=args.max_epochs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,6 +80,7 @@ def cmd_train(args) -> None:
     (out / "probe.json").write_text(json.dumps({"probe": probe.config, "report": asdict(report),
                                                 "settings": table.settings,
                                                 "problem_digests": prompt_digests(table),
+                                                "labels": table_labels(table), "dropped": len(table.dropped),
                                                 "events": f"{args.events}: {describe(table)}"},
                                                indent=2, default=str) + "\n", encoding="utf-8")
     print(f"probe trained on {len(table)} events; validation AUROC {report.val_auroc}; saved to {out}")
@@ -90,6 +98,7 @@ def cmd_calibrate(args) -> None:
         probe, EventTable.load(args.events), EventTable.load(args.test) if args.test else None,
         settings=meta["settings"], datasets=args.datasets or [], train_note=meta.get("events", ""),
         validation_auroc=(meta.get("report") or {}).get("val_auroc"), train_digests=meta.get("problem_digests", []),
+        labels=args.labels, probe_labels=meta.get("labels"), train_dropped=meta.get("dropped"),
     )
     lynx.save_pretrained(args.out)
     aurocs = [f"{part} AUROC " + ("undefined (one class)" if lynx.metadata.get(key) is None else
@@ -115,7 +124,7 @@ def cmd_build(args) -> None:
         sizes={"train": args.train, "calibration": args.calibration, "test": args.test}, cues=args.cues,
         think_start=args.think_start, think_end=args.think_end, exit_text=args.exit_text, thinking=args.thinking,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        answer_max_new_tokens=args.answer_max_new_tokens, batch_size=args.batch_size,
+        answer_max_new_tokens=args.answer_max_new_tokens, batch_size=args.batch_size, labels=args.labels,
     )
     build(plan, args.out, device=args.device, dry_run=args.dry_run, pilot=args.pilot, push=args.repo_id,
           private=args.private, token=args.token, say=print)
@@ -157,8 +166,37 @@ def cmd_audit(args) -> None:
     _organism_defaults(args, "audit")
 
     for text in replay_audit(args.bundle, args.events, confidence=args.confidence, guarantee=args.guarantee,
-                             risk_level=args.risk_level, alpha=args.alpha, step=args.step):
+                             risk_level=args.risk_level, cs_level=args.cs_level, step=args.step,
+                             alpha=args.alpha):
         print(text, end="\n\n")
+
+
+def cmd_recalibrate(args) -> None:
+    from .runtime.audit import AuditLog
+    from .runtime.bundle import Lynx
+
+    _organism_defaults(args, "recalibrate")
+    bundle = args.bundle
+    if bundle is None:
+        from . import organism  # the default bundle
+
+        bundle = organism.BUNDLE_DIR
+    lynx = Lynx.from_pretrained(bundle)
+    if args.audit_log:
+        rows, source = AuditLog.load(args.audit_log).rows, f"audit log {args.audit_log}"
+    else:
+        from .evaluation.audit_replay import table_rows
+        from .pipeline.events import EventTable
+
+        rows, source = table_rows(lynx, EventTable.load(args.events)), f"event table {args.events}"
+    new = lynx.recalibrate(rows, confidence=args.confidence, guarantee=args.guarantee, risk_level=args.risk_level,
+                           rule=args.rule)
+    new.metadata["recalibration"]["source"] = source
+    new.save_pretrained(args.out)
+    r = new.metadata["recalibration"]
+    print(f"recalibrated on {r['rows_used']} of {r['audited_rows']} audited rows ({r['events']} cue events, labels "
+          f"by agreement with each row's full answer) from {source}; threshold at c = {new.confidence:g} per "
+          f"{new.guarantee}: {lynx.threshold:.4f} -> {new.threshold:.4f}; saved to {args.out}")
 
 
 def cmd_demo(args) -> None:
@@ -418,6 +456,21 @@ def _collection_arguments(p: argparse.ArgumentParser) -> None:
                    help="cap on each forced-exit answer's tokens (the label's answer)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per shard: a resumed run samples the same "
                                                        "traces)")
+    _labels_argument(p, default="gold")
+
+
+LABELS_HELP = ("what makes a cue safe: 'gold' (its forced answer matches the problem's gold answer; every problem "
+               "needs one; guarantee: the exit makes the final answer wrong in at most 1 - c of questions) or "
+               "'agreement' (its forced answer matches the trace's own full answer, as the live audit checks; no "
+               "gold answers needed, traces without a full answer are dropped and counted; guarantee: the exit "
+               "changes the final answer in at most 1 - c of questions). Gold answers present with 'agreement' are "
+               "kept for reporting only: one kind of labels per bundle, never mixed")
+
+
+def _labels_argument(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--labels", choices=["gold", "agreement"], default=default,
+                   help=LABELS_HELP + (" (default: %(default)s)" if default else
+                                       " (default: the labels the event table was collected with)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -457,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split and the probe's initialisation")
     p.add_argument("--max-epochs", type=int, default=200, help="most epochs (training stops early on the validation "
                                                                "loss)")
+    _labels_argument(p, default=None)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("calibrate", help="conformal calibration on held-out problems; writes the bundle")
@@ -467,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", dest="test", action=_DeprecatedAlias, new_option="--test-events")
     p.add_argument("--datasets", nargs="*", help="dataset names for the model card (default: none)")
     p.add_argument("--out", required=True, help="bundle folder")
+    _labels_argument(p, default=None)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("push", help="upload a bundle to the Hub")
@@ -516,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add 'Lynx + budget' rows (exit at a confident cue, else after B thinking tokens) and budget "
                         "forcing at B (default: none)")
     p.add_argument("--live", type=int, default=0, help="also run the plug-ins live on this many problems")
+    p.add_argument("--replay-only", action="store_true",
+                   help="only the replayed methods: skip the baselines that regenerate every trace (budget forcing, "
+                        "Lynx + budget, NoWait)")
     p.add_argument("--text-probe-train", help="event table the bundle's probe was trained on: fits the TextProbe "
                                               "control (text features, same MLP, split and calibration) "
                                               "(default: no control)")
@@ -533,9 +591,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which guarantee's threshold: question (share of questions with a premature exit <= 1 - c) "
                         "or event (an unsafe cue exits with probability <= 1 - c)")
     p.add_argument("--risk-level", type=float, help="PAC risk level alpha of the threshold (default: marginal)")
-    p.add_argument("--alpha", type=float, default=0.05, help="miscoverage of the confidence sequence")
+    p.add_argument("--cs-level", type=float, default=0.95,
+                   help="coverage of the audit's anytime-valid confidence sequences (default 0.95)")
+    p.add_argument("--alpha", type=float, default=None, help=argparse.SUPPRESS)  # deprecated: 1 - --cs-level
     p.add_argument("--step", type=int, default=25, help="print the report after every this many rows")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("recalibrate", help="recalibrate a bundle on its audited rows (a saved audit log) or on an "
+                                           "event table, labels by agreement with each row's full answer")
+    p.add_argument("--bundle", help="bundle folder or Hub id (default: the organism's shipped bundle)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--audit-log", help="JSON written by lynx.audit_log.save(path) (default: none; give this or "
+                                            "--events)")
+    source.add_argument("--events", help="event table folder written by `collect`, its gold labels not used (default: "
+                                         "none; give this or --audit-log)")
+    p.add_argument("--out", required=True, help="folder for the recalibrated bundle")
+    p.add_argument("--confidence", type=float, default=0.9, help="confidence c the new calibration must certify")
+    p.add_argument("--guarantee", choices=GUARANTEES, default=DEFAULT_GUARANTEE,
+                   help="question (share of questions whose exit changes the answer <= 1 - c) or event")
+    p.add_argument("--risk-level", type=float, help="PAC risk level alpha (default: marginal)")
+    p.add_argument("--rule", choices=["envelope", "paper"], default="envelope", help="per-event threshold rule")
+    p.set_defaults(func=cmd_recalibrate)
 
     p = sub.add_parser("demo", help="the whole method on the shipped model organism, in minutes on a CPU")
     p.add_argument("--n", type=int, default=200, help="problems per family")
@@ -577,7 +653,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    library = logging.getLogger("lynx_hf")  # the CLI prints through the root logger, at its own level
+    library.setLevel(level)
+    library.propagate = True
+    for handler in [h for h in library.handlers if isinstance(h, logging.StreamHandler)]:
+        library.removeHandler(handler)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, OSError, ImportError) as error:

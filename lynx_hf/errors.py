@@ -28,3 +28,7 @@ class NotAttachedError(LynxError, RuntimeError):
 class MissingExtraError(LynxError, ImportError):
     """A feature whose optional dependencies are not installed; the message names the extra that brings them
     (`pip install "lynx-hf[eval]"`)."""
+
+
+class TooFewAuditedRowsError(LynxError, ValueError):
+    """Too few audited rows to certify the requested confidence when recalibrating (the message says how many more)."""

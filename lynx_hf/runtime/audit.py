@@ -38,13 +38,16 @@ says the data cannot reject the guarantee, not that it is proven (the upper boun
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -52,8 +55,10 @@ import numpy as np
 import torch
 
 from .answers import answers_match, extract_boxed
-from .bounds import betting_confidence_sequence, ratio_confidence_sequence
-from .conformal import exits
+from .bounds import betting_confidence_sequence, pac_needed, ratio_confidence_sequence
+from .config import short_digest
+from ..errors import LynxConfigError, TooFewAuditedRowsError
+from .conformal import Calibration, LynxCalibrationWarning, check_guarantee, check_risk_level, check_rule, exits
 
 if TYPE_CHECKING:
     from .monitor import GenerateCall
@@ -61,6 +66,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _FORMAT = "lynx-hf/audit-log"
+_VERSION = 2  # 2: rows keep their cues' probe scores and agreement labels (what recalibration needs)
 CONSISTENT, ABOVE, TOO_FEW = "consistent with δ", "above δ: recalibrate", "too few rows"
 
 
@@ -72,6 +78,12 @@ class AuditRow:
     or above the threshold. `forwards` / `tokens`: what re-checking the row cost (0 in a replay). `batch`: which
     audited `generate` call (or replayed trace) the row came from; the rows of one batch are one unit of the
     confidence sequence, so their order never matters (rows without one, e.g. built by hand, are one batch).
+
+    What `Lynx.recalibrate` builds a calibration from, per cue in trace order: `scores` (the probe's, as the
+    plug-ins compute them) and `agrees` (the forced answer matches the full one: the agreement label; None without
+    a reference); `prompt` is a digest of the row's prompt token ids (which problem it was) and `probe` a digest of
+    the probe that scored it (rows scored by another probe cannot calibrate this one). Logs written before these
+    fields existed load with them as None: they still audit, but cannot recalibrate.
 
     Example:
         >>> AuditRow("question", 0.9, None, "envelope", 0.8, reference="4", would_exit=True, exit_answer="3",
@@ -94,17 +106,39 @@ class AuditRow:
     forwards: int = 0
     tokens: int = 0
     batch: int | None = None
+    scores: tuple[float, ...] | None = None
+    agrees: tuple[bool, ...] | None = None
+    prompt: str | None = None
+    probe: str | None = None
 
     @property
     def setting(self) -> tuple:
         return self.guarantee, self.confidence, self.risk_level, self.rule
 
+    def to_dict(self) -> dict:
+        """The row as JSON-ready values (what `AuditLog.save` writes)."""
+        data = asdict(self)
+        for name in ("scores", "agrees"):
+            if data[name] is not None:
+                data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AuditRow":
+        """The row `to_dict` wrote (older logs without the per-cue fields load with them as None)."""
+        data = dict(data)
+        for name in ("scores", "agrees"):
+            if data.get(name) is not None:
+                data[name] = tuple(data[name])
+        return cls(**data)
+
 
 def observe_row(settings: dict, threshold: float, reference: str | None, answers: Sequence[str | None],
                 scores: torch.Tensor, exit_index: int, *, forwards: int = 0, tokens: int = 0,
-                batch: int | None = None) -> AuditRow:
+                batch: int | None = None, prompt: str | None = None, probe: str | None = None) -> AuditRow:
     """The `AuditRow` of one trace from its cues' forced answers and probe scores (in trace order), its full answer
     and the index of its would-exit cue (-1: none), from batch `batch`. Live and replay audits both build rows here.
+    `prompt` / `probe`: digests of the row's prompt ids and of the probe (`prompt_digest`, `probe_digest`).
 
     Example:
         >>> import torch
@@ -115,7 +149,8 @@ def observe_row(settings: dict, threshold: float, reference: str | None, answers
     """
     differs = [reference is None or not answers_match(a, reference) for a in answers]
     exit_answer = answers[exit_index] if exit_index >= 0 else None
-    above = exits(torch.as_tensor(scores).reshape(-1).float(), threshold).tolist() if len(answers) else []
+    scores = torch.as_tensor(scores).reshape(-1).float()
+    above = exits(scores, threshold).tolist() if len(answers) else []
     has_reference = reference is not None
     return AuditRow(
         guarantee=settings["guarantee"], confidence=float(settings["confidence"]), risk_level=settings["risk_level"],
@@ -123,8 +158,66 @@ def observe_row(settings: dict, threshold: float, reference: str | None, answers
         exit_answer=exit_answer, changed=has_reference and exit_index >= 0 and differs[exit_index], cues=len(answers),
         unsafe_cues=sum(differs) if has_reference else 0,
         unsafe_exits=sum(d and a for d, a in zip(differs, above)) if has_reference else 0,
-        forwards=forwards, tokens=tokens, batch=batch,
+        forwards=forwards, tokens=tokens, batch=batch, scores=tuple(float(x) for x in scores.tolist()),
+        agrees=tuple(not d for d in differs) if has_reference else None, prompt=prompt, probe=probe,
     )
+
+
+def check_cs_level(cs_level: float = 0.95, alpha: float | None = None, *, stacklevel: int = 3) -> float:
+    """The audit's confidence-sequence level, from `cs_level` or the deprecated `alpha` (its miscoverage, 1 -
+    cs_level; renamed because `alpha` is the PAC risk level, `risk_level`, everywhere else).
+
+    Example:
+        >>> check_cs_level(0.9)
+        0.9
+    """
+    if alpha is not None:
+        warnings.warn(f"alpha={alpha!r} for the audit is deprecated: pass cs_level={1 - alpha:g} (the confidence "
+                      "sequences' coverage, 1 - alpha). `alpha` names the PAC risk level of the threshold elsewhere "
+                      "(risk_level).", FutureWarning, stacklevel=stacklevel)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha={alpha!r}: give the confidence sequences' miscoverage in (0, 1), or better "
+                             "cs_level=0.95.")
+        return round(1.0 - float(alpha), 12)
+    if isinstance(cs_level, bool) or not isinstance(cs_level, (int, float)) or not 0.0 < cs_level < 1.0:
+        raise ValueError(f"cs_level={cs_level!r}: give the confidence sequences' coverage in (0, 1), e.g. "
+                         "cs_level=0.95.")
+    return float(cs_level)
+
+
+def prompt_digest(prompt_ids: Sequence[int]) -> str:
+    """The digest of a row's prompt token ids (no padding): the problem's identity in a bundle's `problem_digests`
+    (the same digest `pipeline.train.prompt_digests` gives a collected trace).
+
+    Example:
+        >>> prompt_digest([1, 2, 3])
+        'a36b1f2c3f84522d'
+    """
+    return short_digest([int(t) for t in prompt_ids])
+
+
+def probe_digest(probe) -> str:
+    """A digest of a probe's weights (computed once per probe object and weights version): which probe scored an
+    audited row.
+
+    Example:
+        >>> from lynx_hf.runtime.probe import LynxProbe
+        >>> probe = LynxProbe(4)
+        >>> probe_digest(probe) == probe_digest(probe)
+        True
+    """
+    state = probe.state_dict()
+    versions = tuple(v._version for v in state.values())
+    cached = getattr(probe, "_lynx_digest", None)
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    digest = hashlib.sha256()
+    for name, value in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(value.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    out = digest.hexdigest()[:16]
+    probe._lynx_digest = (versions, out)
+    return out
 
 
 @lru_cache(maxsize=64)
@@ -186,21 +279,29 @@ class AuditReport:
     """
 
     groups: list[AuditGroup]
-    alpha: float
+    cs_level: float
     pending_rows: int = 0
     forwards: int = 0
     tokens: int = 0
+
+    @property
+    def alpha(self) -> float:
+        """Deprecated: the confidence sequences' miscoverage, `1 - cs_level` (use `cs_level`)."""
+        warnings.warn("AuditReport.alpha is deprecated: the confidence sequences' level is AuditReport.cs_level "
+                      "(alpha = 1 - cs_level); alpha names the PAC risk level elsewhere (risk_level).",
+                      FutureWarning, stacklevel=2)
+        return round(1.0 - self.cs_level, 12)
 
     @property
     def audited_rows(self) -> int:
         return sum(g.rows for g in self.groups)
 
     def to_dict(self) -> dict:
-        return {"alpha": self.alpha, "pending_rows": self.pending_rows, "forwards": self.forwards,
+        return {"cs_level": self.cs_level, "pending_rows": self.pending_rows, "forwards": self.forwards,
                 "tokens": self.tokens, "groups": [asdict(g) for g in self.groups]}
 
     def __str__(self) -> str:
-        level = f"{1 - self.alpha:.0%}"
+        level = f"{self.cs_level:.0%}"
         head = ["guarantee", "setting", "δ", "rows", "with ref", "would exit", "disagree", "rate", f"{level} CS",
                 "verdict"]
         lines = [head]
@@ -238,15 +339,16 @@ class AuditReport:
         return "\n".join(text)
 
 
-def audit_report(rows: Iterable[AuditRow], alpha: float = 0.05, *, max_unsafe: int | None = None,
-                 pending_rows: int = 0) -> AuditReport:
+def audit_report(rows: Iterable[AuditRow], *, cs_level: float = 0.95, max_unsafe: int | None = None,
+                 pending_rows: int = 0, alpha: float | None = None) -> AuditReport:
     """Group `rows` by setting (in order of first appearance) and test each group's rate against its δ.
 
     `max_unsafe` is the per-event range M (default: the most label-free unsafe cues any row of the group has, which
-    is only valid if fixed before seeing the data: `Lynx.audit` passes the calibration's maximum).
+    is only valid if fixed before seeing the data: `Lynx.audit` passes the calibration's maximum). `cs_level` is the
+    confidence sequences' coverage (`alpha`, its miscoverage, is the deprecated way to give it).
     """
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha={alpha!r}: give the confidence sequences' miscoverage in (0, 1), e.g. alpha=0.05.")
+    cs_level = check_cs_level(cs_level, alpha)
+    alpha = round(1.0 - cs_level, 12)
     rows = list(rows)
     groups: dict[tuple, list[AuditRow]] = {}
     for row in rows:
@@ -287,7 +389,7 @@ def audit_report(rows: Iterable[AuditRow], alpha: float = 0.05, *, max_unsafe: i
             rate=disagreements / denominator if denominator else math.nan, lower=low, upper=high, verdict=verdict,
             over_range=over, max_unsafe=bound,
         ))
-    return AuditReport(out, alpha, pending_rows=pending_rows, forwards=sum(r.forwards for r in rows),
+    return AuditReport(out, cs_level, pending_rows=pending_rows, forwards=sum(r.forwards for r in rows),
                        tokens=sum(r.tokens for r in rows))
 
 
@@ -354,13 +456,15 @@ class AuditLog:
                 self._rows.extend(replace(r, batch=self._batches) for r in rows)
                 self._batches += 1
 
-    def report(self, alpha: float = 0.05, *, max_unsafe: int | None = None) -> AuditReport:
-        """The `AuditReport` of the settled rows (see `audit_report`)."""
-        return audit_report(self.rows, alpha, max_unsafe=max_unsafe, pending_rows=self.pending_rows)
+    def report(self, *, cs_level: float = 0.95, max_unsafe: int | None = None,
+               alpha: float | None = None) -> AuditReport:
+        """The `AuditReport` of the settled rows (see `audit_report`), with `cs_level` confidence sequences."""
+        return audit_report(self.rows, cs_level=check_cs_level(cs_level, alpha, stacklevel=3), max_unsafe=max_unsafe,
+                            pending_rows=self.pending_rows)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the settled rows as JSON (calls still running are not saved)."""
-        payload = {"format": _FORMAT, "version": 1, "rows": [asdict(r) for r in self.rows]}
+        payload = {"format": _FORMAT, "version": _VERSION, "rows": [r.to_dict() for r in self.rows]}
         with open(path, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)
             f.write("\n")
@@ -373,7 +477,10 @@ class AuditLog:
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ValueError(f"{path} is not an audit log written by AuditLog.save: give the file lynx.audit_log.save "
                              "wrote.")
-        return cls(AuditRow(**row) for row in payload["rows"])
+        if payload.get("version", 1) > _VERSION:
+            raise ValueError(f"{path} is an audit log of version {payload['version']}; this lynx-hf reads versions up "
+                             f"to {_VERSION}: upgrade lynx-hf to read it.")
+        return cls(AuditRow.from_dict(row) for row in payload["rows"])
 
 
 def _row_trace(call: GenerateCall, sequences: torch.Tensor, row: int, eos: list[int]) -> tuple[list[int], int]:
@@ -453,5 +560,194 @@ def audit_call(call: GenerateCall) -> list[AuditRow]:
             else:
                 exit_index = matches[0]
         out.append(observe_row(call.audit_settings, call.threshold, reference, [a.answer for a in forced], scores,
-                               exit_index, forwards=counter.forwards, tokens=counter.tokens))
+                               exit_index, forwards=counter.forwards, tokens=counter.tokens,
+                               prompt=prompt_digest(ids[:prompt_length]), probe=probe_digest(lynx.probe)))
     return out
+
+
+# ----- recalibration from audited rows ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recalibration:
+    """A calibration built from audited rows, and what it rests on (see `recalibrate_rows`).
+
+    `rows`: audited rows given; `used`: rows with a reference and per-cue data (the calibration questions; those
+    without a cue never exit and add no events); `without_reference`: rows whose full trace had no answer (no label
+    exists for their cues); `without_scores`: rows from a log written before rows kept their cues' scores;
+    `prompts`: the used rows' prompt digests.
+    """
+
+    calibration: Calibration
+    rows: int
+    used: int
+    without_reference: int
+    without_scores: int
+    prompts: tuple[str | None, ...]
+
+    @property
+    def agreement(self) -> float:
+        """Share of the calibration cues whose forced answer matches the row's full answer."""
+        return self.calibration.n_safe / max(self.calibration.n_events, 1)
+
+
+def _rows_needed_for(calibration: Calibration | None, used: int, confidence: float, guarantee: str,
+                     risk_level: float | None) -> tuple[int, str]:
+    """(total usable rows needed, what for) to certify `confidence`: exact for the calibration size the guarantee
+    counts (questions with a cue, or unsafe cues), scaled to rows by the share seen so far."""
+    c = Fraction(repr(float(confidence)))
+    delta = float(1 - c)
+    marginal = math.ceil(c / (1 - c))  # ceil((n + 1) c) <= n, i.e. delta >= 1 / (n + 1)
+    if guarantee == "question":
+        need = marginal if risk_level is None else pac_needed(delta, risk_level)
+        have = calibration.n_questions if calibration is not None else 0
+        what = (f"{need} rows with a cue (per question, {'1/(n+1) <= δ' if risk_level is None else '(1 - δ)^n <= α'})")
+    else:
+        have = calibration.n_unsafe if calibration is not None else 0
+        if risk_level is None:
+            need, what = marginal, f"{marginal} cues whose forced answer changes the answer (per event, 1/(n+1) <= δ)"
+        elif calibration is None or calibration.max_unsafe_per_question <= 1:
+            need = pac_needed(delta, risk_level)
+            what = f"{need} cues whose forced answer changes the answer (per event, (1 - δ)^n <= α)"
+        else:
+            text = calibration._clustered_needed(delta, risk_level)
+            questions = int(text.split()[-1])
+            per_row = calibration.n_questions / max(used, 1)
+            total = max(math.ceil(questions / per_row), used + 1)
+            return total, f"{text} rows with a cue (per event at risk level α, counted in rows)"
+    if have == 0 or used == 0:
+        return max(need, used + 1), what
+    return max(math.ceil(need * used / have), used + 1), what
+
+
+def recalibrate_rows(rows: Iterable[AuditRow], *, confidence: float, guarantee: str, risk_level: float | None = None,
+                     rule: str = "envelope", probe: str | None = None) -> Recalibration:
+    """A `Calibration` from audited rows, labelled by agreement: each cue of a row with a reference is an event with
+    its probe score, "safe" when its forced answer matches the row's own full answer, and the row as its question.
+
+    This is the calibration `pipeline.train.calibrate` builds from an event table, with the full answer in place of
+    the gold one, so every guarantee of `Calibration` reads with "changes the final answer" for "makes it wrong":
+    at `confidence` c, per question, the share of new rows whose exit changes their answer is at most 1 - c
+    (marginal; with `risk_level` α, for this calibration with probability at least 1 - α). It assumes the audited
+    rows are a uniform random sample of the traffic the new calibration will serve, and that this traffic does not
+    change between them (exchangeability). If it drifts, the guarantee no longer holds, and the new calibration's
+    own audit flags it as this one's did.
+
+    Args:
+        rows: audited rows (`AuditLog.rows`), any settings: a row's cue scores and labels do not depend on the
+            threshold it ran with.
+        confidence: the confidence the new calibration must certify.
+        guarantee: ``"question"`` or ``"event"``.
+        risk_level: None (marginal) or α (PAC).
+        rule: the per-event threshold rule.
+        probe: `probe_digest` of the probe that will use the calibration; rows scored by another probe are refused.
+
+    Returns:
+        A `Recalibration`: the calibration and the counts it rests on.
+
+    Raises:
+        TooFewAuditedRowsError: the rows cannot certify `confidence` (the message says how many more rows it needs).
+        LynxConfigError: rows were scored by another probe, or none keeps per-cue scores (an old log).
+
+    Example:
+        >>> rows = [observe_row(dict(guarantee="question", confidence=0.9, risk_level=None, rule="envelope"), 0.5,
+        ...                     "4", ["3", "4"], torch.tensor([0.2 + i / 100, 0.9]), exit_index=1) for i in range(30)]
+        >>> result = recalibrate_rows(rows, confidence=0.9, guarantee="question")
+        >>> result.used, result.calibration.n_events, result.agreement
+        (30, 60, 0.5)
+        >>> recalibrate_rows(rows[:5], confidence=0.9, guarantee="question")
+        Traceback (most recent call last):
+        ...
+        lynx_hf.errors.TooFewAuditedRowsError: 5 audited rows with a reference cannot certify c = 0.9 per question (marginal): it needs 9 rows with a cue (per question, 1/(n+1) <= δ), about 9 audited rows like these in all: audit 4 more rows, or lower the confidence.
+    """
+    check_guarantee(guarantee)
+    check_rule(rule)
+    risk_level = check_risk_level(risk_level)
+    rows = list(rows)
+    old = [r for r in rows if r.scores is None]
+    others = {r.probe for r in rows if r.probe is not None and probe is not None and r.probe != probe}
+    if others:
+        raise LynxConfigError(
+            f"{sum(r.probe in others for r in rows)} audited row(s) were scored by another probe ({sorted(others)}) "
+            "than this bundle's: recalibrate the bundle whose audit log it is, or audit this one.")
+    if rows and len(old) == len(rows):
+        raise LynxConfigError(
+            f"None of the {len(rows)} audited rows keeps its cues' probe scores (a log written by an older lynx-hf): "
+            "they still audit, but cannot recalibrate; audit new traffic with this version and recalibrate from that.")
+    usable = [r for r in rows if r.scores is not None and r.agrees is not None]
+    without_reference = sum(r.scores is not None and r.agrees is None for r in rows)
+    scores, safe, question = [], [], []
+    for i, row in enumerate(usable):
+        scores += row.scores
+        safe += row.agrees
+        question += [i] * len(row.scores)
+    calibration = Calibration(scores=scores, safe=safe, question=question) if scores else None
+    setting = f"c = {float(confidence):g} per {guarantee} ({'marginal' if risk_level is None else f'PAC, α = {risk_level:g}'})"
+    short = calibration is None
+    if calibration is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LynxCalibrationWarning)
+            calibration.threshold(confidence, guarantee, rule=rule, risk_level=risk_level)
+        short = any(issubclass(w.category, LynxCalibrationWarning) for w in caught)
+    if short:
+        total, what = _rows_needed_for(calibration, len(usable), confidence, guarantee, risk_level)
+        raise TooFewAuditedRowsError(
+            f"{len(usable)} audited rows with a reference cannot certify {setting}: it needs {what}, about {total} "
+            f"audited rows like these in all: audit {total - len(usable)} more rows, or lower the confidence."
+            + (f" ({without_reference} row(s) without a full answer and {len(old)} from an older log do not count.)"
+               if without_reference or old else ""))
+    return Recalibration(calibration=calibration, rows=len(rows), used=len(usable),
+                         without_reference=without_reference, without_scores=len(old),
+                         prompts=tuple(r.prompt for r in usable))
+
+
+# metadata of the old calibration that does not describe the new one
+_CALIBRATION_KEYS = ("calibration_auroc", "calibration_data", "sampling", "test", "test_questions", "test_auroc",
+                     "test_realised_rates")
+
+
+def recalibrated_metadata(metadata: dict, result: Recalibration, settings: dict, *, source: str,
+                          date: str | None = None) -> dict:
+    """A bundle's metadata after `result` replaced its calibration: the probe's own entries kept, the old
+    calibration's (data, AUROC, held-out rates) replaced by where the new one came from (`recalibration`: rows,
+    labels "agreement", date, settings, source; the old calibration's description kept as `previous_calibration`),
+    and `labels` saying that the probe keeps its labels and the calibration's are by agreement.
+
+    Example:
+        >>> rows = [observe_row(dict(guarantee="question", confidence=0.9, risk_level=None, rule="envelope"), 0.5,
+        ...                     "4", ["3", "4"], torch.tensor([0.2, 0.9]), exit_index=1, prompt=f"p{i}")
+        ...         for i in range(20)]
+        >>> result = recalibrate_rows(rows, confidence=0.9, guarantee="question")
+        >>> meta = recalibrated_metadata({"calibration_data": "500 traces"}, result, {"confidence": 0.9},
+        ...                              source="audit", date="2026-12-07")
+        >>> meta["recalibration"]["audited_rows"], meta["labels"]
+        (20, {'probe': 'gold', 'calibration': 'agreement'})
+    """
+    import datetime
+
+    from .probe import auroc
+
+    cal = result.calibration
+    meta = {k: v for k, v in metadata.items() if k not in _CALIBRATION_KEYS and k != "recalibration"}
+    digests = dict(meta.get("problem_digests") or {})
+    digests["calibration"] = [p for p in result.prompts if p is not None]
+    meta["problem_digests"] = digests
+    defined = 0 < cal.n_safe < cal.n_events
+    meta["calibration_auroc"] = auroc(cal.scores, cal.safe) if defined else None
+    meta["calibration_data"] = (f"{cal.n_events} cue events from {result.used} audited rows "
+                                f"({result.agreement:.1%} agreeing with the row's full answer)")
+    previous = metadata.get("labels") if isinstance(metadata.get("labels"), dict) else {}
+    meta["labels"] = {"probe": previous.get("probe", "gold"), "calibration": "agreement"}
+    meta["recalibration"] = {
+        "source": source,
+        "audited_rows": result.rows,
+        "rows_used": result.used,
+        "rows_with_cues": cal.n_questions,
+        "rows_without_reference": result.without_reference,
+        "rows_without_scores": result.without_scores,
+        "events": cal.n_events,
+        "labels": "agreement",
+        "date": date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "settings": dict(settings),
+        "previous_calibration": metadata.get("calibration_data"),
+    }
+    return meta

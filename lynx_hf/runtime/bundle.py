@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -25,13 +26,14 @@ from .conformal import DEFAULT_GUARANTEE, Calibration, check_guarantee, check_ri
 from .config import LynxConfig, check_base_model
 from .cues import CueDetector
 from ..errors import CorruptedBundleError, LynxConfigError, NotAttachedError
-from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut, reusable_cache, vocab_size
-from .answers import close_box, extract_boxed
-from .audit import AuditLog, AuditReport
+from .exit import LynxAnswer, answer_after_exit, brace_delta, exit_cut, finished_answer, reusable_cache, vocab_size
+from .answers import close_box
+from .audit import AuditLog, AuditReport, AuditRow, check_cs_level
 from .monitor import ExitRecord, GenerateCall, LastCall, ModelTap
-from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
+from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria, criterion_signature
 from .probe import LynxProbe
 from .thinking import resolve_thinking, thinking_exit_ids
+from .token_ids import id_batch
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +69,11 @@ class Lynx(
     guarantee below is therefore stated for the exact path; the one call answers from a slightly different exit.
 
     `confidence` c sets the exit threshold from the stored calibration scores: with `guarantee="question"` (the
-    default) the share of questions whose exit is premature (the forced answer is wrong) is at most 1 - c
-    (conformal risk control on the first exit); with `guarantee="event"` (the paper's rule) an unsafe cue triggers
+    default) the share of questions whose exit is premature is at most 1 - c (conformal risk control on the first
+    exit). What premature means is the labels the bundle was calibrated with (`bundle_labels(lynx.metadata)`, in
+    words by `guarantee_statement`): gold labels, "the exit makes the final answer wrong in at most 1 - c of
+    questions"; agreement labels (built without gold answers), "the exit changes the final answer in at most 1 - c
+    of questions"; with `guarantee="event"` (the paper's rule) an unsafe cue triggers
     an exit with probability at most 1 - c, so a trace with several unsafe cues is cut wrongly more often than
     1 - c. Both hold on average over calibration sets; `risk_level=alpha` makes them hold with probability at
     least 1 - alpha for this bundle's calibration set (PAC; fewer exits). `rule="paper"` uses the paper's exact
@@ -81,7 +86,7 @@ class Lynx(
     `max_thinking_tokens=B` caps the thinking: a row that has thought B tokens without a confident cue exits there
     with the same exit text (stop mode: `answer` answers it; in-stream: the model answers in the same call), and
     its record says `by_budget=True`. Budget exits are outside the conformal guarantee (they happen whatever the
-    probe thinks); `Lynx.budget(B, tokenizer=...)` is the cap alone, without a probe or bundle.
+    probe thinks); `ThinkingBudgetCriteria(B, tokenizer=...)` is the cap alone, without a probe or bundle.
 
     Which model: `Lynx.from_pretrained(repo, model=model)` (or `lynx.attach(model)`) binds it explicitly; without
     it, the first `generate` call that uses one of its plug-ins attaches it to the model running that call (found
@@ -159,11 +164,38 @@ class Lynx(
         self._tap: ModelTap | None = None
         self._device: torch.device | None = None  # where the bound model is (and the cue tables, probe, capture)
         self._auto_attached = False
+        self._default_tokenizer = None  # the tokenizer to bind with on first use, where one was given without a model
         self._stopper = LynxStoppingCriteria(self)
         self._processor = LynxExitProcessor(self)
         # Recent calls, so that `answer(outputs)` finds the call that produced `outputs`.
         self._stop_calls: deque[GenerateCall] = deque(maxlen=ANSWERABLE_CALLS)
         self._last_call = LastCall()
+
+    def __repr__(self) -> str:
+        """What this is, in one line: the base model, the guarantee and its settings, the threshold they give, the
+        mode (exit, shadow, audited share), any thinking budget, and what it is attached to."""
+        parts = [f"base_model={self.config.base_model!r}", f"guarantee={self._guarantee!r}",
+                 f"confidence={self._confidence:g}", f"risk_level={self._risk_level!r}"]
+        if self._rule != "envelope":
+            parts.append(f"rule={self._rule!r}")
+        threshold = self._threshold
+        if threshold is None and self.calibration is not None:
+            try:  # without caching it or warning here: the first generate call warns where it matters
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    threshold = self.calibration.threshold(self._confidence, self._guarantee, rule=self._rule,
+                                                           risk_level=self._risk_level)
+            except Exception:  # noqa: BLE001 - a repr never raises
+                threshold = None
+        parts.append("threshold=" + (f"{threshold:.4g}" if threshold is not None else "?"))
+        parts.append(f"mode={'shadow' if self.shadow else 'exit'!r}")
+        if self._audit_rate > 0:
+            parts.append(f"audit_rate={self._audit_rate:g}")
+        if self._max_thinking_tokens is not None:
+            parts.append(f"max_thinking_tokens={self._max_thinking_tokens}")
+        parts.append("attached to " + _describe_model(self.model, self._device) if self.model is not None
+                     else "not attached")
+        return f"Lynx({', '.join(parts)})"
 
     # ----- confidence and thresholds -------------------------------------------------------------------------
     @property
@@ -228,7 +260,7 @@ class Lynx(
     def audit_rate(self, value: float) -> None:
         value = _check_audit_rate(value)
         if value > 0 and self.probe is None:
-            raise LynxConfigError("A budget-only Lynx (Lynx.budget) has no probe and no guarantee to audit: audit a "
+            raise LynxConfigError("A budget-only Lynx (ThinkingBudgetCriteria) has no probe and no guarantee to audit: audit a "
                                   "bundle loaded with Lynx.from_pretrained(..., audit_rate=...).")
         self._audit_rate = value
 
@@ -253,13 +285,91 @@ class Lynx(
             raise TypeError(f"audit_log must be an AuditLog (e.g. AuditLog.load(path)), got {type(log).__name__}.")
         self._audit_log = log
 
-    def audit(self, alpha: float = 0.05) -> AuditReport:
+    def audit(self, *, cs_level: float = 0.95, alpha: float | None = None) -> AuditReport:
         """Check the guarantee on the audited rows so far: per setting, how often the exit changed the row's answer
-        against δ, with an anytime-valid `1 - alpha` confidence sequence (valid however often you look) and a
-        verdict. Checks the finished calls not checked yet (`answer(out)` checks its own call's rows).
+        against δ, with an anytime-valid confidence sequence at level `cs_level` (valid however often you look) and
+        a verdict. Checks the finished calls not checked yet (`answer(out)` checks its own call's rows).
+
+        Args:
+            cs_level: coverage of the confidence sequences (default 0.95). Not the PAC `risk_level` of the threshold,
+                which is a property of the calibration.
+            alpha: deprecated, `1 - cs_level` (FutureWarning).
+
+        Returns:
+            An `AuditReport` (print it for a table).
         """
+        level = check_cs_level(cs_level, alpha)
         self._audit_log.settle()
-        return self._audit_log.report(alpha, max_unsafe=self.calibration.max_unsafe_per_question)
+        return self._audit_log.report(cs_level=level, max_unsafe=self.calibration.max_unsafe_per_question)
+
+    def recalibrate(self, audit_log: "AuditLog | Iterable[AuditRow] | None" = None, *,
+                    confidence: float | None = None, guarantee: str | None = None,
+                    risk_level: float | None = ..., rule: str | None = None) -> "Lynx":
+        """A new `Lynx` with this one's probe and settings and a calibration built from its audited rows.
+
+        The audit forces an exit at every cue of an audited row and compares each forced answer with the row's own
+        full answer; those comparisons are labels ("exiting here would not change the answer"), and with the
+        cues' probe scores they calibrate exactly as a collected event table does (`runtime.audit.recalibrate_rows`).
+        The guarantee then reads "the exit changes the final answer in at most 1 - c of questions" (per question;
+        per event: "an answer-changing cue exits with probability at most 1 - c"), for traffic like the audited
+        rows: it assumes they are a uniform random sample of the traffic the new calibration serves, and that this
+        traffic stays the same (if it drifts, the new `Lynx`'s own audit flags it, and you recalibrate again).
+
+        The new `Lynx` starts with a fresh audit log (rows that calibrated it never audit it), keeps the binding,
+        `audit_rate` and `audit_seed`, and records in `metadata["recalibration"]` where its calibration came from
+        (audited rows, labels by agreement, date, settings), which `save_pretrained` writes into its model card.
+
+        Args:
+            audit_log: the rows to calibrate on (default: this `Lynx`'s own `audit_log`, finished calls settled
+                first); an `AuditLog` (e.g. `AuditLog.load(path)`) or audited rows.
+            confidence: the confidence the new calibration must certify (default: this one's).
+            guarantee: ``"question"`` or ``"event"`` (default: this one's).
+            risk_level: None (marginal) or α (PAC) (default: this one's).
+            rule: the per-event threshold rule (default: this one's).
+
+        Returns:
+            The recalibrated `Lynx`.
+
+        Raises:
+            TooFewAuditedRowsError: too few audited rows to certify the confidence; the message says how many more.
+            LynxConfigError: the rows were scored by another probe, or come from a log too old to keep scores.
+
+        Example:
+
+        ```python
+        >>> from lynx_hf import Lynx, organism
+        >>> model, tok = organism.load()
+        >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, audit_rate=1.0)
+        >>> questions = [p["question"] for p in organism.problems("compare", "calibration", n=4)]
+        >>> enc = tok([organism.prompt(tok, q) for q in questions], return_tensors="pt", padding=True,
+        ...           add_special_tokens=False)
+        >>> out = model.generate(**enc, stopping_criteria=[lynx.stopper()], max_new_tokens=600)
+        >>> _ = lynx.answer(out)
+        >>> lynx.recalibrate(confidence=0.5).metadata["recalibration"]["audited_rows"]
+        4
+
+        ```
+        """
+        from .audit import probe_digest, recalibrate_rows, recalibrated_metadata
+
+        if self.probe is None:
+            raise LynxConfigError("A budget-only Lynx (Lynx.budget) has no probe to recalibrate: load a bundle with "
+                                  "Lynx.from_pretrained(..., audit_rate=...) and audit traffic with it.")
+        if audit_log is None:
+            self._audit_log.settle()
+            audit_log = self._audit_log
+        rows = audit_log.rows if isinstance(audit_log, AuditLog) else list(audit_log)
+        settings = dict(
+            confidence=_check_confidence(self._confidence if confidence is None else confidence),
+            guarantee=check_guarantee(self._guarantee if guarantee is None else guarantee),
+            risk_level=check_risk_level(self._risk_level if risk_level is ... else risk_level),
+            rule=check_rule(self._rule if rule is None else rule))
+        result = recalibrate_rows(rows, probe=probe_digest(self.probe), **settings)
+        metadata = recalibrated_metadata(self.metadata, result, settings, source="the live audit")
+        new = self._replica(self.config, self.probe, result.calibration, metadata)
+        new._confidence, new._guarantee = settings["confidence"], settings["guarantee"]
+        new._risk_level, new._rule = settings["risk_level"], settings["rule"]
+        return new
 
     def reset_audit(self) -> None:
         """Forget the audited rows (and calls not yet checked) and restart the audit draws."""
@@ -347,7 +457,7 @@ class Lynx(
         """A new `generate` call of `model` uses one of this bundle's plug-ins: bind to `model` if needed, and start
         the call's own state with the settings in force now (or the given per-call overrides)."""
         if self.model is None:
-            self._bind(model)
+            self._bind(model, self._default_tokenizer)
             self._auto_attached = True
         elif self.model is not model and not _wraps(self.model, model):
             if not self._auto_attached:
@@ -471,6 +581,7 @@ class Lynx(
         """Stops rows that `exit_processor()` made exit once their boxed answer closes."""
         return LynxAnswerStopper(self._processor)
 
+    @criterion_signature
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         """`stopping_criteria=[lynx]`: exit at a confident cue and answer in the same `generate` call.
 
@@ -489,6 +600,11 @@ class Lynx(
         return [] if call is None else call.records()
 
     def _call_of(self, sequences: torch.Tensor) -> GenerateCall:
+        # The tensor generate returned is the one its criteria saw last: that names the call even where a later
+        # call wrote the same ids. A copy (`out.cpu()`, `out.tolist()`) is matched by its ids, the latest call first.
+        for call in reversed(self._stop_calls):
+            if sequences is call.sequences or sequences is call.final_ids:
+                return call
         for call in reversed(self._stop_calls):
             if call.matches(sequences):
                 return call
@@ -500,7 +616,7 @@ class Lynx(
         )
 
     @torch.no_grad()
-    def answer(self, outputs, max_new_tokens: int | None = None) -> list[ExitAnswer]:
+    def answer(self, outputs, max_new_tokens: int | None = None) -> list[LynxAnswer]:
         """Final answers after a stop-mode `generate`: exited rows get the exact exit (cue dropped, exit text
         appended, greedy answer); the others' answers are read from their own text.
 
@@ -511,6 +627,11 @@ class Lynx(
         recent calls), and so are its tokenizer and exit text, whatever ran since; calling it again gives the same
         answers (a consumed or since-changed cache is recomputed, with a warning). `max_new_tokens` caps the answer
         (default: the bundle's `answer_max_new_tokens`).
+
+        Returns:
+            One `LynxAnswer` per row, with one meaning for exited and non-exited rows: `text` is the final response
+            after the thinking block, `full_text` the whole generation as answered (thinking included), `answer`
+            the boxed answer.
         """
         integral = isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)
         if max_new_tokens is not None and not (integral and max_new_tokens >= 1):
@@ -529,7 +650,7 @@ class Lynx(
                           "prefix instead (same answers, slower).", stacklevel=3)
             cache = None
         records = call.records()
-        results: list[ExitAnswer | None] = [None] * len(records)
+        results: list[LynxAnswer | None] = [None] * len(records)
         rows = [i for i, r in enumerate(records) if r.exited]
         if rows:
             cuts = [exit_cut(records[i].position, records[i].start, call.exit_construction) for i in rows]
@@ -551,17 +672,19 @@ class Lynx(
                 past_key_values=cache,
                 max_new_tokens=int(max_new_tokens) if max_new_tokens is not None else self.config.answer_max_new_tokens,
             )
-            for i, a in zip(rows, answered):
-                results[i] = a
+            for i, cut, a in zip(rows, cuts, answered):
+                # the row's generation as answered: its thinking up to the cut, the exit text, the answer
+                generation = sequences[i, call.prompt_length:cut].tolist() + list(call.exit_ids) + a.token_ids
+                results[i] = finished_answer(call.tokenizer, generation, call.think_end, token_ids=a.token_ids,
+                                             answer=a.answer, confidence=a.confidence)
         for i, r in enumerate(results):
             if r is None:
-                text = call.tokenizer.decode(sequences[i, call.prompt_length:], skip_special_tokens=True)
-                results[i] = ExitAnswer(token_ids=[], text=text, answer=extract_boxed(text))
+                results[i] = finished_answer(call.tokenizer, sequences[i, call.prompt_length:].tolist(), call.think_end)
         if call.audited is not None:
             self._audit_log.settle(call)
         return results
 
-    def _answers_in_stream(self, call: GenerateCall, sequences: torch.Tensor) -> list[ExitAnswer]:
+    def _answers_in_stream(self, call: GenerateCall, sequences: torch.Tensor) -> list[LynxAnswer]:
         """`answer` on the output of an in-stream call (`stopping_criteria=[lynx]`): each exited row's answer is the
         one it already holds after its exit text (read, not generated again); the other rows' as in stop mode."""
         from .exit import _truncate_at_close, eos_token_ids
@@ -576,12 +699,13 @@ class Lynx(
                 start = next((i + n_exit for i in range(record.position + 1, min(record.position + 3, len(row)))
                               if row[i:i + n_exit] == exit_ids), None)
             if start is None:
-                text = call.tokenizer.decode(row[call.prompt_length:], skip_special_tokens=True)
-                results.append(ExitAnswer(token_ids=[], text=text, answer=extract_boxed(text)))
+                results.append(finished_answer(call.tokenizer, row[call.prompt_length:], call.think_end))
                 continue
             ids = _truncate_at_close(row[start:], delta, eos)
-            text = call.tokenizer.decode(ids, skip_special_tokens=True)
-            results.append(ExitAnswer(token_ids=ids, text=text, answer=close_box(text)))
+            answer = close_box(call.tokenizer.decode(ids, skip_special_tokens=True))
+            # the row's generation as answered: its thinking, the exit text, the answer
+            results.append(finished_answer(call.tokenizer, row[call.prompt_length:start] + ids, call.think_end,
+                                           token_ids=ids, answer=answer))
         if call.audited is not None:
             self._audit_log.settle(call)
         return results
@@ -589,7 +713,7 @@ class Lynx(
     # ----- persistence ------------------------------------------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
         if self.probe is None:
-            raise LynxConfigError("A budget-only Lynx (Lynx.budget) has no probe or calibration to save: save a "
+            raise LynxConfigError("A budget-only Lynx (ThinkingBudgetCriteria) has no probe or calibration to save: save a "
                                   "bundle built by `lynx-hf build`, and pass max_thinking_tokens= when loading it.")
         write_bundle(save_directory, self.config, self.probe, self.calibration, self.metadata)
 
@@ -674,38 +798,18 @@ class Lynx(
     @classmethod
     def budget(cls, max_thinking_tokens: int, *, model=None, tokenizer=None, thinking: str | None = None,
                think_start: str | None = None, think_end: str | None = None, exit_text: str | None = None,
-               shadow: bool = False) -> "Lynx":
-        """A thinking-budget cap alone, for any model with a thinking format: no probe, no bundle, no guarantee.
+               shadow: bool = False):
+        """Deprecated: use `ThinkingBudgetCriteria(max_thinking_tokens, tokenizer=...)`, which this returns.
 
-        Each row that has thought `max_thinking_tokens` tokens exits there with the model's exit text (from its
-        tokenizer and chat template, `lynx_hf.runtime.thinking`, or the markers given), in one call (`stopping_criteria=
-        [cap]`: it answers in the same call), in stop mode (`stopping_criteria=[cap.stopper()]`, then
-        `cap.answer(out)`) or in-stream (`logits_processor=[cap.exit_processor()]`, `stopping_criteria=
-        [cap.answer_stopper()]`); rows that close their thinking earlier are left alone. `last_exits` records it.
-
-        Example:
-
-        ```python
-        >>> from lynx_hf import Lynx, organism
-        >>> model, tok = organism.load()
-        >>> cap = Lynx.budget(8, model=model, tokenizer=tok)
-        >>> inputs = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt")
-        >>> out = model.generate(**inputs, stopping_criteria=[cap], max_new_tokens=200)
-        >>> record = cap.last_exits[0]
-        >>> record.by_budget, record.position - inputs.input_ids.shape[1] + 1, len(cap.answer(out))
-        (True, 8, 1)
-
-        ```
+        The thinking budget alone (no probe, no bundle, no guarantee) is its own stopping criterion, not a `Lynx`.
         """
-        if max_thinking_tokens is None:
-            raise LynxConfigError("Lynx.budget needs max_thinking_tokens: the number of thinking tokens to allow.")
-        config = LynxConfig(base_model="", layers=[0], hidden_size=0, think_start=think_start, think_end=think_end,
-                            exit_text=exit_text, thinking=thinking)
-        lynx = cls(config, None, None, shadow=shadow, max_thinking_tokens=max_thinking_tokens,
-                   metadata={"budget_only": True})
-        if model is not None:
-            lynx.attach(model, tokenizer)
-        return lynx
+        warnings.warn("Lynx.budget(...) is deprecated: use ThinkingBudgetCriteria(max_thinking_tokens, tokenizer=...) "
+                      "(from lynx_hf import ThinkingBudgetCriteria), which it returns.", FutureWarning, stacklevel=2)
+        from .. import ThinkingBudgetCriteria
+
+        return ThinkingBudgetCriteria(max_thinking_tokens, model=model, tokenizer=tokenizer, thinking=thinking,
+                                      think_start=think_start, think_end=think_end, exit_text=exit_text,
+                                      shadow=shadow)
 
 
 def _unpickle(cls, config: LynxConfig, probe: LynxProbe, calibration: Calibration, options: dict) -> Lynx:
@@ -753,6 +857,11 @@ def _model_device(model) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
+def _describe_model(model, device) -> str:
+    name = _name(model)
+    return f"{type(model).__name__}" + (f"({name!r})" if name else "") + (f" on {device}" if device is not None else "")
+
+
 def _wraps(outer, inner) -> bool:
     """Whether `inner` is a submodule of `outer`, e.g. the transformers model inside a `PeftModel`, whose `generate`
     runs the inner model's decoding loop on the same layers."""
@@ -789,9 +898,12 @@ def _sequences_of(outputs) -> torch.Tensor:
     if isinstance(sequences, torch.Tensor):
         return sequences
     try:
-        ids = torch.as_tensor(outputs)
+        ids = id_batch(outputs, "outputs")
     except (TypeError, ValueError, RuntimeError):
-        ids = None
+        try:
+            ids = torch.as_tensor(outputs)
+        except (TypeError, ValueError, RuntimeError):
+            ids = None
     if ids is None or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(
             f"answer() takes what model.generate(..., stopping_criteria=[lynx]) returned (a [batch, length] tensor of "
