@@ -94,6 +94,31 @@ class Lynx(
     model id), and it follows that model if later used by another one. An explicitly attached `Lynx` used in
     another model's `generate` raises an error instead of reading the wrong hidden states.
 
+    Load one with `Lynx.from_pretrained`; the constructor takes the parts of a bundle already in memory.
+
+    Args:
+        config: the bundle's `LynxConfig` (base model, cues, layers, thinking markers, exit text).
+        probe: the trained `LynxProbe` reading the cue token's hidden states at `config.layers`; None only for a
+            budget-only instance (no probe, no guarantee, threshold inf).
+        calibration: the stored calibration scores and labels (`Calibration`) the threshold is computed from.
+        confidence: the user confidence c in (0, 1) (default 0.9: premature exits in at most 10% of questions).
+        guarantee: ``"question"`` (default: per question, first exit) or ``"event"`` (per cue event, the paper's).
+        risk_level: None (default: the guarantee holds on average over calibration sets) or alpha in (0, 1): it
+            holds with probability at least 1 - alpha for this calibration set (PAC; fewer exits).
+        rule: the per-event threshold rule: ``"envelope"`` (default, monotone in confidence) or ``"paper"``.
+        shadow: if True, never intervene; only record in `last_exits` where the row would have exited (default
+            False).
+        max_thinking_tokens: the thinking budget B (default None: no cap); budget exits are outside the guarantee.
+        metadata: the bundle's metadata (training and calibration facts the model card reports; default empty).
+        audit_rate: share of rows audited on live traffic, in [0, 1] (default 0: no audit, no cost).
+        audit_seed: seed of the audit draws (default 0).
+
+    Raises:
+        CorruptedBundleError: the probe's input size does not match the config's layers times hidden size.
+        LynxConfigError: a setting is out of range (confidence outside (0, 1), an unknown guarantee or rule, a
+            risk level outside (0, 1), a non-positive budget, an audit rate outside [0, 1], a non-integer seed), or
+            `audit_rate > 0` without a probe.
+
     Example:
 
     ```python
@@ -200,7 +225,21 @@ class Lynx(
     # ----- confidence and thresholds -------------------------------------------------------------------------
     @property
     def confidence(self) -> float:
-        """The user confidence c in (0, 1); the premature-exit rate is at most 1 - c."""
+        """The user confidence c in (0, 1); the premature-exit rate is at most 1 - c.
+
+        Settable at any time: the next `generate` call uses the new threshold (a call already running keeps the
+        settings it started with).
+
+        Raises:
+            LynxConfigError: on assignment, a value that is not a number in (0, 1).
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, confidence=0.9)
+            >>> lynx.confidence = 0.8
+            >>> lynx.confidence
+            0.8
+        """
         return self._confidence
 
     @confidence.setter
@@ -210,7 +249,16 @@ class Lynx(
 
     @property
     def guarantee(self) -> str:
-        """`"question"` (default: per question, first exit) or `"event"` (per cue event, the paper's rule)."""
+        """`"question"` (default: per question, first exit) or `"event"` (per cue event, the paper's rule).
+
+        Raises:
+            LynxConfigError: on assignment, a value other than ``"question"`` or ``"event"``.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> Lynx.from_pretrained(organism.BUNDLE_DIR).guarantee
+            'question'
+        """
         return self._guarantee
 
     @guarantee.setter
@@ -221,7 +269,17 @@ class Lynx(
     @property
     def risk_level(self) -> float | None:
         """None (the guarantee holds on average over calibration sets) or alpha: it holds with probability >= 1 - alpha
-        for this calibration set (PAC)."""
+        for this calibration set (PAC).
+
+        Raises:
+            LynxConfigError: on assignment, a value that is neither None nor a number in (0, 1).
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR)
+            >>> lynx.risk_level is None
+            True
+        """
         return self._risk_level
 
     @risk_level.setter
@@ -231,7 +289,16 @@ class Lynx(
 
     @property
     def rule(self) -> str:
-        """Per-event threshold rule: `"envelope"` (default, monotone in confidence) or `"paper"` (the paper's exact rule)."""
+        """Per-event threshold rule: `"envelope"` (default, monotone in confidence) or `"paper"` (the paper's exact rule).
+
+        Raises:
+            LynxConfigError: on assignment, a value other than ``"envelope"`` or ``"paper"``.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> Lynx.from_pretrained(organism.BUNDLE_DIR).rule
+            'envelope'
+        """
         return self._rule
 
     @rule.setter
@@ -242,7 +309,17 @@ class Lynx(
     @property
     def max_thinking_tokens(self) -> int | None:
         """The thinking budget B (None: no cap): a row still thinking after B tokens exits there, outside the
-        guarantee."""
+        guarantee.
+
+        Raises:
+            LynxConfigError: on assignment, a value that is neither None nor a positive integer.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, max_thinking_tokens=256)
+            >>> lynx.max_thinking_tokens
+            256
+        """
         return self._max_thinking_tokens
 
     @max_thinking_tokens.setter
@@ -253,7 +330,19 @@ class Lynx(
     def audit_rate(self) -> float:
         """Share of rows audited (0: none, the default, which costs nothing): each row of each `generate` call is
         drawn with this probability when the call starts, runs as in shadow mode (never exits), and is checked by
-        `audit()` once its full trace exists."""
+        `audit()` once its full trace exists.
+
+        Raises:
+            LynxConfigError: on assignment, a value outside [0, 1], or a positive rate on a budget-only instance
+                (no probe, nothing to audit).
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR)
+            >>> lynx.audit_rate = 0.05   # one row in twenty
+            >>> lynx.audit_rate
+            0.05
+        """
         return self._audit_rate
 
     @audit_rate.setter
@@ -267,7 +356,16 @@ class Lynx(
     @property
     def audit_seed(self) -> int:
         """Seed of the audit draws: the k-th call since this `Lynx` was made (or `reset_audit()`) draws its rows with
-        `numpy.random.default_rng((audit_seed, k))`."""
+        `numpy.random.default_rng((audit_seed, k))`.
+
+        Raises:
+            LynxConfigError: on assignment, a value that is not an integer.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> Lynx.from_pretrained(organism.BUNDLE_DIR, audit_seed=7).audit_seed
+            7
+        """
         return self._audit_seed
 
     @audit_seed.setter
@@ -276,7 +374,16 @@ class Lynx(
 
     @property
     def audit_log(self) -> AuditLog:
-        """The audited rows of all calls (all threads) so far; assign an `AuditLog.load(path)` to continue one."""
+        """The audited rows of all calls (all threads) so far; assign an `AuditLog.load(path)` to continue one.
+
+        Raises:
+            TypeError: on assignment, a value that is not an `AuditLog`.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> len(Lynx.from_pretrained(organism.BUNDLE_DIR).audit_log)
+            0
+        """
         return self._audit_log
 
     @audit_log.setter
@@ -297,6 +404,19 @@ class Lynx(
 
         Returns:
             An `AuditReport` (print it for a table).
+
+        Raises:
+            ValueError: `cs_level` (or the deprecated `alpha`) outside (0, 1).
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> model, tok = organism.load()
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, audit_rate=1.0)
+            >>> inputs = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt")
+            >>> out = model.generate(**inputs, stopping_criteria=[lynx.stopper()], max_new_tokens=300)
+            >>> report = lynx.audit()   # checks the finished call's audited row
+            >>> len(lynx.audit_log)
+            1
         """
         level = check_cs_level(cs_level, alpha)
         self._audit_log.settle()
@@ -372,13 +492,38 @@ class Lynx(
         return new
 
     def reset_audit(self) -> None:
-        """Forget the audited rows (and calls not yet checked) and restart the audit draws."""
+        """Forget the audited rows (and calls not yet checked) and restart the audit draws.
+
+        After it the k-th call counts from zero again, so the same calls draw the same rows as on a fresh `Lynx`.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, audit_rate=0.5)
+            >>> lynx.reset_audit()
+            >>> len(lynx.audit_log)
+            0
+        """
         self._audit_log = AuditLog()
 
     @property
     def threshold(self) -> float:
         """The probe-score threshold for the current confidence, guarantee, risk level and rule (inf: never exit;
-        always for a budget-only `Lynx`)."""
+        always for a budget-only `Lynx`).
+
+        Computed from the stored calibration scores on first read after a setting changes, then cached. A row exits
+        at its first cue whose probe score is at least this.
+
+        Warns:
+            LynxCalibrationWarning: the calibration set is too small to certify the settings (the threshold is inf).
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR)
+            >>> high = lynx.threshold
+            >>> lynx.confidence = 0.5
+            >>> lynx.threshold <= high    # a lower confidence never exits less
+            True
+        """
         if self.calibration is None:
             return math.inf
         if self._threshold is None:
@@ -390,8 +535,35 @@ class Lynx(
     def attach(self, model, tokenizer=None, *, allow_base_model_mismatch: bool = False) -> "Lynx":
         """Bind to `model` and its tokenizer; returns self, usable as a context manager.
 
-        `tokenizer` defaults to `AutoTokenizer.from_pretrained(model.name_or_path)`. No hook is placed on the model
-        here: the capture hooks exist only while a `generate` call that uses this bundle runs.
+        No hook is placed on the model here: the capture hooks exist only while a `generate` call that uses this
+        bundle runs. An attached `Lynx` used in another model's `generate` raises instead of following it (an
+        automatically attached one follows). Leaving a `with lynx.attach(model):` block detaches it.
+
+        Args:
+            model: the base model whose hidden states the probe reads (a transformers causal LM).
+            tokenizer: its tokenizer (default: `AutoTokenizer.from_pretrained(model.name_or_path)`, else the bundle's
+                base model id).
+            allow_base_model_mismatch: if True, a fingerprint mismatch between the bundle's base model and `model`
+                only logs a warning (the guarantee may not hold) instead of raising (default False). A hidden-size
+                mismatch always raises.
+
+        Returns:
+            This `Lynx`, bound.
+
+        Raises:
+            BaseModelMismatchError: `model` is not the bundle's base model (hidden size, or fingerprint unless
+                allowed).
+            LynxConfigError: the tokenizer cannot spell one of the bundle's cues.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> model, tok = organism.load()
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR)
+            >>> with lynx.attach(model, tok):
+            ...     lynx.model is model
+            True
+            >>> lynx.model is None
+            True
         """
         self._bind(model, tokenizer, allow_base_model_mismatch=allow_base_model_mismatch)
         self._auto_attached = False
@@ -439,7 +611,16 @@ class Lynx(
                                          device=device)
 
     def detach(self) -> None:
-        """Unbind from the model (a later `generate` call that uses this bundle attaches it again)."""
+        """Unbind from the model (a later `generate` call that uses this bundle attaches it again).
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> model, tok = organism.load()
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
+            >>> lynx.detach()
+            >>> lynx.model is None
+            True
+        """
         self._tap = None
         self._device = None
         self.model = None
@@ -568,17 +749,60 @@ class Lynx(
 
         Returns:
             `self.stopper()`.
+
+        Warns:
+            FutureWarning: always; use `stopper()`.
+
+        Example:
+            >>> import warnings
+            >>> from lynx_hf import Lynx, organism
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR)
+            >>> with warnings.catch_warnings():
+            ...     warnings.simplefilter("ignore", FutureWarning)
+            ...     lynx.stopping_criteria() is lynx.stopper()
+            True
         """
         warnings.warn("lynx.stopping_criteria() is deprecated: use lynx.stopper() (the same stop-mode criterion; "
                       "stopping_criteria=[lynx] now answers in the same call).", FutureWarning, stacklevel=2)
         return self._stopper
 
     def exit_processor(self) -> LynxExitProcessor:
-        """The in-stream plug-in: forces the exit text at a confident cue, then lets the model answer."""
+        """The in-stream plug-in: forces the exit text at a confident cue, then lets the model answer.
+
+        Pass it as `logits_processor=[lynx.exit_processor()]` together with `stopping_criteria=[lynx.answer_stopper()]`
+        (the explicit form of `stopping_criteria=[lynx]`, which brings this processor in by itself). The cue word and
+        the token after it stay in the output before the exit text, so its answers can differ from the exact path's
+        (`stopper()` then `answer(out)`), which the guarantee is stated for.
+
+        Returns:
+            The bundle's `LynxExitProcessor` (the same object on every call).
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> model, tok = organism.load()
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
+            >>> inputs = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt")
+            >>> out = model.generate(**inputs, logits_processor=[lynx.exit_processor()],
+            ...                      stopping_criteria=[lynx.answer_stopper()], max_new_tokens=300)
+            >>> len(lynx.answer(out))   # read back, not generated again
+            1
+        """
         return self._processor
 
     def answer_stopper(self) -> LynxAnswerStopper:
-        """Stops rows that `exit_processor()` made exit once their boxed answer closes."""
+        """Stops rows that `exit_processor()` made exit once their boxed answer closes.
+
+        Rows that did not exit are left to the call's other criteria (EOS, `max_new_tokens`).
+
+        Returns:
+            A new `LynxAnswerStopper` bound to this bundle's exit processor.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR)
+            >>> type(lynx.answer_stopper()).__name__
+            'LynxAnswerStopper'
+        """
         return LynxAnswerStopper(self._processor)
 
     @criterion_signature
@@ -588,14 +812,42 @@ class Lynx(
         On its first step in a call the criterion brings `exit_processor()` into that call's logits processors
         (appended last; see `LynxExitProcessor.joined_step`), then ends each exited row once its boxed answer
         closes, as `answer_stopper()` does. Passing `logits_processor=[lynx.exit_processor()]` too is the same
-        call (nothing is forced twice).
+        call (nothing is forced twice). The exit keeps the cue word and the token after it before the exit text
+        (they were already sampled), so the answers can differ from the exact path's (`stopper()` then
+        `answer(out)`), which the guarantee is stated for.
+
+        Args:
+            input_ids: the sequences so far, one row per sequence (transformers passes them).
+            scores: the step's scores (transformers passes them; unused).
+            **kwargs: other arguments transformers passes (unused).
+
+        Returns:
+            One bool per row: True for a row that exited and whose boxed answer has closed.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> model, tok = organism.load()
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR)
+            >>> inputs = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt")
+            >>> out = model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=300)
+            >>> len(lynx.last_exits)
+            1
         """
         return self._processor.joined_step(input_ids, sys._getframe(1))
 
     @property
     def last_exits(self) -> list[ExitRecord]:
         """Per-row telemetry of the last `generate` call that used one of this bundle's plug-ins in this thread (in a
-        thread that ran none: in any thread), so threads sharing one `Lynx` each read their own call's records."""
+        thread that ran none: in any thread), so threads sharing one `Lynx` each read their own call's records.
+
+        One `ExitRecord` per row (empty before any call): whether and where it exited, the cue and its score, the
+        threshold, and whether the budget or the audit decided.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> Lynx.from_pretrained(organism.BUNDLE_DIR).last_exits
+            []
+        """
         call = self._last_call.get()
         return [] if call is None else call.records()
 
@@ -625,13 +877,35 @@ class Lynx(
         is exact (a full-attention `DynamicCache` in the model's dtype, as generate left it) and consumed. The
         exits, prompt mask and model are those of the call that produced `outputs` (found among this bundle's
         recent calls), and so are its tokenizer and exit text, whatever ran since; calling it again gives the same
-        answers (a consumed or since-changed cache is recomputed, with a warning). `max_new_tokens` caps the answer
-        (default: the bundle's `answer_max_new_tokens`).
+        answers (a consumed or since-changed cache is recomputed, with a warning). On the output of a one-call
+        (`stopping_criteria=[lynx]`) or in-stream `generate`, each exited row's answer is read from the output, not
+        generated again. Audited rows of the call are checked here.
+
+        Args:
+            outputs: what `generate` returned (tensor, nested lists, NumPy array, or `return_dict_in_generate`
+                output), unchanged.
+            max_new_tokens: cap on the answer tokens after an exit (default None: the bundle's
+                `answer_max_new_tokens`).
 
         Returns:
             One `LynxAnswer` per row, with one meaning for exited and non-exited rows: `text` is the final response
             after the thinking block, `full_text` the whole generation as answered (thinking included), `answer`
             the boxed answer.
+
+        Raises:
+            ValueError: `max_new_tokens` is not a positive integer, or `outputs` was not produced by one of this
+                bundle's last 8 `generate` calls.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> model, tok = organism.load()
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
+            >>> problem = organism.problems("arithmetic", "test", n=2)[1]
+            >>> inputs = tok(organism.prompt(tok, problem["question"]), return_tensors="pt")
+            >>> out = model.generate(**inputs, stopping_criteria=[lynx.stopper()], max_new_tokens=300,
+            ...                      do_sample=False)
+            >>> [a.answer for a in lynx.answer(out)], lynx.last_exits[0].exited
+            (['7'], True)
         """
         integral = isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)
         if max_new_tokens is not None and not (integral and max_new_tokens >= 1):
@@ -734,10 +1008,38 @@ class Lynx(
     ) -> str:
         """Upload the bundle (what `save_pretrained` writes, with the model card rendered for `repo_id`) in one commit.
 
-        huggingface_hub's own upload path (`ModelHubMixin.push_to_hub` -> `HfApi.upload_folder`). `branch` is the
-        revision to push to (default `main`; created from `main` if it does not exist, unless `create_pr=True`,
-        which opens a pull request against it instead); `private` applies when the repo is created; `token` defaults
-        to the logged-in one. Returns the commit URL.
+        huggingface_hub's own upload path (`ModelHubMixin.push_to_hub` -> `HfApi.upload_folder`). The repo is
+        created if it does not exist. `save_pretrained(folder)` writes the same files locally (inherited from
+        `ModelHubMixin`); both raise `LynxConfigError` for a budget-only instance, which has nothing to save.
+
+        Args:
+            repo_id: the Hub repo, ``"user/name"``.
+            commit_message: the commit's message (default ``"Upload Lynx bundle"``).
+            private: make the repo private when it is created (default None: the Hub's default, public).
+            token: a Hub token (default None: the logged-in one).
+            branch: the revision to push to (default None: `main`; another branch is created from `main` if it does
+                not exist, unless `create_pr=True`).
+            create_pr: open a pull request against `branch` instead of committing to it (default None: no).
+            allow_patterns: upload only files matching these glob patterns (default None: all).
+            ignore_patterns: skip files matching these glob patterns (default None: none).
+            delete_patterns: delete remote files matching these patterns in the same commit (default None: none).
+            model_card_kwargs: extra arguments for `generate_model_card` (`repo_id` is added).
+            **kwargs: passed on to `ModelHubMixin.push_to_hub`.
+
+        Returns:
+            The commit URL.
+
+        Raises:
+            LynxConfigError: a budget-only instance (no probe or calibration to upload).
+
+        Example:
+            >>> import tempfile
+            >>> from lynx_hf import Lynx, organism
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR)
+            >>> with tempfile.TemporaryDirectory() as folder:   # the same files push_to_hub uploads, written locally
+            ...     lynx.save_pretrained(folder)
+            ...     Lynx.from_pretrained(folder).config.cues == lynx.config.cues
+            True
         """
         if branch is not None and branch != "main" and not create_pr:
             from huggingface_hub import HfApi
@@ -754,7 +1056,23 @@ class Lynx(
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """The model card rendered from `hub_cards/lynx_probe.md`, with YAML metadata: the guarantee types, the data
-        the calibration rests on, and thresholds and held-out results as tables of rounded numbers."""
+        the calibration rests on, and thresholds and held-out results as tables of rounded numbers.
+
+        `save_pretrained` and `push_to_hub` call it to write the bundle's README.md.
+
+        Args:
+            *args: accepted for `ModelHubMixin` compatibility and ignored.
+            **kwargs: passed to the card template (e.g. ``repo_id``, which the usage snippet then loads).
+
+        Returns:
+            A `huggingface_hub.ModelCard`.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> card = Lynx.from_pretrained(organism.BUNDLE_DIR).generate_model_card(repo_id="you/lynx-probe")
+            >>> "you/lynx-probe" in card.content
+            True
+        """
         return model_card(self.config, self.calibration, self.metadata, self._hub_mixin_info, **kwargs)
 
     @classmethod
@@ -781,9 +1099,49 @@ class Lynx(
     ) -> "Lynx":
         """Load a bundle from a local folder or a Hub repo id, and attach it to `model` if given.
 
-        Raises a clear error for a missing or corrupted file, a probe for another base model (overridable with
-        `allow_base_model_mismatch=True`, except a hidden-size mismatch), a tokenizer that cannot spell a cue, or a
-        confidence outside (0, 1).
+        Without `model`, the first `generate` call that uses one of its plug-ins attaches it to the model running
+        that call. Every setting below is also a property that can be changed later without reloading.
+
+        Args:
+            pretrained_model_name_or_path: a folder written by `save_pretrained` / `lynx-hf build`, or a Hub repo id.
+            model: the base model to attach to now (default None: attach on first use).
+            tokenizer: its tokenizer (default None: loaded from `model.name_or_path`, else the bundle's base model).
+                Given without `model`, it is the tokenizer used when the bundle attaches on first use.
+            confidence: the user confidence c in (0, 1) (default 0.9: premature exits in at most 10% of questions).
+            guarantee: ``"question"`` (default: per question, first exit) or ``"event"`` (per cue event, the paper's).
+            risk_level: None (default: the guarantee holds on average over calibration sets) or alpha in (0, 1): it
+                holds with probability at least 1 - alpha for this calibration set (PAC; fewer exits).
+            rule: the per-event threshold rule: ``"envelope"`` (default, monotone in confidence) or ``"paper"``.
+            shadow: if True, never intervene; only record in `last_exits` where rows would have exited (default
+                False).
+            max_thinking_tokens: the thinking budget B (default None: no cap); budget exits are outside the
+                guarantee.
+            audit_rate: share of rows audited on live traffic, in [0, 1] (default 0: none, no cost).
+            audit_seed: seed of the audit draws (default 0).
+            allow_base_model_mismatch: with `model`, accept a model whose fingerprint differs from the bundle's base
+                model, with a warning (default False: raise). A hidden-size mismatch always raises.
+            revision: the Hub revision (branch, tag or commit; default None: `main`).
+            cache_dir: the Hub cache folder (default None: huggingface_hub's).
+            force_download: download the files even if cached (default False).
+            local_files_only: use only cached files, never the network (default False).
+            token: a Hub token (default None: the logged-in one; False: none).
+
+        Returns:
+            The loaded `Lynx`, attached to `model` if one was given.
+
+        Raises:
+            CorruptedBundleError: a missing or corrupted bundle file, or a probe that does not fit the config.
+            BaseModelMismatchError: `model` is not the bundle's base model (unless allowed; hidden size always).
+            LynxConfigError: a setting out of range (e.g. a confidence outside (0, 1)), or a tokenizer that cannot
+                spell a cue.
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> model, tok = organism.load()
+            >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.8,
+            ...                             max_thinking_tokens=512)
+            >>> (lynx.confidence, lynx.guarantee, lynx.max_thinking_tokens, lynx.model is model)
+            (0.8, 'question', 512, True)
         """
         config, probe, calibration, metadata = read_bundle(
             pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, force_download=force_download,
@@ -802,6 +1160,31 @@ class Lynx(
         """Deprecated: use `ThinkingBudgetCriteria(max_thinking_tokens, tokenizer=...)`, which this returns.
 
         The thinking budget alone (no probe, no bundle, no guarantee) is its own stopping criterion, not a `Lynx`.
+        The arguments are `ThinkingBudgetCriteria`'s.
+
+        Args:
+            max_thinking_tokens: the budget B: a row still thinking after B tokens exits there.
+            model: the model to attach to now (default None: on first use).
+            tokenizer: its tokenizer (default None: loaded from the model).
+            thinking: the thinking format's name (default None: detected from the tokenizer).
+            think_start: the thinking block's opening marker (default None: the format's).
+            think_end: its closing marker (default None: the format's).
+            exit_text: the text that closes the thinking at an exit (default None: the format's).
+            shadow: if True, only record where rows would exit (default False).
+
+        Returns:
+            A `ThinkingBudgetCriteria`.
+
+        Warns:
+            FutureWarning: always; construct `ThinkingBudgetCriteria` instead.
+
+        Example:
+            >>> import warnings
+            >>> from lynx_hf import Lynx
+            >>> with warnings.catch_warnings():
+            ...     warnings.simplefilter("ignore", FutureWarning)
+            ...     type(Lynx.budget(256)).__name__
+            'ThinkingBudgetCriteria'
         """
         warnings.warn("Lynx.budget(...) is deprecated: use ThinkingBudgetCriteria(max_thinking_tokens, tokenizer=...) "
                       "(from lynx_hf import ThinkingBudgetCriteria), which it returns.", FutureWarning, stacklevel=2)
