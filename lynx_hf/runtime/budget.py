@@ -39,11 +39,17 @@ class ThinkingBudgetCriteria(StoppingCriteria):
         max_thinking_tokens: the number of thinking tokens a row may write before it is made to answer.
         tokenizer: the model's tokenizer (default: loaded from the model's `name_or_path` on first use).
         model: bind to this model now (default: the model of the first `generate` call it is used in).
-        thinking: a thinking-format preset name (`lynx_hf.runtime.thinking.PRESETS`).
+        thinking: a thinking-format preset name (`lynx_hf.runtime.thinking.PRESETS`; default None: detected from
+            the tokenizer and chat template).
         think_start: the text that opens the thinking block (None: the prompt opens it).
-        think_end: the text that closes it.
-        exit_text: what is appended at the budget: the closing marker and an answer prompt.
-        shadow: record where rows would exit, without intervening.
+        think_end: the text that closes it (default None: the detected format's).
+        exit_text: what is appended at the budget: the closing marker and an answer prompt (default None: the
+            detected format's).
+        shadow: record where rows would exit, without intervening (default False).
+
+    Raises:
+        LynxConfigError: `max_thinking_tokens` is None or not a positive integer; the thinking markers cannot be
+            found or spelled when it binds to a model.
 
     Example:
 
@@ -82,7 +88,18 @@ class ThinkingBudgetCriteria(StoppingCriteria):
     # ----- settings ---------------------------------------------------------------------------------------------
     @property
     def max_thinking_tokens(self) -> int:
-        """The budget B: thinking tokens a row may write (read when a `generate` call starts)."""
+        """The budget B: thinking tokens a row may write (read when a `generate` call starts).
+
+        Raises:
+            LynxConfigError: on assignment, a value that is None or not a positive integer.
+
+        Example:
+            >>> from lynx_hf import ThinkingBudgetCriteria
+            >>> budget = ThinkingBudgetCriteria(64)
+            >>> budget.max_thinking_tokens = 128
+            >>> budget.max_thinking_tokens
+            128
+        """
         return self._lynx.max_thinking_tokens
 
     @max_thinking_tokens.setter
@@ -117,7 +134,25 @@ class ThinkingBudgetCriteria(StoppingCriteria):
 
     def attach(self, model, tokenizer=None) -> "ThinkingBudgetCriteria":
         """Bind to `model` (and its tokenizer: by default the one given at construction, else loaded from
-        `model.name_or_path`); returns self."""
+        `model.name_or_path`); returns self.
+
+        Args:
+            model: the model to bind to.
+            tokenizer: its tokenizer (default None: the one given at construction, else loaded from
+                `model.name_or_path`).
+
+        Returns:
+            This criterion, bound.
+
+        Raises:
+            LynxConfigError: the tokenizer's thinking format cannot be found (pass `thinking=` or the markers).
+
+        Example:
+            >>> from lynx_hf import ThinkingBudgetCriteria, organism
+            >>> model, tok = organism.load()
+            >>> ThinkingBudgetCriteria(64).attach(model, tok).model is model
+            True
+        """
         self._lynx.attach(model, tokenizer if tokenizer is not None else self._lynx._default_tokenizer)
         return self
 
@@ -133,26 +168,86 @@ class ThinkingBudgetCriteria(StoppingCriteria):
         return self._lynx(input_ids, scores, **kwargs)  # what `stopping_criteria=[lynx]` runs (it finds the list)
 
     def stopper(self) -> LynxStoppingCriteria:
-        """The stop-mode criterion itself (what `stopping_criteria=[budget]` runs): halts a row at its budget."""
+        """The exact stop-mode criterion: halts a row at its budget; then `budget.answer(out)` closes the thinking there
+        and answers greedily. (`stopping_criteria=[budget]` instead answers in the same call.)
+
+        Returns:
+            The stop-mode `LynxStoppingCriteria` (the same object on every call).
+
+        Example:
+            >>> from lynx_hf import ThinkingBudgetCriteria, organism
+            >>> model, tok = organism.load()
+            >>> budget = ThinkingBudgetCriteria(30, tokenizer=tok)
+            >>> inputs = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt")
+            >>> out = model.generate(**inputs, stopping_criteria=[budget.stopper()], max_new_tokens=200)
+            >>> budget.last_exits[0].by_budget, budget.answer(out)[0].answer is not None
+            (True, True)
+        """
         return self._lynx._stopper
 
     def exit_processor(self) -> LynxExitProcessor:
-        """The in-stream plug-in: forces the exit text at the budget, then the model answers in the same call."""
+        """The in-stream plug-in: forces the exit text at the budget, then the model answers in the same call.
+
+        Pair it with `stopping_criteria=[budget.answer_stopper()]`.
+
+        Returns:
+            The `LynxExitProcessor` (the same object on every call).
+
+        Example:
+            >>> from lynx_hf import ThinkingBudgetCriteria
+            >>> type(ThinkingBudgetCriteria(64).exit_processor()).__name__
+            'LynxExitProcessor'
+        """
         return self._lynx.exit_processor()
 
     def answer_stopper(self) -> LynxAnswerStopper:
-        """Ends the rows that `exit_processor()` made exit once their boxed answer closes."""
+        """Ends the rows that `exit_processor()` made exit once their boxed answer closes.
+
+        Returns:
+            A new `LynxAnswerStopper` bound to `exit_processor()`.
+
+        Example:
+            >>> from lynx_hf import ThinkingBudgetCriteria
+            >>> type(ThinkingBudgetCriteria(64).answer_stopper()).__name__
+            'LynxAnswerStopper'
+        """
         return self._lynx.answer_stopper()
 
     def answer(self, outputs, max_new_tokens: int | None = None) -> list[LynxAnswer]:
         """Final answers after `generate(..., stopping_criteria=[budget])`: each row that reached its budget gets
         the exit text and its greedy answer; the others' answers are read from their own text (see `Lynx.answer`).
+
+        Args:
+            outputs: what `generate` returned, unchanged.
+            max_new_tokens: cap on the answer tokens after an exit (default None: the default answer length).
+
+        Returns:
+            One `LynxAnswer` per row.
+
+        Raises:
+            ValueError: `max_new_tokens` is not a positive integer, or `outputs` did not come from one of this
+                criterion's recent `generate` calls.
+
+        Example:
+            >>> from lynx_hf import ThinkingBudgetCriteria, organism
+            >>> model, tok = organism.load()
+            >>> budget = ThinkingBudgetCriteria(30, tokenizer=tok)
+            >>> inputs = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt")
+            >>> out = model.generate(**inputs, stopping_criteria=[budget], max_new_tokens=200)
+            >>> len(budget.answer(out))
+            1
         """
         return self._lynx.answer(outputs, max_new_tokens=max_new_tokens)
 
     @property
     def last_exits(self) -> list[ExitRecord]:
-        """Per-row records of the last `generate` call it was used in (in this thread, else in any)."""
+        """Per-row records of the last `generate` call it was used in (in this thread, else in any).
+
+        Example:
+            >>> from lynx_hf import ThinkingBudgetCriteria
+            >>> ThinkingBudgetCriteria(64).last_exits
+            []
+        """
         return self._lynx.last_exits
 
     # ----- copies ---------------------------------------------------------------------------------------------------
