@@ -47,6 +47,17 @@ class LynxStoppingCriteria(StoppingCriteria):
     closes the thinking block and lets the model answer. In shadow mode nothing stops and `last_exits` records
     where it would have. Each `generate` call keeps its own state, bound to its output.
 
+    This is the exact path (`lynx.stopper()` returns the bundle's instance), the one the guarantee is stated for;
+    `stopping_criteria=[lynx]` instead answers in the same call, keeping the cue word.
+
+    Args:
+        lynx: the bundle (a `Lynx`, or the budget-only one inside `ThinkingBudgetCriteria`) whose probe,
+            threshold and settings decide the exits.
+
+    Raises:
+        UnsupportedGenerationError: passed as a logits processor, or used with a decoding mode other than greedy or
+            sampling through `model.generate` (beam search, assisted decoding, ...).
+
     Examples:
 
     ```python
@@ -70,14 +81,34 @@ class LynxStoppingCriteria(StoppingCriteria):
         return self.step(input_ids, sys._getframe(1))
 
     def step(self, input_ids: torch.LongTensor, caller) -> torch.BoolTensor:
-        """One decoding step of the call that `caller` (the frame calling the plug-in) belongs to."""
+        """One decoding step of the call that `caller` (the frame calling the plug-in) belongs to.
+
+        `__call__` runs it with its caller's frame; transformers calls the criterion, not this.
+
+        Args:
+            input_ids: the sequences so far, one row per sequence.
+            caller: the frame that called the criterion (transformers' `StoppingCriteriaList`), which names the call.
+
+        Returns:
+            One bool per row: True where the row stops at this step (one token after a confident cue, or at the
+            thinking budget).
+
+        Raises:
+            UnsupportedGenerationError: the criterion runs as a logits processor or in an unsupported decoding mode.
+        """
         call, loop = self.calls.current_and_loop(input_ids, caller)
         decide = call.acting(call.observe(input_ids, loop_running(loop, input_ids.shape[0])))
         return decide.clone() if decide is call.nothing else decide  # the caller may change what it gets in place
 
     @property
     def last_exits(self) -> list[ExitRecord]:
-        """Per-row telemetry of the last `generate` call that used this plug-in in this thread (else in any thread)."""
+        """Per-row telemetry of the last `generate` call that used this plug-in in this thread (else in any thread).
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> Lynx.from_pretrained(organism.BUNDLE_DIR).stopper().last_exits
+            []
+        """
         call = self.calls.last
         return [] if call is None else call.records()
 
@@ -122,6 +153,16 @@ class LynxExitProcessor(LogitsProcessor):
     that is recorded with `answered=False`. In shadow mode it never forces anything.
     Put it last among your logits processors (a later one could change the forced tokens, so it is refused);
     transformers' sampling warpers, which `generate` runs after yours, keep the forced token.
+
+    `stopping_criteria=[lynx]` brings the bundle's instance (`lynx.exit_processor()`) into its call by itself.
+
+    Args:
+        lynx: the bundle (a `Lynx`, or the budget-only one inside `ThinkingBudgetCriteria`) whose probe,
+            threshold and settings decide the exits.
+
+    Raises:
+        UnsupportedGenerationError: a logits processor that could change the forced tokens runs after it, or a
+            decoding mode other than greedy or sampling through `model.generate`.
 
     Examples:
 
@@ -221,6 +262,18 @@ class LynxExitProcessor(LogitsProcessor):
         `model_kwargs`, `outputs` and `unfinished_sequences`. A list appended to during the call is therefore
         called with the new processor from the next step on, and is dropped with the call. `tests/test_one_call.py`
         pins each of these facts, so a transformers release that changes them fails there, not silently.
+
+        Args:
+            input_ids: the sequences so far, one row per sequence.
+            caller: the frame that called the criterion (transformers' `StoppingCriteriaList`), which names the call.
+
+        Returns:
+            One bool per row: True for a row that exited and whose boxed answer the last token closed.
+
+        Raises:
+            UnsupportedGenerationError: not run inside `model.generate(..., stopping_criteria=[...])`; passed as a
+                logits processor; another Lynx's exit processor is already in the call; the decoding loop's logits
+                processors cannot be found; or a decoding mode other than greedy or sampling.
         """
         found = caller_list(caller)
         if found is None:
@@ -272,7 +325,18 @@ class LynxExitProcessor(LogitsProcessor):
         return call
 
     def running_call(self, input_ids: torch.LongTensor) -> StreamCall:
-        """This thread's running call, checked to be the one `input_ids` continues."""
+        """This thread's running call, checked to be the one `input_ids` continues.
+
+        Args:
+            input_ids: the sequences the answer stopper was called with.
+
+        Returns:
+            The in-stream call state this processor is running in this thread.
+
+        Raises:
+            UnsupportedGenerationError: no call of this processor runs here (the answer stopper was passed without
+                `logits_processor=[lynx.exit_processor()]`), or `input_ids` does not continue it.
+        """
         call = self.calls.running_here
         if call is None or call.batch != input_ids.shape[0] or call._consumed != input_ids.shape[1] - 1:
             raise UnsupportedGenerationError(
@@ -283,13 +347,28 @@ class LynxExitProcessor(LogitsProcessor):
 
     @property
     def last_exits(self) -> list[ExitRecord]:
-        """Per-row telemetry of the last `generate` call that used this plug-in in this thread (else in any thread)."""
+        """Per-row telemetry of the last `generate` call that used this plug-in in this thread (else in any thread).
+
+        Example:
+            >>> from lynx_hf import Lynx, organism
+            >>> Lynx.from_pretrained(organism.BUNDLE_DIR).exit_processor().last_exits
+            []
+        """
         call = self.calls.last
         return [] if call is None else call.records()
 
 
 class LynxAnswerStopper(StoppingCriteria):
     """Ends a row that `LynxExitProcessor` made exit once the model has closed its `\\boxed{...}` answer.
+
+    Rows that did not exit are left to the call's other criteria. Get one from `lynx.answer_stopper()` and pass it
+    with `logits_processor=[lynx.exit_processor()]`.
+
+    Args:
+        processor: the exit processor of the same call, whose state says which rows are answering.
+
+    Raises:
+        UnsupportedGenerationError: at the first step, when `processor` does not run in the same `generate` call.
 
     Example:
 
