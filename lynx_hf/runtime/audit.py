@@ -72,18 +72,35 @@ CONSISTENT, ABOVE, TOO_FEW = "consistent with δ", "above δ: recalibrate", "too
 
 @dataclass(frozen=True)
 class AuditRow:
-    """One audited row: the settings its call ran with, its full answer (`reference`, None when the full trace has no
-    boxed answer) and what an exit would have done to it. `changed`: the would-exit answer differs from the full one.
-    `unsafe_cues`: cues whose forced answer differs from the full one; `unsafe_exits`: of those, the ones scoring at
-    or above the threshold. `forwards` / `tokens`: what re-checking the row cost (0 in a replay). `batch`: which
-    audited `generate` call (or replayed trace) the row came from; the rows of one batch are one unit of the
-    confidence sequence, so their order never matters (rows without one, e.g. built by hand, are one batch).
+    """One audited row: the settings its call ran with, its full answer and what an exit would have done to it.
 
-    What `Lynx.recalibrate` builds a calibration from, per cue in trace order: `scores` (the probe's, as the
-    plug-ins compute them) and `agrees` (the forced answer matches the full one: the agreement label; None without
-    a reference); `prompt` is a digest of the row's prompt token ids (which problem it was) and `probe` a digest of
-    the probe that scored it (rows scored by another probe cannot calibrate this one). Logs written before these
-    fields existed load with them as None: they still audit, but cannot recalibrate.
+    The rows of one batch are one unit of the confidence sequence, so their order never matters (rows without a
+    batch, e.g. built by hand, are one batch). The per-cue `scores` and `agrees` are what `Lynx.recalibrate` builds
+    a calibration from. Logs written before those fields existed load with them as None: they still audit, but
+    cannot recalibrate.
+
+    Attributes:
+        guarantee: the call's guarantee, ``"question"`` or ``"event"``.
+        confidence: the call's confidence c (δ = 1 - c).
+        risk_level: the call's PAC risk level (None: marginal).
+        rule: the call's per-event threshold rule.
+        threshold: the probe-score threshold the call ran with.
+        reference: the row's full answer (None when the full trace has no boxed answer: no reference).
+        would_exit: the rule fired at some cue of the row (where the live call would have exited).
+        exit_answer: the answer after the would-be exit (None when it would not exit).
+        changed: the would-exit answer differs from the full one.
+        cues: the cues of the trace.
+        unsafe_cues: cues whose forced answer differs from the full one (label-free unsafe).
+        unsafe_exits: of those, the ones scoring at or above the threshold.
+        forwards: model forwards re-checking the row cost (default 0, as in a replay).
+        tokens: tokens fed re-checking the row (default 0, as in a replay).
+        batch: which audited `generate` call (or replayed trace) the row came from (default None: one batch).
+        scores: the probe's score of each cue in trace order, as the plug-ins compute them (default None).
+        agrees: per cue, the forced answer matches the full one: the agreement label (default None; None without a
+            reference).
+        prompt: a digest of the row's prompt token ids: which problem it was (default None).
+        probe: a digest of the probe that scored it; rows scored by another probe cannot calibrate this one
+            (default None).
 
     Example:
         >>> AuditRow("question", 0.9, None, "envelope", 0.8, reference="4", would_exit=True, exit_answer="3",
@@ -113,10 +130,24 @@ class AuditRow:
 
     @property
     def setting(self) -> tuple:
+        """The setting the row's call ran with, ``(guarantee, confidence, risk_level, rule)``: what reports group by.
+
+        Example:
+            >>> AuditRow("question", 0.9, None, "envelope", 0.8, "4", True, "3", True, 2, 1, 1).setting
+            ('question', 0.9, None, 'envelope')
+        """
         return self.guarantee, self.confidence, self.risk_level, self.rule
 
     def to_dict(self) -> dict:
-        """The row as JSON-ready values (what `AuditLog.save` writes)."""
+        """The row as JSON-ready values (what `AuditLog.save` writes).
+
+        Returns:
+            A dict of the fields, tuples as lists.
+
+        Example:
+            >>> AuditRow("question", 0.9, None, "envelope", 0.8, "4", True, "3", True, 2, 1, 1).to_dict()["changed"]
+            True
+        """
         data = asdict(self)
         for name in ("scores", "agrees"):
             if data[name] is not None:
@@ -125,7 +156,22 @@ class AuditRow:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AuditRow":
-        """The row `to_dict` wrote (older logs without the per-cue fields load with them as None)."""
+        """The row `to_dict` wrote (older logs without the per-cue fields load with them as None).
+
+        Args:
+            data: a dict as `to_dict` returns it.
+
+        Returns:
+            The `AuditRow`.
+
+        Raises:
+            TypeError: `data` has a field `AuditRow` does not know, or lacks a required one.
+
+        Example:
+            >>> row = AuditRow("question", 0.9, None, "envelope", 0.8, "4", True, "3", True, 2, 1, 1, scores=(0.9,))
+            >>> AuditRow.from_dict(row.to_dict()) == row
+            True
+        """
         data = dict(data)
         for name in ("scores", "agrees"):
             if data.get(name) is not None:
@@ -269,8 +315,17 @@ class AuditGroup:
 
 @dataclass
 class AuditReport:
-    """What `Lynx.audit()` (or `lynx-hf audit`) found: one `AuditGroup` per setting the audited calls used, the
-    confidence level of the sequences, rows still waiting for their call to end, and the audit's cost.
+    """What `Lynx.audit()` (or `lynx-hf audit`) found: one `AuditGroup` per setting the audited calls used.
+
+    Also the confidence level of the sequences, rows still waiting for their call to end, and the audit's cost.
+    `print(report)` gives a table with each group's rate, confidence sequence and verdict.
+
+    Attributes:
+        groups: one `AuditGroup` per setting, in order of first appearance.
+        cs_level: the coverage of the anytime-valid confidence sequences (e.g. 0.95).
+        pending_rows: audited rows whose `generate` call has not been checked yet (default 0).
+        forwards: model forwards the audit cost (default 0).
+        tokens: tokens the audit fed the model (default 0).
 
     Example:
         >>> report = audit_report([AuditRow("question", 0.9, None, "envelope", 0.8, "4", True, "3", True, 2, 1, 1)])
@@ -294,9 +349,24 @@ class AuditReport:
 
     @property
     def audited_rows(self) -> int:
+        """The audited rows in all groups.
+
+        Example:
+            >>> audit_report([AuditRow("question", 0.9, None, "envelope", 0.8, "4", True, "3", True, 2, 1, 1)]).audited_rows
+            1
+        """
         return sum(g.rows for g in self.groups)
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready values (`lynx-hf audit --json` prints it).
+
+        Returns:
+            A dict with `cs_level`, `pending_rows`, `forwards`, `tokens` and `groups` (each group's fields).
+
+        Example:
+            >>> audit_report([AuditRow("question", 0.9, None, "envelope", 0.8, "4", True, "3", True, 2, 1, 1)]).to_dict()["cs_level"]
+            0.95
+        """
         return {"cs_level": self.cs_level, "pending_rows": self.pending_rows, "forwards": self.forwards,
                 "tokens": self.tokens, "groups": [asdict(g) for g in self.groups]}
 
@@ -399,6 +469,10 @@ class AuditLog:
     Thread-safe. `save(path)` / `AuditLog.load(path)` keep the settled rows as JSON; `Lynx.reset_audit()` starts a
     new log.
 
+    Args:
+        rows: settled rows to start from (default: none), e.g. those of a saved log; new calls' batch labels
+            continue after theirs.
+
     Example:
         >>> log = AuditLog([AuditRow("question", 0.9, None, "envelope", 0.8, "4", True, "4", False, 1, 0, 0)])
         >>> len(log), log.report().groups[0].disagreements
@@ -431,19 +505,48 @@ class AuditLog:
 
     def draw(self, batch: int, rate: float, seed: int) -> list[bool]:
         """Which rows of the next call are audited: the k-th draw of this log uses `numpy.random.default_rng((seed,
-        k))`, so the same calls in the same order audit the same rows (never touching torch's random state)."""
+        k))`, so the same calls in the same order audit the same rows (never touching torch's random state).
+
+        Args:
+            batch: the call's number of rows.
+            rate: the probability that each row is audited.
+            seed: the audit seed (`Lynx.audit_seed`).
+
+        Returns:
+            One bool per row: True where the row is audited.
+
+        Example:
+            >>> AuditLog().draw(4, 1.0, seed=0)
+            [True, True, True, True]
+        """
         with self._lock:
             k = self._draws
             self._draws += 1
         return (np.random.default_rng((int(seed), k)).random(batch) < rate).tolist()
 
     def track(self, call: GenerateCall) -> None:
-        """Remember a call with audited rows until it is checked."""
+        """Remember a call with audited rows until it is checked (the plug-ins call it when a call starts).
+
+        Args:
+            call: the running `generate` call's state, with its audited rows.
+        """
         with self._lock:
             self._pending.append(call)
 
     def settle(self, call: GenerateCall | None = None) -> None:
-        """Check `call` (one whose output exists), or every tracked call whose `generate` has returned."""
+        """Check `call` (one whose output exists), or every tracked call whose `generate` has returned.
+
+        Each checked call's rows are appended as one batch (one unit of the confidence sequence).
+
+        Args:
+            call: the call to check now (default None: every tracked call whose `generate` has returned).
+
+        Example:
+            >>> log = AuditLog()
+            >>> log.settle()   # nothing tracked: nothing to check
+            >>> len(log)
+            0
+        """
         with self._lock:
             if call is not None:
                 todo = [c for c in self._pending if c is call]
@@ -458,12 +561,41 @@ class AuditLog:
 
     def report(self, *, cs_level: float = 0.95, max_unsafe: int | None = None,
                alpha: float | None = None) -> AuditReport:
-        """The `AuditReport` of the settled rows (see `audit_report`), with `cs_level` confidence sequences."""
+        """The `AuditReport` of the settled rows (see `audit_report`), with `cs_level` confidence sequences.
+
+        Args:
+            cs_level: the coverage of the confidence sequences (default 0.95).
+            max_unsafe: the per-event range M (default None: the most unsafe cues of any row of the group;
+                `Lynx.audit` passes the calibration's maximum).
+            alpha: deprecated, `1 - cs_level` (FutureWarning).
+
+        Returns:
+            The `AuditReport`, counting the rows still pending.
+
+        Raises:
+            ValueError: `cs_level` (or `alpha`) outside (0, 1).
+
+        Example:
+            >>> log = AuditLog([AuditRow("question", 0.9, None, "envelope", 0.8, "4", True, "3", True, 2, 1, 1)])
+            >>> log.report(cs_level=0.9).groups[0].disagreements
+            1
+        """
         return audit_report(self.rows, cs_level=check_cs_level(cs_level, alpha, stacklevel=3), max_unsafe=max_unsafe,
                             pending_rows=self.pending_rows)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the settled rows as JSON (calls still running are not saved)."""
+        """Write the settled rows as JSON (calls still running are not saved).
+
+        Args:
+            path: the file to write.
+
+        Example:
+            >>> import os, tempfile
+            >>> path = os.path.join(tempfile.mkdtemp(), "audit.json")
+            >>> AuditLog([AuditRow("question", 0.9, None, "envelope", 0.8, "4", True, "3", True, 2, 1, 1)]).save(path)
+            >>> len(AuditLog.load(path))
+            1
+        """
         payload = {"format": _FORMAT, "version": _VERSION, "rows": [r.to_dict() for r in self.rows]}
         with open(path, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)
@@ -471,7 +603,24 @@ class AuditLog:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AuditLog":
-        """A log holding the rows `save` wrote (assign it to `lynx.audit_log` to keep auditing into it)."""
+        """A log holding the rows `save` wrote (assign it to `lynx.audit_log` to keep auditing into it).
+
+        Args:
+            path: a file `save` wrote.
+
+        Returns:
+            The `AuditLog`; new calls' batches continue after the loaded rows'.
+
+        Raises:
+            ValueError: the file is not an audit log, or was written by a newer lynx-hf.
+
+        Example:
+            >>> import os, tempfile
+            >>> path = os.path.join(tempfile.mkdtemp(), "audit.json")
+            >>> AuditLog().save(path)
+            >>> AuditLog.load(path).rows
+            []
+        """
         with open(path, encoding="utf-8") as f:
             payload = json.load(f)
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
