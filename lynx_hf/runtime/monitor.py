@@ -71,31 +71,43 @@ _REFUSED_LOOPS = {
 
 @dataclass(frozen=True)
 class ExitRecord:
-    """What happened to one row in one `generate` call.
-
-    `would_exit` says whether the exit rule fired; `exited` whether the plug-in acted on it (never in shadow mode).
-    `position` is the index (in the returned sequence) of the token that completed that cue, `start` the index of
-    the cue word's first token; -1 and None when the rule never fired. `answered` (in-stream mode only) says
-    whether the row closed its forced answer before the token budget ran out; None in stop mode, where
-    `Lynx.answer(...)` writes the answer. `by_budget` says that the exit came from the thinking budget
-    (`max_thinking_tokens`), not from a confident cue: then `position` is the row's last thinking token, `start`
-    the index after it (nothing is dropped), and `cue` and `score` are None. `audited` says that the row was drawn
-    for the live audit (`audit_rate`): it ran as in shadow mode (never exited) so that `Lynx.audit()` can compare
-    its would-exit answer with its full one.
+    """What happened to one row in one `generate` call (`lynx.last_exits` holds one per row).
 
     A row that ended (EOS, a stop string, a criterion of yours) is over: it never exits afterwards, and its EOS is
     no thinking token, so the budget never exits a row at its own EOS. A cue that the row's EOS confirms is an
     event, as in the calibration traces (which end there): stop mode and `custom_generate` exit at it; in-stream
     the row has already ended when the decision comes, so it is recorded `would_exit=True, exited=False`.
 
-    In thinking tokens (generated tokens inside the thinking block, counted as the budget counts them, before the
-    row's end: its first end-of-sequence token is no thinking token): `thinking_tokens` is how many the row thinks
-    with the exit: up to its exit where the rule fired (what `Lynx.answer` keeps in stop mode: the cue word dropped; in-stream: up to
-    the token after the cue, or the budget's last token), else all of them. `full_thinking_tokens` is how many it
-    thinks without the exit, where that is known: rows that did not exit, and shadow or audited rows, which ran in
-    full (then `full_thinking_tokens - thinking_tokens` is what the exit would have saved); None for a row that
-    exited, whose thinking was cut. Both count only what this call generated (a row cut by `max_new_tokens` while
-    thinking thought at least that much).
+    Thinking tokens are generated tokens inside the thinking block, counted as the budget counts them, before the
+    row's end (its first end-of-sequence token is no thinking token). Both counts below cover only what this call
+    generated (a row cut by `max_new_tokens` while thinking thought at least that much).
+
+    Attributes:
+        exited: the plug-in acted on the exit (never in shadow mode, nor for an audited row).
+        would_exit: the exit rule fired (a confident cue, or the thinking budget).
+        position: the index (in the returned sequence) of the token that completed the exit's cue; for a budget
+            exit, the row's last thinking token; -1 when the rule never fired.
+        start: the index of the cue word's first token; for a budget exit, the index after `position` (nothing is
+            dropped); -1 when the rule never fired.
+        cue: the cue word the row exited (or would have exited) at; None for a budget exit or when the rule never
+            fired.
+        score: the probe's score at that cue; None for a budget exit or when the rule never fired.
+        threshold: the probe-score threshold the call ran with.
+        cues_seen: the cue events the row had in this call, up to and including its exit where it exited (shadow
+            and audited rows, which run in full, count all of them).
+        shadow: the call ran in shadow mode (records only, never intervenes).
+        answered: in-stream mode only: whether the row closed its forced answer before the token budget ran out;
+            None in stop mode, where `Lynx.answer(...)` writes the answer, and for rows that did not exit.
+        by_budget: the exit came from the thinking budget (`max_thinking_tokens`), not from a confident cue
+            (default False).
+        audited: the row was drawn for the live audit (`audit_rate`): it ran as in shadow mode (never exited) so
+            that `Lynx.audit()` can compare its would-exit answer with its full one (default False).
+        thinking_tokens: how many thinking tokens the row thinks with the exit: up to its exit where the rule fired
+            (what `Lynx.answer` keeps in stop mode: the cue word dropped; in-stream: up to the token after the cue,
+            or the budget's last token), else all of them.
+        full_thinking_tokens: how many it thinks without the exit, where that is known: rows that did not exit, and
+            shadow or audited rows, which ran in full (then `full_thinking_tokens - thinking_tokens` is what the
+            exit would have saved); None for a row that exited, whose thinking was cut.
 
     Example:
         >>> ExitRecord(exited=True, would_exit=True, position=12, start=11, cue="wait", score=0.97, threshold=0.9,
