@@ -184,7 +184,22 @@ def observe_row(settings: dict, threshold: float, reference: str | None, answers
                 batch: int | None = None, prompt: str | None = None, probe: str | None = None) -> AuditRow:
     """The `AuditRow` of one trace from its cues' forced answers and probe scores (in trace order), its full answer
     and the index of its would-exit cue (-1: none), from batch `batch`. Live and replay audits both build rows here.
-    `prompt` / `probe`: digests of the row's prompt ids and of the probe (`prompt_digest`, `probe_digest`).
+
+    Args:
+        settings: the call's ``guarantee``, ``confidence``, ``risk_level`` and ``rule``.
+        threshold: the probe-score threshold the call ran with.
+        reference: the row's full answer (None: the full trace has no boxed answer).
+        answers: each cue's forced answer, in trace order.
+        scores: each cue's probe score, in trace order.
+        exit_index: the index of the would-exit cue among them (-1: none).
+        forwards: model forwards re-checking the row cost (default 0: a replay).
+        tokens: tokens fed re-checking the row (default 0: a replay).
+        batch: which audited call or replayed trace the row came from (default None).
+        prompt: the digest of the row's prompt ids (`prompt_digest`; default None).
+        probe: the digest of the probe that scored it (`probe_digest`; default None).
+
+    Returns:
+        The `AuditRow`.
 
     Example:
         >>> import torch
@@ -213,6 +228,17 @@ def check_cs_level(cs_level: float = 0.95, alpha: float | None = None, *, stackl
     """The audit's confidence-sequence level, from `cs_level` or the deprecated `alpha` (its miscoverage, 1 -
     cs_level; renamed because `alpha` is the PAC risk level, `risk_level`, everywhere else).
 
+    Args:
+        cs_level: the confidence sequences' coverage in (0, 1) (default 0.95).
+        alpha: deprecated: their miscoverage, 1 - cs_level; when given, it wins (FutureWarning).
+        stacklevel: where the deprecation warning points (default 3: the caller's caller).
+
+    Returns:
+        The coverage, a float in (0, 1).
+
+    Raises:
+        ValueError: the level (or `alpha`) is not a number in (0, 1).
+
     Example:
         >>> check_cs_level(0.9)
         0.9
@@ -235,6 +261,12 @@ def prompt_digest(prompt_ids: Sequence[int]) -> str:
     """The digest of a row's prompt token ids (no padding): the problem's identity in a bundle's `problem_digests`
     (the same digest `pipeline.train.prompt_digests` gives a collected trace).
 
+    Args:
+        prompt_ids: the prompt's token ids, without padding.
+
+    Returns:
+        A 16-hex-digit digest.
+
     Example:
         >>> prompt_digest([1, 2, 3])
         'a36b1f2c3f84522d'
@@ -245,6 +277,12 @@ def prompt_digest(prompt_ids: Sequence[int]) -> str:
 def probe_digest(probe) -> str:
     """A digest of a probe's weights (computed once per probe object and weights version): which probe scored an
     audited row.
+
+    Args:
+        probe: the probe (a `torch.nn.Module`, e.g. `LynxProbe`).
+
+    Returns:
+        A 16-hex-digit digest of its weights.
 
     Example:
         >>> from lynx_hf.runtime.probe import LynxProbe
@@ -271,6 +309,13 @@ def rows_needed(delta: float, alpha: float) -> int:
     """Fewest rows with which the confidence sequence's lower bound can exceed δ at all (every row disagreeing):
     below it the verdict is "too few rows".
 
+    Args:
+        delta: the rate bound δ = 1 - c.
+        alpha: the confidence sequence's miscoverage, 1 - cs_level.
+
+    Returns:
+        The number of rows (4097 when even 4096 are not enough).
+
     Example:
         >>> rows_needed(0.1, 0.05) >= 2
         True
@@ -287,6 +332,24 @@ def rows_needed(delta: float, alpha: float) -> int:
 class AuditGroup:
     """The audit of the rows that ran with one setting (guarantee, confidence, risk level, rule): counts, the realised
     rate, the last bounds of its confidence sequence and the verdict.
+
+    Attributes:
+        guarantee: the setting's guarantee, ``"question"`` or ``"event"``.
+        confidence: its confidence c.
+        risk_level: its PAC risk level (None: marginal).
+        rule: its per-event threshold rule.
+        delta: δ = 1 - c, the rate the guarantee bounds.
+        rows: audited rows.
+        referenced: rows whose full trace has an answer.
+        would_exit: referenced rows where the rule fired.
+        disagreements: per question: rows whose exit changed the answer; per event: unsafe cues that exit.
+        denominator: per question: referenced rows; per event: label-free unsafe cues of referenced rows.
+        rate: disagreements / denominator (NaN when the denominator is 0).
+        lower: the confidence sequence's last lower bound.
+        upper: its last upper bound.
+        verdict: "consistent with δ", "above δ: recalibrate" or "too few rows".
+        over_range: per event: rows with more unsafe cues than the calibration's maximum (scaled to it; default 0).
+        max_unsafe: per event: the range M used (default None; None per question).
 
     Example:
         >>> rows = [AuditRow("question", 0.9, None, "envelope", 0.8, "4", True, "4", False, 1, 0, 0)] * 40
@@ -416,6 +479,24 @@ def audit_report(rows: Iterable[AuditRow], *, cs_level: float = 0.95, max_unsafe
     `max_unsafe` is the per-event range M (default: the most label-free unsafe cues any row of the group has, which
     is only valid if fixed before seeing the data: `Lynx.audit` passes the calibration's maximum). `cs_level` is the
     confidence sequences' coverage (`alpha`, its miscoverage, is the deprecated way to give it).
+
+    Args:
+        rows: the audited rows.
+        cs_level: the confidence sequences' coverage (default 0.95).
+        max_unsafe: the per-event range M (default None: the group's own maximum, see above).
+        pending_rows: audited rows not yet checked, reported as such (default 0).
+        alpha: deprecated, `1 - cs_level` (FutureWarning).
+
+    Returns:
+        The `AuditReport`: per setting the rate, its confidence sequence and the verdict.
+
+    Raises:
+        ValueError: `cs_level` (or `alpha`) outside (0, 1).
+
+    Example:
+        >>> rows = [AuditRow("question", 0.9, None, "envelope", 0.8, "4", True, "4", False, 1, 0, 0)] * 40
+        >>> audit_report(rows).groups[0].verdict
+        'consistent with δ'
     """
     cs_level = check_cs_level(cs_level, alpha)
     alpha = round(1.0 - cs_level, 12)
@@ -677,6 +758,14 @@ def audit_call(call: GenerateCall) -> list[AuditRow]:
     processor sees all but the call's last token, which the answer stopper (when in the call) adds. Without the
     stopper, a row whose box closes on exactly that last token (`max_new_tokens` ended the call there) has no
     reference.
+
+    `AuditLog.settle` runs it; `Lynx.answer(out)` and `Lynx.audit()` settle finished calls.
+
+    Args:
+        call: a finished `generate` call's state, with audited rows.
+
+    Returns:
+        One `AuditRow` per audited row, in row order.
     """
     from .forced import force_exits
     from .exit import eos_token_ids
@@ -720,10 +809,14 @@ def audit_call(call: GenerateCall) -> list[AuditRow]:
 class Recalibration:
     """A calibration built from audited rows, and what it rests on (see `recalibrate_rows`).
 
-    `rows`: audited rows given; `used`: rows with a reference and per-cue data (the calibration questions; those
-    without a cue never exit and add no events); `without_reference`: rows whose full trace had no answer (no label
-    exists for their cues); `without_scores`: rows from a log written before rows kept their cues' scores;
-    `prompts`: the used rows' prompt digests.
+    Attributes:
+        calibration: the `Calibration` built from the rows' cues, labelled by agreement.
+        rows: audited rows given.
+        used: rows with a reference and per-cue data (the calibration questions; those without a cue never exit and
+            add no events).
+        without_reference: rows whose full trace had no answer (no label exists for their cues).
+        without_scores: rows from a log written before rows kept their cues' scores.
+        prompts: the used rows' prompt digests.
     """
 
     calibration: Calibration
@@ -860,6 +953,16 @@ def recalibrated_metadata(metadata: dict, result: Recalibration, settings: dict,
     calibration's (data, AUROC, held-out rates) replaced by where the new one came from (`recalibration`: rows,
     labels "agreement", date, settings, source; the old calibration's description kept as `previous_calibration`),
     and `labels` saying that the probe keeps its labels and the calibration's are by agreement.
+
+    Args:
+        metadata: the bundle's metadata before.
+        result: the `Recalibration` that replaces its calibration.
+        settings: the settings it was certified for (confidence, guarantee, risk level, rule).
+        source: where the rows came from, in words (e.g. "the live audit").
+        date: the date to record (default None: today, UTC).
+
+    Returns:
+        A new metadata dict.
 
     Example:
         >>> rows = [observe_row(dict(guarantee="question", confidence=0.9, risk_level=None, rule="envelope"), 0.5,
