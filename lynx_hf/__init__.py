@@ -32,7 +32,8 @@ from .runtime.thinking import ThinkingFormat, detect_thinking
 __version__ = "0.1.0"
 
 # pipeline- and evaluation-side names, imported on first use so that `import lynx_hf` loads the runtime only
-_LAZY = {"EventTable": "pipeline.events", "AnswerStated": "evaluation.text_rules",
+_LAZY = {"EventTable": "pipeline.events", "Collector": "pipeline.collect", "fit": "pipeline.train",
+         "AnswerStated": "evaluation.text_rules",
          "AnswerStatedCriteria": "evaluation.text_rules", "TextProbe": "evaluation.text_rules",
          "TextProbeExit": "evaluation.text_rules"}
 
@@ -53,6 +54,7 @@ __all__ = [
     "AuditRow",
     "BaseModelMismatchError",
     "Calibration",
+    "Collector",
     "CorruptedBundleError",
     "CueDetector",
     "CueEvent",
@@ -78,5 +80,6 @@ __all__ = [
     "answers_match",
     "detect_thinking",
     "extract_boxed",
+    "fit",
     "train_probe",
 ]
