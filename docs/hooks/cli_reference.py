@@ -27,7 +27,7 @@ def render() -> str:
     from lynx_hf.cli import build_parser
 
     columns = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "110"  # argparse wraps at the terminal width: fix it so builds are reproducible
+    os.environ["COLUMNS"] = "80"  # argparse wraps at the terminal width: fix it so builds are reproducible
     try:
         parser = build_parser()
         parts = ["## `lynx-hf`", "", "```text", _help(parser), "```", ""]
