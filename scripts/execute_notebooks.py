@@ -22,12 +22,13 @@ import nbformat
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
-PROGRESS = re.compile(r"^\s*[^\n]*\|[^\n]*\|[^\n]*(it/s|s/it|trace/s|event/s|\?it/s)[^\n]*\]\s*$")
+PROGRESS = re.compile(r"\|[^|]*\|\s*\d+/\d+ \[[^\]]*\]\s*$")  # tqdm: "label:  40%|████  | 64/160 [01:54<02:42, ...]"
+NOISE = ("TqdmWarning: IProgress not found", "from .autonotebook import tqdm as notebook_tqdm")
 
 
 def _is_progress(text: str) -> bool:
     lines = [line for chunk in text.split("\n") for line in chunk.split("\r") if line.strip()]
-    return bool(lines) and all(PROGRESS.match(line) for line in lines)
+    return all(PROGRESS.search(line) or any(n in line for n in NOISE) for line in lines)
 
 
 def clean(book, folder: Path) -> None:
@@ -39,7 +40,7 @@ def clean(book, folder: Path) -> None:
         kept = []
         for output in cell.get("outputs", []):
             if output.output_type == "stream":
-                if output.name == "stderr" and _is_progress(output.text):
+                if not output.text.strip() or (output.name == "stderr" and _is_progress(output.text)):
                     continue
                 output.text = output.text.replace(f"{folder}/", "").replace(f"{ROOT}/", "")
             kept.append(output)
