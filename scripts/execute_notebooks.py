@@ -22,7 +22,8 @@ import nbformat
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
-PROGRESS = re.compile(r"\|[^|]*\|\s*\d+/\d+ \[[^\]]*\]\s*$")  # tqdm: "label:  40%|████  | 64/160 [01:54<02:42, ...]"
+# a tqdm line: "label:  40%|████      | 64/160 [01:54<02:42,  1.69s/trace]"
+PROGRESS = re.compile(r"\|[^|]*\|\s*\d+/\d+ \[[^\]]*\]\s*$")
 NOISE = ("TqdmWarning: IProgress not found", "from .autonotebook import tqdm as notebook_tqdm")
 
 
