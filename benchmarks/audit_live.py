@@ -1,6 +1,6 @@
 """The live audit on the organism, checked against its replay on the same traces.
 
-Samples held-out problems in batches with `stopping_criteria=[lynx]` and `audit_rate=1.0` (every row audited, so
+Samples held-out problems in batches with `stopping_criteria=[lynx.stopper()]` and `audit_rate=1.0` (every row audited, so
 no row exits and every full trace exists), prints `lynx.audit()` after every batch (the repeated looks), then
 re-labels exactly those traces with `Collector` (gold labels, the rollout replaced by the live generations) and
 prints the replayed audit (`lynx_hf.evaluation.audit_replay.replay_rows`) and the gold-labelled premature rate. Live and replay
@@ -59,7 +59,7 @@ def main() -> None:
         batch = problems[start:start + args.batch]
         enc = tok([organism.prompt(tok, p["question"]) for p in batch], return_tensors="pt", padding=True,
                   add_special_tokens=False)
-        out = model.generate(**enc, stopping_criteria=[lynx], do_sample=True, temperature=args.temperature,
+        out = model.generate(**enc, stopping_criteria=[lynx.stopper()], do_sample=True, temperature=args.temperature,
                              top_p=0.95, max_new_tokens=args.max_new_tokens)
         lynx.answer(out)  # settles the audit of this call
         generations += [cut_at_eos(row[enc.input_ids.shape[1]:].tolist(), eos) for row in out]

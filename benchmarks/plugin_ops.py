@@ -235,7 +235,7 @@ def run(model, tok, lynx: Lynx, prompt: str, batch: int, mode: str, shadow: bool
     kwargs = dict(max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     force = ForceScript(scripts, inputs.input_ids.shape[1])
     if mode == "stop":
-        kwargs.update(logits_processor=[force], stopping_criteria=[lynx])
+        kwargs.update(logits_processor=[force], stopping_criteria=[lynx.stopper()])
     else:
         kwargs.update(logits_processor=[force, lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()])
     rec = Recorder()

@@ -23,7 +23,7 @@ def organism_batch():
     enc = tok([organism.prompt(tok, q) for q in questions], return_tensors="pt", padding=True,
               add_special_tokens=False)
     assert (enc.attention_mask == 0).any()  # left padding in every test
-    out = model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+    out = model.generate(**enc, stopping_criteria=[lynx.stopper()], **GREEDY)
     reference = (out, lynx.last_exits, answers(lynx.answer(out)))
     assert sum(r.exited for r in reference[1]) >= 4
     return model, tok, lynx, enc, reference

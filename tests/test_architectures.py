@@ -127,7 +127,7 @@ def test_shadow_mode_is_token_identical_to_plain_generate(family, dtype, tok):
     plain = model.generate(**inputs, **kwargs)
     lynx = bundle(model, shadow=True).attach(model, tok)
     try:
-        shadowed = model.generate(**inputs, stopping_criteria=[lynx], **kwargs)
+        shadowed = model.generate(**inputs, stopping_criteria=[lynx.stopper()], **kwargs)
     finally:
         lynx.detach()
     assert torch.equal(plain, shadowed)
@@ -142,7 +142,7 @@ def test_stop_mode_and_answer_equal_the_reprefilled_exit(family, dtype, tok):
     lynx = bundle(model, shadow=False, probability=0.999).attach(model, tok)
     try:
         out = model.generate(**prompt, logits_processor=[ForceScript(scripts, prompt.input_ids.shape[1])],
-                             stopping_criteria=[lynx], max_new_tokens=len(scripts[1]), do_sample=False,
+                             stopping_criteria=[lynx.stopper()], max_new_tokens=len(scripts[1]), do_sample=False,
                              return_dict_in_generate=True)
         record = lynx.last_exits[0]
         assert record.exited and record.cue == "wait" and not lynx.last_exits[1].exited

@@ -4,6 +4,7 @@ more answers than the guarantee allows; audited rows never intervene; audit_rate
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import pickle
 import threading
@@ -100,6 +101,47 @@ def test_each_setting_is_audited_against_its_own_delta():
     assert "c=0.95" in str(report) and report.to_dict()["groups"][1]["delta"] == 0.05
 
 
+
+def test_the_verdict_and_sequence_of_one_batch_do_not_depend_on_the_order_of_its_rows():
+    # 4 of 20 rows of one call changed their answer: the same rows in any order are the same evidence.
+    rows = _rows(np.arange(20) < 4)
+    orders = [rows, rows[4:] + rows[:4], rows[::2] + rows[1::2]]
+    groups = [audit_report(order).groups[0] for order in orders]
+    assert len({(g.lower, g.upper, g.verdict) for g in groups}) == 1
+    # Rows of several calls (batches): each call's rows are one unit, read after the call.
+    batched = [dataclasses.replace(r, batch=i // 5) for i, r in enumerate(_rows(np.arange(40) % 7 == 0))]
+    shuffled = [r for b in range(8) for r in reversed(batched[5 * b: 5 * b + 5])]
+    assert (audit_report(batched).groups[0].lower, audit_report(batched).groups[0].upper) == \
+        (audit_report(shuffled).groups[0].lower, audit_report(shuffled).groups[0].upper)
+
+
+def test_batched_sequence_keeps_its_coverage_under_a_look_after_every_batch():
+    rng = np.random.default_rng(5)
+    rate, alpha, streams = 0.1, 0.05, 300
+    misses = 0
+    for _ in range(streams):
+        sizes = rng.integers(1, 17, size=40)  # calls of 1 to 16 audited rows
+        batch = np.repeat(np.arange(len(sizes)), sizes)
+        x = (rng.uniform(size=batch.size) < rate).astype(float)
+        lower, upper = betting_confidence_sequence(x, alpha, grid=200, include=(rate,), batches=batch)
+        assert len(lower) == len(sizes)  # one look per batch
+        misses += bool((lower > rate).any() or (upper < rate).any())
+    assert misses / streams <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / streams)
+
+
+def test_a_rate_outside_its_sequence_is_explained_in_the_printout():
+    # A first call where every row changed, then calls where none did: the sequence keeps the first call's evidence
+    # (it is a running intersection over every look), so the pooled rate can fall below its lower bound.
+    early = [dataclasses.replace(r, batch=0) for r in _rows(np.ones(12))]
+    late = [dataclasses.replace(r, batch=1 + i // 8) for i, r in enumerate(_rows(np.zeros(160)))]
+    group = audit_report(early + late).groups[0]
+    assert group.rate < group.lower
+    text = str(audit_report(early + late))
+    assert "outside" in text and "running intersection" in text
+    inside = audit_report(_rows(np.arange(40) % 10 == 0))
+    assert "outside" not in str(inside)
+
+
 # --- live audit on the organism --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -138,9 +180,9 @@ def _direct_changed(model, tok, lynx, enc, out, records) -> list[bool | None]:
 def test_audited_rows_never_stop_in_stop_mode_and_their_disagreement_equals_a_direct_recomputation(organism_setup):
     model, tok, enc = organism_setup
     shadow = _lynx(model, tok, shadow=True)
-    expected = model.generate(**enc, stopping_criteria=[shadow], **GREEDY)
+    expected = model.generate(**enc, stopping_criteria=[shadow.stopper()], **GREEDY)
     lynx = _lynx(model, tok, audit_rate=1.0)
-    out = model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+    out = model.generate(**enc, stopping_criteria=[lynx.stopper()], **GREEDY)
     records = lynx.last_exits
     assert torch.equal(out, expected)  # nothing stopped: the full traces
     assert all(r.audited and not r.exited for r in records)
@@ -159,9 +201,9 @@ def test_audited_rows_never_stop_in_stop_mode_and_their_disagreement_equals_a_di
 def test_only_audited_rows_run_on_and_the_others_exit_as_without_the_audit(organism_setup):
     model, tok, enc = organism_setup
     plain = _lynx(model, tok)
-    plain_out = model.generate(**enc, stopping_criteria=[plain], **GREEDY)
+    plain_out = model.generate(**enc, stopping_criteria=[plain.stopper()], **GREEDY)
     lynx = _lynx(model, tok, audit_rate=0.5, audit_seed=3)
-    out = model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+    out = model.generate(**enc, stopping_criteria=[lynx.stopper()], **GREEDY)
     records, reference = lynx.last_exits, plain.last_exits
     audited = [r.audited for r in records]
     assert 0 < sum(audited) < 8 and audited == (np.random.default_rng((3, 0)).random(8) < 0.5).tolist()
@@ -178,7 +220,7 @@ def test_only_audited_rows_run_on_and_the_others_exit_as_without_the_audit(organ
 def test_in_stream_audited_rows_are_never_forced_and_audit_like_stop_mode(organism_setup):
     model, tok, enc = organism_setup
     stop = _lynx(model, tok, audit_rate=1.0)
-    full = model.generate(**enc, stopping_criteria=[stop], **GREEDY)
+    full = model.generate(**enc, stopping_criteria=[stop.stopper()], **GREEDY)
     stop.answer(full)
     lynx = _lynx(model, tok, audit_rate=1.0)
     out = model.generate(**enc, logits_processor=[lynx.exit_processor()],
@@ -196,7 +238,7 @@ def test_audit_rate_zero_is_token_identical_and_audits_nothing(organism_setup):
     outputs = []
     for lynx in (_lynx(model, tok), _lynx(model, tok, audit_rate=0.0, audit_seed=5)):
         torch.manual_seed(0)
-        outputs.append(model.generate(**enc, stopping_criteria=[lynx], do_sample=True, max_new_tokens=200))
+        outputs.append(model.generate(**enc, stopping_criteria=[lynx.stopper()], do_sample=True, max_new_tokens=200))
         assert lynx._stop_calls[-1].audited is None and len(lynx.audit_log) == 0
         assert not any(r.audited for r in lynx.last_exits)
     assert torch.equal(*outputs)
@@ -209,13 +251,13 @@ def test_audit_draws_are_seeded_and_reset_audit_restarts_them(organism_setup):
     draws = []
     for _ in range(2):
         lynx = _lynx(model, tok, audit_rate=0.5, audit_seed=11)
-        model.generate(**enc, stopping_criteria=[lynx], **short)
+        model.generate(**enc, stopping_criteria=[lynx.stopper()], **short)
         first = [r.audited for r in lynx.last_exits]
-        model.generate(**enc, stopping_criteria=[lynx], **short)
+        model.generate(**enc, stopping_criteria=[lynx.stopper()], **short)
         draws.append((first, [r.audited for r in lynx.last_exits]))
         lynx.reset_audit()
         assert len(lynx.audit_log) == 0 and lynx.audit_log.pending_rows == 0
-        model.generate(**enc, stopping_criteria=[lynx], **short)
+        model.generate(**enc, stopping_criteria=[lynx.stopper()], **short)
         assert [r.audited for r in lynx.last_exits] == first
     assert draws[0] == draws[1] and draws[0][0] != draws[0][1]
 
@@ -224,14 +266,14 @@ def test_threads_sharing_one_lynx_audit_into_one_log(organism_setup):
     # one thread checks its rows in answer(), the other's are checked lazily by audit()
     model, tok, enc = organism_setup
     alone = _lynx(model, tok, audit_rate=1.0)
-    alone.answer(model.generate(**enc, stopping_criteria=[alone], **GREEDY))
+    alone.answer(model.generate(**enc, stopping_criteria=[alone.stopper()], **GREEDY))
     expected = sorted((r.reference or "", r.changed, r.unsafe_cues) for r in alone.audit_log.rows)
     lynx = _lynx(model, tok, audit_rate=1.0)
     errors = []
 
     def work(index: int) -> None:
         try:
-            out = model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+            out = model.generate(**enc, stopping_criteria=[lynx.stopper()], **GREEDY)
             if index == 0:  # settled while the other thread may still generate on the same model
                 lynx.answer(out)
         except Exception as error:  # noqa: BLE001 - reported below
@@ -252,7 +294,7 @@ def test_threads_sharing_one_lynx_audit_into_one_log(organism_setup):
 def test_audit_log_saves_loads_and_resets(organism_setup, tmp_path):
     model, tok, enc = organism_setup
     lynx = _lynx(model, tok, audit_rate=1.0)
-    lynx.answer(model.generate(**enc, stopping_criteria=[lynx], **GREEDY))
+    lynx.answer(model.generate(**enc, stopping_criteria=[lynx.stopper()], **GREEDY))
     before = str(lynx.audit())
     lynx.audit_log.save(tmp_path / "audit.json")
     lynx.reset_audit()
@@ -302,7 +344,7 @@ def test_live_audit_agrees_with_the_replay_on_the_same_traces(organism_setup, gr
     lynx = _lynx(model, tok, audit_rate=1.0, guarantee="question")
     for trace in table.traces:  # one row per call, so no padding: exactly the collected traces
         ids = torch.tensor([trace["token_ids"][: trace["prompt_length"]]])
-        out = model.generate(input_ids=ids, stopping_criteria=[lynx], **GREEDY)
+        out = model.generate(input_ids=ids, stopping_criteria=[lynx.stopper()], **GREEDY)
         generated = out[0].tolist()
         while generated[-1] in organism_eos(model):  # the rollout keeps no EOS
             generated.pop()

@@ -35,7 +35,7 @@ def _generated_think_tokens(tok, enc, out, row: int) -> int:
 def test_a_row_still_thinking_after_the_budget_exits_there_and_answers_from_those_tokens(batch):
     model, tok, _, enc, _ = batch
     cap = Lynx.budget(24, model=model, tokenizer=tok)
-    out = model.generate(**enc, stopping_criteria=[cap], return_dict_in_generate=True, **GREEDY)
+    out = model.generate(**enc, stopping_criteria=[cap.stopper()], return_dict_in_generate=True, **GREEDY)
     width = enc.input_ids.shape[1]
     for row, record in enumerate(cap.last_exits):
         assert record.exited and record.by_budget and record.cue is None and record.score is None
@@ -54,7 +54,7 @@ def test_rows_that_close_their_thinking_within_the_budget_are_left_alone(batch):
     plain = model.generate(**enc, **GREEDY)
     longest = max(_generated_think_tokens(tok, enc, plain, row) for row in range(len(plain)))
     cap = Lynx.budget(longest + 1, model=model, tokenizer=tok)
-    out = model.generate(**enc, stopping_criteria=[cap], **GREEDY)
+    out = model.generate(**enc, stopping_criteria=[cap.stopper()], **GREEDY)
     assert torch.equal(out, plain)
     assert not any(r.would_exit for r in cap.last_exits)
 
@@ -62,7 +62,7 @@ def test_rows_that_close_their_thinking_within_the_budget_are_left_alone(batch):
 def test_in_stream_budget_exit_forces_the_exit_text_after_b_thinking_tokens_in_the_same_call(batch):
     model, tok, _, enc, _ = batch
     cap = Lynx.budget(24, model=model, tokenizer=tok)
-    stop = model.generate(**enc, stopping_criteria=[cap], return_dict_in_generate=True, **GREEDY)
+    stop = model.generate(**enc, stopping_criteria=[cap.stopper()], return_dict_in_generate=True, **GREEDY)
     stop_answers = cap.answer(stop)
     out = model.generate(**enc, logits_processor=[cap.exit_processor()], stopping_criteria=[cap.answer_stopper()],
                          **GREEDY)
@@ -82,7 +82,7 @@ def test_a_confident_cue_before_the_budget_exits_at_the_cue_and_the_others_by_th
     budget = sorted(r.position - width + 2 for r in exited)[len(exited) // 2]  # half the cue exits come first
     capped = copy.copy(lynx)
     capped.max_thinking_tokens = budget
-    model.generate(**enc, stopping_criteria=[capped], **GREEDY)
+    model.generate(**enc, stopping_criteria=[capped.stopper()], **GREEDY)
     for before, after in zip(records, capped.last_exits):
         if before.exited and before.position + 1 <= width + budget - 1:
             assert (after.position, after.cue, after.by_budget) == (before.position, before.cue, False)
@@ -94,7 +94,7 @@ def test_budget_settings_are_read_when_a_call_starts_and_travel_with_copies_and_
     model, tok, lynx, enc, _ = batch
     capped = copy.copy(lynx)
     capped.max_thinking_tokens = 10
-    out = model.generate(**enc, stopping_criteria=[capped], **GREEDY)
+    out = model.generate(**enc, stopping_criteria=[capped.stopper()], **GREEDY)
     capped.max_thinking_tokens = None
     assert all(r.by_budget for r in capped.last_exits)
     assert len(capped.answer(out)) == len(out)
@@ -107,7 +107,7 @@ def test_budget_settings_are_read_when_a_call_starts_and_travel_with_copies_and_
 def test_shadow_mode_records_budget_exits_without_intervening(batch):
     model, tok, _, enc, _ = batch
     cap = Lynx.budget(24, model=model, tokenizer=tok, shadow=True)
-    out = model.generate(**enc, stopping_criteria=[cap], **GREEDY)
+    out = model.generate(**enc, stopping_criteria=[cap.stopper()], **GREEDY)
     assert torch.equal(out, model.generate(**enc, **GREEDY))
     assert all(r.would_exit and r.by_budget and not r.exited for r in cap.last_exits)
 
@@ -115,7 +115,7 @@ def test_shadow_mode_records_budget_exits_without_intervening(batch):
 def test_custom_generate_caps_thinking_as_stop_mode_and_answer_do(batch):
     model, tok, _, enc, _ = batch
     cap = Lynx.budget(24, model=model, tokenizer=tok)
-    stop = model.generate(**enc, stopping_criteria=[cap], return_dict_in_generate=True, **GREEDY)
+    stop = model.generate(**enc, stopping_criteria=[cap.stopper()], return_dict_in_generate=True, **GREEDY)
     stop_answers = cap.answer(stop)
     width = enc.input_ids.shape[1]
     for rows in (slice(0, 1), slice(0, 4)):
@@ -145,7 +145,7 @@ def test_replay_of_lynx_with_a_budget_matches_the_live_plug_in(batch):
     capped = copy.copy(lynx)
     capped.max_thinking_tokens = budget
     for indices, seed in shard_batches(table):
-        out, width = regenerate(model, tok, table, indices, seed, stopping_criteria=[capped])
+        out, width = regenerate(model, tok, table, indices, seed, stopping_criteria=[capped.stopper()])
         live = capped.answer(out)
         for b, t in enumerate(indices):
             record = capped.last_exits[b]
@@ -168,7 +168,7 @@ def test_budget_alone_on_qwqs_tokenizer_closes_with_its_own_end_of_thinking_toke
     script = tok("Sure.<think>\n2 + 2 = 4, so four. Yes.\n</think>\n\n4", add_special_tokens=False).input_ids
     opened = script.index(rt.THINK_OPEN_ID)
     for mode in ("stop", "stream"):
-        plugins = dict(stopping_criteria=[cap]) if mode == "stop" else \
+        plugins = dict(stopping_criteria=[cap.stopper()]) if mode == "stop" else \
             dict(logits_processor=[ForceScript([script], prompt.input_ids.shape[1]), cap.exit_processor()],
                  stopping_criteria=[cap.answer_stopper()])
         if mode == "stop":
@@ -191,3 +191,38 @@ def test_bad_budgets_and_saving_a_budget_only_lynx_are_refused_with_the_fix(batc
             copy.copy(lynx).max_thinking_tokens = bad
     with pytest.raises(LynxConfigError, match="no probe or calibration to save"):
         Lynx.budget(8, model=model, tokenizer=tok).save_pretrained(tmp_path / "cap")
+
+
+@pytest.fixture(scope="module")
+def scripted(smollm2_tokenizer):
+    from scripted import PROMPT, bundle, scripted_model
+
+    tok = smollm2_tokenizer
+    model = scripted_model(tok)
+    enc = tok([PROMPT, PROMPT], return_tensors="pt", add_special_tokens=False)
+    lynx = bundle(model, tok, probability=0.01).attach(model, tok)  # the probe is never confident: the budget acts
+    return model, tok, enc, lynx
+
+
+def test_a_row_whose_budget_token_is_its_own_eos_ended_there_and_exits_by_budget_in_neither_mode(scripted):
+    model, tok, enc, lynx = scripted
+    width, eos = enc.input_ids.shape[1], tok.eos_token_id
+    so = tok(" so", add_special_tokens=False).input_ids
+    budget = 6
+    # Row 0's 6th thinking token is its EOS (it ended the row, it is no thinking token); row 1 thinks on.
+    force = ForceScript([so * (budget - 1) + [eos], so * 20], width)
+    common = dict(do_sample=False, max_new_tokens=12, pad_token_id=model.generation_config.pad_token_id)
+    lynx.max_thinking_tokens = budget
+    try:
+        stop = model.generate(**enc, logits_processor=[force], stopping_criteria=[lynx.stopping_criteria()], **common)
+        stop_records = lynx.last_exits
+        model.generate(**enc, logits_processor=[force, lynx.exit_processor()],
+                       stopping_criteria=[lynx.answer_stopper()], **common)
+        stream_records = lynx.last_exits
+    finally:
+        lynx.max_thinking_tokens = None
+    for records in (stop_records, stream_records):
+        assert not records[0].exited and not records[0].would_exit and not records[0].by_budget
+        assert records[1].exited and records[1].by_budget and records[1].position == width + budget - 1
+    assert stop[0, width + budget - 1] == eos
+    assert lynx.answer(stop)[0].token_ids == []  # answer() leaves the ended row as it is: no exit text after its EOS

@@ -44,7 +44,7 @@ def test_build_on_the_organism_gives_a_working_bundle_with_its_card_and_resumes(
     model, tok = organism.load()
     loaded = Lynx.from_pretrained(out / "bundle", model=model, tokenizer=tok, confidence=0.8)
     inputs = tok([organism.prompt(tok, "Ann has 5 pens and gives away 2. How many are left?")], return_tensors="pt")
-    result = model.generate(**inputs, stopping_criteria=[loaded], max_new_tokens=300, do_sample=False)
+    result = model.generate(**inputs, stopping_criteria=[loaded.stopper()], max_new_tokens=300, do_sample=False)
     assert len(loaded.last_exits) == 1 and loaded.answer(result)[0].text
 
     # Re-running the same command resumes: nothing is sampled or trained again, the same bundle comes out.

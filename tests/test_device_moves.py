@@ -28,7 +28,7 @@ def run(model, tok, lynx, mode: str, device):
     """(output, records, answers) of one greedy call in `mode` ("stop" or "stream") on `device`."""
     enc = batch(tok, device)
     if mode == "stop":
-        out = model.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+        out = model.generate(**enc, stopping_criteria=[lynx.stopper()], **GREEDY)
         return out, lynx.last_exits, answers(lynx.answer(out))
     out = model.generate(**enc, logits_processor=[lynx.exit_processor()],
                          stopping_criteria=[lynx.answer_stopper()], **GREEDY)

@@ -97,7 +97,7 @@ def test_exited_rows_get_the_exit_text_and_the_models_greedy_answer_whatever_gen
     out = model.generate(**enc, **_stream(lynx), **options, **GREEDY)
     assert sum(r.exited for r in lynx.last_exits) >= 4
     assert _check_in_stream_rows(model, tok, lynx, enc, out) >= 4
-    out = model.generate(**enc, stopping_criteria=[lynx], **options, **GREEDY)  # stop mode: `answer` likewise
+    out = model.generate(**enc, stopping_criteria=[lynx.stopper()], **options, **GREEDY)  # stop mode: `answer` likewise
     assert sum(r.exited for r in lynx.last_exits) >= 4
     assert _check_stop_rows(model, tok, lynx, enc, out) >= 4
 
@@ -107,7 +107,7 @@ def test_forced_eos_at_the_budget_ends_the_other_rows_and_a_row_cut_in_its_exit_
     prompt, eos = enc.input_ids.shape[1], tok.eos_token_id
     row = min((r.position, i) for i, r in enumerate(stream_records) if r.exited)[1]
     budget = stream_records[row].position - prompt + 2 + 5 + 1  # the last step writes the 6th exit-text token
-    for plug_ins in (lambda: dict(stopping_criteria=[lynx]), lambda: _stream(lynx)):
+    for plug_ins in (lambda: dict(stopping_criteria=[lynx.stopper()]), lambda: _stream(lynx)):
         plain = model.generate(**enc, **plug_ins(), do_sample=False, max_new_tokens=budget)
         records = lynx.last_exits
         forced = model.generate(**enc, **plug_ins(), do_sample=False, max_new_tokens=budget, forced_eos_token_id=eos)
@@ -182,7 +182,7 @@ def test_an_orthogonal_option_exits_and_answers_as_the_plain_call_in_both_modes(
     options = dict(options)
     if "suppress_tokens" in options:
         options["suppress_tokens"] = [_token(tok, t) for t in options["suppress_tokens"]]
-    got = model.generate(**enc, stopping_criteria=[lynx], **options, **GREEDY)
+    got = model.generate(**enc, stopping_criteria=[lynx.stopper()], **options, **GREEDY)
     sequences = got.sequences if options.get("return_dict_in_generate") else got
     assert torch.equal(sequences, out) and lynx.last_exits == records
     assert _answers(lynx.answer(got)) == answers
@@ -195,7 +195,7 @@ def test_a_generation_config_object_acts_as_the_same_keyword_arguments(setup):
     model, tok, lynx, enc, _, _ = setup
     options = dict(do_sample=True, temperature=0.8, top_p=0.95, num_return_sequences=2, max_new_tokens=300,
                    repetition_penalty=1.1, suppress_tokens=[_token(tok, "<unk>")], renormalize_logits=True)
-    for plug_ins in (dict(stopping_criteria=[lynx]), _stream(lynx)):
+    for plug_ins in (dict(stopping_criteria=[lynx.stopper()]), _stream(lynx)):
         torch.manual_seed(1)
         by_kwargs = model.generate(**enc, **plug_ins, **options)
         records = lynx.last_exits
@@ -208,7 +208,7 @@ def test_a_generation_config_object_acts_as_the_same_keyword_arguments(setup):
 @pytest.mark.parametrize("mode", ["stop", "stream"])
 def test_num_return_sequences_gives_the_exits_and_answers_of_the_prompts_repeated_row_by_row(setup, mode):
     model, tok, lynx, enc, _, _ = setup
-    plug_ins = (lambda: dict(stopping_criteria=[lynx])) if mode == "stop" else (lambda: _stream(lynx))
+    plug_ins = (lambda: dict(stopping_criteria=[lynx.stopper()])) if mode == "stop" else (lambda: _stream(lynx))
     sampling = dict(do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=300)
     torch.manual_seed(2)
     out = model.generate(**enc, num_return_sequences=3, **plug_ins(), **sampling)
@@ -246,7 +246,7 @@ class _Collect(BaseStreamer):
 
 def test_a_streamer_receives_exactly_the_returned_ids_in_both_modes(setup):
     model, tok, lynx, enc, (out, records, _), (streamed, stream_records) = setup
-    for plug_ins, expected, expected_records in ((dict(stopping_criteria=[lynx]), out, records),
+    for plug_ins, expected, expected_records in ((dict(stopping_criteria=[lynx.stopper()]), out, records),
                                                  (_stream(lynx), streamed, stream_records)):
         streamer = _Collect()
         got = model.generate(**enc, **plug_ins, streamer=streamer, **GREEDY)
@@ -259,7 +259,7 @@ def test_a_text_iterator_streamer_streams_the_returned_text_in_both_modes(setup)
     row = 3
     assert records[row].exited
     single = {k: v[row:row + 1, v.shape[1] - int(enc.attention_mask[row].sum()):] for k, v in enc.items()}
-    for plug_ins in (lambda: dict(stopping_criteria=[lynx]), lambda: _stream(lynx)):
+    for plug_ins in (lambda: dict(stopping_criteria=[lynx.stopper()]), lambda: _stream(lynx)):
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         result = {}
         worker = threading.Thread(target=lambda: result.update(
@@ -288,24 +288,24 @@ def test_max_time_cuts_the_call_as_a_token_budget_would(setup, monkeypatch):
             return cls.now
 
     monkeypatch.setattr(criteria, "time", Clock)
-    for plug_ins in (lambda: dict(stopping_criteria=[lynx]), lambda: _stream(lynx)):
+    for plug_ins in (lambda: dict(stopping_criteria=[lynx.stopper()]), lambda: _stream(lynx)):
         Clock.now = 0.0
         cut = model.generate(**enc, **plug_ins(), do_sample=False, max_new_tokens=300, max_time=steps - 0.5)
         cut_records = lynx.last_exits
         budget = model.generate(**enc, **plug_ins(), do_sample=False, max_new_tokens=steps)
         assert torch.equal(cut, budget) and cut_records == lynx.last_exits
         assert 0 < sum(r.exited for r in cut_records) < len(cut_records)
-    stop = model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=steps)
+    stop = model.generate(**enc, stopping_criteria=[lynx.stopper()], do_sample=False, max_new_tokens=steps)
     expected = _answers(lynx.answer(stop))
     Clock.now = 0.0
-    cut = model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=300, max_time=steps - 0.5)
+    cut = model.generate(**enc, stopping_criteria=[lynx.stopper()], do_sample=False, max_new_tokens=300, max_time=steps - 0.5)
     assert _answers(lynx.answer(cut)) == expected
 
 
 def test_min_new_tokens_does_not_delay_an_exit_in_stop_mode(setup):
     model, tok, lynx, enc, (out, records, answers), _ = setup
     late = max(r.position for r in records if r.exited) - enc.input_ids.shape[1] + 20
-    got = model.generate(**enc, stopping_criteria=[lynx], min_new_tokens=late, **GREEDY)
+    got = model.generate(**enc, stopping_criteria=[lynx.stopper()], min_new_tokens=late, **GREEDY)
     assert torch.equal(got, out) and lynx.last_exits == records
     assert _answers(lynx.answer(got)) == answers
 
@@ -315,7 +315,7 @@ def test_stop_strings_stop_their_rows_and_lynx_exits_the_others_as_without_them(
     stop_string = "not done yet"  # a pause phrase in some rows before their exit, in none of the others
     plain = model.generate(**enc, stop_strings=[stop_string], tokenizer=tok, **GREEDY)  # where each row would stop
     prompt = enc.input_ids.shape[1]
-    got = model.generate(**enc, stopping_criteria=[lynx], stop_strings=[stop_string], tokenizer=tok, **GREEDY)
+    got = model.generate(**enc, stopping_criteria=[lynx.stopper()], stop_strings=[stop_string], tokenizer=tok, **GREEDY)
     got_records, got_answers = lynx.last_exits, _answers(lynx.answer(got))
     first, second = 0, 0
     for row, record in enumerate(records):
@@ -338,7 +338,7 @@ def test_a_row_a_stop_string_ends_on_a_cue_word_is_not_exited_whatever_its_batch
     # The cue's word is confirmed by the token after it; in a row a stop string ended, that token is generate's
     # padding (or, without an EOS id, a model token written after the row's end), and only while other rows run.
     model, tok, lynx, enc, _, _ = setup
-    plug_ins = (lambda: dict(stopping_criteria=[lynx])) if mode == "stop" else (lambda: _stream(lynx))
+    plug_ins = (lambda: dict(stopping_criteria=[lynx.stopper()])) if mode == "stop" else (lambda: _stream(lynx))
     options = dict(stop_strings=["Wait", "wait", "Hmm", "hmm"], tokenizer=tok, **GREEDY)
     if eos == "no_eos":
         options.update(eos_token_id=None, pad_token_id=tok.pad_token_id)
@@ -355,7 +355,7 @@ def test_a_row_a_stop_string_ends_on_a_cue_word_is_not_exited_whatever_its_batch
 def test_a_stop_string_in_the_exit_text_ends_an_in_stream_row_there_unanswered_and_leaves_stop_mode_alone(setup):
     model, tok, lynx, enc, (out, records, answers), _ = setup
     options = dict(stop_strings=["</think>"], tokenizer=tok, **GREEDY)
-    got = model.generate(**enc, stopping_criteria=[lynx], **options)  # stop mode exits before the thinking ends
+    got = model.generate(**enc, stopping_criteria=[lynx.stopper()], **options)  # stop mode exits before the thinking ends
     assert torch.equal(got, out) and lynx.last_exits == records and _answers(lynx.answer(got)) == answers
     got = model.generate(**enc, **_stream(lynx), **options)
     exited = [(row, r) for row, r in enumerate(lynx.last_exits) if r.exited]

@@ -77,7 +77,7 @@ def _per_step(monkeypatch, mode: str, batch: int):
     enc = tok([organism.prompt(tok, "What is 2 + 3?")] * batch, return_tensors="pt")
     script = tok(SCRIPT, add_special_tokens=False).input_ids
     force = ForceScript([script] * batch, enc.input_ids.shape[1])
-    plug = (dict(logits_processor=[force], stopping_criteria=[lynx]) if mode == "stop" else
+    plug = (dict(logits_processor=[force], stopping_criteria=[lynx.stopper()]) if mode == "stop" else
             dict(logits_processor=[force, lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()]))
     predict = lynx.probe.predict_proba
 

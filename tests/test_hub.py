@@ -130,7 +130,7 @@ def _stop_mode_reference(model, tok, enc, folder, scripts, prompt_lengths):
     lynx = Lynx.from_pretrained(folder, model=model, tokenizer=tok)
     try:
         out = model.generate(**enc, logits_processor=[ScriptProcessor(tok, prompt_lengths, scripts)],
-                             stopping_criteria=[lynx], max_new_tokens=60, do_sample=False)
+                             stopping_criteria=[lynx.stopper()], max_new_tokens=60, do_sample=False)
         records, answers = lynx.last_exits, lynx.answer(out)
     finally:
         lynx.detach()
@@ -290,13 +290,13 @@ def test_the_used_by_line_pulls_the_bundle_from_the_hub_and_attaches_on_first_us
     width = enc.input_ids.shape[1]
     reference = Lynx.from_pretrained(folders["v1"], model=model, tokenizer=tok)
     expected = model.generate(**enc, logits_processor=[ScriptProcessor(tok, [width], [SCRIPT])],
-                              stopping_criteria=[reference], max_new_tokens=60, do_sample=False)
+                              stopping_criteria=[reference.stopper()], max_new_tokens=60, do_sample=False)
     tok.save_pretrained(tmp_path)  # where the user's model was loaded from: its tokenizer lives there
     user_model = scripted_model(tok)
     user_model.name_or_path = user_model.config._name_or_path = str(tmp_path)
     lynx = Lynx.from_pretrained(REPO, revision=hub.shas[0], cache_dir=str(hub.cache_dir))
     out = user_model.generate(**enc, logits_processor=[ScriptProcessor(tok, [width], [SCRIPT])],
-                              stopping_criteria=[lynx], max_new_tokens=60, do_sample=False)
+                              stopping_criteria=[lynx.stopper()], max_new_tokens=60, do_sample=False)
     assert torch.equal(out, expected) and lynx.model is user_model
     assert lynx.last_exits == reference.last_exits and lynx.last_exits[0].exited
 

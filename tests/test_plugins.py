@@ -37,7 +37,7 @@ def _cue_index(tok, enc, out, word):
 def test_used_by_line_stops_right_after_the_first_confident_cue(setup):
     model, tok, enc = setup
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)
-    out = _generate(model, enc, [_script(tok, enc)], [lynx])
+    out = _generate(model, enc, [_script(tok, enc)], [lynx.stopper()])
     record = lynx.last_exits[0]
     cue = _cue_index(tok, enc, out, "Wait")
     assert record.exited and record.cue == "wait" and record.position == cue
@@ -48,7 +48,7 @@ def test_used_by_line_stops_right_after_the_first_confident_cue(setup):
 def test_no_exit_below_threshold_and_every_cue_is_counted(setup):
     model, tok, enc = setup
     lynx = bundle(model, tok, probability=0.01).attach(model, tok)
-    out = _generate(model, enc, [_script(tok, enc)], [lynx])
+    out = _generate(model, enc, [_script(tok, enc)], [lynx.stopper()])
     assert SCRIPT in tok.decode(out[0])
     record = lynx.last_exits[0]
     assert not record.exited and not record.would_exit and record.cues_seen == 2 and record.position == -1
@@ -58,7 +58,7 @@ def test_shadow_mode_records_the_exit_but_never_changes_the_output(setup):
     model, tok, enc = setup
     plain = _generate(model, enc, [_script(tok, enc)])
     lynx = bundle(model, tok, probability=0.99, shadow=True).attach(model, tok)
-    shadowed = _generate(model, enc, [_script(tok, enc)], [lynx])
+    shadowed = _generate(model, enc, [_script(tok, enc)], [lynx.stopper()])
     assert torch.equal(plain, shadowed)
     record = lynx.last_exits[0]
     assert record.would_exit and not record.exited and record.position == _cue_index(tok, enc, plain, "Wait")
@@ -104,19 +104,19 @@ def test_exit_processor_forces_the_exit_text_once_the_cue_word_has_ended_and_sto
 def test_state_resets_by_itself_on_a_new_generate_call(setup):
     model, tok, enc = setup
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)
-    _generate(model, enc, [_script(tok, enc)], [lynx])
+    _generate(model, enc, [_script(tok, enc)], [lynx.stopper()])
     assert lynx.last_exits[0].exited
     lynx.confidence = 0.999  # needs more calibration data than there is: never exit
-    out = _generate(model, enc, [_script(tok, enc)], [lynx])
+    out = _generate(model, enc, [_script(tok, enc)], [lynx.stopper()])
     assert SCRIPT in tok.decode(out[0]) and not lynx.last_exits[0].exited and lynx.last_exits[0].cues_seen == 2
 
 
 def test_generation_without_a_kv_cache_gives_the_same_exit(setup):
     model, tok, enc = setup
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)
-    cached = _generate(model, enc, [_script(tok, enc)], [lynx])
+    cached = _generate(model, enc, [_script(tok, enc)], [lynx.stopper()])
     record = lynx.last_exits[0]
-    uncached = _generate(model, enc, [_script(tok, enc)], [lynx], use_cache=False)
+    uncached = _generate(model, enc, [_script(tok, enc)], [lynx.stopper()], use_cache=False)
     assert torch.equal(cached, uncached) and lynx.last_exits[0] == record
 
 
@@ -126,7 +126,7 @@ def test_cues_in_the_prompt_never_trigger_an_exit(setup):
     enc2 = tok(prompt, return_tensors="pt", add_special_tokens=False)
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)
     script = ScriptProcessor(tok, [enc2.input_ids.shape[1]], [" 3 + 4 = 7.\n</think>\n\nFinal Answer: \\boxed{7}"])
-    _generate(model, enc2, [script], [lynx])
+    _generate(model, enc2, [script], [lynx.stopper()])
     assert lynx.last_exits[0].cues_seen == 0 and not lynx.last_exits[0].exited
 
 
@@ -141,12 +141,12 @@ def test_rows_do_not_depend_on_their_batch_neighbours(setup):
     width = batch.input_ids.shape[1]
     lynx.confidence = 0.5
     lynx.config.layers  # probe scores depend on the hidden states, so decisions are row-specific
-    out = _generate(model, batch, [ScriptProcessor(tok, [width, width], scripts)], [lynx])
+    out = _generate(model, batch, [ScriptProcessor(tok, [width, width], scripts)], [lynx.stopper()])
     together = lynx.last_exits
     for row, (prompt, script) in enumerate(zip(prompts, scripts)):
         alone = tok(prompt, return_tensors="pt", add_special_tokens=False)
         n = alone.input_ids.shape[1]
-        single = _generate(model, alone, [ScriptProcessor(tok, [n], [script])], [lynx])
+        single = _generate(model, alone, [ScriptProcessor(tok, [n], [script])], [lynx.stopper()])
         solo = lynx.last_exits[0]
         pad = width - n
         assert together[row].exited == solo.exited and together[row].cues_seen == solo.cues_seen
@@ -161,7 +161,7 @@ def test_rows_do_not_depend_on_their_batch_neighbours(setup):
 def test_answer_after_stop_mode_reuses_the_cache_and_equals_a_fresh_exit(setup):
     model, tok, enc = setup
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)
-    out = _generate(model, enc, [_script(tok, enc)], [lynx], return_dict_in_generate=True)
+    out = _generate(model, enc, [_script(tok, enc)], [lynx.stopper()], return_dict_in_generate=True)
     record = lynx.last_exits[0]
     fresh = answer_after_exit(model, tok, out.sequences, [exit_cut(record.position, record.start)], lynx.exit_ids,
                               max_new_tokens=8)
@@ -173,14 +173,14 @@ def test_beam_search_is_refused_with_a_clear_error(setup):
     model, tok, enc = setup
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)
     with pytest.raises(UnsupportedGenerationError, match="beam search"):
-        model.generate(**enc, stopping_criteria=[lynx], num_beams=2, max_new_tokens=5, do_sample=False)
+        model.generate(**enc, stopping_criteria=[lynx.stopper()], num_beams=2, max_new_tokens=5, do_sample=False)
 
 
 def test_assisted_decoding_is_refused_with_a_clear_error(setup):
     model, tok, enc = setup
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)
     with pytest.raises(UnsupportedGenerationError, match="assisted"):
-        model.generate(**enc, stopping_criteria=[lynx], assistant_model=model, max_new_tokens=8, do_sample=False)
+        model.generate(**enc, stopping_criteria=[lynx.stopper()], assistant_model=model, max_new_tokens=8, do_sample=False)
 
 
 def test_a_bundle_whose_model_has_no_findable_tokenizer_says_how_to_attach(setup):
@@ -188,7 +188,7 @@ def test_a_bundle_whose_model_has_no_findable_tokenizer_says_how_to_attach(setup
     lynx = bundle(model, tok)
     lynx.config.base_model = "/no/such/folder"
     with pytest.raises(LynxConfigError, match=r"lynx.attach\(model, tokenizer\)"):
-        model.generate(**enc, stopping_criteria=[lynx], max_new_tokens=3)
+        model.generate(**enc, stopping_criteria=[lynx.stopper()], max_new_tokens=3)
 
 
 def test_answering_twice_with_left_padded_rows_gives_the_same_answers(setup):
@@ -198,13 +198,13 @@ def test_answering_twice_with_left_padded_rows_gives_the_same_answers(setup):
     tok.padding_side = "left"
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     width = batch.input_ids.shape[1]
-    out = _generate(model, batch, [ScriptProcessor(tok, [width, width], [SCRIPT, SCRIPT])], [lynx])
+    out = _generate(model, batch, [ScriptProcessor(tok, [width, width], [SCRIPT, SCRIPT])], [lynx.stopper()])
     first = [a.token_ids for a in lynx.answer(out, max_new_tokens=8)]
     model(input_ids=batch.input_ids[:1, :5])  # any forward in between
     assert [a.token_ids for a in lynx.answer(out, max_new_tokens=8)] == first
     alone = tok(prompts[1], return_tensors="pt", add_special_tokens=False)
     n = alone.input_ids.shape[1]
-    single = _generate(model, alone, [ScriptProcessor(tok, [n], [SCRIPT])], [lynx])
+    single = _generate(model, alone, [ScriptProcessor(tok, [n], [SCRIPT])], [lynx.stopper()])
     assert [a.token_ids for a in lynx.answer(single, max_new_tokens=8)] == first[1:]  # padding is masked
 
 
@@ -212,7 +212,7 @@ def test_cue_words_inside_longer_words_never_trigger_an_exit_in_either_mode(setu
     model, tok, enc = setup
     script = "3 + 4 = 7. Waitress Hmmm awaited. Wait, 7.\n</think>\n\nFinal Answer: \\boxed{7}"
     lynx = bundle(model, tok, probability=0.99).attach(model, tok)
-    stop = _generate(model, enc, [ScriptProcessor(tok, [enc.input_ids.shape[1]], [script])], [lynx])
+    stop = _generate(model, enc, [ScriptProcessor(tok, [enc.input_ids.shape[1]], [script])], [lynx.stopper()])
     stop_record = lynx.last_exits[0]
     assert stop_record.cue == "wait" and stop_record.cues_seen == 1
     assert stop_record.position == _cue_index(tok, enc, stop, "Hmmm awaited. Wait")
@@ -249,7 +249,7 @@ def test_token_ids_beyond_the_tokenizer_never_index_out_of_bounds(setup):
     width = enc.input_ids.shape[1]
     script = ScriptProcessor(tok, [width], [SCRIPT], exit_len=len(lynx.exit_ids), model_logits=True)
     script.scripts = [[beyond] + script.scripts[0]]  # the trace itself holds an id the tokenizer does not know
-    out = _generate(model, enc, [script], [lynx], return_dict_in_generate=True)
+    out = _generate(model, enc, [script], [lynx.stopper()], return_dict_in_generate=True)
     assert lynx.last_exits[0].exited
     favour = model.lm_head.register_forward_hook(lambda m, a, logits: logits.index_fill(-1, torch.tensor([beyond]), 1e4))
     try:  # the model's greedy answers are ids beyond the tokenizer
@@ -274,7 +274,7 @@ def test_steps_the_host_knows_are_quiet_change_nothing_against_deciding_at_every
     questions = ["What is 17 + 25?", "What is 6 * 7?", "What is 90 - 45?", "What is 12 + 30?"]
     enc = tok([organism.prompt(tok, q) for q in questions], return_tensors="pt", padding=True)
     if mode == "stop":
-        plug = dict(stopping_criteria=[lynx])
+        plug = dict(stopping_criteria=[lynx.stopper()])
     else:
         plug = dict(logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()])
 
@@ -288,3 +288,42 @@ def test_steps_the_host_knows_are_quiet_change_nothing_against_deciding_at_every
     branchless, branchless_records = sample()
     assert torch.equal(quick, branchless) and quick_records == branchless_records
     assert any(r.exited for r in quick_records) and any(r.cues_seen > 1 for r in quick_records)
+
+
+@pytest.mark.parametrize("shadow", [False, True], ids=["live", "shadow"])
+def test_a_confident_cue_confirmed_by_eos_is_an_event_in_both_modes_as_offline(setup, shadow):
+    from forcing import ForceScript
+
+    model, tok, _ = setup
+    tok.padding_side = "left"
+    enc = tok([PROMPT, PROMPT], return_tensors="pt", add_special_tokens=False)
+    width = enc.input_ids.shape[1]
+    so, wait = (tok(w, add_special_tokens=False).input_ids for w in (" so", " Wait"))
+    # Row 0 writes a cue and then its EOS (nothing continues the word); row 1 thinks on.
+    force = ForceScript([so * 2 + wait + [tok.eos_token_id], so * 20], width)
+    lynx = bundle(model, tok, probability=0.99, shadow=shadow).attach(model, tok)  # every cue confident
+    common = dict(do_sample=False, max_new_tokens=12, pad_token_id=model.generation_config.pad_token_id)
+    # Offline (how the calibration events were found, on the trace cut before its EOS) the cue is an event.
+    trace = enc.input_ids[0].tolist() + so * 2 + wait
+    offline = lynx.detector.find_events(trace, width)
+    assert [(e.position, e.cue) for e in offline] == [(width + 2, "wait")]
+    stop = model.generate(**enc, logits_processor=[force], stopping_criteria=[lynx.stopping_criteria()], **common)
+    stop_record = lynx.last_exits[0]
+    model.generate(**enc, logits_processor=[force, lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()],
+                   **common)
+    stream_record = lynx.last_exits[0]
+    import lynx_hf.custom_generate.generate as custom
+
+    custom_record = custom.generate(model, input_ids=enc.input_ids, attention_mask=enc.attention_mask, lynx=lynx,
+                                    logits_processor=[force], return_dict_in_generate=True, **common).exits[0]
+    assert custom_record == stop_record  # custom_generate decides as stop mode does
+    for record in (stop_record, stream_record):
+        assert record.would_exit and record.cue == "wait" and record.cues_seen == 1
+        assert (record.position, record.start) == (offline[0].position, offline[0].start)
+    assert stream_record.score == pytest.approx(stop_record.score)
+    # Stop mode exits and answers from before the cue; in-stream the row has already ended with its EOS, so the
+    # plug-in could not act on it.
+    assert stop_record.exited is not shadow and not stream_record.exited
+    if not shadow:  # answered from before the cue: neither the cue nor the EOS is in the answer's context
+        assert exit_cut(stop_record.position, stop_record.start, lynx.config.exit_construction) == width + 2
+        assert stop[0, width + 3] == tok.eos_token_id and lynx.answer(stop)[0].token_ids

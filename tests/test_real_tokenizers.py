@@ -65,7 +65,7 @@ def test_stop_mode_exits_at_the_first_cue_and_answers_with_the_models_own_end_of
     prompt = tok("<think>\n", add_special_tokens=False, return_tensors="pt")
     script = tok("2 + 2 = 4. Wait, is it? Yes.\n</think>\n\n4", add_special_tokens=False).input_ids
     out = model.generate(**prompt, logits_processor=[ForceScript([script], prompt.input_ids.shape[1])],
-                         stopping_criteria=[lynx], max_new_tokens=len(script), do_sample=False,
+                         stopping_criteria=[lynx.stopper()], max_new_tokens=len(script), do_sample=False,
                          pad_token_id=tok.pad_token_id, return_dict_in_generate=True)
     record = lynx.last_exits[0]
     assert record.exited and record.cue == "wait"

@@ -47,7 +47,7 @@ def _exited_rows(lynx) -> int:
 
 def test_answering_the_same_output_twice_gives_the_same_answers(setup):
     model, tok, lynx, (enc, _) = setup
-    out = _sample(model, enc, [lynx])
+    out = _sample(model, enc, [lynx.stopper()])
     assert _exited_rows(lynx) >= 10
     first = lynx.answer(out)
     assert _answers(lynx.answer(out)) == _answers(first)
@@ -55,7 +55,7 @@ def test_answering_the_same_output_twice_gives_the_same_answers(setup):
 
 def test_a_plain_forward_between_generate_and_answer_changes_nothing(setup):
     model, tok, lynx, (enc, other) = setup
-    out = _sample(model, enc, [lynx])
+    out = _sample(model, enc, [lynx.stopper()])
     expected = _answers(lynx.answer(out))
     model(input_ids=other.input_ids[:3, :7])  # a cache-less forward with another batch and mask
     assert _answers(lynx.answer(out)) == expected
@@ -63,9 +63,9 @@ def test_a_plain_forward_between_generate_and_answer_changes_nothing(setup):
 
 def test_answer_uses_the_exits_of_the_call_that_produced_the_output(setup):
     model, tok, lynx, (enc_a, enc_b) = setup
-    out_a = _sample(model, enc_a, [lynx], seed=1)
+    out_a = _sample(model, enc_a, [lynx.stopper()], seed=1)
     records_a, expected_a = lynx.last_exits, _answers(lynx.answer(out_a))
-    out_b = _sample(model, enc_b, [lynx], seed=2)
+    out_b = _sample(model, enc_b, [lynx.stopper()], seed=2)
     assert lynx.last_exits != records_a
     assert _answers(lynx.answer(out_a)) == expected_a
     assert len(lynx.answer(out_b)) == BATCH
@@ -80,7 +80,7 @@ def test_answer_on_the_output_of_a_generate_that_never_used_lynx_is_a_clear_erro
 
 def test_turning_shadow_on_after_a_stop_run_does_not_rewrite_its_records(setup):
     model, tok, lynx, (enc, _) = setup
-    out = _sample(model, enc, [lynx], seed=3)
+    out = _sample(model, enc, [lynx.stopper()], seed=3)
     records, answers = lynx.last_exits, _answers(lynx.answer(out))
     lynx.shadow = True
     try:
@@ -92,7 +92,7 @@ def test_turning_shadow_on_after_a_stop_run_does_not_rewrite_its_records(setup):
 
 def test_changing_confidence_after_a_run_keeps_that_runs_threshold(setup):
     model, tok, lynx, (enc, _) = setup
-    out = _sample(model, enc, [lynx], seed=4)
+    out = _sample(model, enc, [lynx.stopper()], seed=4)
     records, answers = lynx.last_exits, _answers(lynx.answer(out))
     lynx.confidence = 0.5
     try:
@@ -103,7 +103,7 @@ def test_changing_confidence_after_a_run_keeps_that_runs_threshold(setup):
 
 def test_answering_a_return_dict_output_twice_recomputes_the_consumed_cache(setup):
     model, tok, lynx, (enc, _) = setup
-    out = _sample(model, enc, [lynx], seed=5, return_dict_in_generate=True)
+    out = _sample(model, enc, [lynx.stopper()], seed=5, return_dict_in_generate=True)
     first = _answers(lynx.answer(out))
     with pytest.warns(UserWarning, match="consumed"):
         second = _answers(lynx.answer(out))
@@ -115,9 +115,9 @@ def test_a_lynx_attached_to_another_model_refuses_to_read_it(setup):
     other, _ = organism.load()
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=other, tokenizer=tok)
     with pytest.raises(NotAttachedError, match=r"lynx.attach\(model\)"):
-        _sample(model, enc, [lynx])
+        _sample(model, enc, [lynx.stopper()])
     lynx.attach(model, tok)
-    _sample(model, enc, [lynx])
+    _sample(model, enc, [lynx.stopper()])
     assert _exited_rows(lynx) > 0
 
 
@@ -136,10 +136,10 @@ def test_the_used_by_line_without_model_attaches_on_first_use_and_exits_like_an_
 def test_a_lynx_loaded_without_model_follows_a_reloaded_model(setup):
     model, tok, _, (enc, _) = setup
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, confidence=0.9)
-    out = _sample(model, enc, [lynx], seed=7)
+    out = _sample(model, enc, [lynx.stopper()], seed=7)
     expected = lynx.last_exits
     reloaded, _ = organism.load()
-    assert torch.equal(_sample(reloaded, enc, [lynx], seed=7), out)
+    assert torch.equal(_sample(reloaded, enc, [lynx.stopper()], seed=7), out)
     assert lynx.model is reloaded and lynx.last_exits == expected
 
 
@@ -154,7 +154,7 @@ def test_no_hook_stays_on_the_model_outside_generate_calls_that_use_lynx(setup):
             seen.append(sum(len(m._forward_hooks) for m in model.modules()))
             return scores
 
-    model.generate(**enc, logits_processor=[Spy()], stopping_criteria=[lynx], max_new_tokens=3, do_sample=False)
+    model.generate(**enc, logits_processor=[Spy()], stopping_criteria=[lynx.stopper()], max_new_tokens=3, do_sample=False)
     assert seen[-1] == len(lynx.config.layers)
     assert [m for m in model.modules() if m._forward_hooks] == []
 
@@ -166,7 +166,7 @@ def test_two_threads_each_with_its_own_lynx_exit_as_when_run_one_after_the_other
     greedy = dict(do_sample=False, max_new_tokens=200)
     sequential = []
     for lynx, enc in jobs:
-        out = model.generate(**enc, stopping_criteria=[lynx], **greedy)
+        out = model.generate(**enc, stopping_criteria=[lynx.stopper()], **greedy)
         sequential.append((out, lynx.last_exits))
     results: dict[int, list] = {0: [], 1: []}
     errors = []
@@ -175,7 +175,7 @@ def test_two_threads_each_with_its_own_lynx_exit_as_when_run_one_after_the_other
         lynx, enc = jobs[index]
         try:
             for _ in range(3):
-                out = model.generate(**enc, stopping_criteria=[lynx], **greedy)
+                out = model.generate(**enc, stopping_criteria=[lynx.stopper()], **greedy)
                 results[index].append((out, lynx.last_exits))
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
@@ -195,30 +195,30 @@ def test_two_threads_each_with_its_own_lynx_exit_as_when_run_one_after_the_other
 def test_continuing_from_an_output_without_a_cache_is_a_new_call(setup):
     model, tok, lynx, (enc, _) = setup
     row = {k: v[:1, v.shape[1] - int(enc.attention_mask[0].sum()):] for k, v in enc.items()}
-    greedy = dict(stopping_criteria=[lynx], do_sample=False, use_cache=False)
+    greedy = dict(stopping_criteria=[lynx.stopper()], do_sample=False, use_cache=False)
     first = model.generate(**row, max_new_tokens=300, **greedy)
     assert lynx.last_exits[0].exited
     uncached = model.generate(input_ids=first, max_new_tokens=60, **greedy)  # one token longer than the last step
     records = lynx.last_exits
-    cached = model.generate(input_ids=first, stopping_criteria=[lynx], do_sample=False, max_new_tokens=60)
+    cached = model.generate(input_ids=first, stopping_criteria=[lynx.stopper()], do_sample=False, max_new_tokens=60)
     assert torch.equal(uncached, cached) and records == lynx.last_exits
 
 
 def test_static_cache_outputs_are_answered_like_dynamic_ones(setup):
     model, tok, lynx, (enc, _) = setup
     greedy = dict(do_sample=False, max_new_tokens=200, return_dict_in_generate=True)
-    dynamic = model.generate(**enc, stopping_criteria=[lynx], **greedy)
+    dynamic = model.generate(**enc, stopping_criteria=[lynx.stopper()], **greedy)
     expected = _answers(lynx.answer(dynamic))
-    static = model.generate(**enc, stopping_criteria=[lynx], cache_implementation="static", **greedy)
+    static = model.generate(**enc, stopping_criteria=[lynx.stopper()], cache_implementation="static", **greedy)
     assert torch.equal(static.sequences, dynamic.sequences)
     assert _answers(lynx.answer(static)) == expected
 
 
 def test_chunked_prefill_gives_the_same_exits(setup):
     model, tok, lynx, (enc, _) = setup
-    plain = model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=200)
+    plain = model.generate(**enc, stopping_criteria=[lynx.stopper()], do_sample=False, max_new_tokens=200)
     expected = lynx.last_exits
-    chunked = model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=200,
+    chunked = model.generate(**enc, stopping_criteria=[lynx.stopper()], do_sample=False, max_new_tokens=200,
                              prefill_chunk_size=16)
     assert torch.equal(chunked, plain) and lynx.last_exits == expected
 
@@ -227,7 +227,7 @@ def test_a_prefilled_prefix_cache_gives_the_same_exits_and_answers(setup):
     model, tok, lynx, _ = setup
     question = organism.problems("arithmetic", "test", n=1)[0]["question"]
     ids = tok(organism.prompt(tok, question), return_tensors="pt", add_special_tokens=False).input_ids
-    plain = model.generate(input_ids=ids, stopping_criteria=[lynx], do_sample=False, max_new_tokens=300)
+    plain = model.generate(input_ids=ids, stopping_criteria=[lynx.stopper()], do_sample=False, max_new_tokens=300)
     expected, answers = lynx.last_exits, _answers(lynx.answer(plain))
     assert expected[0].exited
     from transformers import DynamicCache
@@ -235,7 +235,7 @@ def test_a_prefilled_prefix_cache_gives_the_same_exits_and_answers(setup):
     prefix = DynamicCache(config=model.config)
     with torch.no_grad():  # a shared system prompt, served once
         model(input_ids=ids[:, :6], **cache_kwargs(model, prefix), use_cache=True)
-    reused = model.generate(input_ids=ids, **cache_kwargs(model, copy.deepcopy(prefix)), stopping_criteria=[lynx],
+    reused = model.generate(input_ids=ids, **cache_kwargs(model, copy.deepcopy(prefix)), stopping_criteria=[lynx.stopper()],
                             do_sample=False, max_new_tokens=300, return_dict_in_generate=True)
     assert torch.equal(reused.sequences, plain)
     # same decisions, positions and cues; the probe score is computed from a prefill-then-decode cache here, so it
@@ -250,17 +250,17 @@ def test_inputs_embeds_without_input_ids_is_refused_with_the_fix(setup):
     model, tok, lynx, (enc, _) = setup
     embeds = model.get_input_embeddings()(enc.input_ids)
     with pytest.raises(UnsupportedGenerationError, match="Pass the prompt's ids too"):
-        model.generate(inputs_embeds=embeds, attention_mask=enc.attention_mask, stopping_criteria=[lynx],
+        model.generate(inputs_embeds=embeds, attention_mask=enc.attention_mask, stopping_criteria=[lynx.stopper()],
                        max_new_tokens=20)
 
 
 def test_inputs_embeds_with_the_prompt_ids_exits_as_with_ids_alone(setup):
     model, tok, lynx, (enc, _) = setup
-    plain = model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=200)
+    plain = model.generate(**enc, stopping_criteria=[lynx.stopper()], do_sample=False, max_new_tokens=200)
     expected = lynx.last_exits
     embeds = model.get_input_embeddings()(enc.input_ids)
     out = model.generate(input_ids=enc.input_ids, inputs_embeds=embeds, attention_mask=enc.attention_mask,
-                         stopping_criteria=[lynx], do_sample=False, max_new_tokens=200)
+                         stopping_criteria=[lynx.stopper()], do_sample=False, max_new_tokens=200)
     assert torch.equal(out, plain) and lynx.last_exits == expected
 
 
@@ -296,12 +296,12 @@ def test_sliding_window_rows_are_answered_as_if_alone(setup, family):
 
 def test_deciding_at_every_step_exits_like_deciding_only_where_a_cue_waits(setup, monkeypatch):
     model, tok, lynx, (enc, _) = setup
-    out = _sample(model, enc, [lynx], seed=8)
+    out = _sample(model, enc, [lynx.stopper()], seed=8)
     expected, answers = lynx.last_exits, _answers(lynx.answer(out))
     import lynx_hf.runtime.monitor
 
     monkeypatch.setattr(lynx_hf.runtime.monitor.HostMirror, "read", lambda self: 2**62)  # the probe runs every step
-    assert torch.equal(_sample(model, enc, [lynx], seed=8), out)
+    assert torch.equal(_sample(model, enc, [lynx.stopper()], seed=8), out)
     assert lynx.last_exits == expected and _answers(lynx.answer(out)) == answers
     processed = model.generate(**enc, logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()],
                                do_sample=False, max_new_tokens=300)
@@ -320,7 +320,7 @@ def test_a_bundles_recent_calls_do_not_keep_a_dropped_model_alive(setup):
     _, tok, _, (enc, _) = setup
     model, _ = organism.load()
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, confidence=0.9)
-    out = _sample(model, enc, [lynx])
+    out = _sample(model, enc, [lynx.stopper()])
     gone = weakref.ref(model)
     lynx.detach()
     del model
@@ -332,9 +332,9 @@ def test_a_bundles_recent_calls_do_not_keep_a_dropped_model_alive(setup):
 
 def test_both_plug_ins_of_one_lynx_in_one_call_keep_their_own_state(setup):
     model, tok, lynx, (enc, _) = setup
-    stop_only = model.generate(**enc, stopping_criteria=[lynx], do_sample=False, max_new_tokens=300)
-    expected = lynx.stopping_criteria().last_exits
+    stop_only = model.generate(**enc, stopping_criteria=[lynx.stopper()], do_sample=False, max_new_tokens=300)
+    expected = lynx.stopper().last_exits
     both = model.generate(**enc, logits_processor=[lynx.exit_processor()],
-                          stopping_criteria=[lynx.answer_stopper(), lynx], do_sample=False, max_new_tokens=300)
+                          stopping_criteria=[lynx.answer_stopper(), lynx.stopper()], do_sample=False, max_new_tokens=300)
     # stop mode decides at the same step, before the processor could force anything: the same output and records
-    assert torch.equal(both, stop_only) and lynx.stopping_criteria().last_exits == expected
+    assert torch.equal(both, stop_only) and lynx.stopper().last_exits == expected

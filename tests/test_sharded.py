@@ -42,7 +42,7 @@ def test_sharded_model_exits_where_the_unsharded_one_does(models, smollm2_tokeni
 
         lynx = bundle(m, tok, probe=LynxProbe(m.config.hidden_size * 2)).attach(m, tok)
         lynx.confidence = 0.5
-        out = m.generate(**enc, logits_processor=[ScriptProcessor(tok, [n], [SCRIPT])], stopping_criteria=[lynx],
+        out = m.generate(**enc, logits_processor=[ScriptProcessor(tok, [n], [SCRIPT])], stopping_criteria=[lynx.stopper()],
                          max_new_tokens=60, do_sample=False)
         results.append((out, lynx.last_exits[0]))
         lynx.detach()

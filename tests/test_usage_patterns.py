@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lynx_hf import Lynx, UnsupportedGenerationError, organism
+from lynx_hf.runtime.answers import extract_boxed
 from lynx_hf.runtime.exit import cache_kwargs
 from organism_batch import GREEDY, organism_batch
 from organism_batch import answers as _answers
@@ -36,23 +37,37 @@ def test_answer_on_something_that_is_not_token_ids_is_a_type_error_naming_the_fi
         lynx.answer(bad)
 
 
-def test_answer_on_an_in_stream_output_says_that_it_already_holds_the_answer(setup):
+def test_answer_on_an_in_stream_output_returns_the_answers_it_already_holds(setup):
     model, tok, lynx, enc, _ = setup
     out = model.generate(**enc, logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()],
                          **GREEDY)
-    with pytest.raises(ValueError, match="already end with their answer"):
-        lynx.answer(out)
+    records = lynx.last_exits
+    with torch.no_grad():
+        forwards = []
+        handle = model.register_forward_pre_hook(lambda *a: forwards.append(1))
+        try:
+            answers = lynx.answer(out)
+        finally:
+            handle.remove()
+    assert not forwards  # nothing generated again
+    width = enc["input_ids"].shape[1]
+    for row, (answer, record) in enumerate(zip(answers, records)):
+        text = tok.decode(out[row, width:], skip_special_tokens=True)
+        if record.exited and record.answered:
+            assert answer.answer is not None and answer.text in text
+        else:
+            assert answer.answer == extract_boxed(text)
 
 
 def test_a_lynx_and_its_own_stopping_criteria_in_one_list_decide_once(setup):
     model, tok, lynx, enc, (out, records, _) = setup
-    both = model.generate(**enc, stopping_criteria=[lynx, lynx.stopping_criteria()], **GREEDY)
+    both = model.generate(**enc, stopping_criteria=[lynx.stopper(), lynx.stopper()], **GREEDY)
     assert torch.equal(both, out) and lynx.last_exits == records
 
 
 def test_return_dict_with_hidden_states_logits_and_scores_exits_and_answers_as_plain(setup):
     model, tok, lynx, enc, (out, records, expected) = setup
-    full = model.generate(**enc, stopping_criteria=[lynx], return_dict_in_generate=True, output_hidden_states=True,
+    full = model.generate(**enc, stopping_criteria=[lynx.stopper()], return_dict_in_generate=True, output_hidden_states=True,
                           output_logits=True, output_scores=True, **GREEDY)
     assert torch.equal(full.sequences, out) and lynx.last_exits == records
     assert len(full.hidden_states) == len(full.logits) == out.shape[1] - enc.input_ids.shape[1]
@@ -62,7 +77,7 @@ def test_return_dict_with_hidden_states_logits_and_scores_exits_and_answers_as_p
 def test_an_output_generated_under_inference_mode_is_answered_outside_it(setup):
     model, tok, lynx, enc, (out, records, expected) = setup
     with torch.inference_mode():
-        inferred = model.generate(**enc, stopping_criteria=[lynx], return_dict_in_generate=True, **GREEDY)
+        inferred = model.generate(**enc, stopping_criteria=[lynx.stopper()], return_dict_in_generate=True, **GREEDY)
     assert torch.equal(inferred.sequences, out) and lynx.last_exits == records
     assert _answers(lynx.answer(inferred)) == expected  # reuses (and extends) the inference-mode cache
 
@@ -71,14 +86,14 @@ def test_a_model_cast_to_bfloat16_after_attach_exits_as_one_attached_in_bfloat16
     _, tok, _, enc, _ = setup
     cast, _ = organism.load()
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=cast, tokenizer=tok, confidence=0.9)
-    cast.generate(**enc, stopping_criteria=[lynx], max_new_tokens=20, do_sample=False)  # a float32 call first
+    cast.generate(**enc, stopping_criteria=[lynx.stopper()], max_new_tokens=20, do_sample=False)  # a float32 call first
     cast.to(torch.bfloat16)
-    out = cast.generate(**enc, stopping_criteria=[lynx], **GREEDY)
+    out = cast.generate(**enc, stopping_criteria=[lynx.stopper()], **GREEDY)
     records, answers = lynx.last_exits, _answers(lynx.answer(out))
     fresh_model, _ = organism.load()
     fresh_model.to(torch.bfloat16)
     fresh = Lynx.from_pretrained(organism.BUNDLE_DIR, model=fresh_model, tokenizer=tok, confidence=0.9)
-    assert torch.equal(fresh_model.generate(**enc, stopping_criteria=[fresh], **GREEDY), out)
+    assert torch.equal(fresh_model.generate(**enc, stopping_criteria=[fresh.stopper()], **GREEDY), out)
     assert fresh.last_exits == records and any(r.exited for r in records)
     assert _answers(fresh.answer(out)) == answers
 
@@ -87,8 +102,8 @@ def test_a_shallow_copy_has_its_own_settings_plug_ins_and_records(setup):
     model, tok, lynx, enc, (out, records, expected) = setup
     strict = copy.copy(lynx)
     strict.confidence = 0.99
-    assert strict.threshold > lynx.threshold and strict.stopping_criteria() is not lynx.stopping_criteria()
-    model.generate(**enc, stopping_criteria=[strict], **GREEDY)
+    assert strict.threshold > lynx.threshold and strict.stopper() is not lynx.stopper()
+    model.generate(**enc, stopping_criteria=[strict.stopper()], **GREEDY)
     assert {r.threshold for r in strict.last_exits} == {strict.threshold}
     assert lynx.last_exits == records  # the original neither ran that call nor changed its settings
     assert lynx.confidence == 0.9 and _answers(lynx.answer(out)) == expected
@@ -100,7 +115,7 @@ def test_a_deep_copy_shares_the_model_and_exits_like_the_original(setup):
     model, tok, lynx, enc, (out, records, expected) = setup
     twin = copy.deepcopy(lynx)
     assert twin.model is model and twin.tokenizer is tok and twin.probe is not lynx.probe
-    assert torch.equal(model.generate(**enc, stopping_criteria=[twin], **GREEDY), out)
+    assert torch.equal(model.generate(**enc, stopping_criteria=[twin.stopper()], **GREEDY), out)
     assert twin.last_exits == records and _answers(twin.answer(out)) == expected
 
 
@@ -113,7 +128,7 @@ def test_an_unpickled_lynx_attaches_on_first_use_and_exits_like_the_original(set
         lynx.confidence = 0.9
     assert restored.model is None and restored.confidence == 0.95
     restored.confidence = 0.9
-    assert torch.equal(model.generate(**enc, stopping_criteria=[restored], **GREEDY), out)
+    assert torch.equal(model.generate(**enc, stopping_criteria=[restored.stopper()], **GREEDY), out)
     assert restored.model is model and restored.last_exits == records
     assert _answers(restored.answer(out)) == expected
 
@@ -144,13 +159,13 @@ def test_a_compiled_forward_either_exits_as_uncompiled_or_is_refused_naming_comp
     model, _ = organism.load()
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, guarantee="event")  # row 0 exits
     row = {k: v[:1, v.shape[1] - int(enc.attention_mask[0].sum()):] for k, v in enc.items()}
-    plain = model.generate(**row, stopping_criteria=[lynx], **GREEDY)
+    plain = model.generate(**row, stopping_criteria=[lynx.stopper()], **GREEDY)
     records = lynx.last_exits
     assert records[0].exited
     model.forward = torch.compile(model.forward, backend="eager")
     model.generate(**row, do_sample=False, max_new_tokens=2)  # compiled without hooks: dynamo (torch 2.x) then
     try:                                                      # skips hooks added later, by default
-        compiled = model.generate(**row, stopping_criteria=[lynx], **GREEDY)
+        compiled = model.generate(**row, stopping_criteria=[lynx.stopper()], **GREEDY)
     except UnsupportedGenerationError as error:
         assert "compiled forward" in str(error)
     else:
@@ -167,10 +182,10 @@ def test_threads_sharing_one_lynx_each_read_their_own_calls_records(setup):
     def work(index: int) -> None:
         if index == 1:
             first_done.wait()
-        model.generate(**halves[index], stopping_criteria=[lynx], **GREEDY)
+        model.generate(**halves[index], stopping_criteria=[lynx.stopper()], **GREEDY)
         (first_done if index == 0 else second_done).set()
         second_done.wait()  # thread 0 reads its records after thread 1's call ran
-        seen[index] = (lynx.last_exits, lynx.stopping_criteria().last_exits)
+        seen[index] = (lynx.last_exits, lynx.stopper().last_exits)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for t in threads:
@@ -183,7 +198,10 @@ def test_threads_sharing_one_lynx_each_read_their_own_calls_records(setup):
 
 
 def test_in_stream_calls_of_finished_threads_are_not_kept_alive(setup):
-    """A server that answers each request in a new thread must not accumulate one call's state per thread."""
+    """A server that answers each request in a new thread must not accumulate one call's state per thread: only the
+    bundle's last `ANSWERABLE_CALLS` calls (what `answer(out)` can match) are kept."""
+    from lynx_hf.runtime.bundle import ANSWERABLE_CALLS
+
     model, tok, lynx, enc, _ = setup
     processor = lynx.exit_processor()
     calls = []
@@ -193,17 +211,17 @@ def test_in_stream_calls_of_finished_threads_are_not_kept_alive(setup):
                        max_new_tokens=8, do_sample=False)
         calls.append(weakref.ref(processor.calls.last))
 
-    for _ in range(4):
+    for _ in range(ANSWERABLE_CALLS + 4):
         thread = threading.Thread(target=work)
         thread.start()
         thread.join()
     gc.collect()
-    assert len(calls) == 4 and sum(ref() is not None for ref in calls) <= 1  # only the last call, for last_exits
+    assert len(calls) == ANSWERABLE_CALLS + 4 and sum(ref() is not None for ref in calls) <= ANSWERABLE_CALLS
 
 
 def test_an_outputs_cache_reused_by_a_later_generate_call_is_recomputed_with_a_warning(setup):
     model, tok, lynx, enc, (out, records, expected) = setup
-    full = model.generate(**enc, stopping_criteria=[lynx], return_dict_in_generate=True, **GREEDY)
+    full = model.generate(**enc, stopping_criteria=[lynx.stopper()], return_dict_in_generate=True, **GREEDY)
     cache = full.cache if getattr(full, "cache", None) is not None else full.past_key_values
     follow_up = torch.cat([full.sequences, full.sequences[:, -3:]], dim=1)  # the next turn, reusing the cache
     mask = torch.cat([enc.attention_mask, torch.ones_like(follow_up[:, enc.input_ids.shape[1]:])], dim=1)
@@ -234,7 +252,7 @@ def test_an_output_answered_after_the_model_was_cast_to_bfloat16_is_answered_by_
     _, tok, _, enc, _ = setup
     model, _ = organism.load()
     lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
-    out = model.generate(**enc, stopping_criteria=[lynx], return_dict_in_generate=True, **GREEDY)
+    out = model.generate(**enc, stopping_criteria=[lynx.stopper()], return_dict_in_generate=True, **GREEDY)
     model.to(torch.bfloat16)  # the float32 cache in `out` cannot serve the cast model
     assert _answers(lynx.answer(out)) == _answers(lynx.answer(out.sequences))
 
@@ -281,7 +299,7 @@ def test_in_stream_rows_record_their_closed_box_without_the_answer_stopper(setup
 def test_classifier_free_guidance_is_refused_by_name(setup):
     model, tok, lynx, enc, _ = setup
     with pytest.raises(UnsupportedGenerationError, match="guidance_scale"):  # it runs a second forward every step
-        model.generate(**enc, stopping_criteria=[lynx], guidance_scale=1.5, do_sample=False, max_new_tokens=5)
+        model.generate(**enc, stopping_criteria=[lynx.stopper()], guidance_scale=1.5, do_sample=False, max_new_tokens=5)
 
 
 def test_a_lynx_attached_to_a_peft_model_reads_the_model_inside_it(setup):
@@ -293,14 +311,14 @@ def test_a_lynx_attached_to_a_peft_model_reads_the_model_inside_it(setup):
     with pytest.warns(UserWarning, match="active, unmerged adapter"):  # a trained one would void the calibration
         # PeftModel.generate runs `base`; the per-event rule, as the reference
         lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=wrapped, tokenizer=tok, guarantee="event")
-    assert torch.equal(wrapped.generate(**enc, stopping_criteria=[lynx], **GREEDY), out)
+    assert torch.equal(wrapped.generate(**enc, stopping_criteria=[lynx.stopper()], **GREEDY), out)
     assert lynx.last_exits == records and _answers(lynx.answer(out)) == expected
 
 
 def test_without_an_eos_token_the_records_end_at_the_exit_as_with_one(setup):
     model, tok, lynx, enc, (out, records, expected) = setup
     # Without an EOS criterion transformers keeps writing model tokens (not padding) into rows a criterion stopped.
-    unpadded = model.generate(**enc, stopping_criteria=[lynx], eos_token_id=None, **GREEDY)
+    unpadded = model.generate(**enc, stopping_criteria=[lynx.stopper()], eos_token_id=None, **GREEDY)
     assert lynx.last_exits == records  # cues written after a row's exit are not counted
     assert _answers(lynx.answer(unpadded)) == expected
 
@@ -326,9 +344,9 @@ def test_a_stopping_criteria_list_of_yours_nested_in_the_call_and_reused_starts_
     from transformers import StoppingCriteriaList
 
     model, tok, lynx, enc, (out, records, _) = setup
-    mine = StoppingCriteriaList([lynx])  # the same inner list object in both calls
+    mine = StoppingCriteriaList([lynx.stopper()])  # the same inner list object in both calls
     first = {k: v[:3] for k, v in enc.items()}
-    model.generate(**first, stopping_criteria=[lynx], **GREEDY)
+    model.generate(**first, stopping_criteria=[lynx.stopper()], **GREEDY)
     expected = lynx.last_exits
     model.generate(**first, stopping_criteria=[mine], **GREEDY)
     assert lynx.last_exits == expected

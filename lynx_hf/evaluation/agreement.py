@@ -92,7 +92,7 @@ def live_agreement(lynx, replay: Replay, n: int, *, modes: Sequence[str] = ("sto
     """Run the attached `lynx` live on the first `n` traces' batches and compare with replay at `lynx.threshold`.
 
     Each batch is regenerated with the collection's prompts, batch composition, seed and sampling settings, so
-    tokens match the stored traces up to the exit. Stop mode (`stopping_criteria=[lynx]`, answers via
+    tokens match the stored traces up to the exit. Stop mode (`stopping_criteria=[lynx.stopper()]`, answers via
     `lynx.answer`) and shadow mode (never intervenes) are both checked. Returns per mode: `exit_agreement` (same
     exited? and same position), `exited_agreement` (same exited?), `answer_agreement` (stop mode: same final
     answer as replay), `token_agreement` (regenerated tokens equal the stored ones up to the exit, or entirely in
@@ -116,7 +116,7 @@ def live_agreement(lynx, replay: Replay, n: int, *, modes: Sequence[str] = ("sto
             lynx.shadow = mode == "shadow"
             rows, started = [], time.perf_counter()
             for indices, seed in shard_batches(table, n):
-                out, width = regenerate(model, tokenizer, table, indices, seed, stopping_criteria=[lynx])
+                out, width = regenerate(model, tokenizer, table, indices, seed, stopping_criteria=[lynx.stopper()])
                 records = lynx.last_exits
                 answers = lynx.answer(out) if mode == "stop" else None
                 for b, t in enumerate(indices):

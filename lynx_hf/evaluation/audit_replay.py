@@ -16,8 +16,9 @@ from .replay import Replay
 
 
 def replay_rows(table: EventTable, scores: torch.Tensor, threshold: float, settings: dict) -> list[AuditRow]:
-    """The audit's rows for a collected event table, in table order: would-exit = first cue scoring at or above
-    `threshold`, forced answers from the table, reference = each trace's full answer.
+    """The audit's rows for a collected event table, in table order, each trace its own batch (one look per trace):
+    would-exit = first cue scoring at or above `threshold`, forced answers from the table, reference = each trace's
+    full answer.
 
     Example:
         >>> from lynx_hf.pipeline.events import EventTable
@@ -39,7 +40,7 @@ def replay_rows(table: EventTable, scores: torch.Tensor, threshold: float, setti
         stop = start + counts[t]
         hits = torch.nonzero(above[start:stop]).flatten()
         out.append(observe_row(settings, threshold, trace["answer"], table.answers[start:stop], scores[start:stop],
-                               int(hits[0]) if len(hits) else -1))
+                               int(hits[0]) if len(hits) else -1, batch=t))  # one trace per look
         start = stop
     return out
 

@@ -53,7 +53,7 @@ def regenerate(model, tokenizer, table: EventTable, indices: Sequence[int], seed
     settings come from `table.settings`. Returns `(sequences, prompt_width)`.
 
     Example:
-        >>> out, width = regenerate(model, tok, table, [0, 1], seed=0, stopping_criteria=[lynx])  # doctest: +SKIP
+        >>> out, width = regenerate(model, tok, table, [0, 1], seed=0, stopping_criteria=[lynx.stopper()])  # doctest: +SKIP
     """
     settings = table.settings
     if settings.get("rollout", "transformers") != "transformers":

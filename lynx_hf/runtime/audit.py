@@ -27,7 +27,10 @@ M unsafe cues is scaled to M (X·M/N of M: its own rate kept, its weight capped)
 The rate comes with an anytime-valid confidence sequence (`bounds.betting_confidence_sequence`: Waudby-Smith &
 Ramdas's hedged capital betting, implemented here rather than taken from `confseq`, to keep the runtime free of a
 compiled dependency and to reuse the betting code calibration already has): an audit is read after every batch, and
-a fixed-n Clopper-Pearson interval read that often would raise false alarms. Verdicts: "above δ: recalibrate" once
+a fixed-n Clopper-Pearson interval read that often would raise false alarms. The rows of one `generate` call are one
+unit of the sequence (`AuditRow.batch`): they share one bet and the sequence is updated once per call, so the order
+of rows within a batch changes nothing. The sequence is a running intersection (it never widens), so the pooled rate
+can lie outside it when early calls disagreed more or less than later ones; the printout says so where it happens. Verdicts: "above δ: recalibrate" once
 the sequence's lower bound is above δ; "too few rows" while fewer rows have a reference than the smallest number with
 which even all-disagreeing rows could lift the lower bound above δ (`rows_needed`); else "consistent with δ", which
 says the data cannot reject the guarantee, not that it is proven (the upper bound says how much is excluded).
@@ -41,7 +44,7 @@ import math
 import os
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -66,7 +69,9 @@ class AuditRow:
     """One audited row: the settings its call ran with, its full answer (`reference`, None when the full trace has no
     boxed answer) and what an exit would have done to it. `changed`: the would-exit answer differs from the full one.
     `unsafe_cues`: cues whose forced answer differs from the full one; `unsafe_exits`: of those, the ones scoring at
-    or above the threshold. `forwards` / `tokens`: what re-checking the row cost (0 in a replay).
+    or above the threshold. `forwards` / `tokens`: what re-checking the row cost (0 in a replay). `batch`: which
+    audited `generate` call (or replayed trace) the row came from; the rows of one batch are one unit of the
+    confidence sequence, so their order never matters (rows without one, e.g. built by hand, are one batch).
 
     Example:
         >>> AuditRow("question", 0.9, None, "envelope", 0.8, reference="4", would_exit=True, exit_answer="3",
@@ -88,6 +93,7 @@ class AuditRow:
     unsafe_exits: int
     forwards: int = 0
     tokens: int = 0
+    batch: int | None = None
 
     @property
     def setting(self) -> tuple:
@@ -95,9 +101,10 @@ class AuditRow:
 
 
 def observe_row(settings: dict, threshold: float, reference: str | None, answers: Sequence[str | None],
-                scores: torch.Tensor, exit_index: int, *, forwards: int = 0, tokens: int = 0) -> AuditRow:
+                scores: torch.Tensor, exit_index: int, *, forwards: int = 0, tokens: int = 0,
+                batch: int | None = None) -> AuditRow:
     """The `AuditRow` of one trace from its cues' forced answers and probe scores (in trace order), its full answer
-    and the index of its would-exit cue (-1: none). Live and replay audits both build rows here.
+    and the index of its would-exit cue (-1: none), from batch `batch`. Live and replay audits both build rows here.
 
     Example:
         >>> import torch
@@ -116,7 +123,7 @@ def observe_row(settings: dict, threshold: float, reference: str | None, answers
         exit_answer=exit_answer, changed=has_reference and exit_index >= 0 and differs[exit_index], cues=len(answers),
         unsafe_cues=sum(differs) if has_reference else 0,
         unsafe_exits=sum(d and a for d, a in zip(differs, above)) if has_reference else 0,
-        forwards=forwards, tokens=tokens,
+        forwards=forwards, tokens=tokens, batch=batch,
     )
 
 
@@ -207,6 +214,16 @@ class AuditReport:
         text = [f"Lynx audit: label-free (exit answer vs the row's own full answer), anytime-valid {level} "
                 "confidence sequences (betting, Waudby-Smith & Ramdas)"]
         text += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
+        text.append(f"{level} CS: where the true disagreement rate lies, valid at every look at once; updated once "
+                    "per audited generate call (the order of rows within a call does not matter). The verdict reads "
+                    "the CS, not the rate.")
+        for g in self.groups:
+            if not math.isnan(g.rate) and not g.lower <= g.rate <= g.upper:
+                text.append(f"note ({g.guarantee}, c={g.confidence:g}): the rate {g.rate:.3f} lies outside its CS "
+                            f"[{g.lower:.3f}, {g.upper:.3f}]. The CS is the running intersection of every call's "
+                            "sequence so far, so it keeps what earlier calls showed (they disagreed "
+                            f"{'more' if g.rate < g.lower else 'less'} than the later ones); that is allowed by its "
+                            "coverage, and the verdict stands on the CS.")
         for g in self.groups:
             if g.guarantee == "event":
                 text.append(f"per event ({g.confidence:g}): disagree = label-free unsafe cues at or above τ / unsafe "
@@ -238,13 +255,14 @@ def audit_report(rows: Iterable[AuditRow], alpha: float = 0.05, *, max_unsafe: i
     for (guarantee, confidence, risk_level, rule), members in groups.items():
         delta = round(1.0 - confidence, 12)
         referenced = [r for r in members if r.reference is not None]
+        batches = np.array([-1 if r.batch is None else int(r.batch) for r in referenced], dtype=np.int64)
         over = 0
         bound = None
         if guarantee == "question":
             x = np.array([float(r.changed) for r in referenced])
             n = np.ones_like(x)
             disagreements, denominator = int(x.sum()), len(referenced)
-            lower, upper = betting_confidence_sequence(x, alpha, include=(delta,))
+            lower, upper = betting_confidence_sequence(x, alpha, include=(delta,), batches=batches)
         else:
             n = np.array([r.unsafe_cues for r in referenced], dtype=np.float64)
             x = np.array([r.unsafe_exits for r in referenced], dtype=np.float64)
@@ -252,7 +270,8 @@ def audit_report(rows: Iterable[AuditRow], alpha: float = 0.05, *, max_unsafe: i
             disagreements, denominator = int(x.sum()), int(n.sum())
             over = int((n > bound).sum())
             scale = np.where(n > bound, bound / np.maximum(n, 1), 1.0)
-            lower, upper = ratio_confidence_sequence(x * scale, n * scale, alpha, bound=bound, include=(delta,))
+            lower, upper = ratio_confidence_sequence(x * scale, n * scale, alpha, bound=bound, include=(delta,),
+                                                     batches=batches)
         low = float(lower[-1]) if len(lower) else 0.0
         high = float(upper[-1]) if len(upper) else 1.0
         if len(referenced) < rows_needed(delta, alpha):
@@ -286,6 +305,8 @@ class AuditLog:
 
     def __init__(self, rows: Iterable[AuditRow] = ()):
         self._rows: list[AuditRow] = list(rows)
+        # the next settled call's batch label (after those of the rows given, e.g. a loaded log)
+        self._batches = 1 + max((r.batch for r in self._rows if r.batch is not None), default=-1)
         self._pending: list[GenerateCall] = []
         self._draws = 0
         self._lock = threading.Lock()
@@ -329,8 +350,9 @@ class AuditLog:
             self._pending = [c for c in self._pending if not any(c is t for t in todo)]
         for c in todo:
             rows = audit_call(c)
-            with self._lock:
-                self._rows.extend(rows)
+            with self._lock:  # one batch per call: its rows are one unit of the confidence sequence
+                self._rows.extend(replace(r, batch=self._batches) for r in rows)
+                self._batches += 1
 
     def report(self, alpha: float = 0.05, *, max_unsafe: int | None = None) -> AuditReport:
         """The `AuditReport` of the settled rows (see `audit_report`)."""

@@ -105,16 +105,16 @@ def _betting_log_wealth(y: np.ndarray, m0: float, cap: float = 0.9) -> np.ndarra
     return log_wealth
 
 
-def betting_confidence_sequence(x, alpha: float = 0.05, *, grid: int = 1000,
-                                include: Sequence[float] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """Running lower and upper bounds after each observation, an anytime-valid ``1 - alpha`` confidence sequence for
-    the mean of i.i.d. observations ``x`` in [0, 1].
+def betting_confidence_sequence(x, alpha: float = 0.05, *, grid: int = 1000, include: Sequence[float] = (),
+                                batches=None) -> tuple[np.ndarray, np.ndarray]:
+    """Running lower and upper bounds after each observation (or each batch), an anytime-valid ``1 - alpha``
+    confidence sequence for the mean of i.i.d. observations ``x`` in [0, 1].
 
     Anytime-valid: with probability at least ``1 - alpha`` the mean lies between the bounds at *every* time at once,
     so they can be read after every batch (a fixed-n Clopper-Pearson interval read after every batch excludes the
     true mean far more often than ``alpha``). The construction is Waudby-Smith & Ramdas's hedged capital process
     (JRSS-B 2024, Theorem 3, their recommended default) with predictable plug-in bets; see
-    :func:`ratio_confidence_sequence`, of which this is the case ``n = 1``.
+    :func:`ratio_confidence_sequence`, of which this is the case ``n = 1`` (see there for ``batches``).
 
     Example:
         >>> import numpy as np
@@ -123,11 +123,23 @@ def betting_confidence_sequence(x, alpha: float = 0.05, *, grid: int = 1000,
         (True, True)
     """
     x = np.asarray(x, dtype=np.float64).reshape(-1)
-    return ratio_confidence_sequence(x, np.ones_like(x), alpha, grid=grid, include=include)
+    return ratio_confidence_sequence(x, np.ones_like(x), alpha, grid=grid, include=include, batches=batches)
+
+
+def _batch_bounds(batches, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first index, last index) of each run of equal labels in `batches` (each observation alone when None)."""
+    if batches is None:
+        every = np.arange(size)
+        return every, every
+    labels = np.asarray(batches).reshape(-1)
+    if labels.size != size:
+        raise ValueError(f"batches must label each of the {size} observations, got {labels.size} labels.")
+    change = np.flatnonzero(labels[1:] != labels[:-1]) + 1
+    return np.concatenate([[0], change]), np.concatenate([change - 1, [size - 1]])
 
 
 def ratio_confidence_sequence(x, n, alpha: float = 0.05, *, bound: float = 1.0, grid: int = 1000,
-                              include: Sequence[float] = ()) -> tuple[np.ndarray, np.ndarray]:
+                              include: Sequence[float] = (), batches=None) -> tuple[np.ndarray, np.ndarray]:
     """Anytime-valid ``1 - alpha`` confidence sequence for the pooled rate ``E[x] / E[n]`` of i.i.d. pairs with
     ``0 <= x_t <= n_t <= bound`` (e.g. per question: the unsafe cues that exit and the unsafe cues; the cues of one
     question may depend on each other in any way).
@@ -136,13 +148,19 @@ def ratio_confidence_sequence(x, n, alpha: float = 0.05, *, bound: float = 1.0, 
     when the rate is ``r`` (above it when the rate is higher). Each ``r`` of a grid (``grid + 1`` equally spaced points
     of [0, 1], plus the points in ``include``) is tested by betting on both sides: the hedged capital
     ``max(K+ / 2, K- / 2)`` with ``K+- = prod_t (1 +- lambda_t (y_t - r))``, the predictable plug-in bet
-    ``lambda_t = sqrt(2 log(2 / alpha) / (s2_{t-1} t log(1 + t)))`` (``s2`` the running variance of ``y`` with a
+    ``lambda_t = sqrt(2 log(2 / alpha) / (s2_{t-1} t log(1 + t)))`` (``s2`` the variance of the earlier ``y`` with a
     prior pseudo-draw of variance 1/4) truncated to ``1 / (2 r)`` and ``1 / (2 (1 - r))``. It is a non-negative
     martingale under ``r``, so by Ville's inequality it ever reaches ``1 / alpha`` with probability at most
     ``alpha``; once it does, ``r`` is out of the sequence for good (the running intersection). The bounds are grid
     points: the lower one is the largest rejected point below every point still in the set (the true one lies above
     it), the upper one the smallest rejected point above them, so they are conservative by at most one grid step.
-    Returns ``(lower, upper)``, one entry per observation.
+
+    ``batches`` (one label per observation; runs of equal labels are one batch, e.g. the rows of one ``generate``
+    call) makes each batch one unit: all its observations get the same bet, computed from the earlier batches only
+    (the one its first observation would get), and the sequence is read after each batch only. The capital after a
+    batch is then a product over its observations, so the bounds do not depend on their order within the batch,
+    and it is still a martingale at batch ends under ``r`` (the same coverage, read once per batch).
+    Returns ``(lower, upper)``, one entry per observation (per batch with ``batches``).
 
     Example:
         >>> import numpy as np
@@ -166,19 +184,25 @@ def ratio_confidence_sequence(x, n, alpha: float = 0.05, *, bound: float = 1.0, 
         return np.zeros(0), np.zeros(0)
     rates = np.unique(np.concatenate([np.linspace(0.0, 1.0, grid + 1), np.clip(np.asarray(include, float), 0, 1)]))
     y = (x[None, :] - rates[:, None] * n[None, :]) / bound + rates[:, None]  # [grid, T]
-    t = np.arange(1, x.size + 1, dtype=np.float64)
-    mean = (0.5 + np.cumsum(y, axis=1)) / (t + 1)  # prior pseudo-draw: mean 1/2, variance 1/4
-    earlier_mean = np.concatenate([np.full((len(rates), 1), 0.5), mean[:, :-1]], axis=1)
-    variance = (0.25 + np.cumsum((y - earlier_mean) ** 2, axis=1)) / (t + 1)
-    earlier_variance = np.concatenate([np.full((len(rates), 1), 0.25), variance[:, :-1]], axis=1)
+    starts, ends = _batch_bounds(batches, x.size)
+    # The bet of each batch, from the observations before it (sums, so their order does not matter): their variance
+    # about their mean, with a prior pseudo-draw of variance 1/4.
+    zero = np.zeros((len(rates), 1))
+    sums = np.concatenate([zero, np.cumsum(y, axis=1)], axis=1)[:, starts]
+    squares = np.concatenate([zero, np.cumsum(y * y, axis=1)], axis=1)[:, starts]
+    earlier = starts.astype(np.float64)
+    spread = np.maximum(squares - sums * sums / np.maximum(earlier, 1.0), 0.0)
+    earlier_variance = (0.25 + spread) / (earlier + 1)
+    t = earlier + 1  # the batch's first observation
     bet = np.sqrt(2 * math.log(2 / alpha) / (earlier_variance * t * np.log1p(t)))
     r = rates[:, None]
     with np.errstate(divide="ignore"):
         up = np.minimum(bet, 0.5 / r)
         down = np.minimum(bet, 0.5 / (1.0 - r))
+    of_batch = np.repeat(np.arange(len(starts)), ends - starts + 1)
     gain = y - r
-    log_up = np.cumsum(np.log1p(up * gain), axis=1)
-    log_down = np.cumsum(np.log1p(-down * gain), axis=1)
+    log_up = np.cumsum(np.log1p(up[:, of_batch] * gain), axis=1)[:, ends]
+    log_down = np.cumsum(np.log1p(-down[:, of_batch] * gain), axis=1)[:, ends]
     rejected = np.maximum.accumulate(np.maximum(log_up, log_down) - math.log(2) >= math.log(1 / alpha), axis=1)
     kept = ~rejected
     any_kept = kept.any(axis=0)

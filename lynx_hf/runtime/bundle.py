@@ -26,7 +26,7 @@ from .config import LynxConfig, check_base_model
 from .cues import CueDetector
 from ..errors import CorruptedBundleError, LynxConfigError, NotAttachedError
 from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut, reusable_cache, vocab_size
-from .answers import extract_boxed
+from .answers import close_box, extract_boxed
 from .audit import AuditLog, AuditReport
 from .monitor import ExitRecord, GenerateCall, LastCall, ModelTap
 from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
@@ -48,7 +48,21 @@ class Lynx(
     repo_url="https://github.com/lynx-hf/lynx-hf",
     paper_url="https://arxiv.org/abs/2512.05325",
 ):
-    """A calibrated LYNX exit probe for one base model, usable directly as a `generate` stopping criterion.
+    """A calibrated LYNX exit probe for one base model: pass it to `generate` and each row that exits comes back answered.
+
+    `model.generate(**inputs, stopping_criteria=[lynx])` is one call that returns finished outputs: at the first cue
+    where the probe is confident, the row's thinking is closed with the bundle's exit text and the model's greedy
+    answer follows in the same call (the criterion brings `exit_processor()` into the call it runs in and ends the
+    row once its `\\boxed{...}` closes, as `answer_stopper()` does); rows that do not exit think and answer as without
+    Lynx. It works the same through `pipeline("text-generation")`, `TextStreamer` / `TextIteratorStreamer` (what is
+    streamed is what is returned), `num_return_sequences` and left-padded batches. `lynx.answer(out)` reads those
+    answers back without generating again.
+
+    The exact path is `stopping_criteria=[lynx.stopper()]`, then `lynx.answer(out)`: the row halts one token after
+    its cue, and `answer` drops the cue word, closes the thinking block and answers greedily, reusing the KV cache:
+    the construction the calibration labels were made with. The one call cannot drop the cue (it was already
+    sampled): it keeps the cue word and the token that ended it before the exit text, so its answers can differ from
+    the exact path's. ONE_CALL_AGREEMENT
 
     `confidence` c sets the exit threshold from the stored calibration scores: with `guarantee="question"` (the
     default) the share of questions whose exit is premature (the forced answer is wrong) is at most 1 - c
@@ -78,12 +92,23 @@ class Lynx(
     ```python
     >>> from lynx_hf import Lynx, organism
     >>> model, tok = organism.load()
-    >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.9)
-    >>> inputs = tok(organism.prompt(tok, "Ann has 5 pens and gives away 2. How many are left?"), return_tensors="pt")
+    >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, confidence=0.9)   # attaches to the model it runs with
+    >>> problem = organism.problems("arithmetic", "test", n=1)[0]
+    >>> inputs = tok(organism.prompt(tok, problem["question"]), return_tensors="pt")
     >>> out = model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=300)
-    >>> answers = lynx.answer(out)      # closes the thinking block where it stopped, lets the model answer
-    >>> len(answers), lynx.last_exits[0].threshold == lynx.threshold
-    (1, True)
+    >>> lynx.last_exits[0].exited
+    True
+    >>> print(tok.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)[-45:])
+    So the answer is 10.
+    wait,
+    </think>
+    <BLANKLINE>
+    Final Answer: \\boxed{10}
+    >>> lynx.answer(out)[0].answer      # read from the output, not generated again
+    '10'
+    >>> exact = model.generate(**inputs, stopping_criteria=[lynx.stopper()], max_new_tokens=300)
+    >>> lynx.answer(exact)[0].answer    # the exact path: halted after the cue, answered from the cue dropped
+    '10'
 
     ```
     """
@@ -134,7 +159,7 @@ class Lynx(
         self._auto_attached = False
         self._stopper = LynxStoppingCriteria(self)
         self._processor = LynxExitProcessor(self)
-        # Recent stop-mode calls, so that `answer(outputs)` finds the call that produced `outputs`.
+        # Recent calls, so that `answer(outputs)` finds the call that produced `outputs`.
         self._stop_calls: deque[GenerateCall] = deque(maxlen=ANSWERABLE_CALLS)
         self._last_call = LastCall()
 
@@ -359,8 +384,7 @@ class Lynx(
                 risk_level=self._risk_level if risk_level is None else risk_level,
                 rule=self._rule if rule is None else rule)
             self._audit_log.track(call)
-        if mode == "stop":
-            self._stop_calls.append(call)
+        self._stop_calls.append(call)  # every call is answerable (an in-stream one's answers are already there)
         self._last_call.set(call)
         return call
 
@@ -401,8 +425,40 @@ class Lynx(
         return _unpickle, (type(self), self.config, self.probe, self.calibration, options)
 
     # ----- generate plug-ins --------------------------------------------------------------------------------
+    def stopper(self) -> LynxStoppingCriteria:
+        """The exact stop-then-answer path: a criterion that halts each row one token after its confident cue.
+
+        Then `lynx.answer(out)` drops the cue, closes the thinking block with the exit text and lets the model answer
+        greedily, reusing the KV cache where that is exact: the construction the calibration labels were made with,
+        and the one the guarantee is stated for. (`stopping_criteria=[lynx]` instead answers in the same call.)
+
+        Returns:
+            The bundle's `LynxStoppingCriteria` (the same object on every call).
+
+        Example:
+
+        ```python
+        >>> from lynx_hf import Lynx, organism
+        >>> model, tok = organism.load()
+        >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok)
+        >>> inputs = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt")
+        >>> out = model.generate(**inputs, stopping_criteria=[lynx.stopper()], max_new_tokens=300)
+        >>> answers = lynx.answer(out)   # the exited rows answered after the exact exit
+        >>> len(answers)
+        1
+
+        ```
+        """
+        return self._stopper
+
     def stopping_criteria(self) -> LynxStoppingCriteria:
-        """The stop-mode plug-in (what `stopping_criteria=[lynx]` uses)."""
+        """Deprecated name of `stopper()` (the stop-mode criterion); it warns and returns the same object.
+
+        Returns:
+            `self.stopper()`.
+        """
+        warnings.warn("lynx.stopping_criteria() is deprecated: use lynx.stopper() (the same stop-mode criterion; "
+                      "stopping_criteria=[lynx] now answers in the same call).", FutureWarning, stacklevel=2)
         return self._stopper
 
     def exit_processor(self) -> LynxExitProcessor:
@@ -414,7 +470,14 @@ class Lynx(
         return LynxAnswerStopper(self._processor)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return self._stopper.step(input_ids, sys._getframe(1))
+        """`stopping_criteria=[lynx]`: exit at a confident cue and answer in the same `generate` call.
+
+        On its first step in a call the criterion brings `exit_processor()` into that call's logits processors
+        (appended last; see `LynxExitProcessor.joined_step`), then ends each exited row once its boxed answer
+        closes, as `answer_stopper()` does. Passing `logits_processor=[lynx.exit_processor()]` too is the same
+        call (nothing is forced twice).
+        """
+        return self._processor.joined_step(input_ids, sys._getframe(1))
 
     @property
     def last_exits(self) -> list[ExitRecord]:
@@ -427,17 +490,11 @@ class Lynx(
         for call in reversed(self._stop_calls):
             if call.matches(sequences):
                 return call
-        stream = self._processor.calls.last
-        if stream is not None and _continues(sequences, stream.sequences):
-            raise ValueError(
-                "answer() got the output of an in-stream call (logits_processor=[lynx.exit_processor()]), whose exited "
-                "rows already end with their answer: decode them (lynx.last_exits says which rows exited and whether "
-                "their answer closed). answer() is for stop mode: model.generate(..., stopping_criteria=[lynx])."
-            )
         raise ValueError(
             f"answer() got sequences of shape {tuple(sequences.shape)} that none of this Lynx's last "
-            f"{ANSWERABLE_CALLS} stop-mode generate calls produced. Pass the unchanged output of "
-            "model.generate(..., stopping_criteria=[lynx]) (a tensor or the return_dict_in_generate output)."
+            f"{ANSWERABLE_CALLS} generate calls produced. Pass the unchanged output of "
+            "model.generate(..., stopping_criteria=[lynx]) or of stopping_criteria=[lynx.stopper()] (a tensor or the "
+            "return_dict_in_generate output)."
         )
 
     @torch.no_grad()
@@ -459,6 +516,8 @@ class Lynx(
                              f"for the bundle's {self.config.answer_max_new_tokens}.")
         sequences = _sequences_of(outputs)
         call = self._call_of(sequences)
+        if call.mode == "stream":
+            return self._answers_in_stream(call, sequences)
         sequences = sequences.to(call.sequences.device)  # e.g. `out.cpu()` or `out.tolist()` of a GPU call
         cache = None
         if not isinstance(outputs, torch.Tensor):
@@ -496,6 +555,31 @@ class Lynx(
             if r is None:
                 text = call.tokenizer.decode(sequences[i, call.prompt_length:], skip_special_tokens=True)
                 results[i] = ExitAnswer(token_ids=[], text=text, answer=extract_boxed(text))
+        if call.audited is not None:
+            self._audit_log.settle(call)
+        return results
+
+    def _answers_in_stream(self, call: GenerateCall, sequences: torch.Tensor) -> list[ExitAnswer]:
+        """`answer` on the output of an in-stream call (`stopping_criteria=[lynx]`): each exited row's answer is the
+        one it already holds after its exit text (read, not generated again); the other rows' as in stop mode."""
+        from .exit import _truncate_at_close, eos_token_ids
+
+        eos = eos_token_ids(call.model, call.tokenizer)
+        delta = brace_delta(call.tokenizer, vocab_size(call.model))  # (cached per tokenizer)
+        exit_ids, n_exit = list(call.exit_ids), len(call.exit_ids)
+        results = []
+        for row, record in zip(sequences.tolist(), call.records()):
+            start = None
+            if record.exited:  # the exit text starts within two tokens after the cue (one after a budget exit)
+                start = next((i + n_exit for i in range(record.position + 1, min(record.position + 3, len(row)))
+                              if row[i:i + n_exit] == exit_ids), None)
+            if start is None:
+                text = call.tokenizer.decode(row[call.prompt_length:], skip_special_tokens=True)
+                results.append(ExitAnswer(token_ids=[], text=text, answer=extract_boxed(text)))
+                continue
+            ids = _truncate_at_close(row[start:], delta, eos)
+            text = call.tokenizer.decode(ids, skip_special_tokens=True)
+            results.append(ExitAnswer(token_ids=ids, text=text, answer=close_box(text)))
         if call.audited is not None:
             self._audit_log.settle(call)
         return results
@@ -592,8 +676,9 @@ class Lynx(
         """A thinking-budget cap alone, for any model with a thinking format: no probe, no bundle, no guarantee.
 
         Each row that has thought `max_thinking_tokens` tokens exits there with the model's exit text (from its
-        tokenizer and chat template, `lynx_hf.runtime.thinking`, or the markers given), in stop mode (`stopping_criteria=
-        [cap]`, then `cap.answer(out)`) or in-stream (`logits_processor=[cap.exit_processor()]`, `stopping_criteria=
+        tokenizer and chat template, `lynx_hf.runtime.thinking`, or the markers given), in one call (`stopping_criteria=
+        [cap]`: it answers in the same call), in stop mode (`stopping_criteria=[cap.stopper()]`, then
+        `cap.answer(out)`) or in-stream (`logits_processor=[cap.exit_processor()]`, `stopping_criteria=
         [cap.answer_stopper()]`); rows that close their thinking earlier are left alone. `last_exits` records it.
 
         Example:
@@ -713,12 +798,6 @@ def _sequences_of(outputs) -> torch.Tensor:
             + ": pass the output itself, unchanged."
         )
     return ids.long()
-
-
-def _continues(sequences: torch.Tensor, seen: torch.Tensor) -> bool:
-    """Whether `sequences` starts with `seen` (the ids a plug-in saw last in a call)."""
-    return (sequences.shape[0] == seen.shape[0] and sequences.shape[1] >= seen.shape[1]
-            and torch.equal(sequences[:, : seen.shape[1]].to(seen.device), seen))
 
 
 def _generation_mask(prompt_mask: torch.Tensor | None, sequences: torch.Tensor, prompt_length: int) -> torch.Tensor:

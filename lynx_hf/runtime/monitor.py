@@ -82,6 +82,11 @@ class ExitRecord:
     for the live audit (`audit_rate`): it ran as in shadow mode (never exited) so that `Lynx.audit()` can compare
     its would-exit answer with its full one.
 
+    A row that ended (EOS, a stop string, a criterion of yours) is over: it never exits afterwards, and its EOS is
+    no thinking token, so the budget never exits a row at its own EOS. A cue that the row's EOS confirms is an
+    event, as in the calibration traces (which end there): stop mode and `custom_generate` exit at it; in-stream
+    the row has already ended when the decision comes, so it is recorded `would_exit=True, exited=False`.
+
     Example:
         >>> ExitRecord(exited=True, would_exit=True, position=12, start=11, cue="wait", score=0.97, threshold=0.9,
         ...            cues_seen=2, shadow=False).cue
@@ -236,7 +241,7 @@ def loop_logits(loop: FrameType | None, scores: torch.Tensor) -> torch.Tensor:
         raise UnsupportedGenerationError(
             "Lynx's in-stream exit could not read the model's logits of this step from transformers' decoding loop "
             "(`outputs.logits` in `_sample`), which it needs to answer greedily as the calibration labels were: "
-            "use stop mode (stopping_criteria=[lynx], then lynx.answer(out)) with this transformers version."
+            "use stop mode (stopping_criteria=[lynx.stopper()], then lynx.answer(out)) with this transformers version."
         )
     return logits
 
@@ -246,6 +251,15 @@ def loop_running(loop: FrameType | None, batch: int) -> torch.Tensor | None:
     where the loop keeps no such flags."""
     running = loop.f_locals.get("unfinished_sequences") if loop is not None else None
     return running if isinstance(running, torch.Tensor) and running.shape == (batch,) else None
+
+
+def loop_end_ids(loop: FrameType | None, device: torch.device) -> torch.Tensor:
+    """The token ids that end a row in transformers' decoding loop: the EOS ids of its stopping criteria (those with
+    an `eos_token_id`, as `_sample` itself tells them), `[n]` long on `device`; empty where EOS ends nothing."""
+    criteria = loop.f_locals.get("stopping_criteria") if loop is not None else None
+    ids = [torch.as_tensor(c.eos_token_id).reshape(-1) for c in (criteria or ())
+           if getattr(c, "eos_token_id", None) is not None]
+    return torch.cat(ids).to(device=device, dtype=torch.long) if ids else torch.zeros(0, dtype=torch.long, device=device)
 
 
 def loop_context(loop: FrameType | None) -> tuple[nn.Module, torch.Tensor | None]:
@@ -323,6 +337,13 @@ class GenerateCall:
         self.max_thinking_tokens = max_thinking_tokens
         self.thinking_tokens = torch.zeros(batch, **long)
         self.by_budget = torch.zeros(batch, dtype=torch.bool, device=device)
+        # The ids that end a row (the call's EOS; set by whoever starts the call): a row's ending token is no
+        # thinking token, so the budget never exits a row at its own EOS, while a cue that EOS confirms is an event
+        # (the calibration traces end there too).
+        self.end_ids = torch.zeros(0, dtype=torch.long, device=device)
+        # In-stream, each decision step's (decisions, rows still running after the token): references, read when
+        # records are, to find rows whose exit came at the token that ended them, too late for the plug-in to act.
+        self._late: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._tau = torch.tensor(float32_threshold(threshold), dtype=torch.float32, device=device)
         self.consumed_caches: set[int] = set()  # ids of KV caches that `Lynx.answer` already used up
         # Rows drawn for the live audit run as in shadow mode; None (no row drawn) keeps the step path unchanged.
@@ -362,12 +383,19 @@ class GenerateCall:
             return torch.zeros(self.batch, dtype=torch.float32, device=self.exited.device)
         return self.lynx.probe.predict_proba(self.tap.features(previous)).to(self.exited.device, torch.float32)
 
-    def observe(self, input_ids: torch.LongTensor, running: torch.Tensor | None = None) -> torch.Tensor:
+    def observe(self, input_ids: torch.LongTensor, running: torch.Tensor | None = None,
+                running_after: torch.Tensor | None = None) -> torch.Tensor:
         """Consume the token appended since the last step; return this step's exit decisions `[batch]` (bool).
 
-        `running` (`[batch]`, nonzero for rows generate has not finished before this step; default all) keeps rows
-        that another criterion already stopped (a stop string, EOS, a criterion of yours) from exiting or counting
-        cues on what generate writes after their end (padding, or model tokens where no EOS is set).
+        `running` (`[batch]`, nonzero for rows generate had not finished before the token just appended; default
+        all) keeps rows that another criterion already stopped (a stop string, EOS, a criterion of yours) from
+        exiting or counting cues on what generate writes after their end (padding, or model tokens where no EOS is
+        set). A row that the token just appended ended (by default: its token is one of `end_ids`, its EOS) has no
+        thinking token there, so the budget never exits it at that token; but the token does confirm a cue completed
+        just before it, as the offline events (found on traces cut before their EOS) count a cue at a trace's end.
+        `running_after` (`[batch]`, nonzero for rows generate has not finished after that token), given by a
+        plug-in that reads the loop one step later (in-stream), says which rows ended there by any criterion; an
+        exit decided for such a row is recorded (`would_exit`) but not acted on: it is too late.
 
         A step after which no row has a cue to confirm (nearly all of them) only advances the cue automaton and
         mirrors its largest state to the host: six tensor ops, no host sync; it returns `self.nothing` (which the
@@ -413,11 +441,18 @@ class GenerateCall:
             thinking = self.state.in_think
             if running is not None:
                 thinking = thinking & running.to(device=thinking.device, dtype=torch.bool)
+            if running_after is None:
+                thinking = thinking & ~torch.isin(token, self.end_ids)
+            else:
+                thinking = thinking & running_after.to(device=thinking.device, dtype=torch.bool)
             self.thinking_tokens += thinking
             budget_due = length - self.prompt_length >= self.max_thinking_tokens  # no row can be over it before
         if not cue_waiting and not budget_due:
             return self.nothing
         decide = self._decide(before, token, length, running, cue_waiting, thinking if budget_due else None)
+        if running_after is not None:
+            self._late.append((decide, running_after))
+            decide = torch.logical_and(decide, running_after.to(decide.device))
         if not self.shadow:
             self._exit_mirror.push(self.acting(decide).any())
             self._exit_pushed = True
@@ -477,9 +512,10 @@ class GenerateCall:
         exits = self._exits()
         audited = self.audited.tolist() if self.audited is not None else [False] * self.batch
         records = []
-        for exit_, seen, answered, was_audited in zip(exits, self.cues_seen.tolist(), self.answered(), audited):
+        for exit_, seen, answered, was_audited, missed in zip(exits, self.cues_seen.tolist(), self.answered(), audited,
+                                                              self.missed()):
             position, start, cue, score, budget = exit_ if exit_ is not None else (-1, -1, -1, None, False)
-            acted = exit_ is not None and not self.shadow and not was_audited
+            acted = exit_ is not None and not self.shadow and not was_audited and not missed
             records.append(ExitRecord(
                 exited=acted, would_exit=exit_ is not None, position=position, start=start,
                 cue=self.detector.cues[cue] if cue >= 0 else None, score=score, threshold=self.threshold,
@@ -487,6 +523,14 @@ class GenerateCall:
                 audited=bool(was_audited),
             ))
         return records
+
+    def missed(self) -> list[bool]:
+        """Per row, whether its exit was decided at the token that ended it (in-stream: generate had already
+        finished the row, so the plug-in could not act on it)."""
+        missed = torch.zeros(self.batch, dtype=torch.bool, device=self.exited.device)
+        for decide, after in self._late:
+            missed |= decide & ~after.to(device=missed.device, dtype=torch.bool)
+        return missed.tolist()
 
     def _exits(self) -> list[tuple | None]:
         """Per row, `(position, start, cue index, score, by budget)` of its exit, or None: its first decision. Found
@@ -515,12 +559,16 @@ class GenerateCall:
     def matches(self, sequences: torch.Tensor) -> bool:
         """Whether `sequences` is this call's output (what generate returned: the ids it saw, possibly with
         trailing steps undone)."""
-        seen = self.sequences
-        if sequences.shape[0] != seen.shape[0] or not self.prompt_length < sequences.shape[1] <= seen.shape[1]:
+        seen = self.sequences if self.final_ids is None else self.final_ids
+        # In-stream, the processor never sees the call's last token; without the answer stopper nothing else does.
+        extra = 1 if self.mode == "stream" and self.final_ids is None else 0
+        if sequences.shape[0] != seen.shape[0] or \
+                not self.prompt_length < sequences.shape[1] <= seen.shape[1] + extra:
             return False
         if max((e[0] for e in self._exits() if e is not None), default=-1) >= sequences.shape[1]:
             return False
-        return torch.equal(seen[:, : sequences.shape[1]], sequences.to(seen.device))
+        width = min(sequences.shape[1], seen.shape[1])
+        return torch.equal(seen[:, :width], sequences[:, :width].to(seen.device))
 
 
 class LastCall:
@@ -595,11 +643,33 @@ class CallTracker:
             self._recent = (weakref.ref(owner), call)
         return call, loop
 
+    def lookup(self, owner) -> GenerateCall | None:
+        """The call started for (or registered under) the list `owner`, if any."""
+        with self._lock:
+            entry = self._calls.get(id(owner))
+        return entry[1] if entry is not None and entry[0]() is owner else None
+
+    def start(self, owner, loop: FrameType | None, input_ids: torch.LongTensor) -> GenerateCall:
+        """Start the call of `owner` (a processor list) from `input_ids` (the prompt), before the plug-in's own first
+        step: the Lynx criterion does so when it joins its exit processor to a running call."""
+        with self._lock:
+            call = self._start(owner, loop, input_ids)
+            self._recent = (weakref.ref(owner), call)
+        return call
+
+    def register(self, owner, call: GenerateCall) -> None:
+        """Make `call` the call of a second list too (the criteria list of the call that the Lynx criterion joined)."""
+        with self._lock:
+            key = id(owner)
+            self._calls[key] = (weakref.ref(owner), call)
+            weakref.finalize(owner, self._finish, key, call)
+
     def _start(self, owner, loop: FrameType | None, input_ids: torch.LongTensor) -> GenerateCall:
         model, mask = loop_context(loop)
         if self.check_list is not None:
             self.check_list(owner)
         call = self.lynx._start_call(self.mode, model, input_ids, mask, self.call_class)
+        call.end_ids = loop_end_ids(loop, call.end_ids.device)
         key = id(owner)
         self._calls[key] = (weakref.ref(owner), call)
         weakref.finalize(owner, self._finish, key, call)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from transformers.generation import logits_process
 
 from ..errors import UnsupportedGenerationError
-from .monitor import BundleLike, CallTracker, ExitRecord, GenerateCall, loop_logits, loop_running
+from .monitor import (BundleLike, CallTracker, ExitRecord, GenerateCall, caller_list, loop_context, loop_logits,
+                      loop_running)
 
 
 class LynxStoppingCriteria(StoppingCriteria):
@@ -28,7 +30,7 @@ class LynxStoppingCriteria(StoppingCriteria):
     >>> model, tok = organism.load()
     >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, model=model, tokenizer=tok, confidence=0.9)
     >>> inputs = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt")
-    >>> out = model.generate(**inputs, stopping_criteria=[lynx.stopping_criteria()], max_new_tokens=200)
+    >>> out = model.generate(**inputs, stopping_criteria=[lynx.stopper()], max_new_tokens=200)
     >>> len(lynx.last_exits)
     1
 
@@ -76,6 +78,7 @@ class StreamCall(GenerateCall):
         self.answering = torch.zeros(self.batch, dtype=torch.bool, device=device)
         self.closed = torch.zeros(self.batch, dtype=torch.bool, device=device)
         self.depth = torch.zeros(self.batch, dtype=torch.long, device=device)
+        self.loop_running: torch.Tensor | None = None  # generate's unfinished-rows flags at the last step
 
     def answered(self) -> list[bool | None]:
         return self.closed.tolist()
@@ -113,11 +116,15 @@ class LynxExitProcessor(LogitsProcessor):
     def __init__(self, lynx: BundleLike):
         self.lynx = lynx
         self.calls = CallTracker(lynx, mode="stream", call_class=StreamCall, check_list=self._check_order)
+        self._joined: tuple[weakref.ref, StreamCall] | None = None  # (criteria list, call) of `joined_step`
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         call, loop = self.calls.current_and_loop(input_ids, sys._getframe(1))
         running = loop_running(loop, input_ids.shape[0])
-        decide = call.observe(input_ids, running)
+        # The loop's flags as they were before the token just appended (last step's; None: all rows, at the start)
+        # and after it: a cue that the row's own EOS confirms is an event, though the row has ended.
+        before, call.loop_running = call.loop_running, running
+        decide = call.observe(input_ids, before, running)
         if call.no_exit_yet:  # no row forced or answering yet (the host knows it without waiting)
             if decide is call.nothing or call.shadow:  # and none exits now: the scores pass unchanged
                 return scores
@@ -172,6 +179,72 @@ class LynxExitProcessor(LogitsProcessor):
                 "forces: put lynx.exit_processor() last in logits_processor=[...]."
             )
 
+    def joined_step(self, input_ids: torch.LongTensor, caller) -> torch.BoolTensor:
+        """One step of `stopping_criteria=[lynx]`: the in-stream exit joined to the `generate` call it runs in.
+
+        On its first step in a call (step 1: the prompt plus one sampled token) the criterion appends this processor
+        to the decoding loop's own `logits_processor` list, last, and starts the call's state from the prompt, as
+        the processor would have on its own first step; from then on it is that call's answer stopper. No exit can
+        be decided before the second generated token (a cue needs the token after it), so joining at step 1 changes
+        nothing: the trace, the audit draw and the records are those of
+        `logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()]`.
+
+        Why this holds across transformers 5.x: the greedy/sampling loop (`GenerationMixin._sample`) is handed one
+        `LogitsProcessorList` (`logits_processor`) and one `StoppingCriteriaList` (`stopping_criteria`), built
+        fresh by `generate` for each call, and calls `logits_processor(input_ids, scores)` on that same object every
+        step, which iterates the list anew each time; the plug-ins already read the loop's frame for `self`,
+        `model_kwargs`, `outputs` and `unfinished_sequences`. A list appended to during the call is therefore
+        called with the new processor from the next step on, and is dropped with the call. `tests/test_one_call.py`
+        pins each of these facts, so a transformers release that changes them fails there, not silently.
+        """
+        found = caller_list(caller)
+        if found is None:
+            raise UnsupportedGenerationError(
+                "Lynx used as a stopping criterion must run inside model.generate(..., stopping_criteria=[lynx]); to "
+                "decode with your own loop use the custom_generate recipe shipped in the bundle."
+            )
+        owner, loop = found
+        joined = self._joined
+        if joined is not None and joined[0]() is owner:
+            call = joined[1]
+        else:
+            call = self.calls.lookup(owner)
+            if call is None:
+                call = self._join(owner, loop, input_ids)
+            self._joined = (weakref.ref(owner), call)
+        if call.batch != input_ids.shape[0] or call._consumed != input_ids.shape[1] - 1:
+            raise UnsupportedGenerationError(
+                f"Lynx expected one new token per row per step (its exit processor has read {call._consumed} of "
+                f"{input_ids.shape[1]} positions on {call.batch} rows, this step gives {input_ids.shape[0]} rows): "
+                "only greedy and sampling decoding through model.generate(...) are supported."
+            )
+        return _answer_step(call, input_ids)
+
+    def _join(self, criteria, loop, input_ids: torch.LongTensor) -> StreamCall:
+        """Bring this processor into the running call's `logits_processor` list and start the call's state."""
+        loop_context(loop)  # refuses beam search, assisted decoding, ... with their own message
+        processors = loop.f_locals.get("logits_processor")
+        if not isinstance(processors, LogitsProcessorList):
+            raise UnsupportedGenerationError(
+                "stopping_criteria=[lynx] could not find the logits processors of transformers' decoding loop "
+                "(`logits_processor` in `_sample`) to join its exit processor to: use the explicit pair "
+                "logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()], or stop mode "
+                "(stopping_criteria=[lynx.stopper()], then lynx.answer(out))."
+            )
+        call = self.calls.lookup(processors)
+        if call is None:  # (else the user passed logits_processor=[lynx.exit_processor()] too: it already runs)
+            others = [p for p in processors if isinstance(p, LynxExitProcessor)]
+            if others:
+                raise UnsupportedGenerationError(
+                    "stopping_criteria=[lynx] brings its own exit processor into the call, and logits_processor=[...] "
+                    "already holds another Lynx's exit processor: two bundles would force exits in one call. Use one "
+                    "Lynx: drop one of them."
+                )
+            processors.append(self)
+            call = self.calls.start(processors, loop, input_ids[:, :-1])
+        self.calls.register(criteria, call)
+        return call
+
     def running_call(self, input_ids: torch.LongTensor) -> StreamCall:
         """This thread's running call, checked to be the one `input_ids` continues."""
         call = self.calls.running_here
@@ -209,11 +282,16 @@ class LynxAnswerStopper(StoppingCriteria):
         self.processor = processor
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        call = self.processor.running_call(input_ids)
-        if call.audited is not None:  # the audit reads audited rows' full text, including this last token
-            call.final_ids = input_ids
-        if call.no_exit_yet:  # (an exit decided at this step is answering only from a later one)
-            return call.nothing.clone()  # the caller may change what it gets in place
-        done = call.answering & (call.depth + call.brace_delta[input_ids[:, -1]] < 0)
-        call.closed |= done
-        return done
+        return _answer_step(self.processor.running_call(input_ids), input_ids)
+
+
+def _answer_step(call: StreamCall, input_ids: torch.LongTensor) -> torch.BoolTensor:
+    """The answer stopper's step: ends the rows whose forced answer's box the token just appended closes."""
+    # The full ids (a reference, no copy): what the audit and `Lynx.answer` read, including this last token, which
+    # the processor never sees.
+    call.final_ids = input_ids
+    if call.no_exit_yet:  # (an exit decided at this step is answering only from a later one)
+        return call.nothing.clone()  # the caller may change what it gets in place
+    done = call.answering & (call.depth + call.brace_delta[input_ids[:, -1]] < 0)
+    call.closed |= done
+    return done

@@ -70,6 +70,12 @@ class LynxGenerateOutput(ModelOutput):
     exits: list | None = None
 
 
+def _given(kwargs: dict, names) -> dict:
+    """Pop `names` from `kwargs`; those given a value other than None."""
+    popped = {k: kwargs.pop(k) for k in names if k in kwargs}
+    return {k: v for k, v in popped.items() if v is not None}
+
+
 def _bundle_source(explicit) -> str | os.PathLike | None:
     """Where this recipe was loaded from: transformers does not pass `custom_generate` on, so read it from the
     calling `GenerationMixin.generate` frame."""
@@ -123,7 +129,8 @@ def _generation_config(model, generation_config, kwargs: dict) -> GenerationConf
     if refused:
         raise lynx_hf.UnsupportedGenerationError(
             f"Lynx custom_generate does not support {', '.join(f'{k}={config.to_dict()[k]!r}' for k in refused)}: "
-            "drop these options, or use stop mode (stopping_criteria=[lynx]) with plain generate."
+            "drop these options, or use stop mode (stopping_criteria=[lynx.stopper()], then lynx.answer(out)) with "
+            "plain generate."
         )
     return config
 
@@ -154,8 +161,9 @@ def generate(model, *args, **kwargs) -> torch.LongTensor | LynxGenerateOutput:
     attention_mask = kwargs.pop("attention_mask", None)
     tokenizer = kwargs.pop("tokenizer", None)
     source = _bundle_source(kwargs.pop("lynx", None))
-    hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if kwargs.get(k) is not None}
-    call_options = {k: kwargs.pop(k) for k in _CALL_OPTIONS if kwargs.get(k) is not None}
+    # An explicit None (what a wrapper forwarding its own defaults passes) means "the bundle's setting".
+    hub_kwargs = _given(kwargs, _HUB_KWARGS)
+    call_options = _given(kwargs, _CALL_OPTIONS)
     attach_options = {k: kwargs.pop(k) for k in ("allow_base_model_mismatch",) if k in kwargs}
     for key in _UNSUPPORTED:
         if kwargs.pop(key, None) is not None:
@@ -253,7 +261,11 @@ def _decode(model, lynx, input_ids, attention_mask, config, processors, criteria
             if thinking.any():
                 if call is None:
                     call = lynx._start_call("stop", model, ids, mask, **call_options)
-                decide = call.acting(call.observe(ids)) & thinking  # shadow and audited rows never exit
+                    call.end_ids = eos.long()  # a row's EOS is no thinking token (a cue it confirms is an event)
+                # Rows that ended (EOS, a stop string, a criterion of yours) or exited are over: what this loop
+                # writes after their end (padding) neither thinks nor counts cues, whatever their neighbours do.
+                # Shadow and audited rows never exit.
+                decide = call.acting(call.observe(ids, running=thinking)) & thinking
                 user_stop = criteria(ids, scores)
             finish_thinking = thinking & ~decide & (is_eos | user_stop)
 
