@@ -2,7 +2,7 @@
 
 ```python
 from lynx_hf import Lynx
-# no real-model probe is published yet: `lynx-hf build --push you/lynx-deepseek-r1-distill-qwen-1.5b` creates one
+# no real-model probe is published yet: `lynx-hf build --repo-id you/lynx-deepseek-r1-distill-qwen-1.5b` creates one
 lynx = Lynx.from_pretrained("lynx/deepseek-r1-distill-qwen-1.5b", model=model, confidence=0.9)
 out = model.generate(**inputs, stopping_criteria=[lynx])
 ```
@@ -20,6 +20,7 @@ from .errors import (
     CorruptedBundleError,
     LynxConfigError,
     LynxError,
+    MissingExtraError,
     NotAttachedError,
     UnsupportedGenerationError,
 )
@@ -29,7 +30,7 @@ from .runtime.plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingC
 from .runtime.probe import LynxProbe, train_probe
 from .runtime.thinking import ThinkingFormat, detect_thinking
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # pipeline- and evaluation-side names, imported on first use so that `import lynx_hf` loads the runtime only
 _LAZY = {"EventTable": "pipeline.events", "Collector": "pipeline.collect", "fit": "pipeline.train",
@@ -71,6 +72,7 @@ __all__ = [
     "LynxExitProcessor",
     "LynxProbe",
     "LynxStoppingCriteria",
+    "MissingExtraError",
     "NotAttachedError",
     "TextProbe",
     "TextProbeExit",

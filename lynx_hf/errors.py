@@ -23,3 +23,8 @@ class UnsupportedGenerationError(LynxError, ValueError):
 
 class NotAttachedError(LynxError, RuntimeError):
     """A plug-in used before `Lynx` was attached to a model."""
+
+
+class MissingExtraError(LynxError, ImportError):
+    """A feature whose optional dependencies are not installed; the message names the extra that brings them
+    (`pip install "lynx-hf[eval]"`)."""

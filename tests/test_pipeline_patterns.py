@@ -112,8 +112,8 @@ def test_cli_calibrate_on_the_probe_training_problems_is_refused(runs, capsys):
 
 def test_cli_calibrate_with_the_calibration_table_as_test_table_is_refused(runs, capsys):
     assert cli_main(["calibrate", "--probe", str(runs / "probe"), "--events", str(runs / "calibration"),
-                     "--test", str(runs / "calibration"), "--out", str(runs / "b-test")]) == 2
-    assert "calibration problems and --test" in _one_line_error(capsys, "calibrate")
+                     "--test-events", str(runs / "calibration"), "--out", str(runs / "b-test")]) == 2
+    assert "calibration problems and the test event table" in _one_line_error(capsys, "calibrate")
 
 
 def test_the_same_question_under_another_id_still_counts_as_seen(runs):

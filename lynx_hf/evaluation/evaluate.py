@@ -50,9 +50,10 @@ _checked = functools.lru_cache(maxsize=65536)(answers_match)
 @functools.cache
 def exit_metric():
     """The `lynx_exit` `evaluate` metric shipped in the package, loaded once (offline: it is a local path)."""
-    import evaluate as hf_evaluate
-
+    from .._extras import require
     from ..metrics import LYNX_EXIT
+
+    hf_evaluate = require("evaluate", extra="eval", purpose="the lynx_exit metric")
 
     return hf_evaluate.load(LYNX_EXIT)
 

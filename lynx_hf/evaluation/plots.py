@@ -13,10 +13,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+from .._extras import require
 
+matplotlib = require("matplotlib", extra="eval", purpose="the evaluation plots")
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+plt = require("matplotlib.pyplot", extra="eval", purpose="the evaluation plots")
 
 _CURVES = {"Lynx (event)": ("tab:blue", "o"), "Lynx (question)": ("tab:cyan", "s"), "DEER": ("tab:orange", "^"),
            "Budget forcing": ("tab:green", "v"), "TextProbe (event)": ("tab:olive", "o"),

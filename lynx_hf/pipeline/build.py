@@ -8,7 +8,7 @@ rate measured on this machine) before anything is committed to disk.
 
     lynx-hf build --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --problems openai/gsm8k --out runs/r1-1.5b --dry-run
     lynx-hf build --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --problems openai/gsm8k --out runs/r1-1.5b \\
-        --push you/lynx-deepseek-r1-distill-qwen-1.5b
+        --repo-id you/lynx-deepseek-r1-distill-qwen-1.5b
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from .._extras import require
 from ..runtime.answers import answers_match, extract_boxed
 from ..runtime.capture import default_layers, layer_modules
 from ..runtime.config import layer_sample, model_fingerprint, short_digest, tokenizer_fingerprint, weights_sample
@@ -231,8 +231,10 @@ class Collector:
         if done & set(mine):
             logger.info("Resuming %s: %d of %d shards already collected.", output_dir, len(done & set(mine)),
                         len(mine))
-        bar = tqdm(total=sum(len(batches[i]) for i in mine), desc=f"collect[{rank}/{world_size}]", unit="trace",
-                   disable=not progress)
+        tqdm = require("tqdm.auto", extra="build", purpose="the collection progress bar").tqdm
+        # the bar counts problems whose trace is sampled and whose cues are labelled, not steps of the run
+        desc = "traces sampled and labelled" + (f" (process {rank} of {world_size})" if world_size > 1 else "")
+        bar = tqdm(total=sum(len(batches[i]) for i in mine), desc=desc, unit="trace", disable=not progress)
         for index in mine:
             if index not in done:
                 # Seeded per shard, so a resumed or differently sharded run samples exactly the same traces.

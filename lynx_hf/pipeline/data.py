@@ -68,7 +68,9 @@ def load_benchmark(hub_id: str, *, limit: int | None = None, data_files: str | N
     """
     if hub_id not in BENCHMARKS:
         raise ValueError(f"Unknown benchmark {hub_id!r}: use one of {sorted(BENCHMARKS)}.")
-    from datasets import load_dataset
+    from .._extras import require
+
+    load_dataset = require("datasets", extra="build", purpose="loading a benchmark").load_dataset
 
     options, convert = BENCHMARKS[hub_id]
     if data_files is not None:

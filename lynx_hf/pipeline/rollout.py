@@ -166,10 +166,12 @@ def request_seed(seed: int, row: int) -> int:
 
 def import_vllm():
     """`vllm`, or an ImportError that says how to install it."""
+    from ..errors import MissingExtraError
+
     try:
         import vllm
     except ImportError as error:
-        raise ImportError(
+        raise MissingExtraError(
             "The vLLM rollout needs vLLM: `pip install 'lynx-hf[vllm]'` on a machine with a CUDA GPU, or leave "
             "rollout= unset to sample with transformers."
         ) from error

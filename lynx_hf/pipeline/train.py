@@ -159,7 +159,7 @@ def calibrate_bundle(probe: LynxProbe, calibration_table: EventTable, test_table
     }
     if test_table is not None and len(test_table):
         check_same_settings(settings, test_table.settings, where="the probe's and the test settings")
-        check_test_disjoint(test_table, metadata, "--test")
+        check_test_disjoint(test_table, metadata, "the test event table")
         metadata["test"] = f"{len(test_table)} events from {test_table.n_traces} traces"
         metadata["test_questions"] = test_table.n_traces
         metadata["test_auroc"] = _auroc_if_defined(score(probe, test_table), test_table.safe, "test")
