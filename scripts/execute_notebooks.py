@@ -27,13 +27,20 @@ PROGRESS = re.compile(r"\|[^|]*\|\s*\d+/\d+ \[[^\]]*\]\s*$")
 NOISE = ("TqdmWarning: IProgress not found", "from .autonotebook import tqdm as notebook_tqdm")
 
 
-def _is_progress(text: str) -> bool:
-    lines = [line for chunk in text.split("\n") for line in chunk.split("\r") if line.strip()]
-    return all(PROGRESS.search(line) or any(n in line for n in NOISE) for line in lines)
+def _without_progress(text: str) -> str:
+    """The text without tqdm lines (a bar redrawn with carriage returns counts as one line) and tqdm's notebook
+    warning; blank lines left behind by them are dropped too."""
+    kept = []
+    for line in text.split("\n"):
+        parts = [part for part in line.split("\r") if part.strip()]
+        rest = [part for part in parts if not PROGRESS.search(part) and not any(n in part for n in NOISE)]
+        if rest or not parts:
+            kept.append(rest[-1] if rest else "")
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).lstrip("\n")
 
 
 def clean(book, folder: Path) -> None:
-    """Drop progress-bar streams, make local paths relative, and keep no per-run metadata."""
+    """Drop progress bars and empty streams, make local paths relative, and keep no per-run metadata."""
     for cell in book.cells:
         if cell.cell_type != "code":
             continue
@@ -41,9 +48,9 @@ def clean(book, folder: Path) -> None:
         kept = []
         for output in cell.get("outputs", []):
             if output.output_type == "stream":
-                if not output.text.strip() or (output.name == "stderr" and _is_progress(output.text)):
+                output.text = _without_progress(output.text).replace(f"{folder}/", "").replace(f"{ROOT}/", "")
+                if not output.text.strip():
                     continue
-                output.text = output.text.replace(f"{folder}/", "").replace(f"{ROOT}/", "")
             kept.append(output)
         cell.outputs = kept
 
