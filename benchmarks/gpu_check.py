@@ -315,7 +315,7 @@ def functional_checks(report: Report, tokenizer, device, dtype: torch.dtype) -> 
     script = tokenizer(SCRIPT, add_special_tokens=False).input_ids
     force = ForceScript([script], prompt.input_ids.shape[1])
     stop = random_bundle(model, tokenizer, shadow=False, probability=0.999).attach(model, tokenizer)
-    out = model.generate(**prompt, logits_processor=[force], stopping_criteria=[stop], max_new_tokens=len(script),
+    out = model.generate(**prompt, logits_processor=[force], stopping_criteria=[stop.stopper()], max_new_tokens=len(script),
                          do_sample=False, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
     record = stop.last_exits[0]
     exited = record.exited and record.cue == "wait"

@@ -197,7 +197,7 @@ def cmd_try(args) -> None:
     elif args.temperature is not None:
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     torch.manual_seed(args.seed)
-    out = model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=args.max_new_tokens, **sampling)
+    out = model.generate(**inputs, stopping_criteria=[lynx.stopper()], max_new_tokens=args.max_new_tokens, **sampling)
     print(trace_report(lynx, model, tokenizer, out, inputs["input_ids"].shape[1]))
 
 

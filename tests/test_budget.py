@@ -214,7 +214,7 @@ def test_a_row_whose_budget_token_is_its_own_eos_ended_there_and_exits_by_budget
     common = dict(do_sample=False, max_new_tokens=12, pad_token_id=model.generation_config.pad_token_id)
     lynx.max_thinking_tokens = budget
     try:
-        stop = model.generate(**enc, logits_processor=[force], stopping_criteria=[lynx.stopping_criteria()], **common)
+        stop = model.generate(**enc, logits_processor=[force], stopping_criteria=[lynx.stopper()], **common)
         stop_records = lynx.last_exits
         model.generate(**enc, logits_processor=[force, lynx.exit_processor()],
                        stopping_criteria=[lynx.answer_stopper()], **common)

@@ -165,7 +165,7 @@ def test_try_scores_are_the_scores_decoding_saw():
 
     for seed in range(1, 20):  # sampled traces: take the first seed whose trace reaches the threshold
         torch.manual_seed(seed)
-        out = model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=400)
+        out = model.generate(**inputs, stopping_criteria=[lynx.stopper()], max_new_tokens=400)
         record = lynx.last_exits[0]
         if record.would_exit:
             break

@@ -307,8 +307,9 @@ def test_a_confident_cue_confirmed_by_eos_is_an_event_in_both_modes_as_offline(s
     trace = enc.input_ids[0].tolist() + so * 2 + wait
     offline = lynx.detector.find_events(trace, width)
     assert [(e.position, e.cue) for e in offline] == [(width + 2, "wait")]
-    stop = model.generate(**enc, logits_processor=[force], stopping_criteria=[lynx.stopping_criteria()], **common)
+    stop = model.generate(**enc, logits_processor=[force], stopping_criteria=[lynx.stopper()], **common)
     stop_record = lynx.last_exits[0]
+    stop_answer = lynx.answer(stop)[0]  # (before another call writes the same ids)
     model.generate(**enc, logits_processor=[force, lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()],
                    **common)
     stream_record = lynx.last_exits[0]
@@ -326,4 +327,4 @@ def test_a_confident_cue_confirmed_by_eos_is_an_event_in_both_modes_as_offline(s
     assert stop_record.exited is not shadow and not stream_record.exited
     if not shadow:  # answered from before the cue: neither the cue nor the EOS is in the answer's context
         assert exit_cut(stop_record.position, stop_record.start, lynx.config.exit_construction) == width + 2
-        assert stop[0, width + 3] == tok.eos_token_id and lynx.answer(stop)[0].token_ids
+        assert stop[0, width + 3] == tok.eos_token_id and stop_answer.token_ids

@@ -48,7 +48,7 @@ class Lynx(
     repo_url="https://github.com/lynx-hf/lynx-hf",
     paper_url="https://arxiv.org/abs/2512.05325",
 ):
-    """A calibrated LYNX exit probe for one base model: pass it to `generate` and each row that exits comes back answered.
+    """A calibrated LYNX exit probe for one base model: in `generate`, each row that exits comes back answered.
 
     `model.generate(**inputs, stopping_criteria=[lynx])` is one call that returns finished outputs: at the first cue
     where the probe is confident, the row's thinking is closed with the bundle's exit text and the model's greedy
@@ -62,7 +62,9 @@ class Lynx(
     its cue, and `answer` drops the cue word, closes the thinking block and answers greedily, reusing the KV cache:
     the construction the calibration labels were made with. The one call cannot drop the cue (it was already
     sampled): it keeps the cue word and the token that ended it before the exit text, so its answers can differ from
-    the exact path's. ONE_CALL_AGREEMENT
+    the exact path's: on the shipped organism, with the same sampled traces up to the exit, they differ on 2.6%
+    (arithmetic, 4 of 154 exited rows) and 4.6% (compare, 3 of 65) of exited rows (`benchmarks/one_call.py`). The
+    guarantee below is therefore stated for the exact path; the one call answers from a slightly different exit.
 
     `confidence` c sets the exit threshold from the stored calibration scores: with `guarantee="question"` (the
     default) the share of questions whose exit is premature (the forced answer is wrong) is at most 1 - c
@@ -93,22 +95,22 @@ class Lynx(
     >>> from lynx_hf import Lynx, organism
     >>> model, tok = organism.load()
     >>> lynx = Lynx.from_pretrained(organism.BUNDLE_DIR, confidence=0.9)   # attaches to the model it runs with
-    >>> problem = organism.problems("arithmetic", "test", n=1)[0]
+    >>> problem = organism.problems("arithmetic", "test", n=2)[1]
     >>> inputs = tok(organism.prompt(tok, problem["question"]), return_tensors="pt")
-    >>> out = model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=300)
+    >>> out = model.generate(**inputs, stopping_criteria=[lynx], max_new_tokens=300, do_sample=False)
     >>> lynx.last_exits[0].exited
     True
-    >>> print(tok.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)[-45:])
-    So the answer is 10.
-    wait,
+    >>> print(tok.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)[-59:])
+    So the answer is 7.
+    Wait,
     </think>
     <BLANKLINE>
-    Final Answer: \\boxed{10}
+    Final Answer: \\boxed{7}
     >>> lynx.answer(out)[0].answer      # read from the output, not generated again
-    '10'
-    >>> exact = model.generate(**inputs, stopping_criteria=[lynx.stopper()], max_new_tokens=300)
-    >>> lynx.answer(exact)[0].answer    # the exact path: halted after the cue, answered from the cue dropped
-    '10'
+    '7'
+    >>> exact = model.generate(**inputs, stopping_criteria=[lynx.stopper()], max_new_tokens=300, do_sample=False)
+    >>> lynx.answer(exact)[0].answer    # the exact path: halted after the cue, answered with the cue dropped
+    '7'
 
     ```
     """
