@@ -13,7 +13,8 @@ from .runtime.audit import AuditLog, AuditReport, AuditRow
 from .runtime.bundle import Lynx
 from .runtime.capture import HiddenStateCapture
 from .runtime.config import LynxConfig
-from .runtime.conformal import Calibration, LynxCalibrationWarning
+from .runtime.bundle_files import bundle_labels
+from .runtime.conformal import LABELS, Calibration, LynxCalibrationWarning, guarantee_statement
 from .runtime.cues import CueDetector, CueEvent
 from .errors import (
     BaseModelMismatchError,
@@ -63,6 +64,7 @@ __all__ = [
     "EventTable",
     "ExitRecord",
     "HiddenStateCapture",
+    "LABELS",
     "Lynx",
     "LynxAnswerStopper",
     "LynxCalibrationWarning",
@@ -80,8 +82,10 @@ __all__ = [
     "UnsupportedGenerationError",
     "answer_after_exit",
     "answers_match",
+    "bundle_labels",
     "detect_thinking",
     "extract_boxed",
     "fit",
+    "guarantee_statement",
     "train_probe",
 ]

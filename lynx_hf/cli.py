@@ -8,6 +8,7 @@
     lynx-hf eval      --model organism --bundle bundle/ --events events/test
     lynx-hf audit     --bundle bundle/ --events events/test --guarantee question --step 25
     lynx-hf build     --model organism --problems organism:arithmetic:train --out runs/build [--dry-run] [--repo-id REPO]
+    lynx-hf build     --model organism --problems prompts.jsonl --labels agreement --out runs/unlabelled
     lynx-hf demo
     lynx-hf try       organism "Ann has 5 pens and gives away 2. How many are left?"
     lynx-hf inspect   bundle/
@@ -34,9 +35,10 @@ TABLE_CONFIDENCES = (0.8, 0.85, 0.9, 0.95, 0.99)
 
 
 def cmd_collect(args) -> None:
-    from .pipeline.collect import Collector
+    from .pipeline.collect import Collector, check_problems
 
     problems = load_problems(args.problems, args.n, args.seed)  # a bad source fails before the model loads
+    check_problems(problems, args.labels)
     model, tokenizer = load_model(args.model, args.gguf_file, args.device)
     options = {"exit_text": args.exit_text, "think_start": args.think_start, "think_end": args.think_end,
                "thinking": args.thinking}
@@ -50,22 +52,26 @@ def cmd_collect(args) -> None:
     collector = Collector(
         model, tokenizer, layers=args.layers, cues=args.cues, **options,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        answer_max_new_tokens=args.answer_max_new_tokens, prompt_fn=prompt_fn(args.model),
+        answer_max_new_tokens=args.answer_max_new_tokens, prompt_fn=prompt_fn(args.model), labels=args.labels,
     )
     table = collector.collect(problems, args.out, batch_size=args.batch_size, seed=args.seed)
     if table is None:  # a non-main process of a data-parallel run: the main one reports
         return
     safe = float(table.safe.double().mean()) if len(table) else float("nan")
-    print(f"{table.n_traces} traces, {len(table)} cue events ({safe:.1%} safe) in {args.out}")
+    dropped = f"; {len(table.dropped)} traces dropped (no full answer)" if args.labels == "agreement" else ""
+    print(f"{table.n_traces} traces, {len(table)} cue events ({safe:.1%} safe, {args.labels} labels{dropped}) in "
+          f"{args.out}")
 
 
 def cmd_train(args) -> None:
     from safetensors.torch import save_file
 
-    from .pipeline.events import EventTable
+    from .pipeline.events import EventTable, relabel, table_labels
     from .pipeline.train import describe, prompt_digests, train
 
     table = EventTable.load(args.events)
+    if args.labels:
+        table = relabel(table, args.labels)
     probe, report = train(table, seed=args.seed, max_epochs=args.max_epochs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,6 +79,7 @@ def cmd_train(args) -> None:
     (out / "probe.json").write_text(json.dumps({"probe": probe.config, "report": asdict(report),
                                                 "settings": table.settings,
                                                 "problem_digests": prompt_digests(table),
+                                                "labels": table_labels(table), "dropped": len(table.dropped),
                                                 "events": f"{args.events}: {describe(table)}"},
                                                indent=2, default=str) + "\n", encoding="utf-8")
     print(f"probe trained on {len(table)} events; validation AUROC {report.val_auroc}; saved to {out}")
@@ -90,6 +97,7 @@ def cmd_calibrate(args) -> None:
         probe, EventTable.load(args.events), EventTable.load(args.test) if args.test else None,
         settings=meta["settings"], datasets=args.datasets or [], train_note=meta.get("events", ""),
         validation_auroc=(meta.get("report") or {}).get("val_auroc"), train_digests=meta.get("problem_digests", []),
+        labels=args.labels, probe_labels=meta.get("labels"), train_dropped=meta.get("dropped"),
     )
     lynx.save_pretrained(args.out)
     aurocs = [f"{part} AUROC " + ("undefined (one class)" if lynx.metadata.get(key) is None else
@@ -115,7 +123,7 @@ def cmd_build(args) -> None:
         sizes={"train": args.train, "calibration": args.calibration, "test": args.test}, cues=args.cues,
         think_start=args.think_start, think_end=args.think_end, exit_text=args.exit_text, thinking=args.thinking,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        answer_max_new_tokens=args.answer_max_new_tokens, batch_size=args.batch_size,
+        answer_max_new_tokens=args.answer_max_new_tokens, batch_size=args.batch_size, labels=args.labels,
     )
     build(plan, args.out, device=args.device, dry_run=args.dry_run, pilot=args.pilot, push=args.repo_id,
           private=args.private, token=args.token, say=print)
@@ -418,6 +426,21 @@ def _collection_arguments(p: argparse.ArgumentParser) -> None:
                    help="cap on each forced-exit answer's tokens (the label's answer)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per shard: a resumed run samples the same "
                                                        "traces)")
+    _labels_argument(p, default="gold")
+
+
+LABELS_HELP = ("what makes a cue safe: 'gold' (its forced answer matches the problem's gold answer; every problem "
+               "needs one; guarantee: the exit makes the final answer wrong in at most 1 - c of questions) or "
+               "'agreement' (its forced answer matches the trace's own full answer, as the live audit checks; no "
+               "gold answers needed, traces without a full answer are dropped and counted; guarantee: the exit "
+               "changes the final answer in at most 1 - c of questions). Gold answers present with 'agreement' are "
+               "kept for reporting only: one kind of labels per bundle, never mixed")
+
+
+def _labels_argument(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--labels", choices=["gold", "agreement"], default=default,
+                   help=LABELS_HELP + (" (default: %(default)s)" if default else
+                                       " (default: the labels the event table was collected with)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -457,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split and the probe's initialisation")
     p.add_argument("--max-epochs", type=int, default=200, help="most epochs (training stops early on the validation "
                                                                "loss)")
+    _labels_argument(p, default=None)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("calibrate", help="conformal calibration on held-out problems; writes the bundle")
@@ -467,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", dest="test", action=_DeprecatedAlias, new_option="--test-events")
     p.add_argument("--datasets", nargs="*", help="dataset names for the model card (default: none)")
     p.add_argument("--out", required=True, help="bundle folder")
+    _labels_argument(p, default=None)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("push", help="upload a bundle to the Hub")
@@ -516,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add 'Lynx + budget' rows (exit at a confident cue, else after B thinking tokens) and budget "
                         "forcing at B (default: none)")
     p.add_argument("--live", type=int, default=0, help="also run the plug-ins live on this many problems")
+    p.add_argument("--replay-only", action="store_true",
+                   help="only the replayed methods: skip the baselines that regenerate every trace (budget forcing, "
+                        "Lynx + budget, NoWait)")
     p.add_argument("--text-probe-train", help="event table the bundle's probe was trained on: fits the TextProbe "
                                               "control (text features, same MLP, split and calibration) "
                                               "(default: no control)")

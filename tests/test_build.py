@@ -73,3 +73,58 @@ def test_too_few_problems_for_the_splits_is_a_clear_error_before_any_model_loads
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
     with pytest.raises(ValueError, match="has 3 problems but the splits need 5"):
         build(small_plan(problems=str(source), sizes={"train": 2, "calibration": 2, "test": 1}), tmp_path / "b")
+
+
+def _prompts_file(tmp_path, family: str, n: int):
+    import json
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p["question"]}) + "\n"
+                            for p in organism.problems(family, "train", n)), encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_cli_build_from_unlabelled_prompts_with_agreement_labels_records_them_and_states_changed_answers(tmp_path,
+                                                                                                      capsys):
+    import json
+
+    prompts = _prompts_file(tmp_path, "compare", 16)
+    out = tmp_path / "build"
+    status = cli_main(["build", "--model", "organism", "--problems", str(prompts), "--labels", "agreement",
+                       "--train", "8", "--calibration", "8", "--test", "0", "--max-new-tokens", "400",
+                       "--batch-size", "8", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    metadata = json.loads((out / "bundle" / "calibration.json").read_text(encoding="utf-8"))["metadata"]
+    assert metadata["labels"] == {"probe": "agreement", "calibration": "agreement"}
+    assert set(metadata["dropped_traces"]) >= {"train", "calibration"}
+    card = " ".join((out / "bundle" / "README.md").read_text(encoding="utf-8").split())
+    assert "the exit changes the final answer in at most 1 - c of questions" in card
+    assert "makes the final answer wrong" not in card
+    assert "labels: agreement; guarantee: the exit changes the final answer" in printed
+    loaded = Lynx.from_pretrained(out / "bundle")
+    from lynx_hf import bundle_labels
+
+    assert bundle_labels(loaded.metadata)["calibration"] == "agreement"
+
+
+def test_gold_labels_on_unlabelled_prompts_are_refused_before_any_model_loads_naming_the_fix(tmp_path, monkeypatch,
+                                                                                            capsys):
+    import lynx_hf.loading as loading
+
+    prompts = _prompts_file(tmp_path, "compare", 5)
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    status = cli_main(["build", "--model", "organism", "--problems", str(prompts), "--train", "2",
+                       "--calibration", "2", "--test", "1", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert status == 2 and "5 of 5 problems have no gold 'answer'" in err and "--labels agreement" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_build_folder_resumes_only_with_the_same_labels(tmp_path):
+    from lynx_hf.pipeline.build import _check_plan
+
+    _check_plan(tmp_path, small_plan())
+    with pytest.raises(ValueError, match="labels"):
+        _check_plan(tmp_path, small_plan(labels="agreement"))

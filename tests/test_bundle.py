@@ -300,3 +300,42 @@ def test_model_card_states_guarantee_data_and_results_as_rounded_tables():
     assert f"| test | {lynx.metadata['test_auroc']:.3f} |" in text  # the bundle's own held-out AUROC, rounded
     assert not re.search(r"(?<![\d.])[01]\.\d{5,}", text), "numbers must be rounded"
     assert "{'" not in text and "': " not in text, "no raw Python dicts"
+
+
+def test_a_bundle_without_recorded_labels_reads_as_gold_and_its_card_says_wrong(parts, tmp_path):
+    from lynx_hf import bundle_labels, organism
+
+    shipped = Lynx.from_pretrained(organism.BUNDLE_DIR)
+    assert bundle_labels(shipped.metadata) == {"probe": "gold", "calibration": "gold"}
+    card = " ".join(shipped.generate_model_card().text.split())
+    assert "the exit makes the final answer wrong in at most 1 - c of questions" in card
+    assert "changes the final answer" not in card
+
+
+def test_agreement_labels_are_saved_loaded_and_stated_in_the_card(parts, tmp_path):
+    from lynx_hf import bundle_labels, guarantee_statement
+
+    model, tok, lynx = parts
+    lynx = Lynx(lynx.config, lynx.probe, lynx.calibration,
+                metadata={**lynx.metadata, "labels": {"probe": "agreement", "calibration": "agreement"},
+                          "dropped_traces": {"train": 2, "calibration": 1}})
+    lynx.save_pretrained(tmp_path)
+    loaded = Lynx.from_pretrained(tmp_path, model=model, tokenizer=tok)
+    assert bundle_labels(loaded.metadata) == {"probe": "agreement", "calibration": "agreement"}
+    card = " ".join((tmp_path / "README.md").read_text(encoding="utf-8").split())
+    assert guarantee_statement("agreement", "question") in card
+    assert "the exit changes the final answer in at most 1 - c of questions" in card
+    assert "makes the final answer wrong" not in card and "2 train, 1 calibration" in card
+
+
+def test_the_guarantee_sentence_follows_labels_guarantee_confidence_and_risk_level():
+    from lynx_hf import guarantee_statement
+
+    assert guarantee_statement("gold", "question", 0.9).startswith(
+        "the exit makes the final answer wrong in at most 1 - c = 0.1 of questions")
+    assert guarantee_statement("agreement", "question", 0.95).startswith(
+        "the exit changes the final answer in at most 1 - c = 0.05 of questions")
+    assert "cues where an exit would change the final answer" in guarantee_statement("agreement", "event")
+    assert "probability at least 1 - α = 0.9" in guarantee_statement("gold", "question", 0.9, risk_level=0.1)
+    with pytest.raises(LynxConfigError, match="unknown labels"):
+        guarantee_statement("silver")

@@ -282,3 +282,67 @@ def test_packed_answers_accept_ids_beyond_the_tokenizer(smollm2_tokenizer):
     model(input_ids=torch.arange(100, 110)[None], use_cache=True, **cache_kwargs(model, cache))
     answers = answer_from_shared_prefix(model, tok, cache, [4, 10], exit_token_ids(tok), max_new_tokens=3)
     assert [a.token_ids for a in answers] == [[extra] * 3] * 2
+
+
+# ----- agreement labels: no gold answers needed -------------------------------------------------------------------
+def _prompts_only(problems):
+    return [{"id": p["id"], "question": p["question"]} for p in problems]
+
+
+def test_agreement_labels_check_each_forced_answer_against_the_traces_own_full_answer(collector, problems):
+    from lynx_hf.pipeline.events import relabel, table_labels
+    from lynx_hf.runtime.answers import answers_match
+
+    model, tok = collector.model, collector.tokenizer
+    agree = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=400, labels="agreement")
+    table = agree.collect_batch(_prompts_only(problems[:6]), seed=4)
+    assert table_labels(table) == "agreement" and table.settings["labels"] == "agreement"
+    assert all(t["gold"] is None and t["correct"] is None for t in table.traces)  # no gold seen, none invented
+    expected = [answers_match(a, table.traces[t]["answer"]) for a, t in zip(table.answers, table.trace.tolist())]
+    assert table.safe.tolist() == expected and len(table) > 0
+    # the same traces labelled with gold, then relabelled by agreement: the very same table (labels are a view of
+    # the forced answers, not another sampling)
+    gold = collector.collect_batch(problems[:6], seed=4)
+    kept = [i for i, t in enumerate(gold.traces) if t["answer"] is not None]
+    assert [gold.traces[i]["token_ids"] for i in kept] == [t["token_ids"] for t in table.traces]
+    assert table.dropped == [t["id"] for t in gold.traces if t["answer"] is None]
+    relabelled = relabel(gold, "agreement")
+    assert relabelled.safe.tolist() == table.safe.tolist() and torch.equal(relabelled.features, table.features)
+    assert relabelled.dropped == table.dropped
+    assert torch.equal(relabel(relabelled, "gold").safe, gold.select_traces(kept).safe)  # and back
+    with pytest.raises(LynxConfigError, match="no gold answer"):  # prompts only: nothing to go back to
+        relabel(table, "gold")
+
+
+def test_agreement_traces_without_a_full_answer_are_dropped_counted_and_survive_a_reload(collector, problems,
+                                                                                         tmp_path, caplog):
+    model, tok = collector.model, collector.tokenizer
+    # 40 tokens: most traces are cut off before their boxed answer, so they have no reference
+    agree = Collector(model, tok, layers=(2, 4), prompt_fn=organism.prompt, max_new_tokens=40, labels="agreement")
+    with caplog.at_level(logging.WARNING):
+        table = agree.collect(_prompts_only(problems[:8]), tmp_path / "agree", batch_size=4, seed=0, progress=False)
+    assert table.dropped and table.n_traces + len(table.dropped) == 8
+    assert all(t["answer"] is not None for t in table.traces)
+    assert f"{len(table.dropped)} of 8 traces had no extractable full answer" in caplog.text
+    reloaded = EventTable.load(tmp_path / "agree")
+    assert reloaded.dropped == table.dropped and torch.equal(reloaded.safe, table.safe)
+
+
+def test_gold_labels_on_problems_without_answers_are_refused_naming_agreement_labels(collector, problems):
+    with pytest.raises(LynxConfigError, match="--labels agreement"):
+        collector.collect_batch(_prompts_only(problems[:2]), seed=0)
+    with pytest.raises(LynxConfigError, match="unknown labels 'silver'"):
+        Collector(collector.model, collector.tokenizer, prompt_fn=organism.prompt, labels="silver")
+
+
+def test_relabelling_by_agreement_drops_traces_without_a_full_answer_with_their_events():
+    from lynx_hf.pipeline.events import relabel
+
+    long = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    table = EventTable(settings={}, features=torch.arange(3.0).reshape(3, 1), safe=torch.tensor([True, False, True]),
+                       trace=long(0, 0, 1), position=long(3, 5, 4), start=long(3, 5, 4), cue=long(0, 0, 0),
+                       answer_length=long(1, 1, 1), answer_confidence=torch.ones(3), answers=["4", "5", "3"],
+                       traces=[{"id": "q0", "gold": "4", "answer": "5"}, {"id": "q1", "gold": "3", "answer": None}])
+    agree = relabel(table, "agreement")
+    assert agree.n_traces == 1 and agree.dropped == ["q1"] and agree.safe.tolist() == [False, True]
+    assert agree.features.flatten().tolist() == [0.0, 1.0]

@@ -82,6 +82,7 @@ def test_a_batch_size_below_one_is_refused_with_the_fix(model_tok, tmp_path):
     ({"exit_text": "\n</think>\n\nSo the answer is"}, "exit_text"),
     ({"seed": 1}, "seed"),
     ({"dtype": torch.bfloat16}, "weights"),
+    ({"labels": "agreement"}, "labels"),
 ])
 def test_resuming_a_collection_with_other_settings_refuses_instead_of_mixing(change, match, model_tok, runs, tmp_path):
     import shutil
@@ -351,3 +352,63 @@ def test_build_with_an_empty_or_negative_split_refuses_before_collecting(sizes, 
                      "--max-new-tokens", "50"]) == 2
     assert message in _one_line_error(capsys, "build")
     assert not (tmp_path / "b").exists()
+
+
+# ----- unlabelled prompts ----------------------------------------------------------------------------------------
+def test_a_prompts_only_file_loads_with_ids_and_keeps_answers_where_given(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in (
+        {"prompt": "What is 2 + 2?"}, {"problem": "What is 3 + 3?", "id": "q7"},
+        {"question": "What is 4 + 4?", "answer": "8"})) + "\n", encoding="utf-8")
+    rows = load_problems(str(path))
+    assert [r["id"] for r in rows] == ["mine-0", "q7", "mine-2"]
+    assert [r["question"] for r in rows] == ["What is 2 + 2?", "What is 3 + 3?", "What is 4 + 4?"]
+    assert [r.get("answer") for r in rows] == [None, None, "8"]
+    path.write_text(json.dumps({"text": "no known field"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="'question', 'problem' or 'prompt'"):
+        load_problems(str(path))
+
+
+def test_organism_prompts_are_the_organism_problems_without_their_answers():
+    labelled = load_problems("organism:compare:test", n=3)
+    prompts = load_problems("organism:compare:test:prompts", n=3)
+    assert [p["question"] for p in prompts] == [p["question"] for p in labelled]
+    assert all("answer" not in p for p in prompts)
+
+
+def test_cli_collect_with_gold_labels_on_prompts_exits_2_naming_agreement_labels(tmp_path, capsys):
+    assert cli_main(["collect", "--model", "organism", "--problems", "organism:compare:train:prompts", "--n", "2",
+                     "--out", str(tmp_path / "out")]) == 2
+    assert "--labels agreement" in _one_line_error(capsys, "collect")
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibrating_with_agreement_labels_records_them_and_relabels_the_test_table(runs):
+    from lynx_hf.pipeline.events import relabel
+    from lynx_hf.pipeline.train import load_probe_folder
+
+    probe, _ = load_probe_folder(runs / "probe")
+    cal, test = EventTable.load(runs / "calibration"), EventTable.load(runs / "test")
+    lynx = calibrate_bundle(probe, cal, test, labels="agreement")
+    assert lynx.metadata["labels"] == {"probe": "gold", "calibration": "agreement"}
+    assert torch.equal(lynx.calibration.safe, relabel(cal, "agreement").safe)
+    assert lynx.metadata["dropped_traces"]["test"] == len(relabel(test, "agreement").dropped)
+
+
+def test_eval_reads_an_agreement_labelled_table_with_gold_accuracy_not_agreement(runs, bundle_dir, tmp_path, capsys):
+    from lynx_hf.pipeline.events import relabel, write_settings
+
+    test = EventTable.load(runs / "test")
+    agree = relabel(test, "agreement")
+    write_settings(tmp_path / "agree", agree.settings)
+    agree.save_shard(tmp_path / "agree", 0)
+    accuracy = {}
+    for name, events in (("gold", runs / "test"), ("agreement", tmp_path / "agree")):
+        out = tmp_path / f"eval-{name}"
+        assert cli_main(["eval", "--bundle", str(bundle_dir), "--events", str(events), "--replay-only",
+                         "--out", str(out)]) == 0
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        accuracy[name] = {r["method"]: r["accuracy"] for r in rows}
+    capsys.readouterr()
+    if not agree.dropped:  # same traces: the same accuracies, read against gold either way
+        assert accuracy["agreement"] == accuracy["gold"]

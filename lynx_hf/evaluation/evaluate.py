@@ -414,6 +414,7 @@ def main(args) -> None:
     from ..loading import load_model, load_problems, prompt_fn
     from .plots import calibration_plot, pareto_plot
     from .splits import replay_split_rates
+    from ..pipeline.events import relabel
     from ..pipeline.train import check_disjoint, check_test_disjoint, prompt_digests
 
     out = Path(args.out)
@@ -435,6 +436,9 @@ def main(args) -> None:
         table = collector.collect(problems, folder, batch_size=32, seed=args.seed)
     else:
         raise ValueError("Give --events (an existing event table) or --problems (to collect one into --out/events).")
+    # replay reads a table's labels as "the answer is right": agreement labels say "unchanged", so go back to gold
+    # (an unlabelled table raises, naming the fix: accuracy needs gold answers)
+    table = relabel(table, "gold")
     check_table_matches_bundle(table, lynx)
     check_test_disjoint(table, lynx.metadata, f"the evaluation table {args.events or args.problems}")
     text_probe = None
@@ -451,7 +455,8 @@ def main(args) -> None:
         text_probe = TextProbe.fit(train_table, cal_table, model.get_input_embeddings().weight, seed=args.seed)
     budget = getattr(args, "max_thinking_tokens", None)
     rows, _, replay = run_all(lynx, table, model, tokenizer, confidences=args.confidences, text_probe=text_probe,
-                              thinking_budgets=[budget] if budget else None)
+                              thinking_budgets=[budget] if budget else None,
+                              live=not getattr(args, "replay_only", False))
     aurocs = probe_aurocs(replay, text_probe)
     extra = {"calibration_curve": calibration_curve(replay), "calibration_splits": replay_split_rates(replay),
              "aurocs": aurocs}

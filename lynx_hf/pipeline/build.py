@@ -9,6 +9,19 @@ rate measured on this machine) before anything is committed to disk.
     lynx-hf build --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --problems openai/gsm8k --out runs/r1-1.5b --dry-run
     lynx-hf build --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --problems openai/gsm8k --out runs/r1-1.5b \\
         --repo-id you/lynx-deepseek-r1-distill-qwen-1.5b
+    lynx-hf build --model you/your-reasoning-model --problems prompts.jsonl --labels agreement --out runs/mine
+
+Labels (`labels`, `--labels`), one kind for the probe, the calibration and the test rates, never mixed:
+
+- ``"gold"`` (the default): a cue is safe when its forced answer matches the problem's gold answer. Every problem
+  needs one; a source where some or all problems lack an answer is refused before anything loads, with an error
+  that names ``--labels agreement``. The guarantee: the exit makes the final answer wrong in at most 1 - c of
+  questions.
+- ``"agreement"``: a cue is safe when its forced answer matches the trace's own full answer (what the live audit
+  checks), so a file of prompts is enough; gold answers, where some problems have them, are kept for reporting
+  accuracy but never used for the labels. Traces without an extractable full answer are dropped and counted (in the
+  log, the bundle's metadata and its card). The guarantee: the exit changes the final answer in at most 1 - c of
+  questions.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..runtime.conformal import guarantee_statement
 from ..runtime.cues import DEFAULT_CUES
 from ..errors import LynxConfigError
 
@@ -58,6 +72,7 @@ class BuildPlan:
     top_p: float = 0.95
     answer_max_new_tokens: int = 16
     batch_size: int = 16
+    labels: str = "gold"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +112,7 @@ def split_problems(problems: Sequence[dict], sizes: dict, seed: int = 0) -> dict
 def _check_plan(folder: Path, plan: BuildPlan) -> None:
     path = folder / PLAN_NAME
     if path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = {"labels": "gold", **json.loads(path.read_text(encoding="utf-8"))}  # older builds: gold labels
         if saved != plan.to_dict():
             diff = sorted(k for k in set(saved) | set(plan.to_dict()) if saved.get(k) != plan.to_dict().get(k))
             raise ValueError(f"{folder} holds a build with other settings ({', '.join(diff)}): use another --out, "
@@ -113,7 +128,7 @@ def _collector(plan: BuildPlan, model, tokenizer, prompt_fn):
         model, tokenizer, layers=plan.layers, cues=plan.cues, think_start=plan.think_start, think_end=plan.think_end,
         exit_text=plan.exit_text, thinking=plan.thinking, max_new_tokens=plan.max_new_tokens,
         temperature=plan.temperature, top_p=plan.top_p, answer_max_new_tokens=plan.answer_max_new_tokens,
-        prompt_fn=prompt_fn,
+        prompt_fn=prompt_fn, labels=plan.labels,
     )
 
 
@@ -172,6 +187,9 @@ def build(
 ):
     """Run (or, with `dry_run`, estimate) a build; returns the bundle, or the pilot's estimate for a dry run.
 
+    `plan.labels` decides what a safe cue is (module docstring): ``"gold"`` needs a gold answer for every problem
+    and raises `LynxConfigError` naming ``--labels agreement`` otherwise; ``"agreement"`` needs none.
+
     Example:
         >>> plan = BuildPlan(model="organism", problems="organism:arithmetic:train",
         ...                  sizes={"train": 2, "calibration": 2, "test": 0}, max_new_tokens=64)
@@ -182,7 +200,10 @@ def build(
     from ..loading import load_model, load_problems, prompt_fn
 
     out = Path(out)
+    from .collect import check_problems
+
     problems = load_problems(plan.problems, plan.total, plan.seed)
+    check_problems(problems, plan.labels)  # gold labels on unlabelled prompts fail here, before a model loads
     parts = split_problems(problems, plan.sizes, plan.seed)
     if not (parts["train"] and parts["calibration"]):  # checked before a model loads or a split is collected
         raise LynxConfigError("A build needs training and calibration problems: set --train and --calibration > 0.")
@@ -218,15 +239,17 @@ def build(
         probe, report = train(tables["train"], seed=plan.seed)
         probe_dir.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(probe_dir / "probe.safetensors"))
-        (probe_dir / "probe.json").write_text(json.dumps({"probe": probe.config, "report": asdict(report)},
-                                                         indent=2, default=str) + "\n", encoding="utf-8")
+        (probe_dir / "probe.json").write_text(json.dumps({"probe": probe.config, "report": asdict(report),
+                                                          "labels": plan.labels}, indent=2, default=str) + "\n",
+                                              encoding="utf-8")
         auroc = report.val_auroc
         say(f"train: probe on {len(tables['train'])} events, validation AUROC {auroc}")
 
     datasets = [plan.problems]
     lynx = calibrate_bundle(probe, tables["calibration"], tables.get("test"), settings=tables["train"].settings,
                             tokenizer=tokenizer, datasets=datasets, train_note=describe(tables["train"]),
-                            validation_auroc=auroc, train_digests=prompt_digests(tables["train"]))
+                            validation_auroc=auroc, train_digests=prompt_digests(tables["train"]),
+                            probe_labels=plan.labels, train_dropped=len(tables["train"].dropped))
     lynx.config.base_model = "lynx_hf/organism" if plan.model == "organism" else plan.model
     bundle_dir = out / "bundle"
     lynx.save_pretrained(bundle_dir)
@@ -234,6 +257,7 @@ def build(
     say(f"calibrate: AUROC {_fmt(meta['calibration_auroc'])} on calibration events"
         + (f", {_fmt(meta['test_auroc'])} on test events" if "test_auroc" in meta else "")
         + f"; bundle with its model card in {bundle_dir}")
+    say(f"labels: {plan.labels}; guarantee: {guarantee_statement(plan.labels)}")
     if push:
         url = lynx.push_to_hub(push, private=private, token=token)
         say(f"pushed to {push}: {url}")

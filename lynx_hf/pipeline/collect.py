@@ -6,6 +6,16 @@ at the configured layers and a KV cache, then answer every event's forced exit f
 same construction (`exit_cut`, exit text) and greedy decoding as the plug-ins' `answer_after_exit`, with the events'
 rows packed after the one shared cache (`runtime.forced.answer_from_shared_prefix`) where the model's attention allows it, tested
 equal to re-prefilling each prefix. Each batch is written as a shard, so an interrupted run resumes where it stopped.
+
+What "the answer is right" means is the collector's `labels`:
+
+- ``"gold"`` (the default): a cue is safe when its forced answer matches the problem's gold ``answer``; every
+  problem needs one.
+- ``"agreement"``: a cue is safe when its forced answer matches the trace's own full answer (the answer after the
+  model's full thinking, compared with `answers_match` in the same order as the live audit does), so problems need
+  no gold answer: a file of prompts is enough. A trace whose full answer cannot be extracted has no reference; it is
+  dropped (no events) and counted in the table's `dropped` list. Where a problem does have a gold answer it is still
+  recorded in the trace (for reporting accuracy), never used for the labels.
 """
 
 from __future__ import annotations
@@ -18,8 +28,10 @@ from pathlib import Path
 import torch
 
 from .._extras import require
+from ..errors import LynxConfigError
 from ..runtime.answers import answers_match, extract_boxed
 from ..runtime.capture import default_layers, layer_modules
+from ..runtime.conformal import DEFAULT_LABELS, check_labels
 from ..runtime.config import layer_sample, model_fingerprint, short_digest, tokenizer_fingerprint, weights_sample
 from ..runtime.cues import DEFAULT_CUES, CueDetector, CueEvent
 from .data import R1_INSTRUCTION, build_prompt
@@ -32,20 +44,42 @@ from ..runtime.thinking import resolve_thinking, thinking_exit_ids
 logger = logging.getLogger(__name__)
 
 
-def check_problems(problems: Sequence[dict]) -> None:
-    """Raise a clear error for problems without an id, a question or a gold answer."""
+def check_problems(problems: Sequence[dict], labels: str = DEFAULT_LABELS) -> None:
+    """Raise a clear error for problems without an id or a question, or (gold labels) without a gold answer.
+
+    Args:
+        problems: dicts with `id`, `question` and, for ``labels="gold"``, `answer`.
+        labels: ``"gold"`` or ``"agreement"`` (which needs no answers).
+
+    Raises:
+        ValueError: a problem lacks an id or a question, ids repeat, or gold labels meet a problem without an answer
+            (the message names ``labels="agreement"``, the fix for unlabelled prompts).
+
+    Example:
+        >>> check_problems([{"id": "p0", "question": "What is 2 + 2?"}], labels="agreement")
+        >>> check_problems([{"id": "p0", "question": "What is 2 + 2?"}])
+        Traceback (most recent call last):
+        ...
+        lynx_hf.errors.LynxConfigError: 1 of 1 problems have no gold 'answer' (first: 'p0'): label by agreement instead (labels="agreement", `--labels agreement`: a cue is safe when its forced answer matches the trace's own full answer, no gold needed), or give every problem an 'answer'.
+    """
+    check_labels(labels)
     if not problems:
         raise ValueError("No problems given: pass a non-empty list of {'id', 'question', 'answer'} dicts.")
     for i, problem in enumerate(problems):
-        missing = [k for k in ("id", "question", "answer") if problem.get(k) in (None, "")]
+        missing = [k for k in ("id", "question") if problem.get(k) in (None, "")]
         if missing:
-            raise ValueError(
-                f"Problem {i} has no {missing}: every problem needs an 'id', a 'question' and a gold 'answer' "
-                "(labels come from checking forced-exit answers against it)."
-            )
+            raise ValueError(f"Problem {i} has no {missing}: every problem needs an 'id' and a 'question'.")
     ids = [p["id"] for p in problems]
     if len(set(ids)) != len(ids):
         raise ValueError("Problem ids are not unique: give each problem its own 'id'.")
+    if labels == "gold":
+        unlabelled = [p["id"] for p in problems if p.get("answer") in (None, "")]
+        if unlabelled:
+            raise LynxConfigError(
+                f"{len(unlabelled)} of {len(problems)} problems have no gold 'answer' (first: {unlabelled[0]!r}): "
+                'label by agreement instead (labels="agreement", `--labels agreement`: a cue is safe when its forced '
+                "answer matches the trace's own full answer, no gold needed), or give every problem an 'answer'."
+            )
 
 
 class Collector:
@@ -80,6 +114,7 @@ class Collector:
         prompt_fn: Callable[[object, str], str] | None = None,
         instruction: str = R1_INSTRUCTION,
         rollout: Rollout | None = None,
+        labels: str = DEFAULT_LABELS,
     ):
         for name, value in (("max_new_tokens", max_new_tokens), ("answer_max_new_tokens", answer_max_new_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -87,6 +122,7 @@ class Collector:
         if not temperature >= 0 or not 0 < top_p <= 1:
             raise ValueError(f"temperature={temperature}, top_p={top_p}: give temperature >= 0 (0: greedy) and "
                              "top_p in (0, 1].")
+        self.labels = check_labels(labels)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.layers = tuple(layers) if layers is not None else default_layers(model)
@@ -131,6 +167,7 @@ class Collector:
             "max_new_tokens": max_new_tokens,
             "answer_max_new_tokens": answer_max_new_tokens,
             "rollout": self.rollout.name,
+            "labels": self.labels,
         }
 
     @property
@@ -165,27 +202,38 @@ class Collector:
         return think_length(generated, self.think_end_ids)
 
     def collect_batch(self, problems: Sequence[dict], seed: int) -> EventTable:
-        """Sample, find events, label them: the event table of one batch of problems."""
-        check_problems(problems)
+        """Sample, find events, label them (by the collector's `labels`): the event table of one batch of problems.
+
+        With agreement labels, traces without an extractable full answer are left out and their ids listed in the
+        table's `dropped`."""
+        check_problems(problems, self.labels)
         cue_index = {c: i for i, c in enumerate(self.detector.cues)}
         rows = {k: [] for k in ("features", "safe", "trace", "position", "start", "cue", "answer_length",
                                 "answer_confidence")}
-        answers, traces = [], []
+        answers, traces, dropped = [], [], []
         sampled = self.sample(problems, seed)
         found = self.detector.find_events_batch([ids for ids, _ in sampled], [n for _, n in sampled])
-        for t, (problem, (token_ids, prompt_length), trace_events) in enumerate(zip(problems, sampled, found)):
-            events, features, forced = self.label_trace(token_ids, prompt_length, trace_events)
+        for problem, (token_ids, prompt_length), trace_events in zip(problems, sampled, found):
             generated = token_ids[prompt_length:]
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            full_answer = extract_boxed(text)
-            gold = str(problem["answer"])
+            full_answer = extract_boxed(self.tokenizer.decode(generated, skip_special_tokens=True))
+            gold = problem.get("answer")
+            gold = None if gold in (None, "") else str(gold)
+            # The reference a forced answer is checked against: the gold answer, or (agreement) the trace's own full
+            # answer, compared as the live audit compares them (`runtime.audit.observe_row`).
+            reference = gold if self.labels == "gold" else full_answer
+            if reference is None:
+                dropped.append(str(problem["id"]))
+                continue
+            events, features, forced = self.label_trace(token_ids, prompt_length, trace_events)
+            t = len(traces)
             traces.append({
                 "id": str(problem["id"]), "gold": gold, "answer": full_answer,
-                "correct": answers_match(full_answer, gold), "prompt_length": prompt_length,
-                "think_length": self.think_length(generated), "length": len(generated), "token_ids": token_ids,
+                "correct": answers_match(full_answer, gold) if gold is not None else None,
+                "prompt_length": prompt_length, "think_length": self.think_length(generated),
+                "length": len(generated), "token_ids": token_ids,
             })
             rows["features"].append(features)
-            rows["safe"] += [answers_match(a.answer, gold) for a in forced]
+            rows["safe"] += [answers_match(a.answer, reference) for a in forced]
             rows["answer_length"] += [len(a.token_ids) for a in forced]
             rows["answer_confidence"] += [a.confidence for a in forced]
             rows["trace"] += [t] * len(events)
@@ -195,12 +243,13 @@ class Collector:
             answers += [a.answer for a in forced]
         long = {k: torch.tensor(rows[k], dtype=torch.long) for k in ("trace", "position", "start", "cue",
                                                                      "answer_length")}
+        feature_size = len(self.layers) * self.settings["hidden_size"]
         return EventTable(
             settings=self.settings,
-            features=torch.cat(rows["features"]),
+            features=torch.cat(rows["features"]) if rows["features"] else torch.zeros(0, feature_size),
             safe=torch.tensor(rows["safe"], dtype=torch.bool),
             answer_confidence=torch.tensor(rows["answer_confidence"], dtype=torch.float32),
-            answers=answers, traces=traces, **long,
+            answers=answers, traces=traces, dropped=dropped, **long,
         )
 
     def collect(self, problems: Sequence[dict], output_dir: str | os.PathLike, *, batch_size: int = 16,
@@ -213,7 +262,7 @@ class Collector:
         by their index, so any number of processes produces exactly the tables one process would. Every process
         returns None except the main one, which waits for the others and returns the merged table.
         """
-        check_problems(problems)
+        check_problems(problems, self.labels)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: give a positive number of problems per shard.")
         rank, world_size = _process_position(rank, world_size)
@@ -248,6 +297,9 @@ class Collector:
         cueless = sum(1 for t in range(table.n_traces) if not bool((table.trace == t).any()))
         if cueless:
             logger.warning("%d of %d traces had no cue event (they contribute no labels).", cueless, table.n_traces)
+        if table.dropped:
+            logger.warning("%d of %d traces had no extractable full answer and were dropped (agreement labels need "
+                           "one as the reference).", len(table.dropped), table.n_traces + len(table.dropped))
         return table
 
 

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CorruptedBundleError, LynxConfigError
+from ..runtime.answers import answers_match
+from ..runtime.conformal import DEFAULT_LABELS, check_labels
 
 SETTINGS_NAME = "settings.json"
 _TENSORS = ("features", "safe", "trace", "position", "start", "cue", "answer_length", "answer_confidence")
@@ -32,7 +34,9 @@ class EventTable:
     and `answer_confidence` [E] float (geometric-mean probability of those tokens, DEER's trial-answer
     confidence). `answers` [E] holds each forced exit's answer text. `traces` holds one dict per
     trace: `id`, `gold`, `answer` (the full trace's), `correct`, `prompt_length`, `think_length` (generated
-    thinking tokens), `length` (generated tokens), `token_ids` (prompt + generation).
+    thinking tokens), `length` (generated tokens), `token_ids` (prompt + generation). `gold` and `correct` are None
+    for a problem without a gold answer. `dropped` lists the ids of problems whose traces were left out because
+    agreement labels found no full answer to check against (`table_labels` says which labels `safe` holds).
 
     Example:
         >>> table = EventTable.empty({"cues": ["wait"], "layers": [1]}, feature_size=4)
@@ -51,6 +55,7 @@ class EventTable:
     answer_confidence: torch.Tensor
     answers: list[str | None] = field(default_factory=list)
     traces: list[dict] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
 
     @classmethod
     def empty(cls, settings: dict, feature_size: int) -> "EventTable":
@@ -98,6 +103,7 @@ class EventTable:
             settings=self.settings, trace=new_trace[order],
             **{k: getattr(self, k)[rows] for k in _TENSORS if k != "trace"},
             answers=[self.answers[i] for i in rows.tolist()], traces=[self.traces[i] for i in indices],
+            dropped=list(self.dropped),
         )
 
     @staticmethod
@@ -108,6 +114,9 @@ class EventTable:
         first = tables[0]
         for other in tables[1:]:
             check_same_settings(first.settings, other.settings)
+            if table_labels(other) != table_labels(first):
+                raise LynxConfigError(f"Cannot concatenate tables with {table_labels(first)} labels and "
+                                      f"{table_labels(other)} labels: relabel one first (`relabel(table, labels)`).")
         offsets, total = [], 0
         for t in tables:
             offsets.append(total)
@@ -118,6 +127,7 @@ class EventTable:
             **{k: torch.cat([getattr(t, k) for t in tables]) for k in _TENSORS if k != "trace"},
             answers=[a for t in tables for a in t.answers],
             traces=[tr for t in tables for tr in t.traces],
+            dropped=[d for t in tables for d in t.dropped],
         )
 
     # ----- disk -----------------------------------------------------------------------------------------
@@ -131,7 +141,8 @@ class EventTable:
         tmp_json = folder / f".{name}.jsonl.tmp"
         save_file(tensors, str(tmp_tensors))
         with open(tmp_json, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"answers": self.answers}) + "\n")
+            f.write(json.dumps({"answers": self.answers, **({"dropped": self.dropped} if self.dropped else {})})
+                    + "\n")
             for trace in self.traces:
                 f.write(json.dumps(trace) + "\n")
         # The .safetensors file marks a shard done, so it lands last: an interruption in between leaves a shard
@@ -174,12 +185,14 @@ def _load_shard(path: Path, settings: dict) -> EventTable:
     try:
         tensors = load_file(str(path))
         lines = jsonl.read_text(encoding="utf-8").splitlines()
-        answers = json.loads(lines[0])["answers"]
+        head = json.loads(lines[0])
+        answers, dropped = head["answers"], head.get("dropped", [])
         traces = [json.loads(line) for line in lines[1:]]
     except Exception as error:  # noqa: BLE001 - every failure here means the same thing
         raise CorruptedBundleError(f"Shard {path.name} in {path.parent} is unreadable ({error}); delete it and "
                                    "re-run collect, which redoes missing shards.") from error
-    return EventTable(settings=settings, answers=answers, traces=traces, **{k: tensors[k] for k in _TENSORS})
+    return EventTable(settings=settings, answers=answers, traces=traces, dropped=dropped,
+                      **{k: tensors[k] for k in _TENSORS})
 
 
 def write_settings(folder: str | os.PathLike, settings: dict) -> None:
@@ -188,7 +201,10 @@ def write_settings(folder: str | os.PathLike, settings: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SETTINGS_NAME
     if path.exists():
-        check_same_settings(read_settings(folder), settings, where=str(folder), keys=_FOLDER_PINNED)
+        # folders collected before labels were recorded hold gold labels
+        recorded = {"labels": DEFAULT_LABELS, **read_settings(folder)}
+        check_same_settings(recorded, {"labels": DEFAULT_LABELS, **settings}, where=str(folder),
+                            keys=_FOLDER_PINNED + ("labels",))
     elif any(folder.glob("shard-*")):
         raise LynxConfigError(f"{folder} holds shards but no {SETTINGS_NAME}, so nothing says how they were collected "
                               "and resuming could mix settings: collect into a new folder.")
@@ -232,3 +248,65 @@ def check_same_settings(a: dict, b: dict, where: str = "these event tables", key
             f"Mismatched settings in {where}: " + "; ".join(_describe(k, x, y) for k, (x, y) in diff.items())
             + ". Collect into a new folder, or use the same model, layers and cues."
         )
+
+
+def table_labels(table: EventTable) -> str:
+    """Which labels a table's `safe` holds: ``"gold"`` or ``"agreement"`` (tables collected before labels were
+    recorded hold gold labels).
+
+    Example:
+        >>> table_labels(EventTable.empty({}, 1)), table_labels(EventTable.empty({"labels": "agreement"}, 1))
+        ('gold', 'agreement')
+    """
+    return check_labels(table.settings.get("labels", DEFAULT_LABELS))
+
+
+def relabel(table: EventTable, labels: str) -> EventTable:
+    """The same traces and forced answers with `safe` recomputed for other labels, without re-collecting.
+
+    ``"agreement"``: a cue is safe when its forced answer matches its trace's full answer (`answers_match`, the
+    audit's comparison); traces without a full answer are dropped and their ids added to `dropped`. ``"gold"``: a
+    cue is safe when its forced answer matches the trace's gold answer, which every trace then needs (a table
+    collected with agreement labels from unlabelled prompts cannot be relabelled with gold).
+
+    Args:
+        table: an event table (its forced answers are in `table.answers`).
+        labels: ``"gold"`` or ``"agreement"``.
+
+    Returns:
+        The relabelled table (the same object when it already holds `labels`).
+
+    Raises:
+        LynxConfigError: gold labels asked for traces without a gold answer (the message names the fix).
+
+    Example:
+        >>> import torch
+        >>> table = EventTable(settings={}, features=torch.zeros(2, 1), safe=torch.tensor([True, False]),
+        ...     trace=torch.tensor([0, 0]), position=torch.tensor([3, 5]), start=torch.tensor([3, 5]),
+        ...     cue=torch.tensor([0, 0]), answer_length=torch.tensor([1, 1]), answer_confidence=torch.ones(2),
+        ...     answers=["4", "5"], traces=[{"id": "q", "gold": "4", "answer": "5"}])
+        >>> relabel(table, "agreement").safe.tolist()  # the full answer (5) was wrong: agreement follows it
+        [False, True]
+    """
+    labels = check_labels(labels)
+    if table_labels(table) == labels:
+        return table
+    if labels == "gold":
+        missing = [t["id"] for t in table.traces if t.get("gold") in (None, "")]
+        if missing:
+            raise LynxConfigError(
+                f"{len(missing)} of {table.n_traces} traces have no gold answer (first: {missing[0]!r}): gold labels "
+                "(and accuracy) need one for every problem: use problems with gold answers, or agreement labels "
+                "(labels='agreement', `--labels agreement`) where there are none.")
+        reference = [str(t["gold"]) for t in table.traces]
+    else:
+        reference = [t.get("answer") for t in table.traces]
+    keep = [i for i, r in enumerate(reference) if r is not None]
+    dropped = list(table.dropped) + [str(table.traces[i]["id"]) for i, r in enumerate(reference) if r is None]
+    # events of a trace without a reference are dropped with it below
+    safe = torch.tensor([reference[t] is not None and answers_match(a, reference[t])
+                         for a, t in zip(table.answers, table.trace.tolist())], dtype=torch.bool)
+    relabelled = EventTable(**{**table.__dict__, "safe": safe, "settings": {**table.settings, "labels": labels}})
+    relabelled = relabelled.select_traces(keep) if len(keep) < table.n_traces else relabelled
+    relabelled.dropped = dropped
+    return relabelled

@@ -1,6 +1,11 @@
 """From event tables to a shipped bundle: train the probe, calibrate it, measure it on held-out problems.
 
 Splits are by problem, never by event: a trace's events all land in the same part (train / calibration / test).
+
+Labels: every step takes `labels=None` (use the labels the table was collected with) or ``"gold"`` / ``"agreement"``
+(relabel the table's forced answers without re-collecting, `events.relabel`). The bundle records which labels its
+probe and its calibration used (`metadata["labels"]`), and its guarantee reads accordingly: gold labels bound how
+often the exit makes the final answer wrong, agreement labels how often it changes it (`guarantee_statement`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 from ..runtime.bundle import Lynx
 from ..runtime.config import LynxConfig, short_digest
 from ..runtime.conformal import Calibration, LynxCalibrationWarning, exits, first_exit
-from .events import EventTable, check_same_settings
+from .events import EventTable, check_same_settings, relabel, table_labels
 from ..runtime.exit import exit_token_ids
 from ..runtime.probe import LynxProbe, auroc, train_probe
 
@@ -24,8 +29,14 @@ REPORT_CONFIDENCES = (0.8, 0.9, 0.95)
 REPORT_RISK_LEVELS = (None, 0.1)
 
 
-def train(table: EventTable, *, seed: int = 0, **probe_kwargs):
+def train(table: EventTable, *, seed: int = 0, labels: str | None = None, **probe_kwargs):
     """Train a probe on a table's events (problem-level validation split inside); returns (probe, report).
+
+    Args:
+        table: the training event table.
+        seed: seeds the split and the initialisation.
+        labels: None (the table's own labels), ``"gold"`` or ``"agreement"`` (the table is relabelled first).
+        **probe_kwargs: passed to `train_probe`.
 
     Example:
         >>> from lynx_hf.pipeline.train import train  # doctest: +SKIP
@@ -33,6 +44,10 @@ def train(table: EventTable, *, seed: int = 0, **probe_kwargs):
     """
     if len(table) == 0:
         raise ValueError("The event table has no cue events: collect more traces (or check the cue words).")
+    if labels is not None:
+        table = relabel(table, labels)
+        if len(table) == 0:
+            raise ValueError(f"No cue events left after relabelling with {labels} labels: collect more traces.")
     return train_probe(table.features, table.safe, table.groups, seed=seed, **probe_kwargs)
 
 
@@ -44,8 +59,11 @@ def score(probe: LynxProbe, table: EventTable) -> torch.Tensor:
     return probe.predict_proba(table.features).float().cpu()
 
 
-def calibrate(probe: LynxProbe, table: EventTable) -> Calibration:
-    """Split-conformal calibration from held-out events (scores as float32, as the plug-ins compute them)."""
+def calibrate(probe: LynxProbe, table: EventTable, labels: str | None = None) -> Calibration:
+    """Split-conformal calibration from held-out events (scores as float32, as the plug-ins compute them); `labels`
+    None uses the table's own labels, ``"gold"`` / ``"agreement"`` relabels it first."""
+    if labels is not None:
+        table = relabel(table, labels)
     if len(table) == 0:
         raise ValueError("The calibration table has no cue events: collect traces on more calibration problems.")
     table.check_order()
@@ -133,15 +151,40 @@ _TRAIN_AND_CALIBRATION = ("the probe's training table and the calibration table:
 def calibrate_bundle(probe: LynxProbe, calibration_table: EventTable, test_table: EventTable | None = None, *,
                      settings: dict | None = None, tokenizer=None, datasets: Sequence[str] = (),
                      train_note: str = "", validation_auroc: float | None = None,
-                     train_digests: Sequence[str] = ()) -> Lynx:
+                     train_digests: Sequence[str] = (), labels: str | None = None,
+                     probe_labels: str | None = None, train_dropped: int | None = None) -> Lynx:
     """Calibrate a trained probe on held-out problems and package it; `test_table` adds realised rates.
 
-    The bundle's metadata (shown in its model card) records the data, n, the probe's AUROC on calibration and test
-    events, the realised premature-exit rates on the test problems, and the prompt digests of its training and
-    calibration problems (so that evaluation can refuse a table that overlaps them). The calibration problems must
-    be disjoint from the training ones (`train_digests`, see `prompt_digests`) and the test problems from both.
+    The bundle's metadata (shown in its model card) records the data, n, the labels of the probe and of the
+    calibration, the traces dropped for lack of a full answer (agreement labels), the probe's AUROC on calibration
+    and test events, the realised premature-exit rates on the test problems (with the calibration's labels, so they
+    measure what the guarantee bounds), and the prompt digests of its training and calibration problems (so that
+    evaluation can refuse a table that overlaps them). The calibration problems must be disjoint from the training
+    ones (`train_digests`, see `prompt_digests`) and the test problems from both.
+
+    Args:
+        probe: the trained probe.
+        calibration_table: held-out events to calibrate on.
+        test_table: optional held-out events for the realised rates in the card.
+        settings: the probe's collection settings (default: the calibration table's).
+        tokenizer: to record the exit text's token ids.
+        datasets: names for the model card.
+        train_note: one line on the training data (`describe`).
+        validation_auroc: the probe's validation AUROC.
+        train_digests: prompt digests of the training problems (checked disjoint from calibration).
+        labels: the calibration's labels: None (the calibration table's own) or ``"gold"`` / ``"agreement"``
+            (relabelled); the test table is relabelled to match.
+        probe_labels: the labels the probe was trained on (default: the probe's settings', else gold).
+        train_dropped: training traces dropped for lack of a full answer (recorded in the metadata).
+
+    Returns:
+        The `Lynx` bundle.
     """
-    settings = settings or calibration_table.settings
+    settings = settings or calibration_table.settings  # as collected: the probe's labels, unless told
+    probe_labels = probe_labels or settings.get("labels", "gold")
+    if labels is not None:
+        calibration_table = relabel(calibration_table, labels)
+    labels = table_labels(calibration_table)
     check_same_settings(settings, calibration_table.settings, where="the probe's and the calibration settings")
     cal_digests = prompt_digests(calibration_table)
     check_disjoint(train_digests, cal_digests, _TRAIN_AND_CALIBRATION)
@@ -156,7 +199,12 @@ def calibrate_bundle(probe: LynxProbe, calibration_table: EventTable, test_table
         "sampling": {k: calibration_table.settings[k] for k in ("temperature", "top_p")
                      if k in calibration_table.settings},
         "problem_digests": {"train": list(train_digests), "calibration": cal_digests},
+        "labels": {"probe": probe_labels, "calibration": labels},
+        "dropped_traces": {"train": train_dropped, "calibration": len(calibration_table.dropped)},
     }
+    if test_table is not None:
+        test_table = relabel(test_table, labels)
+        metadata["dropped_traces"]["test"] = len(test_table.dropped)
     if test_table is not None and len(test_table):
         check_same_settings(settings, test_table.settings, where="the probe's and the test settings")
         check_test_disjoint(test_table, metadata, "the test event table")
@@ -179,15 +227,22 @@ def _auroc_if_defined(scores: torch.Tensor, safe: torch.Tensor, part: str) -> fl
 
 
 def fit(train_table: EventTable, calibration_table: EventTable, test_table: EventTable | None = None, *,
-        seed: int = 0, tokenizer=None, datasets: Sequence[str] = (), **probe_kwargs) -> Lynx:
-    """Train on one table, calibrate on another (disjoint problems), report on a third: a ready bundle."""
+        seed: int = 0, tokenizer=None, datasets: Sequence[str] = (), labels: str | None = None,
+        **probe_kwargs) -> Lynx:
+    """Train on one table, calibrate on another (disjoint problems), report on a third: a ready bundle.
+
+    `labels` None keeps each table's own labels; ``"gold"`` / ``"agreement"`` relabels all three (one kind of
+    labels for the probe, the calibration and the test rates: never mixed)."""
+    if labels is not None:
+        train_table, calibration_table = relabel(train_table, labels), relabel(calibration_table, labels)
     check_same_settings(train_table.settings, calibration_table.settings)
     train_digests = prompt_digests(train_table)
     check_disjoint(train_digests, prompt_digests(calibration_table), _TRAIN_AND_CALIBRATION)  # before training
     probe, report = train(train_table, seed=seed, **probe_kwargs)
     return calibrate_bundle(probe, calibration_table, test_table, settings=train_table.settings, tokenizer=tokenizer,
                             datasets=datasets, train_note=describe(train_table), validation_auroc=report.val_auroc,
-                            train_digests=train_digests)
+                            train_digests=train_digests, probe_labels=table_labels(train_table),
+                            train_dropped=len(train_table.dropped))
 
 
 def check_test_disjoint(table: EventTable, metadata: dict, name: str = "the evaluation table") -> None:
@@ -225,6 +280,15 @@ def load_probe_folder(folder) -> tuple[LynxProbe, dict]:
 
 
 def describe(table: EventTable) -> str:
-    """One line about a table: events, traces, share safe."""
+    """One line about a table: events, traces, share safe, and (agreement labels) traces dropped for lack of a full
+    answer.
+
+    Example:
+        >>> describe(EventTable.empty({}, 1))
+        '0 events from 0 traces (nan% safe)'
+    """
     safe = float(table.safe.double().mean()) if len(table) else float("nan")
-    return f"{len(table)} events from {table.n_traces} traces ({safe:.1%} safe)"
+    line = f"{len(table)} events from {table.n_traces} traces ({safe:.1%} safe)"
+    if table.settings.get("labels") == "agreement" or table.dropped:
+        line = line[:-1] + f", {table_labels(table)} labels; {len(table.dropped)} traces dropped: no full answer)"
+    return line

@@ -67,8 +67,11 @@ class Lynx(
     guarantee below is therefore stated for the exact path; the one call answers from a slightly different exit.
 
     `confidence` c sets the exit threshold from the stored calibration scores: with `guarantee="question"` (the
-    default) the share of questions whose exit is premature (the forced answer is wrong) is at most 1 - c
-    (conformal risk control on the first exit); with `guarantee="event"` (the paper's rule) an unsafe cue triggers
+    default) the share of questions whose exit is premature is at most 1 - c (conformal risk control on the first
+    exit). What premature means is the labels the bundle was calibrated with (`bundle_labels(lynx.metadata)`, in
+    words by `guarantee_statement`): gold labels, "the exit makes the final answer wrong in at most 1 - c of
+    questions"; agreement labels (built without gold answers), "the exit changes the final answer in at most 1 - c
+    of questions"; with `guarantee="event"` (the paper's rule) an unsafe cue triggers
     an exit with probability at most 1 - c, so a trace with several unsafe cues is cut wrongly more often than
     1 - c. Both hold on average over calibration sets; `risk_level=alpha` makes them hold with probability at
     least 1 - alpha for this bundle's calibration set (PAC; fewer exits). `rule="paper"` uses the paper's exact

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CorruptedBundleError
-from .conformal import GUARANTEE_ORDER, Calibration
+from .conformal import DEFAULT_LABELS, GUARANTEE_ORDER, Calibration, check_labels, guarantee_statement
 from .config import LynxConfig
 from .probe import LynxProbe
 
@@ -68,9 +68,33 @@ def read_bundle(name_or_path: str | os.PathLike, **hub_kwargs) -> tuple[LynxConf
     return config, probe, Calibration.from_dict(payload["calibration"]), payload.get("metadata")
 
 
+def bundle_labels(metadata: dict | None) -> dict[str, str]:
+    """Which labels a bundle's probe and calibration used, from its metadata: ``{"probe": ..., "calibration": ...}``,
+    each ``"gold"`` or ``"agreement"``. Bundles saved before labels were recorded read as gold.
+
+    Args:
+        metadata: the bundle's metadata (`Lynx.metadata`); its ``"labels"`` entry is such a dict or one label for
+            both.
+
+    Returns:
+        The labels of the probe and of the calibration (the calibration's decide what the guarantee means:
+        `guarantee_statement`).
+
+    Example:
+        >>> bundle_labels({}), bundle_labels({"labels": {"probe": "gold", "calibration": "agreement"}})["calibration"]
+        ({'probe': 'gold', 'calibration': 'gold'}, 'agreement')
+    """
+    recorded = (metadata or {}).get("labels") or {}
+    if isinstance(recorded, str):
+        recorded = {"probe": recorded, "calibration": recorded}
+    return {part: check_labels(recorded.get(part) or DEFAULT_LABELS) for part in ("probe", "calibration")}
+
+
 def model_card(config: LynxConfig, calibration: Calibration, metadata: dict, info, **kwargs) -> ModelCard:
-    """The card rendered from `hub_cards/lynx_probe.md` (`info`: the `ModelHubMixin` class info: tags and URLs)."""
-    meta = metadata
+    """The card rendered from `hub_cards/lynx_probe.md` (`info`: the `ModelHubMixin` class info: tags and URLs); its
+    guarantee is stated by `guarantee_statement` for the labels the calibration used (`bundle_labels`)."""
+    meta = metadata or {}
+    labels = bundle_labels(meta)
     data = ModelCardData(
         library_name="lynx-hf", license="apache-2.0", base_model=config.base_model,
         tags=list(info.model_card_data.tags or []), datasets=meta.get("datasets"),
@@ -95,6 +119,9 @@ def model_card(config: LynxConfig, calibration: Calibration, metadata: dict, inf
                     f"{math.sqrt(0.1 * 0.9 / n_test):.3f}" if n_test else "its rates vary around the true ones"),
         repo_url=info.repo_url,
         paper_url=info.paper_url,
+        labels=labels,
+        statements={g: guarantee_statement(labels["calibration"], g) for g in GUARANTEE_ORDER},
+        dropped={k: v for k, v in (meta.get("dropped_traces") or {}).items() if v},
         **kwargs,
     )
 

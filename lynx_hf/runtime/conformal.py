@@ -713,3 +713,62 @@ class Calibration:
             )
         except ValueError as err:
             raise corrupted(str(err)) from err
+
+
+# ----- what the labels make the guarantee mean --------------------------------------------------------------------
+LABELS = ("gold", "agreement")
+"""How a cue's `safe` label was decided: ``"gold"`` (its forced answer matches the problem's gold answer) or
+``"agreement"`` (its forced answer matches the trace's own full answer, the live audit's reference: no gold needed)."""
+DEFAULT_LABELS = "gold"
+
+
+def check_labels(labels: str) -> str:
+    """Return `labels` if it is one of `LABELS`, else raise `LynxConfigError` naming the choices.
+
+    Example:
+        >>> check_labels("agreement")
+        'agreement'
+    """
+    if labels not in LABELS:
+        raise LynxConfigError(f"unknown labels {labels!r}; choose 'gold' (forced answer vs the gold answer) or "
+                              "'agreement' (forced answer vs the trace's own full answer: needs no gold answers).")
+    return labels
+
+
+def guarantee_statement(labels: str = DEFAULT_LABELS, guarantee: str = DEFAULT_GUARANTEE,
+                        confidence: float | None = None, risk_level: float | None = None) -> str:
+    """The guarantee of a calibration in words, for the labels it was calibrated with: the one sentence the model
+    card, `repr` and the audit use, so they never disagree.
+
+    Gold labels bound how often the exit makes the final answer *wrong*; agreement labels bound how often it
+    *changes* the final answer (the model's answer after its full thinking), which needs no gold answer and is what
+    the live audit measures.
+
+    Args:
+        labels: ``"gold"`` or ``"agreement"`` (see `LABELS`).
+        guarantee: ``"question"`` or ``"event"``.
+        confidence: c; None writes the bound as ``1 - c``.
+        risk_level: None (on average over calibration sets) or alpha (PAC: for this calibration set with
+            probability at least 1 - alpha).
+
+    Returns:
+        One sentence, without a final full stop.
+
+    Example:
+        >>> guarantee_statement("gold", "question", 0.9)
+        'the exit makes the final answer wrong in at most 1 - c = 0.1 of questions (on average over calibration sets)'
+        >>> guarantee_statement("agreement")
+        'the exit changes the final answer in at most 1 - c of questions (on average over calibration sets)'
+    """
+    check_labels(labels)
+    check_guarantee(guarantee)
+    bound = "1 - c" if confidence is None else f"1 - c = {1 - float(confidence):.3g}"
+    effect = "makes the final answer wrong" if labels == "gold" else "changes the final answer"
+    if guarantee == "question":
+        claim = f"the exit {effect} in at most {bound} of questions"
+    else:
+        where = "would make the final answer wrong" if labels == "gold" else "would change the final answer"
+        claim = f"at most {bound} of the cues where an exit {where} trigger an exit"
+    strength = ("on average over calibration sets" if risk_level is None else
+                f"for this calibration set with probability at least 1 - α = {1 - float(risk_level):.3g}")
+    return f"{claim} ({strength})"
