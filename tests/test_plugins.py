@@ -328,3 +328,5 @@ def test_a_confident_cue_confirmed_by_eos_is_an_event_in_both_modes_as_offline(s
     if not shadow:  # answered from before the cue: neither the cue nor the EOS is in the answer's context
         assert exit_cut(stop_record.position, stop_record.start, lynx.config.exit_construction) == width + 2
         assert stop[0, width + 3] == tok.eos_token_id and stop_answer.token_ids
+        # The later calls wrote the same ids; the output object still names the call that returned it.
+        assert lynx.answer(stop)[0].token_ids == stop_answer.token_ids

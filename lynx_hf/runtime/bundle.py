@@ -492,6 +492,11 @@ class Lynx(
         return [] if call is None else call.records()
 
     def _call_of(self, sequences: torch.Tensor) -> GenerateCall:
+        # The tensor generate returned is the one its criteria saw last: that names the call even where a later
+        # call wrote the same ids. A copy (`out.cpu()`, `out.tolist()`) is matched by its ids, the latest call first.
+        for call in reversed(self._stop_calls):
+            if sequences is call.sequences or sequences is call.final_ids:
+                return call
         for call in reversed(self._stop_calls):
             if call.matches(sequences):
                 return call
