@@ -10,6 +10,7 @@ out = model.generate(**inputs, stopping_criteria=[lynx])
 
 from .runtime.answers import answers_match, extract_boxed
 from .runtime.audit import AuditLog, AuditReport, AuditRow
+from .runtime.budget import ThinkingBudgetCriteria
 from .runtime.bundle import Lynx
 from .runtime.capture import HiddenStateCapture
 from .runtime.config import LynxConfig
@@ -25,16 +26,20 @@ from .errors import (
     NotAttachedError,
     UnsupportedGenerationError,
 )
-from .runtime.exit import DEFAULT_EXIT_TEXT, answer_after_exit
+from .runtime.exit import DEFAULT_EXIT_TEXT, ExitAnswer, LynxAnswer, answer_after_exit
 from .runtime.monitor import ExitRecord
 from .runtime.plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
 from .runtime.probe import LynxProbe, train_probe
 from .runtime.thinking import ThinkingFormat, detect_thinking
 
+from .runtime.logs import library_logger as _library_logger
+
 __version__ = "0.2.0"
 
+_library_logger()  # lynx_hf's logs follow transformers' verbosity (TRANSFORMERS_VERBOSITY, set_verbosity_info())
+
 # pipeline- and evaluation-side names, imported on first use so that `import lynx_hf` loads the runtime only
-_LAZY = {"EventTable": "pipeline.events", "Collector": "pipeline.collect", "fit": "pipeline.train",
+_LAZY = {"Collector": "pipeline.collect", "fit": "pipeline.train", "EventTable": "pipeline.events",
          "AnswerStated": "evaluation.text_rules",
          "AnswerStatedCriteria": "evaluation.text_rules", "TextProbe": "evaluation.text_rules",
          "TextProbeExit": "evaluation.text_rules"}
@@ -62,10 +67,12 @@ __all__ = [
     "CueEvent",
     "DEFAULT_EXIT_TEXT",
     "EventTable",
+    "ExitAnswer",
     "ExitRecord",
     "HiddenStateCapture",
     "LABELS",
     "Lynx",
+    "LynxAnswer",
     "LynxAnswerStopper",
     "LynxCalibrationWarning",
     "LynxConfig",
@@ -78,6 +85,7 @@ __all__ = [
     "NotAttachedError",
     "TextProbe",
     "TextProbeExit",
+    "ThinkingBudgetCriteria",
     "ThinkingFormat",
     "UnsupportedGenerationError",
     "answer_after_exit",
@@ -87,5 +95,6 @@ __all__ = [
     "extract_boxed",
     "fit",
     "guarantee_statement",
+    "organism",
     "train_probe",
 ]

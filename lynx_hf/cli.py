@@ -165,7 +165,8 @@ def cmd_audit(args) -> None:
     _organism_defaults(args, "audit")
 
     for text in replay_audit(args.bundle, args.events, confidence=args.confidence, guarantee=args.guarantee,
-                             risk_level=args.risk_level, alpha=args.alpha, step=args.step):
+                             risk_level=args.risk_level, cs_level=args.cs_level, step=args.step,
+                             alpha=args.alpha):
         print(text, end="\n\n")
 
 
@@ -561,7 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which guarantee's threshold: question (share of questions with a premature exit <= 1 - c) "
                         "or event (an unsafe cue exits with probability <= 1 - c)")
     p.add_argument("--risk-level", type=float, help="PAC risk level alpha of the threshold (default: marginal)")
-    p.add_argument("--alpha", type=float, default=0.05, help="miscoverage of the confidence sequence")
+    p.add_argument("--cs-level", type=float, default=0.95,
+                   help="coverage of the audit's anytime-valid confidence sequences (default 0.95)")
+    p.add_argument("--alpha", type=float, default=None, help=argparse.SUPPRESS)  # deprecated: 1 - --cs-level
     p.add_argument("--step", type=int, default=25, help="print the report after every this many rows")
     p.set_defaults(func=cmd_audit)
 
@@ -605,7 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    library = logging.getLogger("lynx_hf")  # the CLI prints through the root logger, at its own level
+    library.setLevel(level)
+    library.propagate = True
+    for handler in [h for h in library.handlers if isinstance(h, logging.StreamHandler)]:
+        library.removeHandler(handler)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, OSError, ImportError) as error:

@@ -13,7 +13,7 @@ import real_tokenizers as rt
 from conftest import tiny_qwen2
 from forcing import ForceScript
 from organism_batch import GREEDY, answers, organism_batch
-from lynx_hf import Lynx, LynxConfigError, organism
+from lynx_hf import Lynx, LynxConfigError, ThinkingBudgetCriteria, organism
 from lynx_hf.evaluation.cue_rules import LynxExit
 from lynx_hf.evaluation.live_rules import LynxBudget
 from lynx_hf.evaluation.replay import Replay
@@ -34,7 +34,7 @@ def _generated_think_tokens(tok, enc, out, row: int) -> int:
 
 def test_a_row_still_thinking_after_the_budget_exits_there_and_answers_from_those_tokens(batch):
     model, tok, _, enc, _ = batch
-    cap = Lynx.budget(24, model=model, tokenizer=tok)
+    cap = ThinkingBudgetCriteria(24, model=model, tokenizer=tok)
     out = model.generate(**enc, stopping_criteria=[cap.stopper()], return_dict_in_generate=True, **GREEDY)
     width = enc.input_ids.shape[1]
     for row, record in enumerate(cap.last_exits):
@@ -53,7 +53,7 @@ def test_rows_that_close_their_thinking_within_the_budget_are_left_alone(batch):
     model, tok, _, enc, _ = batch
     plain = model.generate(**enc, **GREEDY)
     longest = max(_generated_think_tokens(tok, enc, plain, row) for row in range(len(plain)))
-    cap = Lynx.budget(longest + 1, model=model, tokenizer=tok)
+    cap = ThinkingBudgetCriteria(longest + 1, model=model, tokenizer=tok)
     out = model.generate(**enc, stopping_criteria=[cap.stopper()], **GREEDY)
     assert torch.equal(out, plain)
     assert not any(r.would_exit for r in cap.last_exits)
@@ -61,7 +61,7 @@ def test_rows_that_close_their_thinking_within_the_budget_are_left_alone(batch):
 
 def test_in_stream_budget_exit_forces_the_exit_text_after_b_thinking_tokens_in_the_same_call(batch):
     model, tok, _, enc, _ = batch
-    cap = Lynx.budget(24, model=model, tokenizer=tok)
+    cap = ThinkingBudgetCriteria(24, model=model, tokenizer=tok)
     stop = model.generate(**enc, stopping_criteria=[cap.stopper()], return_dict_in_generate=True, **GREEDY)
     stop_answers = cap.answer(stop)
     out = model.generate(**enc, logits_processor=[cap.exit_processor()], stopping_criteria=[cap.answer_stopper()],
@@ -106,7 +106,7 @@ def test_budget_settings_are_read_when_a_call_starts_and_travel_with_copies_and_
 
 def test_shadow_mode_records_budget_exits_without_intervening(batch):
     model, tok, _, enc, _ = batch
-    cap = Lynx.budget(24, model=model, tokenizer=tok, shadow=True)
+    cap = ThinkingBudgetCriteria(24, model=model, tokenizer=tok, shadow=True)
     out = model.generate(**enc, stopping_criteria=[cap.stopper()], **GREEDY)
     assert torch.equal(out, model.generate(**enc, **GREEDY))
     assert all(r.would_exit and r.by_budget and not r.exited for r in cap.last_exits)
@@ -114,7 +114,7 @@ def test_shadow_mode_records_budget_exits_without_intervening(batch):
 
 def test_custom_generate_caps_thinking_as_stop_mode_and_answer_do(batch):
     model, tok, _, enc, _ = batch
-    cap = Lynx.budget(24, model=model, tokenizer=tok)
+    cap = ThinkingBudgetCriteria(24, model=model, tokenizer=tok)
     stop = model.generate(**enc, stopping_criteria=[cap.stopper()], return_dict_in_generate=True, **GREEDY)
     stop_answers = cap.answer(stop)
     width = enc.input_ids.shape[1]
@@ -161,7 +161,7 @@ def test_budget_alone_on_qwqs_tokenizer_closes_with_its_own_end_of_thinking_toke
     tok = rt.qwen2_tokenizer()
     model = tiny_qwen2(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id,
                        eos_token_id=tok.eos_token_id)
-    cap = Lynx.budget(5, model=model, tokenizer=tok)
+    cap = ThinkingBudgetCriteria(5, model=model, tokenizer=tok)
     assert rt.THINK_CLOSE_ID in cap.exit_ids
     # the model opens its own thinking block: tokens before `<think>` are not thinking
     prompt = tok("Question: 2+2?\n", add_special_tokens=False, return_tensors="pt")
@@ -182,15 +182,16 @@ def test_budget_alone_on_qwqs_tokenizer_closes_with_its_own_end_of_thinking_toke
             assert out[0, start: start + len(cap.exit_ids)].tolist() == cap.exit_ids
 
 
-def test_bad_budgets_and_saving_a_budget_only_lynx_are_refused_with_the_fix(batch, tmp_path):
+def test_bad_budgets_are_refused_with_the_fix_and_the_budget_alone_has_no_bundle_methods(batch, tmp_path):
     model, tok, lynx, _, _ = batch
     for bad in (0, -3, 2.5, True, "100"):
         with pytest.raises(LynxConfigError, match="max_thinking_tokens"):
-            Lynx.budget(bad, model=model, tokenizer=tok)
+            ThinkingBudgetCriteria(bad, model=model, tokenizer=tok)
         with pytest.raises(LynxConfigError, match="max_thinking_tokens"):
             copy.copy(lynx).max_thinking_tokens = bad
-    with pytest.raises(LynxConfigError, match="no probe or calibration to save"):
-        Lynx.budget(8, model=model, tokenizer=tok).save_pretrained(tmp_path / "cap")
+    budget = ThinkingBudgetCriteria(8, model=model, tokenizer=tok)
+    for method in ("save_pretrained", "push_to_hub", "audit", "confidence", "threshold"):  # no bundle, no guarantee
+        assert not hasattr(budget, method)
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +227,32 @@ def test_a_row_whose_budget_token_is_its_own_eos_ended_there_and_exits_by_budget
         assert records[1].exited and records[1].by_budget and records[1].position == width + budget - 1
     assert stop[0, width + budget - 1] == eos
     assert lynx.answer(stop)[0].token_ids == []  # answer() leaves the ended row as it is: no exit text after its EOS
+
+
+def test_thinking_budget_criteria_is_a_stopping_criterion_and_lynx_budget_a_deprecated_alias_of_it(batch):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model, tok, _, enc, _ = batch
+    with pytest.warns(FutureWarning, match="ThinkingBudgetCriteria"):
+        old = Lynx.budget(24, model=model, tokenizer=tok)
+    assert isinstance(old, ThinkingBudgetCriteria) and not isinstance(old, Lynx)
+    budget = ThinkingBudgetCriteria(24, tokenizer=tok)  # a tokenizer without a model: bound on first use
+    assert isinstance(budget, StoppingCriteria) and "not attached" in repr(budget)
+    out = model.generate(**enc, stopping_criteria=StoppingCriteriaList([budget]), return_dict_in_generate=True,
+                         **GREEDY)
+    assert budget.tokenizer is tok and budget.model is model and "max_thinking_tokens=24" in repr(budget)
+    assert all(r.by_budget and r.thinking_tokens == 24 for r in budget.last_exits)
+    old_out = model.generate(**enc, stopping_criteria=[old], return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(out.sequences, old_out.sequences)
+    assert answers(budget.answer(out)) == answers(old.answer(old_out))
+    width = enc.input_ids.shape[1]
+    for row in range(len(out.sequences)):  # the one call: the exit text follows the 24th thinking token
+        assert out.sequences[row, width + 24: width + 24 + len(budget.exit_ids)].tolist() == budget.exit_ids
+    stop = model.generate(**enc, stopping_criteria=[budget.stopper()], **GREEDY)  # the exact stop mode
+    assert stop.shape[1] == width + 24 and budget.stopper().last_exits == budget.last_exits
+    assert all(r.by_budget and r.thinking_tokens == 24 for r in budget.last_exits)
+    copied = copy.copy(budget)
+    copied.max_thinking_tokens = 10
+    assert budget.max_thinking_tokens == 24 and pickle.loads(pickle.dumps(copied)).max_thinking_tokens == 10
+    with pytest.raises(LynxConfigError, match="max_thinking_tokens"):
+        ThinkingBudgetCriteria(None, tokenizer=tok)

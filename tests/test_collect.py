@@ -130,8 +130,13 @@ def test_traces_without_cues_are_counted_and_collection_keeps_going(collector, p
     # a cue the organism never writes: every trace is cue-less
     quiet = Collector(collector.model, collector.tokenizer, cues=("perhaps",), layers=(2,),
                       prompt_fn=organism.prompt, max_new_tokens=400)
-    with caplog.at_level(logging.WARNING):
-        table = quiet.collect(problems[:4], tmp_path, batch_size=2, seed=0, progress=False)
+    library = logging.getLogger("lynx_hf")  # it propagates to the root logger only where transformers' does
+    library.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="lynx_hf"):
+            table = quiet.collect(problems[:4], tmp_path, batch_size=2, seed=0, progress=False)
+    finally:
+        library.removeHandler(caplog.handler)
     assert table.n_traces == 4 and len(table) == 0
     assert "4 of 4 traces had no cue event" in caplog.text
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 
 from ..pipeline.events import EventTable
-from ..runtime.audit import AuditRow, audit_report, observe_row
+from ..runtime.audit import AuditRow, audit_report, check_cs_level, observe_row
 from ..runtime.bundle import Lynx
 from ..runtime.conformal import check_guarantee, check_risk_level, exits
 from .replay import Replay
@@ -62,7 +62,8 @@ def gold_rate(table: EventTable, scores: torch.Tensor, threshold: float, guarant
 
 
 def replay_audit(bundle, events, *, confidence: float = 0.9, guarantee: str = "question",
-                 risk_level: float | None = None, alpha: float = 0.05, step: int = 25) -> Iterable[str]:
+                 risk_level: float | None = None, cs_level: float = 0.95, step: int = 25,
+                 alpha: float | None = None) -> Iterable[str]:
     """`lynx-hf audit`: the live audit replayed on a collected event table, traces in table order as if they were
     the audited rows of live traffic. Yields the report after every `step` rows (the repeated looks the confidence
     sequence is valid under), then the final one followed by the gold-labelled premature rate for comparison.
@@ -71,6 +72,7 @@ def replay_audit(bundle, events, *, confidence: float = 0.9, guarantee: str = "q
         >>> from lynx_hf import organism
         >>> texts = list(replay_audit(organism.BUNDLE_DIR, "events/test", step=50))  # doctest: +SKIP
     """
+    cs_level = check_cs_level(cs_level, alpha)
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step={step!r}: give the number of rows between two looks, e.g. 25.")
     if bundle is None:
@@ -85,10 +87,10 @@ def replay_audit(bundle, events, *, confidence: float = 0.9, guarantee: str = "q
     rows = replay_rows(table, scores, lynx.threshold, settings)
     bound = lynx.calibration.max_unsafe_per_question
     for n in range(step, len(rows), step):
-        yield f"after {n} rows\n{audit_report(rows[:n], alpha, max_unsafe=bound)}"
+        yield f"after {n} rows\n{audit_report(rows[:n], cs_level=cs_level, max_unsafe=bound)}"
     count, total = gold_rate(table, scores, lynx.threshold, lynx.guarantee)
     unit = "traces whose first exit is at an unsafe cue" if lynx.guarantee == "question" else \
         "unsafe cues at or above tau"
-    yield (f"all {len(rows)} rows (threshold tau = {lynx.threshold:.4f})\n{audit_report(rows, alpha, max_unsafe=bound)}"
+    yield (f"all {len(rows)} rows (threshold tau = {lynx.threshold:.4f})\n{audit_report(rows, cs_level=cs_level, max_unsafe=bound)}"
            f"\ngold-labelled premature rate: {count}/{total} = {count / max(total, 1):.3f} ({unit}; "
            f"delta = {1 - lynx.confidence:.3f})")

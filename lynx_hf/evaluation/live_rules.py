@@ -126,7 +126,7 @@ class BudgetForcing(Method):
 
 def answers_at_budget(replay: Replay, rows: Sequence[int], budget: int, model, tokenizer, exit_ids: Sequence[int],
                       batch_size: int = 64, answer_max_new_tokens: int | None = None) -> list:
-    """The forced-exit answers (`ExitAnswer`) of traces `rows` cut after `budget` thinking tokens: the prompt and the
+    """The forced-exit answers (`LynxAnswer`) of traces `rows` cut after `budget` thinking tokens: the prompt and the
     first `budget` generated tokens, the exit text, then the greedy answer (`answer_after_exit`, batched).
 
     Example:

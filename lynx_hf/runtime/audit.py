@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
@@ -127,6 +128,28 @@ def observe_row(settings: dict, threshold: float, reference: str | None, answers
     )
 
 
+def check_cs_level(cs_level: float = 0.95, alpha: float | None = None, *, stacklevel: int = 3) -> float:
+    """The audit's confidence-sequence level, from `cs_level` or the deprecated `alpha` (its miscoverage, 1 -
+    cs_level; renamed because `alpha` is the PAC risk level, `risk_level`, everywhere else).
+
+    Example:
+        >>> check_cs_level(0.9)
+        0.9
+    """
+    if alpha is not None:
+        warnings.warn(f"alpha={alpha!r} for the audit is deprecated: pass cs_level={1 - alpha:g} (the confidence "
+                      "sequences' coverage, 1 - alpha). `alpha` names the PAC risk level of the threshold elsewhere "
+                      "(risk_level).", FutureWarning, stacklevel=stacklevel)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha={alpha!r}: give the confidence sequences' miscoverage in (0, 1), or better "
+                             "cs_level=0.95.")
+        return round(1.0 - float(alpha), 12)
+    if isinstance(cs_level, bool) or not isinstance(cs_level, (int, float)) or not 0.0 < cs_level < 1.0:
+        raise ValueError(f"cs_level={cs_level!r}: give the confidence sequences' coverage in (0, 1), e.g. "
+                         "cs_level=0.95.")
+    return float(cs_level)
+
+
 @lru_cache(maxsize=64)
 def rows_needed(delta: float, alpha: float) -> int:
     """Fewest rows with which the confidence sequence's lower bound can exceed δ at all (every row disagreeing):
@@ -186,21 +209,29 @@ class AuditReport:
     """
 
     groups: list[AuditGroup]
-    alpha: float
+    cs_level: float
     pending_rows: int = 0
     forwards: int = 0
     tokens: int = 0
+
+    @property
+    def alpha(self) -> float:
+        """Deprecated: the confidence sequences' miscoverage, `1 - cs_level` (use `cs_level`)."""
+        warnings.warn("AuditReport.alpha is deprecated: the confidence sequences' level is AuditReport.cs_level "
+                      "(alpha = 1 - cs_level); alpha names the PAC risk level elsewhere (risk_level).",
+                      FutureWarning, stacklevel=2)
+        return round(1.0 - self.cs_level, 12)
 
     @property
     def audited_rows(self) -> int:
         return sum(g.rows for g in self.groups)
 
     def to_dict(self) -> dict:
-        return {"alpha": self.alpha, "pending_rows": self.pending_rows, "forwards": self.forwards,
+        return {"cs_level": self.cs_level, "pending_rows": self.pending_rows, "forwards": self.forwards,
                 "tokens": self.tokens, "groups": [asdict(g) for g in self.groups]}
 
     def __str__(self) -> str:
-        level = f"{1 - self.alpha:.0%}"
+        level = f"{self.cs_level:.0%}"
         head = ["guarantee", "setting", "δ", "rows", "with ref", "would exit", "disagree", "rate", f"{level} CS",
                 "verdict"]
         lines = [head]
@@ -238,15 +269,16 @@ class AuditReport:
         return "\n".join(text)
 
 
-def audit_report(rows: Iterable[AuditRow], alpha: float = 0.05, *, max_unsafe: int | None = None,
-                 pending_rows: int = 0) -> AuditReport:
+def audit_report(rows: Iterable[AuditRow], *, cs_level: float = 0.95, max_unsafe: int | None = None,
+                 pending_rows: int = 0, alpha: float | None = None) -> AuditReport:
     """Group `rows` by setting (in order of first appearance) and test each group's rate against its δ.
 
     `max_unsafe` is the per-event range M (default: the most label-free unsafe cues any row of the group has, which
-    is only valid if fixed before seeing the data: `Lynx.audit` passes the calibration's maximum).
+    is only valid if fixed before seeing the data: `Lynx.audit` passes the calibration's maximum). `cs_level` is the
+    confidence sequences' coverage (`alpha`, its miscoverage, is the deprecated way to give it).
     """
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha={alpha!r}: give the confidence sequences' miscoverage in (0, 1), e.g. alpha=0.05.")
+    cs_level = check_cs_level(cs_level, alpha)
+    alpha = round(1.0 - cs_level, 12)
     rows = list(rows)
     groups: dict[tuple, list[AuditRow]] = {}
     for row in rows:
@@ -287,7 +319,7 @@ def audit_report(rows: Iterable[AuditRow], alpha: float = 0.05, *, max_unsafe: i
             rate=disagreements / denominator if denominator else math.nan, lower=low, upper=high, verdict=verdict,
             over_range=over, max_unsafe=bound,
         ))
-    return AuditReport(out, alpha, pending_rows=pending_rows, forwards=sum(r.forwards for r in rows),
+    return AuditReport(out, cs_level, pending_rows=pending_rows, forwards=sum(r.forwards for r in rows),
                        tokens=sum(r.tokens for r in rows))
 
 
@@ -354,9 +386,11 @@ class AuditLog:
                 self._rows.extend(replace(r, batch=self._batches) for r in rows)
                 self._batches += 1
 
-    def report(self, alpha: float = 0.05, *, max_unsafe: int | None = None) -> AuditReport:
-        """The `AuditReport` of the settled rows (see `audit_report`)."""
-        return audit_report(self.rows, alpha, max_unsafe=max_unsafe, pending_rows=self.pending_rows)
+    def report(self, *, cs_level: float = 0.95, max_unsafe: int | None = None,
+               alpha: float | None = None) -> AuditReport:
+        """The `AuditReport` of the settled rows (see `audit_report`), with `cs_level` confidence sequences."""
+        return audit_report(self.rows, cs_level=check_cs_level(cs_level, alpha, stacklevel=3), max_unsafe=max_unsafe,
+                            pending_rows=self.pending_rows)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the settled rows as JSON (calls still running are not saved)."""

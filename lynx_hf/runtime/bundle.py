@@ -25,13 +25,14 @@ from .conformal import DEFAULT_GUARANTEE, Calibration, check_guarantee, check_ri
 from .config import LynxConfig, check_base_model
 from .cues import CueDetector
 from ..errors import CorruptedBundleError, LynxConfigError, NotAttachedError
-from .exit import ExitAnswer, answer_after_exit, brace_delta, exit_cut, reusable_cache, vocab_size
-from .answers import close_box, extract_boxed
-from .audit import AuditLog, AuditReport
+from .exit import LynxAnswer, answer_after_exit, brace_delta, exit_cut, finished_answer, reusable_cache, vocab_size
+from .answers import close_box
+from .audit import AuditLog, AuditReport, check_cs_level
 from .monitor import ExitRecord, GenerateCall, LastCall, ModelTap
-from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria
+from .plugins import LynxAnswerStopper, LynxExitProcessor, LynxStoppingCriteria, criterion_signature
 from .probe import LynxProbe
 from .thinking import resolve_thinking, thinking_exit_ids
+from .token_ids import id_batch
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class Lynx(
     `max_thinking_tokens=B` caps the thinking: a row that has thought B tokens without a confident cue exits there
     with the same exit text (stop mode: `answer` answers it; in-stream: the model answers in the same call), and
     its record says `by_budget=True`. Budget exits are outside the conformal guarantee (they happen whatever the
-    probe thinks); `Lynx.budget(B, tokenizer=...)` is the cap alone, without a probe or bundle.
+    probe thinks); `ThinkingBudgetCriteria(B, tokenizer=...)` is the cap alone, without a probe or bundle.
 
     Which model: `Lynx.from_pretrained(repo, model=model)` (or `lynx.attach(model)`) binds it explicitly; without
     it, the first `generate` call that uses one of its plug-ins attaches it to the model running that call (found
@@ -162,11 +163,38 @@ class Lynx(
         self._tap: ModelTap | None = None
         self._device: torch.device | None = None  # where the bound model is (and the cue tables, probe, capture)
         self._auto_attached = False
+        self._default_tokenizer = None  # the tokenizer to bind with on first use, where one was given without a model
         self._stopper = LynxStoppingCriteria(self)
         self._processor = LynxExitProcessor(self)
         # Recent calls, so that `answer(outputs)` finds the call that produced `outputs`.
         self._stop_calls: deque[GenerateCall] = deque(maxlen=ANSWERABLE_CALLS)
         self._last_call = LastCall()
+
+    def __repr__(self) -> str:
+        """What this is, in one line: the base model, the guarantee and its settings, the threshold they give, the
+        mode (exit, shadow, audited share), any thinking budget, and what it is attached to."""
+        parts = [f"base_model={self.config.base_model!r}", f"guarantee={self._guarantee!r}",
+                 f"confidence={self._confidence:g}", f"risk_level={self._risk_level!r}"]
+        if self._rule != "envelope":
+            parts.append(f"rule={self._rule!r}")
+        threshold = self._threshold
+        if threshold is None and self.calibration is not None:
+            try:  # without caching it or warning here: the first generate call warns where it matters
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    threshold = self.calibration.threshold(self._confidence, self._guarantee, rule=self._rule,
+                                                           risk_level=self._risk_level)
+            except Exception:  # noqa: BLE001 - a repr never raises
+                threshold = None
+        parts.append("threshold=" + (f"{threshold:.4g}" if threshold is not None else "?"))
+        parts.append(f"mode={'shadow' if self.shadow else 'exit'!r}")
+        if self._audit_rate > 0:
+            parts.append(f"audit_rate={self._audit_rate:g}")
+        if self._max_thinking_tokens is not None:
+            parts.append(f"max_thinking_tokens={self._max_thinking_tokens}")
+        parts.append("attached to " + _describe_model(self.model, self._device) if self.model is not None
+                     else "not attached")
+        return f"Lynx({', '.join(parts)})"
 
     # ----- confidence and thresholds -------------------------------------------------------------------------
     @property
@@ -231,7 +259,7 @@ class Lynx(
     def audit_rate(self, value: float) -> None:
         value = _check_audit_rate(value)
         if value > 0 and self.probe is None:
-            raise LynxConfigError("A budget-only Lynx (Lynx.budget) has no probe and no guarantee to audit: audit a "
+            raise LynxConfigError("A budget-only Lynx (ThinkingBudgetCriteria) has no probe and no guarantee to audit: audit a "
                                   "bundle loaded with Lynx.from_pretrained(..., audit_rate=...).")
         self._audit_rate = value
 
@@ -256,13 +284,22 @@ class Lynx(
             raise TypeError(f"audit_log must be an AuditLog (e.g. AuditLog.load(path)), got {type(log).__name__}.")
         self._audit_log = log
 
-    def audit(self, alpha: float = 0.05) -> AuditReport:
+    def audit(self, *, cs_level: float = 0.95, alpha: float | None = None) -> AuditReport:
         """Check the guarantee on the audited rows so far: per setting, how often the exit changed the row's answer
-        against δ, with an anytime-valid `1 - alpha` confidence sequence (valid however often you look) and a
-        verdict. Checks the finished calls not checked yet (`answer(out)` checks its own call's rows).
+        against δ, with an anytime-valid confidence sequence at level `cs_level` (valid however often you look) and
+        a verdict. Checks the finished calls not checked yet (`answer(out)` checks its own call's rows).
+
+        Args:
+            cs_level: coverage of the confidence sequences (default 0.95). Not the PAC `risk_level` of the threshold,
+                which is a property of the calibration.
+            alpha: deprecated, `1 - cs_level` (FutureWarning).
+
+        Returns:
+            An `AuditReport` (print it for a table).
         """
+        level = check_cs_level(cs_level, alpha)
         self._audit_log.settle()
-        return self._audit_log.report(alpha, max_unsafe=self.calibration.max_unsafe_per_question)
+        return self._audit_log.report(cs_level=level, max_unsafe=self.calibration.max_unsafe_per_question)
 
     def reset_audit(self) -> None:
         """Forget the audited rows (and calls not yet checked) and restart the audit draws."""
@@ -350,7 +387,7 @@ class Lynx(
         """A new `generate` call of `model` uses one of this bundle's plug-ins: bind to `model` if needed, and start
         the call's own state with the settings in force now (or the given per-call overrides)."""
         if self.model is None:
-            self._bind(model)
+            self._bind(model, self._default_tokenizer)
             self._auto_attached = True
         elif self.model is not model and not _wraps(self.model, model):
             if not self._auto_attached:
@@ -474,6 +511,7 @@ class Lynx(
         """Stops rows that `exit_processor()` made exit once their boxed answer closes."""
         return LynxAnswerStopper(self._processor)
 
+    @criterion_signature
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         """`stopping_criteria=[lynx]`: exit at a confident cue and answer in the same `generate` call.
 
@@ -508,7 +546,7 @@ class Lynx(
         )
 
     @torch.no_grad()
-    def answer(self, outputs, max_new_tokens: int | None = None) -> list[ExitAnswer]:
+    def answer(self, outputs, max_new_tokens: int | None = None) -> list[LynxAnswer]:
         """Final answers after a stop-mode `generate`: exited rows get the exact exit (cue dropped, exit text
         appended, greedy answer); the others' answers are read from their own text.
 
@@ -519,6 +557,11 @@ class Lynx(
         recent calls), and so are its tokenizer and exit text, whatever ran since; calling it again gives the same
         answers (a consumed or since-changed cache is recomputed, with a warning). `max_new_tokens` caps the answer
         (default: the bundle's `answer_max_new_tokens`).
+
+        Returns:
+            One `LynxAnswer` per row, with one meaning for exited and non-exited rows: `text` is the final response
+            after the thinking block, `full_text` the whole generation as answered (thinking included), `answer`
+            the boxed answer.
         """
         integral = isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)
         if max_new_tokens is not None and not (integral and max_new_tokens >= 1):
@@ -537,7 +580,7 @@ class Lynx(
                           "prefix instead (same answers, slower).", stacklevel=3)
             cache = None
         records = call.records()
-        results: list[ExitAnswer | None] = [None] * len(records)
+        results: list[LynxAnswer | None] = [None] * len(records)
         rows = [i for i, r in enumerate(records) if r.exited]
         if rows:
             cuts = [exit_cut(records[i].position, records[i].start, call.exit_construction) for i in rows]
@@ -559,17 +602,19 @@ class Lynx(
                 past_key_values=cache,
                 max_new_tokens=int(max_new_tokens) if max_new_tokens is not None else self.config.answer_max_new_tokens,
             )
-            for i, a in zip(rows, answered):
-                results[i] = a
+            for i, cut, a in zip(rows, cuts, answered):
+                # the row's generation as answered: its thinking up to the cut, the exit text, the answer
+                generation = sequences[i, call.prompt_length:cut].tolist() + list(call.exit_ids) + a.token_ids
+                results[i] = finished_answer(call.tokenizer, generation, call.think_end, token_ids=a.token_ids,
+                                             answer=a.answer, confidence=a.confidence)
         for i, r in enumerate(results):
             if r is None:
-                text = call.tokenizer.decode(sequences[i, call.prompt_length:], skip_special_tokens=True)
-                results[i] = ExitAnswer(token_ids=[], text=text, answer=extract_boxed(text))
+                results[i] = finished_answer(call.tokenizer, sequences[i, call.prompt_length:].tolist(), call.think_end)
         if call.audited is not None:
             self._audit_log.settle(call)
         return results
 
-    def _answers_in_stream(self, call: GenerateCall, sequences: torch.Tensor) -> list[ExitAnswer]:
+    def _answers_in_stream(self, call: GenerateCall, sequences: torch.Tensor) -> list[LynxAnswer]:
         """`answer` on the output of an in-stream call (`stopping_criteria=[lynx]`): each exited row's answer is the
         one it already holds after its exit text (read, not generated again); the other rows' as in stop mode."""
         from .exit import _truncate_at_close, eos_token_ids
@@ -584,12 +629,13 @@ class Lynx(
                 start = next((i + n_exit for i in range(record.position + 1, min(record.position + 3, len(row)))
                               if row[i:i + n_exit] == exit_ids), None)
             if start is None:
-                text = call.tokenizer.decode(row[call.prompt_length:], skip_special_tokens=True)
-                results.append(ExitAnswer(token_ids=[], text=text, answer=extract_boxed(text)))
+                results.append(finished_answer(call.tokenizer, row[call.prompt_length:], call.think_end))
                 continue
             ids = _truncate_at_close(row[start:], delta, eos)
-            text = call.tokenizer.decode(ids, skip_special_tokens=True)
-            results.append(ExitAnswer(token_ids=ids, text=text, answer=close_box(text)))
+            answer = close_box(call.tokenizer.decode(ids, skip_special_tokens=True))
+            # the row's generation as answered: its thinking, the exit text, the answer
+            results.append(finished_answer(call.tokenizer, row[call.prompt_length:start] + ids, call.think_end,
+                                           token_ids=ids, answer=answer))
         if call.audited is not None:
             self._audit_log.settle(call)
         return results
@@ -597,7 +643,7 @@ class Lynx(
     # ----- persistence ------------------------------------------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
         if self.probe is None:
-            raise LynxConfigError("A budget-only Lynx (Lynx.budget) has no probe or calibration to save: save a "
+            raise LynxConfigError("A budget-only Lynx (ThinkingBudgetCriteria) has no probe or calibration to save: save a "
                                   "bundle built by `lynx-hf build`, and pass max_thinking_tokens= when loading it.")
         write_bundle(save_directory, self.config, self.probe, self.calibration, self.metadata)
 
@@ -682,38 +728,18 @@ class Lynx(
     @classmethod
     def budget(cls, max_thinking_tokens: int, *, model=None, tokenizer=None, thinking: str | None = None,
                think_start: str | None = None, think_end: str | None = None, exit_text: str | None = None,
-               shadow: bool = False) -> "Lynx":
-        """A thinking-budget cap alone, for any model with a thinking format: no probe, no bundle, no guarantee.
+               shadow: bool = False):
+        """Deprecated: use `ThinkingBudgetCriteria(max_thinking_tokens, tokenizer=...)`, which this returns.
 
-        Each row that has thought `max_thinking_tokens` tokens exits there with the model's exit text (from its
-        tokenizer and chat template, `lynx_hf.runtime.thinking`, or the markers given), in one call (`stopping_criteria=
-        [cap]`: it answers in the same call), in stop mode (`stopping_criteria=[cap.stopper()]`, then
-        `cap.answer(out)`) or in-stream (`logits_processor=[cap.exit_processor()]`, `stopping_criteria=
-        [cap.answer_stopper()]`); rows that close their thinking earlier are left alone. `last_exits` records it.
-
-        Example:
-
-        ```python
-        >>> from lynx_hf import Lynx, organism
-        >>> model, tok = organism.load()
-        >>> cap = Lynx.budget(8, model=model, tokenizer=tok)
-        >>> inputs = tok(organism.prompt(tok, "Tom has 3 apples and buys 4 more. How many?"), return_tensors="pt")
-        >>> out = model.generate(**inputs, stopping_criteria=[cap], max_new_tokens=200)
-        >>> record = cap.last_exits[0]
-        >>> record.by_budget, record.position - inputs.input_ids.shape[1] + 1, len(cap.answer(out))
-        (True, 8, 1)
-
-        ```
+        The thinking budget alone (no probe, no bundle, no guarantee) is its own stopping criterion, not a `Lynx`.
         """
-        if max_thinking_tokens is None:
-            raise LynxConfigError("Lynx.budget needs max_thinking_tokens: the number of thinking tokens to allow.")
-        config = LynxConfig(base_model="", layers=[0], hidden_size=0, think_start=think_start, think_end=think_end,
-                            exit_text=exit_text, thinking=thinking)
-        lynx = cls(config, None, None, shadow=shadow, max_thinking_tokens=max_thinking_tokens,
-                   metadata={"budget_only": True})
-        if model is not None:
-            lynx.attach(model, tokenizer)
-        return lynx
+        warnings.warn("Lynx.budget(...) is deprecated: use ThinkingBudgetCriteria(max_thinking_tokens, tokenizer=...) "
+                      "(from lynx_hf import ThinkingBudgetCriteria), which it returns.", FutureWarning, stacklevel=2)
+        from .. import ThinkingBudgetCriteria
+
+        return ThinkingBudgetCriteria(max_thinking_tokens, model=model, tokenizer=tokenizer, thinking=thinking,
+                                      think_start=think_start, think_end=think_end, exit_text=exit_text,
+                                      shadow=shadow)
 
 
 def _unpickle(cls, config: LynxConfig, probe: LynxProbe, calibration: Calibration, options: dict) -> Lynx:
@@ -761,6 +787,11 @@ def _model_device(model) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
+def _describe_model(model, device) -> str:
+    name = _name(model)
+    return f"{type(model).__name__}" + (f"({name!r})" if name else "") + (f" on {device}" if device is not None else "")
+
+
 def _wraps(outer, inner) -> bool:
     """Whether `inner` is a submodule of `outer`, e.g. the transformers model inside a `PeftModel`, whose `generate`
     runs the inner model's decoding loop on the same layers."""
@@ -797,9 +828,12 @@ def _sequences_of(outputs) -> torch.Tensor:
     if isinstance(sequences, torch.Tensor):
         return sequences
     try:
-        ids = torch.as_tensor(outputs)
+        ids = id_batch(outputs, "outputs")
     except (TypeError, ValueError, RuntimeError):
-        ids = None
+        try:
+            ids = torch.as_tensor(outputs)
+        except (TypeError, ValueError, RuntimeError):
+            ids = None
     if ids is None or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(
             f"answer() takes what model.generate(..., stopping_criteria=[lynx]) returned (a [batch, length] tensor of "

@@ -23,6 +23,9 @@ _CONFIG_KEYS = (
 class LynxConfig:
     """Everything about a probe bundle except its weights and calibration scores.
 
+    Its repr shows the settings a reader needs (base model, layers, cues, thinking markers, exit text) and leaves out
+    the base-model fingerprints and token-id tables, which are still saved and checked on load.
+
     Example:
         >>> config = LynxConfig(base_model="my/model", layers=[2, 4], hidden_size=128)
         >>> LynxConfig.from_dict(config.to_dict()) == config
@@ -40,14 +43,16 @@ class LynxConfig:
     thinking: str | None = None
     exit_construction: str = "drop_cue"
     probe_hidden_sizes: list[int] = field(default_factory=lambda: [256, 64])
-    model_fingerprint: str = ""
-    tokenizer_fingerprint: str = ""
-    weights_sample: list[float] = field(default_factory=list)
+    # The base-model fingerprints and token-id tables: saved, compared and checked on load, but left out of the repr
+    # (hundreds of numbers that say nothing to a reader).
+    model_fingerprint: str = field(default="", repr=False)
+    tokenizer_fingerprint: str = field(default="", repr=False)
+    weights_sample: list[float] = field(default_factory=list, repr=False)
     # A few values of matrices inside the first, middle and last decoder blocks (`layer_sample`); empty in bundles
     # made before it existed, which are then not checked on it.
-    layer_sample: dict[str, list[float]] = field(default_factory=dict)
-    cue_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    exit_token_ids: list[int] = field(default_factory=list)
+    layer_sample: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    cue_token_ids: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    exit_token_ids: list[int] = field(default_factory=list, repr=False)
     answer_max_new_tokens: int = 16
     format_version: int = FORMAT_VERSION
     library_name: str = "lynx-hf"

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from .cue_table import char_automaton, feed, pattern_reach, token_table
+from .token_ids import id_batch, id_rows
 from .token_texts import fold, fold_all, id_space, token_strings
 
 logger = logging.getLogger(__name__)
@@ -416,9 +417,12 @@ class CueDetector:
             >>> CueDetector(tok).start(prompts).in_think
             tensor([ True, False])
         """
-        if prompt_ids.dim() != 2:
+        if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() != 2:
             raise ValueError(f"prompt_ids must be [batch, length], got shape {tuple(prompt_ids.shape)}; "
                              "add a batch dimension with prompt_ids[None].")
+        prompt_ids = id_batch(prompt_ids, "prompt_ids")
+        if attention_mask is not None:
+            attention_mask = id_batch(attention_mask, "attention_mask")
         batch, length = prompt_ids.shape
         rows = prompt_ids.tolist()
         masks = attention_mask.bool().tolist() if attention_mask is not None else None
@@ -555,9 +559,12 @@ class CueDetector:
         return self.find_events_batch([token_ids], [prompt_length])[0]
 
     def find_events_batch(
-        self, sequences: Sequence[Sequence[int] | torch.Tensor], prompt_lengths: Sequence[int]
+        self, sequences: Sequence[Sequence[int] | torch.Tensor] | torch.Tensor, prompt_lengths: Sequence[int]
     ) -> list[list[CueEvent]]:
         """[`CueDetector.find_events`] for several sequences at once (one batched `step` per position).
+
+        `sequences` is a batch in any form transformers hands out: a `[batch, length]` tensor (what `generate`
+        returns), a list of lists (`tokenizer([...]).input_ids`), or a list of 1-D tensors of different lengths.
 
         Rows are aligned at their prompt end (prompts left-padded, generations right-padded), and each row's
         positions are reported in its own, unpadded sequence.
@@ -569,12 +576,14 @@ class CueDetector:
             >>> CueDetector(tok).find_events_batch([a, b], [1, 1])
             [[CueEvent(position=2, start=1, cue='wait')], []]
         """
-        if len(sequences) != len(prompt_lengths):
-            raise ValueError(f"got {len(sequences)} sequences but {len(prompt_lengths)} prompt lengths; pass one "
+        seqs = id_rows(sequences)
+        prompt_lengths = [int(p) for p in (prompt_lengths.reshape(-1).tolist() if isinstance(prompt_lengths, torch.Tensor)
+                                           else prompt_lengths)]
+        if len(seqs) != len(prompt_lengths):
+            raise ValueError(f"got {len(seqs)} sequences but {len(prompt_lengths)} prompt lengths; pass one "
                              "prompt length per sequence.")
-        if not sequences:
+        if not seqs:
             return []
-        seqs = [s.reshape(-1).tolist() if isinstance(s, torch.Tensor) else list(s) for s in sequences]
         for s, p in zip(seqs, prompt_lengths):
             if not 0 <= p <= len(s):
                 raise ValueError(f"prompt_length {p} is outside a sequence of {len(s)} tokens.")

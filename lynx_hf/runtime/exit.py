@@ -30,7 +30,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .answers import close_box
+from .answers import close_box, extract_boxed
+from .token_ids import id_batch
 from ..errors import LynxConfigError
 
 DEFAULT_EXIT_TEXT = "\n</think>\n\nFinal Answer: \\boxed{"
@@ -72,14 +73,70 @@ def exit_prefix(token_ids: Sequence[int], cut: int, exit_ids: Sequence[int]) -> 
 
 
 @dataclass
-class ExitAnswer:
-    """One forced exit's answer: the generated ids, their text, the boxed content (None if never closed), and the
-    model's confidence in it (geometric mean of the greedy tokens' probabilities, as DEER uses)."""
+class LynxAnswer:
+    """One row's final answer, whether or not it exited (what `Lynx.answer` returns, one per row).
+
+    Attributes:
+        token_ids: the greedy answer's ids after the exit text (empty for a row that did not exit: its answer is
+            in its own generation).
+        text: the final response: the generation after its thinking block (the end-of-thinking marker and special
+            tokens removed, leading whitespace stripped); for an exited row, what follows the marker in the exit
+            text, then the answer. Empty if the thinking never closed (e.g. cut by `max_new_tokens`).
+        answer: the boxed answer (braces matched), None if there is none or it never closed.
+        confidence: the model's confidence in an exited row's answer (geometric mean of the greedy tokens'
+            probabilities, as DEER uses); NaN for rows that did not exit.
+        full_text: the whole decoded generation as answered, thinking included: for an exited row, its thinking
+            up to the exit, the exit text and the answer (for `answer_after_exit`, which has no prompt to tell the
+            generation by, the exit text and the answer).
+
+    Example:
+        >>> a = LynxAnswer(token_ids=[], text="Final Answer: \\boxed{7}", answer="7",
+        ...                full_text="<think> 3 + 4 = 7. </think> Final Answer: \\boxed{7}")
+        >>> a.answer, a.text in a.full_text
+        ('7', True)
+    """
 
     token_ids: list[int]
     text: str
     answer: str | None
     confidence: float = float("nan")
+    full_text: str = ""
+
+
+ExitAnswer = LynxAnswer  # the former name, still importable
+
+
+def response_text(tokenizer, generation_ids: Sequence[int], think_end: str | None) -> str:
+    """The final response in a generation: its text after the last end-of-thinking marker, with special tokens
+    removed and leading whitespace stripped ("" if the thinking never closed; all of it if there is no marker).
+
+    Example:
+        >>> from lynx_hf import organism
+        >>> _, tok = organism.load()
+        >>> response_text(tok, tok("Hmm 3 + 4 = 7.</think> So 7.", add_special_tokens=False).input_ids, "</think>")
+        'So 7.'
+    """
+    raw = tokenizer.decode(list(generation_ids), skip_special_tokens=False)
+    if think_end:
+        if think_end not in raw:
+            return ""
+        raw = raw.rsplit(think_end, 1)[1]
+    for special in sorted(getattr(tokenizer, "all_special_tokens", []) or [], key=len, reverse=True):
+        if special and special != think_end:
+            raw = raw.replace(special, "")
+    return raw.lstrip()
+
+
+def finished_answer(tokenizer, generation_ids: Sequence[int], think_end: str | None, *,
+                    token_ids: Sequence[int] = (), answer: str | None = None,
+                    confidence: float = float("nan")) -> LynxAnswer:
+    """A `LynxAnswer` from a row's whole generation as answered (`generation_ids`: its generated ids, or for an
+    exited row its thinking up to the exit, the exit ids and the answer ids): one construction of `text` and
+    `full_text` for exited and non-exited rows. `answer` defaults to the last box of the generation."""
+    full_text = tokenizer.decode(list(generation_ids), skip_special_tokens=True)
+    return LynxAnswer(token_ids=list(token_ids), text=response_text(tokenizer, generation_ids, think_end),
+                      answer=extract_boxed(full_text) if answer is None else answer, confidence=confidence,
+                      full_text=full_text)
 
 
 @torch.no_grad()
@@ -93,14 +150,17 @@ def answer_after_exit(
     attention_mask: torch.Tensor | None = None,
     past_key_values=None,
     max_new_tokens: int = 16,
-) -> list[ExitAnswer]:
+    think_end: str | None = "</think>",
+) -> list[LynxAnswer]:
     """Greedy-decode each row's answer from `sequences[b, :cuts[b]] + exit_ids`, reusing one KV cache.
 
-    `sequences` is `[B, T]` (left padding allowed, given by `attention_mask`). `past_key_values`, when given and
+    `sequences` is `[B, T]` (a tensor or a list of equally long rows; left padding allowed, given by
+    `attention_mask`). `past_key_values`, when given and
     reusable (a full-attention `DynamicCache` of these `B` rows covering at least `max(cuts)` positions, e.g. the
     cache `generate` returns), is consumed (extended and narrowed to the unfinished rows); otherwise one forward over
     `sequences[:, :max(cuts)]` builds a fresh one, or each row is answered alone where masking would not be exact
-    (see the module docstring). Decoding stops per row at the box's closing brace or EOS.
+    (see the module docstring). Decoding stops per row at the box's closing brace or EOS. Each `LynxAnswer`'s
+    `text` is what follows `think_end` in the exit text, then the answer.
 
     Example:
         >>> from lynx_hf import organism
@@ -110,6 +170,7 @@ def answer_after_exit(
         >>> [a.answer is not None for a in answer_after_exit(model, tok, ids, [ids.shape[1]], exit_token_ids(tok))]
         [True]
     """
+    sequences = id_batch(sequences)
     device = sequences.device
     batch = sequences.shape[0]
     cuts = torch.as_tensor(cuts, dtype=torch.long, device=device).reshape(-1)
@@ -117,7 +178,7 @@ def answer_after_exit(
         raise ValueError(f"Got {cuts.numel()} cuts for {batch} sequences: give one cut per row.")
     if attention_mask is None:
         attention_mask = torch.ones_like(sequences)
-    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    attention_mask = id_batch(attention_mask, "attention_mask").to(device=device, dtype=torch.long)
     if past_key_values is not None and not reusable_cache(model, past_key_values, batch, int(cuts.max())):
         past_key_values = None
     if past_key_values is None and _rows_answered_alone(model, int(cuts.max()) + len(exit_ids) + max_new_tokens):
@@ -125,12 +186,14 @@ def answer_after_exit(
         for row, cut in zip(sequences, cuts.tolist()):
             prefix = row[:cut][attention_mask[len(answers), :cut].bool()][None]
             answers += _answer_batch(model, tokenizer, prefix, torch.tensor([prefix.shape[1]], device=device),
-                                     exit_ids, torch.ones_like(prefix), None, max_new_tokens)
+                                     exit_ids, torch.ones_like(prefix), None, max_new_tokens, think_end)
         return answers
-    return _answer_batch(model, tokenizer, sequences, cuts, exit_ids, attention_mask, past_key_values, max_new_tokens)
+    return _answer_batch(model, tokenizer, sequences, cuts, exit_ids, attention_mask, past_key_values, max_new_tokens,
+                         think_end)
 
 
-def _answer_batch(model, tokenizer, sequences, cuts, exit_ids, attention_mask, past_key_values, max_new_tokens):
+def _answer_batch(model, tokenizer, sequences, cuts, exit_ids, attention_mask, past_key_values, max_new_tokens,
+                  think_end="</think>"):
     device = sequences.device
     batch = sequences.shape[0]
     if past_key_values is None:
@@ -179,19 +242,21 @@ def _answer_batch(model, tokenizer, sequences, cuts, exit_ids, attention_mask, p
             past_key_values.batch_select_indices(going)
             active, mask, next_position, depth, token = (t[going] for t in (active, mask, next_position, depth, token))
         step_ids = token[:, None]
-    return answers_from_tokens(tokenizer, generated, log_probs, delta, eos)
+    return answers_from_tokens(tokenizer, generated, log_probs, delta, eos, exit_ids, think_end)
 
 
 def answers_from_tokens(tokenizer, generated: torch.Tensor, log_probs: torch.Tensor, delta: torch.Tensor,
-                        eos: Sequence[int]) -> list[ExitAnswer]:
-    """Each row's greedy answer tokens `[B, N]` (with their log-probabilities) as an `ExitAnswer`, cut after the
+                        eos: Sequence[int], exit_ids: Sequence[int] = (),
+                        think_end: str | None = "</think>") -> list[LynxAnswer]:
+    """Each row's greedy answer tokens `[B, N]` (with their log-probabilities) as an `LynxAnswer`, cut after the
     box's closing brace or before EOS; confidence is the geometric mean of the kept tokens' probabilities."""
     answers = []
     for row, lp in zip(generated.tolist(), log_probs.tolist()):
         ids = _truncate_at_close(row, delta, eos)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
         confidence = math.exp(sum(lp[: len(ids)]) / len(ids)) if ids else float("nan")
-        answers.append(ExitAnswer(token_ids=ids, text=text, answer=close_box(text), confidence=confidence))
+        answer = close_box(tokenizer.decode(ids, skip_special_tokens=True))
+        answers.append(finished_answer(tokenizer, list(exit_ids) + ids, think_end, token_ids=ids, answer=answer,
+                                       confidence=confidence))
     return answers
 
 

@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from .capture import HiddenStateCapture
 from .cues import CueEvent
 from .exit import (
-    ExitAnswer, answer_after_exit, answers_from_tokens, brace_delta, cache_kwargs, eos_token_ids, exit_cut,
+    LynxAnswer, answer_after_exit, answers_from_tokens, brace_delta, cache_kwargs, eos_token_ids, exit_cut,
     last_logits_only, vocab_size,
 )
 
@@ -22,7 +22,7 @@ from .exit import (
 @torch.no_grad()
 def force_exits(model, tokenizer, layers: Sequence[int], token_ids: Sequence[int], events: Sequence[CueEvent],
                 exit_ids: Sequence[int], *, exit_construction: str = "drop_cue",
-                answer_max_new_tokens: int = 16) -> tuple[torch.Tensor, list[ExitAnswer]]:
+                answer_max_new_tokens: int = 16) -> tuple[torch.Tensor, list[LynxAnswer]]:
     """The features (`[events, layers x hidden]`, float32 on the CPU) and forced-exit answers at every cue event of
     one finished trace: one forward up to the last cue, whose KV cache answers every event in one batch (packed
     into one sequence by `answer_from_shared_prefix` where `supports_packed_answers`, else copied once per event
@@ -74,7 +74,7 @@ def supports_packed_answers(model) -> bool:
 
 @torch.no_grad()
 def answer_from_shared_prefix(model, tokenizer, cache: DynamicCache, cuts: Sequence[int], exit_ids: Sequence[int],
-                              *, max_new_tokens: int = 16) -> list[ExitAnswer]:
+                              *, max_new_tokens: int = 16) -> list[LynxAnswer]:
     """Forced-exit answers for many cuts of one trace from its batch-1 KV cache, without copying the cache per row.
 
     Every row's tokens (first its exit tokens, then one answer token per step) are packed into one batch-1 sequence
@@ -144,4 +144,4 @@ def answer_from_shared_prefix(model, tokenizer, cache: DynamicCache, cuts: Seque
         active, step_ids = active[going], token[going]
         step_rows = active
         last = torch.arange(len(active), device=device)
-    return answers_from_tokens(tokenizer, generated, log_probs, delta, eos)
+    return answers_from_tokens(tokenizer, generated, log_probs, delta, eos, exit_ids)

@@ -38,6 +38,7 @@ from .capture import layer_modules
 from .config import LynxConfig
 from .conformal import float32_threshold
 from .cues import CueDetector
+from .exit import eos_token_ids, exit_cut
 from .probe import LynxProbe
 
 Mode = Literal["stop", "stream"]
@@ -87,6 +88,15 @@ class ExitRecord:
     event, as in the calibration traces (which end there): stop mode and `custom_generate` exit at it; in-stream
     the row has already ended when the decision comes, so it is recorded `would_exit=True, exited=False`.
 
+    In thinking tokens (generated tokens inside the thinking block, counted as the budget counts them, before the
+    row's end: its first end-of-sequence token is no thinking token): `thinking_tokens` is how many the row thinks
+    with the exit: up to its exit where the rule fired (what `Lynx.answer` keeps in stop mode: the cue word dropped; in-stream: up to
+    the token after the cue, or the budget's last token), else all of them. `full_thinking_tokens` is how many it
+    thinks without the exit, where that is known: rows that did not exit, and shadow or audited rows, which ran in
+    full (then `full_thinking_tokens - thinking_tokens` is what the exit would have saved); None for a row that
+    exited, whose thinking was cut. Both count only what this call generated (a row cut by `max_new_tokens` while
+    thinking thought at least that much).
+
     Example:
         >>> ExitRecord(exited=True, would_exit=True, position=12, start=11, cue="wait", score=0.97, threshold=0.9,
         ...            cues_seen=2, shadow=False).cue
@@ -105,6 +115,8 @@ class ExitRecord:
     answered: bool | None = None
     by_budget: bool = False
     audited: bool = False
+    thinking_tokens: int | None = None
+    full_thinking_tokens: int | None = None
 
 
 class ModelTap:
@@ -283,7 +295,7 @@ class GenerateCall:
 
     Settings (confidence, guarantee, threshold, shadow, thinking budget) are read once when the call starts, so
     changing them on the `Lynx` later never rewrites a finished call's records. A `Lynx` without a probe
-    (`Lynx.budget`) has no capture tap: its calls never score a cue and exit by the budget only.
+    (`ThinkingBudgetCriteria`) has no capture tap: its calls never score a cue and exit by the budget only.
     """
 
     def __init__(self, lynx: BundleLike, mode: Mode, model: nn.Module, input_ids: torch.LongTensor,
@@ -301,6 +313,7 @@ class GenerateCall:
         self.detector = lynx.detector
         self.tokenizer = lynx.tokenizer
         self.exit_ids = list(lynx.exit_ids)
+        self.think_end = lynx.config.think_end  # where a row's final response starts (`LynxAnswer.text`)
         self.exit_construction = lynx.config.exit_construction
         device = input_ids.device
         batch = input_ids.shape[0]
@@ -350,6 +363,7 @@ class GenerateCall:
         self.audited = torch.tensor(audited, device=device) if audited is not None and any(audited) else None
         self.audit_settings: dict | None = None  # guarantee, confidence, risk level, rule (set by `Lynx`)
         self.final_ids: torch.Tensor | None = None  # in-stream: the ids the answer stopper saw last
+        self._thinking_replay: list | None = None  # (cue state, positions replayed, in-think flags): `records`
         if self.tap is not None:
             self.tap.acquire()
             self._start_forwards = self.tap.forwards()
@@ -377,7 +391,7 @@ class GenerateCall:
     def _score(self) -> torch.Tensor:
         """The probe's scores of the cue token's hidden state: in stop mode the last forward fed it, in-stream the one
         before. Before the call has captured that forward there is no generated token to score; without a probe
-        (`Lynx.budget`) nothing is scored."""
+        (`ThinkingBudgetCriteria`) nothing is scored."""
         previous = self.mode == "stream"
         if self.tap is None or self.tap.forwards() - self._start_forwards < 1 + previous:
             return torch.zeros(self.batch, dtype=torch.float32, device=self.exited.device)
@@ -512,17 +526,66 @@ class GenerateCall:
         exits = self._exits()
         audited = self.audited.tolist() if self.audited is not None else [False] * self.batch
         records = []
-        for exit_, seen, answered, was_audited, missed in zip(exits, self.cues_seen.tolist(), self.answered(), audited,
-                                                              self.missed()):
+        counts, ends = self._thinking_counts()
+        for row, (exit_, seen, answered, was_audited, missed) in enumerate(
+                zip(exits, self.cues_seen.tolist(), self.answered(), audited, self.missed())):
             position, start, cue, score, budget = exit_ if exit_ is not None else (-1, -1, -1, None, False)
             acted = exit_ is not None and not self.shadow and not was_audited and not missed
+            full = counts[row][ends[row]]
+            if exit_ is None:
+                used = full
+            else:
+                used = counts[row][min(max(self._kept_end(position, start, budget) - self.prompt_length, 0), ends[row])]
             records.append(ExitRecord(
                 exited=acted, would_exit=exit_ is not None, position=position, start=start,
                 cue=self.detector.cues[cue] if cue >= 0 else None, score=score, threshold=self.threshold,
                 cues_seen=seen, shadow=self.shadow, answered=answered if acted else None, by_budget=budget,
-                audited=bool(was_audited),
+                audited=bool(was_audited), thinking_tokens=used, full_thinking_tokens=None if acted else full,
             ))
         return records
+
+    def _kept_end(self, position: int, start: int, by_budget: bool) -> int:
+        """Index after the last thinking token a row keeps when it exits at `position`: in stop mode `Lynx.answer`'s
+        cut; in-stream the token after the cue (the budget's last token) is the last one before the exit text."""
+        if self.mode == "stream":
+            return position + (1 if by_budget else 2)
+        return exit_cut(position, start, self.exit_construction)
+
+    def _thinking_counts(self) -> tuple[list[list[int]], list[int]]:
+        """Per row, the running count of thinking tokens over the generated positions (`counts[row][k]`: among the
+        first k), and where the row ends (at its first end-of-sequence token, which is no thinking token). The cue
+        automaton is replayed over the output once, incrementally, off the decoding loop (records are read on the
+        host anyway)."""
+        sequences = self.sequences
+        final = self.final_ids  # in-stream: the ids with the last token, which the processor never sees
+        if isinstance(final, torch.Tensor) and final.shape[0] == self.batch and final.shape[1] > sequences.shape[1]:
+            sequences = final
+        length = sequences.shape[1]
+        replay = self._thinking_replay
+        if replay is None:
+            state = self.detector.start(sequences[:, : self.prompt_length], self.prompt_mask)
+            replay = self._thinking_replay = [state, self.prompt_length, []]
+        state, upto, flags = replay
+        for t in range(upto, length):
+            self.detector.advance(state, sequences[:, t])
+            flags.append(state.in_think)
+        replay[1] = max(upto, length)
+        generated = length - self.prompt_length
+        if flags:
+            inside = torch.stack(flags[:generated], 1).long()
+            counts = torch.cat([torch.zeros_like(inside[:, :1]), inside.cumsum(1)], 1).tolist()
+        else:
+            counts = [[0] for _ in range(self.batch)]
+        eos = set(self.end_ids.tolist()) or set(self._eos_ids())  # the loop's own EOS, else the model's
+        ends = []
+        for row in sequences[:, self.prompt_length:].tolist():
+            ends.append(next((k for k, token in enumerate(row) if token in eos), len(row)))
+        return counts, ends
+
+    def _eos_ids(self) -> list[int]:
+        model = self._model()
+        return eos_token_ids(model, self.tokenizer) if model is not None else \
+            [t for t in [getattr(self.tokenizer, "eos_token_id", None)] if t is not None]
 
     def missed(self) -> list[bool]:
         """Per row, whether its exit was decided at the token that ended it (in-stream: generate had already

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import weakref
 
@@ -12,6 +13,29 @@ from transformers.generation import logits_process
 from ..errors import UnsupportedGenerationError
 from .monitor import (BundleLike, CallTracker, ExitRecord, GenerateCall, caller_list, loop_context, loop_logits,
                       loop_running)
+
+
+def criterion_signature(call):
+    """Show a stopping criterion's `__call__(input_ids, scores, **kwargs)` as `(input_ids, scores)`.
+
+    transformers' `LogitsProcessorList` reads each processor's signature and, for one with more than two parameters,
+    raises its own "Make sure that all the required parameters ..." error before calling it. With two, it calls the
+    criterion, which then names the mistake and the fix (`refuse_logits_list`). `StoppingCriteriaList` does not read
+    signatures, so the criterion still takes `**kwargs` there.
+    """
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    call.__signature__ = inspect.Signature([inspect.Parameter(name, kind) for name in ("self", "input_ids", "scores")])
+    return call
+
+
+def refuse_logits_list(owner) -> None:
+    """A call's plug-in list check for the stop-mode criteria: they are stopping criteria, not logits processors."""
+    if isinstance(owner, LogitsProcessorList):
+        raise UnsupportedGenerationError(
+            "Lynx is a stopping criterion, not a logits processor (and so are ThinkingBudgetCriteria and "
+            "lynx.stopper()): pass stopping_criteria=[lynx]. For the explicit in-stream pair use "
+            "logits_processor=[lynx.exit_processor()], stopping_criteria=[lynx.answer_stopper()]."
+        )
 
 
 class LynxStoppingCriteria(StoppingCriteria):
@@ -39,8 +63,9 @@ class LynxStoppingCriteria(StoppingCriteria):
 
     def __init__(self, lynx: BundleLike):
         self.lynx = lynx
-        self.calls = CallTracker(lynx, mode="stop")
+        self.calls = CallTracker(lynx, mode="stop", check_list=refuse_logits_list)
 
+    @criterion_signature
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         return self.step(input_ids, sys._getframe(1))
 
@@ -222,6 +247,7 @@ class LynxExitProcessor(LogitsProcessor):
 
     def _join(self, criteria, loop, input_ids: torch.LongTensor) -> StreamCall:
         """Bring this processor into the running call's `logits_processor` list and start the call's state."""
+        refuse_logits_list(criteria)  # `logits_processor=[lynx]`: it is a stopping criterion
         loop_context(loop)  # refuses beam search, assisted decoding, ... with their own message
         processors = loop.f_locals.get("logits_processor")
         if not isinstance(processors, LogitsProcessorList):
