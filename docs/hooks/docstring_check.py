@@ -10,6 +10,7 @@ Run it directly to list the gaps: ``python docs/hooks/docstring_check.py``.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -62,8 +63,13 @@ def gaps() -> list[str]:
                           extensions=griffe.load_extensions(SingularExamples()))
     found: list[str] = []
     for name in sorted(lynx_hf.__all__):
-        value = getattr(lynx_hf, name)
+        try:
+            value = getattr(lynx_hf, name)
+        except AttributeError:  # a subpackage listed in __all__ (lynx_hf.organism)
+            value = importlib.import_module(f"lynx_hf.{name}")
         module = getattr(value, "__module__", None)
+        if isinstance(value, type(lynx_hf)):
+            continue  # a subpackage: its page documents its members
         path = f"{module}.{name}" if module and module.startswith("lynx_hf") else f"lynx_hf.{name}"
         try:
             obj = package[path.removeprefix("lynx_hf.")]
