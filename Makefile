@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast organism bench install check-wheel clean
+.PHONY: demo test test-fast organism bench install check-wheel clean docs docs-serve
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,5 +37,19 @@ bench: $(STAMP)
 check-wheel: $(STAMP)
 	PYTHON=$(PY) bash scripts/check_wheel.sh
 
+# The docs site (mkdocs-material + mkdocstrings): `make docs` builds it strictly into site/ (as the test suite's
+# test_docs does), `make docs-serve` serves it at http://127.0.0.1:8000 with live reload.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m mkdocs build --strict
+
+docs-serve: $(DOCS_STAMP)
+	$(PY) -m mkdocs serve
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info site

@@ -211,7 +211,8 @@ def test_the_notebooks_import_only_the_public_api_and_every_public_name_resolves
             if cell.cell_type != "code":
                 continue
             code = cell.source
-            assert not re.search(r"(from|import)\s+lynx_hf\.", code), (path.name, code)
+            # lynx_hf.metrics.LYNX_EXIT is the documented path of the `evaluate` metric (a folder, not a module API)
+            assert not re.search(r"(from|import)\s+lynx_hf\.(?!metrics\b)", code), (path.name, code)
             assert not re.search(r"lynx_hf\.(runtime|pipeline|evaluation|cli|custom_generate)\b", code), path.name
             for names in re.findall(r"from\s+lynx_hf\s+import\s+\(?([^)\n]+)", code):
                 for name in (n.strip().split(" as ")[0] for n in names.split(",")):

@@ -59,8 +59,8 @@ TEMPERATURE = 1.2
 """The organism's sampling temperature (with top_p 0.95): its generation config's, and the one its bundle's tables
 and the demo's test events are sampled at. The organism's distribution is much sharper than a real reasoning
 model's, and at R1's usual 0.6 its rarer behaviours are sharpened away (on arithmetic, a re-check that talks itself
-out of a right answer ends 0.4% of traces where the grammar writes one in 8%); at 1.2 they occur in 4.0% of traces
-(docs/organism_variants.md)."""
+out of a right answer ends 0.4% of traces where the grammar writes one in 8%); at 1.2 they occur as often as its
+design targets ask (4.0%; docs/benchmarks/organism.md, docs/organism_variants.md)."""
 
 def load(device: str = "cpu", model_dir: str | Path | None = None):
     """The shipped organism and its tokenizer, loaded offline; the model is in eval mode.
