@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import __version__
 from .runtime.conformal import DEFAULT_GUARANTEE, GUARANTEES
+from .runtime.logs import printing_through_root
 from .loading import PROBLEM_SOURCES, load_model, load_problems, prompt_fn
 
 TABLE_CONFIDENCES = (0.8, 0.85, 0.9, 0.95, 0.99)
@@ -655,16 +656,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
-    library = logging.getLogger("lynx_hf")  # the CLI prints through the root logger, at its own level
-    library.setLevel(level)
-    library.propagate = True
-    for handler in [h for h in library.handlers if isinstance(h, logging.StreamHandler)]:
-        library.removeHandler(handler)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, OSError, ImportError) as error:
-        print(f"lynx-hf {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    with printing_through_root(level):  # the library's logs print through the root logger, at the CLI's level
+        try:
+            args.func(args)
+        except (ValueError, FileNotFoundError, OSError, ImportError) as error:
+            print(f"lynx-hf {args.command}: error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

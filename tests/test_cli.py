@@ -132,6 +132,27 @@ def test_inspect_prints_the_card_facts_and_a_threshold_table(capsys):
             assert row[column] == f"{lynx.threshold:.4f}", (c, guarantee)
 
 
+def test_main_in_process_leaves_the_library_logging_as_it_found_it(capsys):
+    """`main()` prints the library's logs through the root logger while it runs, then gives the `lynx_hf` logger back
+    following transformers' verbosity, with its own handler."""
+    import logging
+
+    import transformers
+
+    library = logging.getLogger("lynx_hf")
+    library.setLevel(logging.NOTSET)
+    handlers, propagate = list(library.handlers), library.propagate
+    assert main(["-v", "inspect", "organism"]) == 0
+    assert library.handlers == handlers and library.propagate == propagate
+    try:
+        transformers.logging.set_verbosity_info()
+        assert library.isEnabledFor(logging.INFO)
+        transformers.logging.set_verbosity_warning()
+        assert not library.isEnabledFor(logging.INFO)
+    finally:
+        transformers.logging.set_verbosity_warning()
+
+
 def test_inspect_accepts_organism_as_a_name(capsys):
     assert main(["inspect", "organism", "--confidences", "0.9"]) == 0
     assert "lynx_hf/organism" in capsys.readouterr().out

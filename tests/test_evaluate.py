@@ -202,7 +202,7 @@ def test_evaluation_never_imports_the_cli():
 
     offenders = []
     for path in (ROOT / "lynx_hf").rglob("*.py"):
-        if path.name == "cli.py":
+        if path.name in ("cli.py", "__main__.py"):  # the command itself (`lynx-hf`, `python -m lynx_hf`)
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom):

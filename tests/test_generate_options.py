@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import threading
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import GenerationConfig, SynthIDTextWatermarkingConfig, TextIteratorStreamer, WatermarkingConfig
@@ -111,8 +113,12 @@ def test_forced_eos_at_the_budget_ends_the_other_rows_and_a_row_cut_in_its_exit_
         plain = model.generate(**enc, **plug_ins(), do_sample=False, max_new_tokens=budget)
         records = lynx.last_exits
         forced = model.generate(**enc, **plug_ins(), do_sample=False, max_new_tokens=budget, forced_eos_token_id=eos)
-        assert lynx.last_exits == records and torch.equal(forced[:, :-1], plain[:, :-1])
-        for i, record in enumerate(records):
+        assert torch.equal(forced[:, :-1], plain[:, :-1])
+        uncounted = dict(thinking_tokens=None, full_thinking_tokens=None)
+        assert [replace(r, **uncounted) for r in lynx.last_exits] == [replace(r, **uncounted) for r in records]
+        for i, (record, with_eos) in enumerate(zip(records, lynx.last_exits)):
+            # the forced EOS is no thinking token: only rows still thinking at the last step count one fewer
+            assert with_eos.thinking_tokens == record.thinking_tokens - (not record.exited)
             if not record.exited:  # rows Lynx leaves alone end with the forced EOS
                 assert forced[i, -1] == eos
             elif plug_ins().get("logits_processor") and record.answered is False:

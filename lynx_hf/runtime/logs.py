@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 LIBRARY = "lynx_hf"
 
@@ -50,6 +52,7 @@ def library_logger() -> logging.Logger:
     Example:
         >>> import transformers
         >>> logger = library_logger()
+        >>> logger.setLevel(logging.NOTSET)  # no level of its own (the default): follow transformers'
         >>> transformers.logging.set_verbosity_info()
         >>> logger.isEnabledFor(logging.INFO)
         True
@@ -69,3 +72,41 @@ def library_logger() -> logging.Logger:
     logger.addHandler(handler)
     logger.setLevel(own_level)  # (clears the loggers' cached levels)
     return logger
+
+
+@contextmanager
+def printing_through_root(level: int) -> Iterator[logging.Logger]:
+    """The `lynx_hf` logger at `level`, printing through Python's root logger instead of its own handler, until the
+    block ends: the command line's setting, undone afterwards so that `lynx_hf.cli.main()` called in-process (a test,
+    a notebook) leaves the library's logging as it found it.
+
+    Args:
+        level: The level to log at inside the block (e.g. `logging.INFO`).
+
+    Returns:
+        A context manager that yields the `lynx_hf` logger.
+
+    Example:
+        >>> with printing_through_root(logging.INFO) as logger:
+        ...     logger.isEnabledFor(logging.INFO), logger.propagate
+        (True, True)
+        >>> library_logger().propagate == logging.getLogger("transformers").propagate
+        True
+    """
+    logger = library_logger()
+    saved = {key: logger.__dict__.get(key) for key in ("_own_level", "_own_propagate")}
+    handlers = list(logger.handlers)
+    logger.setLevel(level)
+    logger.propagate = True
+    for handler in handlers:
+        if isinstance(handler, logging.StreamHandler):
+            logger.removeHandler(handler)
+    try:
+        yield logger
+    finally:
+        logger.handlers[:] = handlers
+        if saved["_own_propagate"] is None:
+            logger.__dict__.pop("_own_propagate", None)
+        else:
+            logger.__dict__["_own_propagate"] = saved["_own_propagate"]
+        logger.setLevel(saved["_own_level"] or logging.NOTSET)  # (clears the loggers' cached levels)
